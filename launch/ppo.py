@@ -1,0 +1,7 @@
+"""The whole pipeline, SFT -> reward model -> PPO, skipping stages already done:
+`deepspeed launch/ppo.py [--config FILE] [--option value ...]`."""
+from pipeline.orchestrator import STAGES, main
+
+if __name__ == "__main__":
+    main(STAGES, "RLHF pipeline: SFT -> reward model -> PPO. Stages whose outputs are up to date "
+                 "(same inputs and config) are skipped; --force reruns them.")

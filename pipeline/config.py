@@ -1,0 +1,355 @@
+"""Run configuration: one tree of dataclasses, loaded from YAML/JSON with command-line overrides.
+
+Precedence: field defaults < `--config FILE` < command-line flags (`--sft.learning_rate 3e-4`).
+Every field carries a comment; `--help` lists every option with its default. Derived sizes
+(global batch sizes) are computed and checked here and nowhere else.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from pipeline.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class TaskConfig:
+    """Sizes of the embedded default task (used when no dataset paths are given)."""
+
+    num_sft: int = 6000  # SFT demonstrations (prompt, response)
+    num_pairs: int = 6000  # preference pairs (prompt, chosen, rejected) for the reward model
+    num_prompts: int = 4000  # PPO training prompts
+    num_eval: int = 256  # held-out prompts, SFT demonstrations and preference pairs, each
+    label_noise: float = 0.1  # probability that a training preference label is flipped
+
+
+@dataclass
+class ModelConfig:
+    """The policy model. Empty `model_name_or_path` builds the default task's Llama from scratch."""
+
+    model_name_or_path: str = ""  # HF hub name or local folder; empty = from scratch (below)
+    hidden_size: int = 256  # from-scratch model: width
+    num_hidden_layers: int = 4  # from-scratch model: depth
+    num_attention_heads: int = 4  # from-scratch model: heads
+    intermediate_size: int = 688  # from-scratch model: MLP width
+    trust_remote_code: bool = False  # allow custom modelling code from the model folder
+
+
+@dataclass
+class DataConfig:
+    """Datasets (local json/jsonl/parquet/csv files or folders). Empty = the embedded default task."""
+
+    tokenizer_path: str = ""  # tokenizer folder or hub name; empty = the model's, or the task's
+    sft_data_path: str = ""  # rows with `prompt`, `response`
+    sft_eval_data_path: str = ""  # held-out rows with `prompt`, `response`
+    reward_data_path: str = ""  # rows with `prompt`, `chosen`, `rejected`
+    reward_eval_data_path: str = ""  # held-out rows with `prompt`, `chosen`, `rejected`
+    prompt_data_path: str = ""  # rows with `prompt` (PPO)
+    eval_prompt_data_path: str = ""  # held-out rows with `prompt` (PPO evaluation)
+    max_prompt_len: int = 24  # tokens; longer prompts are truncated from the left, with a warning
+    max_response_len: int = 24  # tokens, EOS included; longer responses are truncated
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one supervised stage (SFT or reward model)."""
+
+    epochs: int = 2  # passes over the training set
+    max_steps: int = -1  # stop after this many optimizer steps (-1: run all epochs)
+    learning_rate: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    lr_scheduler: str = "cosine"  # transformers scheduler name: cosine, linear, constant_with_warmup
+    warmup_ratio: float = 0.05  # fraction of steps spent warming up
+    micro_batch_size_per_gpu: int = 16  # rows (pairs for the reward model) per rank per micro-step
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
+    logging_steps: int = 10  # log train metrics every N optimizer steps
+    eval_steps: int = 100  # evaluate every N optimizer steps (and at the end)
+    gradient_clipping: float = 1.0  # max global gradient norm (0: off)
+
+
+@dataclass
+class PPOConfig:
+    """The PPO stage: rollout sizes, objective and its coefficients."""
+
+    actor_model_path: str = ""  # start from this policy folder; empty = the SFT stage's output
+    reward_model_path: str = ""  # reward model folder; empty = the reward stage's output
+    num_iterations: int = 60  # PPO iterations (rollout + update)
+    rollout_batch_size: int = 32  # prompts per iteration, over all ranks
+    mini_batch_size: int = 16  # rollout rows per optimizer step, over all ranks
+    micro_batch_size_per_gpu: int = 8  # rows per rank per forward/backward
+    num_ppo_epochs: int = 1  # passes over each rollout
+    actor_learning_rate: float = 3e-5  # actor peak learning rate
+    critic_learning_rate: float = 1e-4  # critic peak learning rate
+    warmup_iterations: int = 2  # linear warmup, in iterations
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling
+    top_k: int = 0  # top-k sampling (0: off)
+    clip_eps: float = 0.2  # PPO ratio clip
+    value_clip: float = 0.2  # clip of V around old values (0: off)
+    vf_coef: float = 0.5  # c1, critic loss weight
+    entropy_coef: float = 0.0  # c2, entropy bonus weight
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    advantage_mode: str = "gae"  # gae (token-level) or sequence (A = R - V(prompt))
+    whiten_advantages: bool = True  # whiten advantages over the masked rollout
+    kl_estimator: str = "k1"  # per-token KL penalty estimator: k1 (log-ratio), k2 or k3
+    kl_coef: float = 0.05  # initial beta of the KL penalty
+    adaptive_kl: bool = False  # adapt beta towards target_kl (Ziegler et al. 2019)
+    target_kl: float = 1.0  # adaptive controller target (sequence KL, nats)
+    kl_horizon: int = 10000  # adaptive controller horizon (samples)
+    score_clip: float = 5.0  # clip the reward-model score to +-score_clip (0: off)
+    normalize_reward: bool = False  # running normalisation of the score
+    early_stop_kl: float = 0.0  # stop the epoch loop when approx KL to pi_old exceeds this (0: off)
+    max_nonfinite_skips: int = 3  # stop after this many non-finite updates in a row
+    gradient_clipping: float = 1.0  # max global gradient norm for actor and critic
+    eval_steps: int = 10  # evaluate on held-out prompts every N iterations (and at 0 and the end)
+    logging_steps: int = 1  # log every N iterations
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    output_dir: str = "runs/default"  # each stage writes <output_dir>/<stage>
+    seed: int = 42  # seeds data generation, initialisation, shuffling and sampling
+    force: bool = False  # rerun stages even when their outputs are up to date
+    ds_config: str = "ds_configs/zero3_train.json"  # DeepSpeed config of trained engines
+    ds_inference_config: str = "ds_configs/zero3_offload_inference.json"  # frozen engines
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, learning_rate=2e-3))
+    reward: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, learning_rate=1e-3))
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- derived sizes and checks
+def global_batch(micro_batch_size_per_gpu: int, gradient_accumulation_steps: int, world_size: int) -> int:
+    """Rows per optimizer step over all ranks."""
+    return micro_batch_size_per_gpu * gradient_accumulation_steps * world_size
+
+
+def ppo_sizes(ppo: PPOConfig, world_size: int) -> dict:
+    """Per-rank PPO sizes; raise UserError when they do not divide."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(f"option ppo: {msg} (world size {world_size}).")
+
+    need(ppo.rollout_batch_size % ppo.mini_batch_size == 0,
+         f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of "
+         f"ppo.mini_batch_size={ppo.mini_batch_size}")
+    need(ppo.mini_batch_size % world_size == 0,
+         f"ppo.mini_batch_size={ppo.mini_batch_size} must be a multiple of the number of ranks")
+    per_rank_mini = ppo.mini_batch_size // world_size
+    need(per_rank_mini % ppo.micro_batch_size_per_gpu == 0,
+         f"ppo.mini_batch_size / ranks = {per_rank_mini} must be a multiple of "
+         f"ppo.micro_batch_size_per_gpu={ppo.micro_batch_size_per_gpu}")
+    return {
+        "rollout_per_rank": ppo.rollout_batch_size // world_size,
+        "mini_per_rank": per_rank_mini,
+        "gradient_accumulation_steps": per_rank_mini // ppo.micro_batch_size_per_gpu,
+        "mini_batches_per_epoch": ppo.rollout_batch_size // ppo.mini_batch_size,
+    }
+
+
+def validate(cfg: Config) -> None:
+    """Checks that do not depend on the world size. Raises UserError naming the option."""
+    def positive(name: str, value: float) -> None:
+        if value <= 0:
+            raise UserError(f"option {name}={value} must be > 0.")
+
+    for stage in ("sft", "reward"):
+        t: TrainConfig = getattr(cfg, stage)
+        for f in ("epochs", "learning_rate", "micro_batch_size_per_gpu",
+                  "gradient_accumulation_steps", "logging_steps", "eval_steps"):
+            positive(f"{stage}.{f}", getattr(t, f))
+        if not 0 <= t.warmup_ratio < 1:
+            raise UserError(f"option {stage}.warmup_ratio={t.warmup_ratio} must be in [0, 1).")
+    p = cfg.ppo
+    for f in ("num_iterations", "rollout_batch_size", "mini_batch_size", "micro_batch_size_per_gpu",
+              "num_ppo_epochs", "actor_learning_rate", "critic_learning_rate", "temperature",
+              "clip_eps", "eval_steps", "logging_steps", "target_kl", "kl_horizon"):
+        positive(f"ppo.{f}", getattr(p, f))
+    if p.advantage_mode not in ("gae", "sequence"):
+        raise UserError(f"option ppo.advantage_mode={p.advantage_mode!r}: expected 'gae' or 'sequence'.")
+    if p.kl_estimator not in ("k1", "k2", "k3"):
+        raise UserError(f"option ppo.kl_estimator={p.kl_estimator!r}: expected 'k1', 'k2' or 'k3'.")
+    if not 0 < p.top_p <= 1:
+        raise UserError(f"option ppo.top_p={p.top_p} must be in (0, 1].")
+    for f in ("max_prompt_len", "max_response_len"):
+        positive(f"data.{f}", getattr(cfg.data, f))
+    for f in ("num_sft", "num_pairs", "num_prompts", "num_eval"):
+        positive(f"task.{f}", getattr(cfg.task, f))
+    if not 0 <= cfg.task.label_noise < 0.5:
+        raise UserError(f"option task.label_noise={cfg.task.label_noise} must be in [0, 0.5).")
+
+
+# ---------------------------------------------------------------- loading
+def _field_types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Check/convert a value from a file or the command line to the field's type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise UserError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}.")
+
+
+def _from_dict(cls, data: dict, where: str, default=None):
+    """A `cls` instance from a mapping, starting from `default` (so sections keep their defaults)."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping of options, got {type(data).__name__}.")
+    default = cls() if default is None else default
+    hints = _field_types(cls)
+    changes = {}
+    for key, value in data.items():
+        sub = f"{where}.{key}" if where else key
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise UserError(f"{where or 'config'}: unknown option {sub!r}. Known options here: {known}.")
+        tp = hints[key]
+        changes[key] = (_from_dict(tp, value, sub, getattr(default, key)) if _is_dataclass_type(tp)
+                        else _coerce(value, tp, f"option {sub}"))
+    return dataclasses.replace(default, **changes)
+
+
+def load_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} does not exist.")
+    try:
+        text = p.read_text(encoding="utf-8")
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
+                        f"{str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: the top level must be a mapping of options.")
+    return data
+
+
+def _flat_fields(cls, prefix: str = ""):
+    """Yield (dotted name, type, default, comment) for every leaf option."""
+    default = cls()
+    comments = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        name = f"{prefix}{f.name}"
+        if _is_dataclass_type(tp):
+            sub_default = getattr(default, f.name)
+            for n, t, d, c in _flat_fields(tp, f"{name}."):
+                yield n, t, getattr(sub_default, n[len(name) + 1:]), c
+        else:
+            yield name, tp, getattr(default, f.name), comments.get(f.name, "")
+
+
+def _field_comments(cls) -> dict:
+    """The trailing `# comment` of each field in the class source: the help text."""
+    import inspect
+
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        line = line.strip()
+        if ":" in line and "#" in line and not line.startswith(("#", '"')):
+            name = line.split(":", 1)[0].strip()
+            out[name] = line.split("#", 1)[1].strip()
+    return out
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description, argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML or JSON file of options (command-line flags override it)")
+    parser.add_argument("--local_rank", type=int, help="set by the deepspeed launcher")
+    for name, tp, default, comment in _flat_fields(Config):
+        kw = {"metavar": "BOOL"} if tp is bool else {}
+        parser.add_argument(f"--{name}", dest=name, help=f"{comment} (default: {default!r})",
+                            nargs="?" if tp is bool else None, const="true" if tp is bool else None, **kw)
+    return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one paragraph, exit 2, no usage wall
+        raise UserError(f"command line: {message}. Run with --help to list the options.")
+
+
+def parse_config(argv: Optional[list[str]] = None, description: str = "RLHF pipeline") -> Config:
+    """Build the Config from defaults, `--config FILE` and command-line overrides."""
+    parser = build_parser(description)
+    parser.__class__ = _Parser
+    args = vars(parser.parse_args(argv))
+    args.pop("local_rank", None)
+    data = load_file(args.pop("config")) if "config" in args else {}
+    for dotted, value in args.items():  # command line over file
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    cfg = _from_dict(Config, data, where="")
+    validate(cfg)
+    return cfg
+
+
+def resolve_path(path: str) -> Path:
+    """A path as given, or relative to the repository (for the shipped ds_configs/ and presets)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    alt = REPO_ROOT / path
+    return alt if alt.exists() else p
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,184 @@
+"""The embedded default task: short product reviews judged by a shipped "human" preference.
+
+A prompt asks for a review of one item ("ana asks for a review of the pizza ."). A response is a
+short sentence built from a small grammar. The gold preference (what the humans in this toy world
+want), `gold_score`, rewards reviews that:
+  * are about the item that was asked for (mentioning another item costs 1, none costs 0.5),
+  * are positive: the mean sentiment of the adjectives used, each adjective has its own value
+    in [-1, 1], so the best review uses only the most positive words,
+  * are well formed (end with " ."), else 0.25 is lost.
+SFT demonstrations pick adjectives uniformly, so the SFT policy sits near gold 0 with clear
+room above it (the ceiling is 1). Preference pairs are two such responses to one prompt,
+labelled by the gold score and flipped with probability `label_noise` (as human labels are
+noisy); some pairs contain an off-topic or malformed response so the reward model learns those
+too. Held-out pairs carry the noise-free gold label, so held-out accuracy measures agreement with
+the true preference.
+
+Everything is written as plain files (JSONL data, a Hugging Face tokenizer folder, a Llama
+config.json) and read back through the same code paths as a user's data and model.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+ITEMS = ["pizza", "movie", "hotel", "phone", "book", "song", "car", "game", "camera", "laptop",
+         "coffee", "bakery", "museum", "concert", "bike", "jacket", "garden", "train", "beach",
+         "tablet", "album", "theater", "salad", "sofa"]
+# Adjective -> sentiment in [-1, 1]; distinct values make ties between responses rare.
+SENTIMENT = {
+    "amazing": 1.0, "excellent": 0.93, "wonderful": 0.86, "superb": 0.8, "great": 0.73,
+    "delightful": 0.66, "lovely": 0.6, "good": 0.53, "pleasant": 0.46, "nice": 0.4,
+    "solid": 0.33, "decent": 0.26, "fine": 0.2, "okay": 0.13, "ordinary": 0.06,
+    "average": 0.0, "plain": -0.06, "bland": -0.13, "forgettable": -0.2, "mediocre": -0.26,
+    "dull": -0.33, "clumsy": -0.4, "weak": -0.46, "poor": -0.53, "bad": -0.6,
+    "disappointing": -0.66, "annoying": -0.73, "awful": -0.8, "terrible": -0.86,
+    "horrible": -0.93, "dreadful": -1.0,
+}
+ADJECTIVES = list(SENTIMENT)
+NAMES = ["ana", "ben", "chloe", "dev", "emma", "farid", "grace", "hugo", "iris", "jon",
+         "kira", "leo", "maya", "nils", "omar", "pia"]
+PROMPT_TEMPLATES = [
+    "{name} asks for a review of the {item} .",
+    "please review the {item} for {name} .",
+    "{name} wants to know about the {item} .",
+]
+RESPONSE_TEMPLATES = [
+    "the {item} is {a} .",
+    "the {item} is {a} and {b} .",
+    "i found the {item} {a} and {b} .",
+    "overall a {a} {item} .",
+    "the {item} felt {a} , {b} and {c} .",
+    "this {item} was {a} but {b} .",
+]
+GRAMMAR_WORDS = sorted({w for t in PROMPT_TEMPLATES + RESPONSE_TEMPLATES for w in t.split()
+                        if not w.startswith("{")})
+SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+
+
+def gold_score(prompt: str, response: str) -> float:
+    """The task's true preference for `response` to `prompt` (higher is better, at most 1)."""
+    words = response.split()
+    asked = next((w for w in prompt.split() if w in ITEMS), None)
+    mentioned = {w for w in words if w in ITEMS}
+    score = 0.0
+    if mentioned - {asked}:
+        score -= 1.0
+    elif asked not in mentioned:
+        score -= 0.5
+    adjectives = [SENTIMENT[w] for w in words if w in SENTIMENT]
+    if adjectives:
+        score += sum(adjectives) / len(adjectives)
+    if not response.strip().endswith(" .") and response.strip() != ".":
+        score -= 0.25
+    return score
+
+
+def _prompt(rng: random.Random) -> str:
+    return rng.choice(PROMPT_TEMPLATES).format(name=rng.choice(NAMES), item=rng.choice(ITEMS))
+
+
+def _item_of(prompt: str) -> str:
+    return next(w for w in prompt.split() if w in ITEMS)
+
+
+def _response(rng: random.Random, item: str) -> str:
+    a, b, c = rng.sample(ADJECTIVES, 3)
+    return rng.choice(RESPONSE_TEMPLATES).format(item=item, a=a, b=b, c=c)
+
+
+def _flawed_response(rng: random.Random, item: str) -> str:
+    """An off-topic (wrong item or none) or malformed review: what the RM must learn to dislike."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        return _response(rng, rng.choice([i for i in ITEMS if i != item]))
+    if kind == 1:
+        return _response(rng, "place")  # "place" is not an item: no item mentioned
+    return _response(rng, item).removesuffix(" .")
+
+
+def _pair(rng: random.Random, noise: float) -> dict:
+    prompt = _prompt(rng)
+    item = _item_of(prompt)
+    while True:
+        a = _response(rng, item)
+        b = _flawed_response(rng, item) if rng.random() < 0.2 else _response(rng, item)
+        ga, gb = gold_score(prompt, a), gold_score(prompt, b)
+        if abs(ga - gb) >= 0.05:  # skip near-ties: no human would agree on them
+            break
+    chosen, rejected = (a, b) if ga > gb else (b, a)
+    if rng.random() < noise:
+        chosen, rejected = rejected, chosen
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def vocabulary() -> list[str]:
+    words = set(GRAMMAR_WORDS) | set(ITEMS) | set(ADJECTIVES) | set(NAMES) | {"place"}
+    return list(SPECIAL_TOKENS.values()) + sorted(words)
+
+
+def build_tokenizer(folder: Path) -> None:
+    """A word-level tokenizer (the `tokenizers` library) saved as a normal Hugging Face folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bos = SPECIAL_TOKENS["bos"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=SPECIAL_TOKENS["eos"],
+        pad_token=SPECIAL_TOKENS["pad"], unk_token=SPECIAL_TOKENS["unk"], padding_side="right")
+    fast.save_pretrained(str(folder))
+
+
+def model_config(vocab_size: int, hidden_size: int, num_hidden_layers: int,
+                 num_attention_heads: int, intermediate_size: int, max_positions: int) -> dict:
+    """A small Llama config (a few million parameters at the defaults) as a config.json dict."""
+    from transformers import LlamaConfig
+
+    ids = {k: vocabulary().index(v) for k, v in SPECIAL_TOKENS.items()}
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads, num_key_value_heads=num_attention_heads,
+        intermediate_size=intermediate_size, max_position_embeddings=max_positions,
+        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+        tie_word_embeddings=True, rms_norm_eps=1e-5)
+    return cfg.to_dict()
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def generate(folder: Path, seed: int, num_sft: int, num_pairs: int, num_prompts: int,
+             num_eval: int, label_noise: float) -> dict[str, Path]:
+    """Write the task's data files into `folder`; deterministic given the arguments."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+
+    def demos(n: int) -> list[dict]:
+        out = []
+        for _ in range(n):
+            p = _prompt(rng)
+            out.append({"prompt": p, "response": _response(rng, _item_of(p))})
+        return out
+
+    files = {
+        "sft": demos(num_sft),
+        "sft_eval": demos(num_eval),
+        "pairs": [_pair(rng, label_noise) for _ in range(num_pairs)],
+        "pairs_eval": [_pair(rng, 0.0) for _ in range(num_eval)],
+        "prompts": [{"prompt": _prompt(rng)} for _ in range(num_prompts)],
+        "prompts_eval": [{"prompt": _prompt(rng)} for _ in range(num_eval)],
+    }
+    paths = {}
+    for name, rows in files.items():
+        paths[name] = folder / f"{name}.jsonl"
+        _write_jsonl(paths[name], rows)
+    return paths

@@ -1,0 +1,219 @@
+"""Everything DeepSpeed: process group, ZeRO-3 engines, model construction under ZeRO-3, gathers.
+
+This is the only module that imports `deepspeed`. Devices come from DeepSpeed's accelerator
+abstraction, so the same code runs on CPU (gloo) and on GPUs (nccl).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+_HF_DS_CONFIG = None  # transformers reads ZeRO-3 settings through a live HfDeepSpeedConfig
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join (or create) the process group; one thread per core share for each local rank."""
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                         ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, default)
+    if "MASTER_PORT" not in os.environ:  # a single process started without a launcher
+        os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]),
+             int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.local_world_size))
+    get_accelerator().set_device(d.local_rank)
+    return d
+
+
+def device() -> torch.device:
+    return torch.device(get_accelerator().current_device_name())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    get_accelerator().manual_seed_all(seed)
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (returns a new tensor)."""
+    x = x.detach().clone().to(device())
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def broadcast_object(obj, src: int = 0):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# ---------------------------------------------------------------- DeepSpeed configs
+_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+
+
+def load_ds_config(path: Path, **fill) -> dict:
+    """Read a DeepSpeed JSON and fill in batch sizes from the run config.
+
+    Batch sizes live in the run config; a DS file that sets them differently is refused rather
+    than silently winning or losing.
+    """
+    if not path.is_file():
+        raise UserError(f"DeepSpeed config {path} does not exist.")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"DeepSpeed config {path}: the top level must be an object.")
+    stage = cfg.get("zero_optimization", {}).get("stage")
+    if stage != 3:
+        raise UserError(f"DeepSpeed config {path}: zero_optimization.stage must be 3 (got {stage!r}).")
+    for key, value in fill.items():
+        if key in cfg and cfg[key] not in ("auto", value):
+            raise UserError(f"DeepSpeed config {path} sets {key}={cfg[key]!r} but the run config "
+                            f"gives {value!r}; remove it from the DeepSpeed file (the run config owns it).")
+        cfg[key] = value
+    if "train_batch_size" in cfg and cfg["train_batch_size"] != "auto":
+        raise UserError(f"DeepSpeed config {path} sets train_batch_size; remove it (it is derived "
+                        f"from micro batch x accumulation x ranks).")
+    cfg.pop("train_batch_size", None)
+    cfg.setdefault("steps_per_print", 10**9)  # we log ourselves
+    return cfg
+
+
+def offload_device(ds_config: dict) -> str:
+    return ds_config.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
+
+
+# ---------------------------------------------------------------- models and engines
+@contextmanager
+def zero3_construction(ds_config: dict):
+    """Build Hugging Face models inside this to get partitioned parameters with correct init.
+
+    transformers partitions at construction (zero.Init) while an HfDeepSpeedConfig is alive;
+    the last one stays alive for later transformers calls that ask whether ZeRO-3 is on.
+    """
+    from transformers.integrations import HfDeepSpeedConfig
+
+    global _HF_DS_CONFIG
+    _HF_DS_CONFIG = HfDeepSpeedConfig(copy.deepcopy(ds_config))
+    yield
+
+
+def train_engine(model: torch.nn.Module, ds_config: dict, learning_rate: float, weight_decay: float,
+                 scheduler: str, warmup_steps: int, total_steps: int):
+    """A ZeRO-3 training engine with AdamW and a transformers learning-rate schedule."""
+    from transformers import get_scheduler
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=learning_rate, betas=(0.9, 0.95))
+    if scheduler not in ("cosine", "linear", "constant_with_warmup", "constant", "polynomial",
+                         "cosine_with_restarts", "inverse_sqrt"):
+        raise UserError(f"option lr_scheduler={scheduler!r}: expected one of cosine, linear, "
+                        f"constant_with_warmup, constant, polynomial, cosine_with_restarts, inverse_sqrt.")
+
+    def lr_scheduler(wrapped_optimizer):  # built on DeepSpeed's wrapped optimizer, stepped by it
+        return get_scheduler(scheduler, wrapped_optimizer, num_warmup_steps=warmup_steps,
+                             num_training_steps=max(total_steps, 1))
+
+    cfg = dict(ds_config, zero_allow_untested_optimizer=True)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                      config=cfg)
+    return engine
+
+
+def inference_engine(model: torch.nn.Module, ds_config: dict):
+    """A frozen ZeRO-3 engine (no optimizer), parameters offloaded as the DS config says."""
+    model.requires_grad_(False)
+    model.eval()
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine
+
+
+@contextmanager
+def gathered(module: torch.nn.Module, modifier_rank=None):
+    """Full parameters of `module` on every rank inside the block (a no-op without ZeRO-3)."""
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def full_state_dict(module: torch.nn.Module, rank: int) -> dict | None:
+    """The whole state dict on rank 0 (None elsewhere), gathered one submodule at a time."""
+    keys = set(module.state_dict().keys())  # persistent entries only (no rotary caches)
+    state = {}
+    for prefix, sub in module.named_modules():
+        own = list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False))
+        if not own:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in sub.named_parameters(recurse=False)]):
+            if rank == 0:
+                for name, t in own:
+                    key = f"{prefix}.{name}" if prefix else name
+                    if key in keys:
+                        state[key] = t.detach().cpu().clone()
+    return state if rank == 0 else None
+
+
+def save_hf(module: torch.nn.Module, tokenizer, folder: Path, rank: int) -> None:
+    """Save as a plain Hugging Face folder (config, safetensors, tokenizer), atomically.
+
+    Written to `<folder>.partial` and renamed, so a crash never leaves a half-written model
+    where a finished one was.
+    """
+    state = full_state_dict(module, rank)
+    if rank == 0:
+        import shutil
+
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        module.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    barrier()
+
+
+def num_params(module: torch.nn.Module) -> int:
+    """Total parameters, counting ZeRO-3 partitioned ones at full size."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())

@@ -1,0 +1,8 @@
+"""The one exception type for mistakes a user can fix (bad config, data, paths)."""
+
+
+class UserError(ValueError):
+    """A problem with the user's input. Launchers print its message as one paragraph and exit 2.
+
+    The message names the file, row, field or option at fault and says what was expected.
+    """

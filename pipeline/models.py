@@ -1,0 +1,116 @@
+"""Models: tokenizer, policy (any causal LM), scalar models (reward / critic), forward helpers.
+
+A scalar model is a Hugging Face sequence-classification model with `num_labels=1`: the backbone
+plus a linear `score` head. We apply the head to every position ourselves (the critic needs a
+value per token) and read the reward at the last real token. Saved folders load with plain
+`AutoModelForSequenceClassification`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"tokenizer {path} could not be loaded: {str(e).splitlines()[0]}") from None
+    if tok.eos_token_id is None:
+        raise UserError(f"tokenizer {path} has no EOS token; responses need one to end.")
+    if tok.pad_token_id is None:
+        log.warning("tokenizer %s has no pad token; using EOS (%r) for padding.", path, tok.eos_token)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _check_model_path(path: str, what: str) -> None:
+    if path and (path.startswith((".", "/")) or Path(path).exists()) and not (Path(path) / "config.json").is_file():
+        raise UserError(f"{what} {path} is not a Hugging Face model folder (no config.json there).")
+
+
+def _has_weights(path: str) -> bool:
+    p = Path(path)
+    return any(p.glob("*.safetensors")) or any(p.glob("*.bin"))
+
+
+def load_causal_lm(path: str, trust_remote_code: bool = False):
+    """A causal LM from a folder or hub name; a folder with only config.json builds from scratch."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _check_model_path(path, "model")
+    try:
+        if Path(path).is_dir() and not _has_weights(path):
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                    use_safetensors=None)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {path} could not be loaded: {str(e).splitlines()[0]}") from None
+
+
+def load_scalar_model(path: str, trust_remote_code: bool = False):
+    """Backbone + scalar head. From a causal LM folder the head is new; from an RM folder it loads."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    _check_model_path(path, "model")
+    try:
+        if Path(path).is_dir() and not _has_weights(path):
+            config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=trust_remote_code)
+            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {path} could not be loaded as a scalar model: "
+                        f"{str(e).splitlines()[0]}") from None
+    if _score_head(model) is None:
+        raise UserError(f"model {path}: its sequence-classification class has no `score` head.")
+    return model
+
+
+def check_vocab(model, tokenizer, where: str) -> None:
+    n = model.get_input_embeddings().num_embeddings if hasattr(model.get_input_embeddings(), "num_embeddings") else None
+    n = getattr(model.config, "vocab_size", n)
+    if n is not None and len(tokenizer) > n:
+        raise UserError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+                        f"has {n}; they do not belong together.")
+
+
+def _score_head(model):
+    return getattr(model, "score", None)
+
+
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar head at every position: (B, T) float32."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return _score_head(model)(hidden).squeeze(-1).float()
+
+
+def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last attended position; works for left and right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(dim=1)
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reward-model score read at the last real (non-pad) token: (B,)."""
+    values = token_values(model, input_ids, attention_mask)
+    return values.gather(1, last_real_index(attention_mask)[:, None]).squeeze(1)
+
+
+def causal_lm_loss(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over labelled tokens, and their count."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    target = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
+    return loss, (target != -100).sum()

@@ -1,0 +1,196 @@
+"""The stage orchestrator: SFT -> reward model -> PPO, skipping stages that are up to date.
+
+A stage is up to date when `<output_dir>/<stage>/stage.json` records the same fingerprint: a hash
+of the stage's config section, the seed, the DeepSpeed config, the world size and the content of
+its inputs (data files, and the fingerprints of the stages whose models it reads).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from pipeline import default_task, engines
+from pipeline.config import Config, parse_config, resolve_path, save_config
+from pipeline.data import file_digest
+from pipeline.errors import UserError
+from pipeline.monitoring import setup_logging
+from pipeline.stages.common import StageContext
+
+log = logging.getLogger("pipeline")
+STAGES = ("sft", "reward", "ppo")
+
+
+def _stage_fn(name: str):
+    import importlib
+
+    return importlib.import_module(f"pipeline.stages.{name}").run
+
+
+# ---------------------------------------------------------------- inputs
+def prepare_task(cfg: Config, d: engines.Dist, out: Path) -> Path:
+    """Generate the embedded default task under `<output_dir>/task` (rank 0, once per config)."""
+    folder = out / "task"
+    spec = {"seed": cfg.seed, "task": dataclasses.asdict(cfg.task),
+            "model": {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "trust_remote_code"},
+            "max_positions": cfg.data.max_prompt_len + cfg.data.max_response_len}
+    marker = folder / "task.json"
+    if d.is_main and not (marker.is_file() and json.loads(marker.read_text()) == spec):
+        t = cfg.task
+        default_task.generate(folder, cfg.seed, t.num_sft, t.num_pairs, t.num_prompts, t.num_eval,
+                              t.label_noise)
+        default_task.build_tokenizer(folder / "tokenizer")
+        m = cfg.model
+        (folder / "model").mkdir(exist_ok=True)
+        config = default_task.model_config(len(default_task.vocabulary()), m.hidden_size,
+                                           m.num_hidden_layers, m.num_attention_heads,
+                                           m.intermediate_size, spec["max_positions"])
+        (folder / "model" / "config.json").write_text(json.dumps(config, indent=2))
+        marker.write_text(json.dumps(spec))
+        log.info("default task written to %s", folder)
+    engines.barrier()
+    return folder
+
+
+def stage_inputs(cfg: Config, out: Path, task: Path | None) -> dict[str, dict[str, str]]:
+    """Role -> path for every stage: the user's paths where given, else the default task's."""
+    dc = cfg.data
+
+    def pick(given: str, default: str) -> str:
+        return given or str(task / default)
+
+    base_model = cfg.model.model_name_or_path or str(task / "model")
+    tokenizer = dc.tokenizer_path or cfg.model.model_name_or_path or str(task / "tokenizer")
+    sft_model = out / "sft" / "model"
+    actor = cfg.ppo.actor_model_path or str(sft_model)
+    return {
+        "sft": {"tokenizer": tokenizer, "model": base_model,
+                "sft_data": pick(dc.sft_data_path, "sft.jsonl"),
+                "sft_eval_data": pick(dc.sft_eval_data_path, "sft_eval.jsonl")},
+        "reward": {"tokenizer": str(sft_model) if sft_model.is_dir() else tokenizer,
+                   "model": str(sft_model) if sft_model.is_dir() else base_model,
+                   "reward_data": pick(dc.reward_data_path, "pairs.jsonl"),
+                   "reward_eval_data": pick(dc.reward_eval_data_path, "pairs_eval.jsonl")},
+        "ppo": {"tokenizer": actor, "actor": actor,
+                "reward_model": cfg.ppo.reward_model_path or str(out / "reward" / "model"),
+                "prompt_data": pick(dc.prompt_data_path, "prompts.jsonl"),
+                "eval_prompt_data": pick(dc.eval_prompt_data_path, "prompts_eval.jsonl")},
+    }
+
+
+def _needs_task(cfg: Config) -> bool:
+    dc = cfg.data
+    paths = (dc.sft_data_path, dc.sft_eval_data_path, dc.reward_data_path, dc.reward_eval_data_path,
+             dc.prompt_data_path, dc.eval_prompt_data_path, cfg.model.model_name_or_path)
+    return not all(paths)
+
+
+def _check_exists(stage: str, inputs: dict[str, str], out: Path) -> None:
+    for role, path in inputs.items():
+        p = Path(path)
+        produced_here = out in p.parents
+        if not produced_here and (p.is_absolute() or path.startswith(".") or "/" in path) and not p.exists():
+            raise UserError(f"stage {stage}: {role} path {path} does not exist.")
+
+
+# ---------------------------------------------------------------- fingerprints
+def _digest(path: str, out: Path) -> str:
+    p = Path(path)
+    stage_json = p.parent / "stage.json"
+    if p.name == "model" and stage_json.is_file():  # a model one of our stages produced
+        return json.loads(stage_json.read_text())["fingerprint"]
+    if not p.exists():
+        return f"missing:{path}"
+    if p.is_dir() and sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) > 2**28:
+        return json.dumps(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns)
+                                 for f in p.rglob("*") if f.is_file()))
+    return file_digest(path)
+
+
+def fingerprint(stage: str, cfg: Config, inputs: dict[str, str], out: Path, world: int) -> str:
+    section = {"sft": cfg.sft, "reward": cfg.reward, "ppo": cfg.ppo}[stage]
+    spec = {
+        "stage": stage, "section": dataclasses.asdict(section), "seed": cfg.seed, "world": world,
+        "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if not k.endswith("_path")},
+        "model": dataclasses.asdict(cfg.model),
+        "ds": [resolve_path(p).read_text() if resolve_path(p).is_file() else p
+               for p in (cfg.ds_config, cfg.ds_inference_config)],
+        "inputs": {role: _digest(path, out) for role, path in sorted(inputs.items())},
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _up_to_date(stage_dir: Path, fp: str) -> dict | None:
+    marker = stage_dir / "stage.json"
+    if marker.is_file() and (stage_dir / "model").is_dir():
+        record = json.loads(marker.read_text())
+        if record.get("fingerprint") == fp:
+            return record
+    return None
+
+
+# ---------------------------------------------------------------- running
+def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES) -> dict:
+    """Run `stages` in order; returns the summary written to `<output_dir>/summary.json`."""
+    out = Path(cfg.output_dir)
+    task = prepare_task(cfg, d, out) if _needs_task(cfg) else None
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if d.is_main:
+        save_config(cfg, out / "config.yaml")
+    for stage in stages:
+        inputs = stage_inputs(cfg, out, task)[stage]
+        _check_exists(stage, inputs, out)
+        stage_dir = out / stage
+        fp = fingerprint(stage, cfg, inputs, out, d.world_size)
+        record = None if cfg.force else _up_to_date(stage_dir, fp)
+        if record is not None:
+            log.info("stage %s is up to date (same inputs and config): skipped. --force reruns it.", stage)
+            summary[stage] = {**record["results"], "wall_s": record["wall_s"], "skipped": True}
+            continue
+        log.info("stage %s: starting (output %s)", stage, stage_dir)
+        if d.is_main:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+        engines.barrier()
+        start = time.time()
+        results = _stage_fn(stage)(StageContext(cfg, d, stage_dir, inputs))
+        wall = time.time() - start
+        if d.is_main:
+            save_config(cfg, stage_dir / "config.yaml")
+            (stage_dir / "stage.json").write_text(json.dumps(
+                {"fingerprint": fp, "results": results, "wall_s": wall, "inputs": inputs}, indent=2))
+        summary[stage] = {**results, "wall_s": wall, "skipped": False}
+        if d.is_main:
+            summary_path.write_text(json.dumps(summary, indent=2))
+        engines.barrier()
+    if d.is_main:
+        summary_path.write_text(json.dumps(summary, indent=2))
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'stage':<8} {'metric':<28} {'value':>12}", "-" * 50]
+    for stage, results in summary.items():
+        for key, value in results.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"{stage:<8} {key:<28} {shown:>12}")
+    return "\n".join(lines)
+
+
+def main(stages: tuple[str, ...], description: str, argv: list[str] | None = None) -> None:
+    """Entry point of the launchers: parse, run, turn user mistakes into one paragraph + exit 2."""
+    try:
+        cfg = parse_config(argv, description)
+        d = engines.init_distributed()
+        setup_logging(d.is_main)
+        log.info("world size %d, accelerator %s, output %s", d.world_size, engines.device(),
+                 cfg.output_dir)
+        run(cfg, d, stages)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

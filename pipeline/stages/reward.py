@@ -1,0 +1,68 @@
+"""Stage 2, reward model: backbone + scalar head, pairwise loss -log sigmoid(r_chosen - r_rejected)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import data, engines
+from pipeline.config import resolve_path
+from pipeline.models import check_vocab, load_scalar_model, load_tokenizer, sequence_scores
+from pipeline.stages.common import StageContext, eval_batches, schedule, supervised_loop, train_loader
+
+
+def pairwise(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair loss, accuracy and margin; the batch holds chosen rows, then rejected rows."""
+    scores = sequence_scores(engine, batch["input_ids"], batch["attention_mask"])
+    chosen, rejected = scores.chunk(2)
+    margin = chosen - rejected
+    return -F.logsigmoid(margin), (margin > 0).float(), margin
+
+
+def run(ctx: StageContext) -> dict:
+    """Train the reward model on preference pairs; save `<stage_dir>/model`."""
+    cfg, t, d = ctx.cfg, ctx.cfg.reward, ctx.dist
+    tokenizer = load_tokenizer(ctx.inputs["tokenizer"], cfg.model.trust_remote_code)
+    lens = (cfg.data.max_prompt_len, cfg.data.max_response_len)
+    fields = ("prompt", "chosen", "rejected")
+    train = data.pair_examples(data.load_rows(ctx.inputs["reward_data"], fields), tokenizer, *lens,
+                               what=ctx.inputs["reward_data"])
+    held_out = data.pair_examples(data.load_rows(ctx.inputs["reward_eval_data"], fields), tokenizer,
+                                  *lens, what=ctx.inputs["reward_eval_data"])
+    ds_config = engines.load_ds_config(
+        resolve_path(cfg.ds_config), train_micro_batch_size_per_gpu=t.micro_batch_size_per_gpu,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, gradient_clipping=t.gradient_clipping)
+    loader = train_loader(train, data.collate_pairs, tokenizer.pad_token_id,
+                          t.micro_batch_size_per_gpu, cfg.seed, d)
+    total_steps, warmup = schedule(t, loader, "reward", len(train), d)
+
+    engines.seed_everything(cfg.seed)
+    with engines.zero3_construction(ds_config):
+        model = load_scalar_model(ctx.inputs["model"], cfg.model.trust_remote_code)
+    check_vocab(model, tokenizer, f"model {ctx.inputs['model']}")
+    model.config.pad_token_id = tokenizer.pad_token_id  # so HF's own pooled forward works on reload
+    engine = engines.train_engine(model, ds_config, t.learning_rate, t.weight_decay, t.lr_scheduler,
+                                  warmup, total_steps)
+    logger = ctx.start()
+
+    def loss_fn(batch: dict):
+        loss, acc, margin = pairwise(engine, batch)
+        return loss.mean(), {"loss": loss.mean().detach(), "accuracy": acc.mean(),
+                             "reward_margin": margin.mean().detach()}
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        engine.eval()
+        totals = torch.zeros(4, dtype=torch.float64)  # loss, correct, margin, pairs
+        for batch, real in eval_batches(held_out, data.collate_pairs, tokenizer.pad_token_id,
+                                        t.micro_batch_size_per_gpu, d):
+            loss, acc, margin = pairwise(engine, batch)
+            totals += real * torch.tensor([loss.sum().item(), acc.sum().item(), margin.sum().item(),
+                                           len(loss)], dtype=torch.float64)
+        loss, correct, margin, n = engines.all_reduce_sum(totals).tolist()
+        return {"loss": loss / n, "accuracy": correct / n, "reward_margin": margin / n}
+
+    result = supervised_loop(engine, loader, t, total_steps, loss_fn, evaluate, logger, d, "reward")
+    engines.save_hf(engine.module, tokenizer, ctx.stage_dir / "model", d.rank)
+    logger.close()
+    return {"eval_accuracy": result["accuracy"], "eval_loss": result["loss"],
+            "eval_reward_margin": result["reward_margin"], "steps": result["steps"]}

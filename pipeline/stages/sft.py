@@ -1,0 +1,65 @@
+"""Stage 1, supervised fine-tuning: causal-LM loss on response tokens only, ZeRO-3 engine."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pipeline import data, engines
+from pipeline.config import resolve_path
+from pipeline.models import causal_lm_loss, check_vocab, load_causal_lm, load_tokenizer
+from pipeline.stages.common import (StageContext, eval_batches, schedule, supervised_loop,
+                                    to_device, train_loader)
+
+
+def run(ctx: StageContext) -> dict:
+    """Train the policy on demonstrations; save `<stage_dir>/model`. Returns eval metrics."""
+    cfg, t, d = ctx.cfg, ctx.cfg.sft, ctx.dist
+    tokenizer = load_tokenizer(ctx.inputs["tokenizer"], cfg.model.trust_remote_code)
+    lens = (cfg.data.max_prompt_len, cfg.data.max_response_len)
+    train_rows = data.load_rows(ctx.inputs["sft_data"], ("prompt", "response"))
+    eval_rows = data.load_rows(ctx.inputs["sft_eval_data"], ("prompt", "response"))
+    train = data.sft_examples(train_rows, tokenizer, *lens, what=ctx.inputs["sft_data"])
+    held_out = data.sft_examples(eval_rows, tokenizer, *lens, what=ctx.inputs["sft_eval_data"])
+    ds_config = engines.load_ds_config(
+        resolve_path(cfg.ds_config), train_micro_batch_size_per_gpu=t.micro_batch_size_per_gpu,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, gradient_clipping=t.gradient_clipping)
+    loader = train_loader(train, data.collate_sft, tokenizer.pad_token_id, t.micro_batch_size_per_gpu,
+                          cfg.seed, d)
+    total_steps, warmup = schedule(t, loader, "sft", len(train), d)
+
+    engines.seed_everything(cfg.seed)
+    with engines.zero3_construction(ds_config):
+        model = load_causal_lm(ctx.inputs["model"], cfg.model.trust_remote_code)
+    check_vocab(model, tokenizer, f"model {ctx.inputs['model']}")
+    engine = engines.train_engine(model, ds_config, t.learning_rate, t.weight_decay, t.lr_scheduler,
+                                  warmup, total_steps)
+    logger = ctx.start()
+
+    def loss_fn(batch: dict):
+        loss_sum, n_tokens = causal_lm_loss(engine, batch["input_ids"], batch["attention_mask"],
+                                            batch["labels"])
+        # Normalise by the global token count of this micro-step so every token weighs the same on
+        # every rank; x world because DeepSpeed averages gradients over ranks.
+        global_tokens = engines.all_reduce_sum(n_tokens.float()).clamp(min=1)
+        loss = loss_sum / global_tokens * d.world_size
+        return loss, {"loss": loss_sum.detach() / n_tokens.clamp(min=1)}
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        engine.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        for batch, real in eval_batches(held_out, data.collate_sft, tokenizer.pad_token_id,
+                                        t.micro_batch_size_per_gpu, d):
+            loss_sum, n = causal_lm_loss(engine, batch["input_ids"], batch["attention_mask"],
+                                         batch["labels"])
+            totals += real * torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
+        loss_sum, n = engines.all_reduce_sum(totals).tolist()
+        loss = loss_sum / max(n, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    result = supervised_loop(engine, loader, t, total_steps, loss_fn, evaluate, logger, d, "sft")
+    engines.save_hf(engine.module, tokenizer, ctx.stage_dir / "model", d.rank)
+    logger.close()
+    return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
+            "steps": result["steps"], "params": engines.num_params(engine.module)}
