@@ -217,3 +217,29 @@ def save_hf(module: torch.nn.Module, tokenizer, folder: Path, rank: int) -> None
 def num_params(module: torch.nn.Module) -> int:
     """Total parameters, counting ZeRO-3 partitioned ones at full size."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
+@contextmanager
+def plain_construction():
+    """Build ordinary (unpartitioned) modules even while a ZeRO-3 config is alive."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if _HF_DS_CONFIG is not None:
+            set_hf_deepspeed_config(_HF_DS_CONFIG)
+
+
+def copy_gathered(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Copy the full weights of a ZeRO-3 module into a plain module of the same architecture,
+    gathering one submodule at a time so at most one layer is materialised twice."""
+    targets = dict(dst.named_parameters(remove_duplicate=False))
+    for prefix, sub in src.named_modules():
+        own = list(sub.named_parameters(recurse=False))
+        if not own:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in own]):
+            for name, p in own:
+                targets[f"{prefix}.{name}" if prefix else name].data.copy_(p.data)

@@ -1,0 +1,311 @@
+"""PPO / RLHF math: pure torch, tensors in, tensors out, no global state.
+
+Shapes: B = batch, R = response length, T = sequence length, V = vocab. Masks are float or bool
+tensors of shape (B, R) holding 1 on real response tokens and 0 on padding. Masked-out positions
+never influence results (their values may be anything, even NaN) and are returned as 0.
+Per-token losses are normalised by a caller-supplied GLOBAL token count (`num_tokens`, the number
+of response tokens in the whole mini-batch across all ranks), so that losses from shards of a
+mini-batch add up to the full mini-batch loss. Advantage/return computations run without autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def _m(mask: Tensor) -> Tensor:
+    return mask.bool()
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of x over positions where mask is 1. x, mask: same shape; dim None -> scalar."""
+    z = torch.where(_m(mask), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return z.sum() if dim is None else z.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of x over masked positions; 0 (not NaN) where the mask is empty."""
+    total = masked_sum(x, mask, dim)
+    count = masked_sum(torch.ones_like(x), mask, dim)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Scalar variance of x over all masked positions (0 if too few positions: <2 unbiased, 0 biased)."""
+    mean = masked_mean(x, mask)
+    count = masked_sum(torch.ones_like(x), mask)
+    sq = masked_sum((x - mean) ** 2, mask)
+    denom = count - 1 if unbiased else count
+    return torch.where(denom > 0, sq / denom.clamp_min(1), torch.zeros_like(sq))
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / sqrt(var + eps) with mean / unbiased var over masked positions only.
+
+    With shift_mean=False the mean is added back (only the scale changes). Masked-out -> 0. Shape of x.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(_m(mask), out, torch.zeros_like(out))
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """log softmax(logits)[labels]: logits (B, T, V), labels (B, T) long -> (B, T) float32."""
+    logits = logits.float()
+    picked = logits.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy -sum_v p log p of softmax(logits): (B, T, V) -> (B, T) float32 (-inf logits allowed)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate of KL(pi || ref) from tokens sampled from pi: (B, R), (B, R) -> (B, R).
+
+    k1 = log pi - log ref (unbiased, can be negative); k2 = 0.5 * (log ratio)^2 (biased, >= 0);
+    k3 = (r - 1) - log r with r = ref / pi (unbiased, always >= 0).
+    Source: J. Schulman, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        # r - 1 - log r with log r = -log_ratio; expm1 keeps precision when r ~ 1.
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"kl_estimate: unknown estimator {estimator!r}; allowed values: {', '.join(KL_ESTIMATORS)}")
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of the last 1 in each row of mask (B, R) -> (B,) long; -1 for rows without a 1."""
+    B, R = mask.shape
+    if R == 0:
+        return torch.full((B,), -1, dtype=torch.long, device=mask.device)
+    idx = torch.arange(R, device=mask.device).expand(B, R)
+    return torch.where(_m(mask), idx, torch.full_like(idx, -1)).max(dim=-1).values
+
+
+@torch.no_grad()
+def shape_rewards(
+    score: Tensor, kl: Tensor, response_mask: Tensor, kl_coef: float, score_clip: float | None
+) -> Tensor:
+    """Per-token rewards (B, R): -kl_coef * kl on masked tokens, plus the (clipped) sequence score
+    (B,) added at the last real response token. Rows with an empty mask are all zero.
+    Reward shaping with a per-token KL penalty: Ziegler et al. 2019; Ouyang et al. 2022 (InstructGPT).
+    """
+    rewards = -kl_coef * torch.where(_m(response_mask), kl, torch.zeros_like(kl))
+    score = score.to(rewards.dtype)
+    if score_clip is not None:
+        score = score.clamp(-score_clip, score_clip)
+    last = last_token_index(response_mask)
+    add = torch.where(last >= 0, score, torch.zeros_like(score))
+    return rewards.scatter_add(1, last.clamp_min(0).unsqueeze(1), add.unsqueeze(1))
+
+
+@torch.no_grad()
+def gae_advantages(
+    rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Token-level GAE (Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE").
+
+    rewards, values, response_mask: (B, R) -> (advantages, returns), both (B, R), float32 or wider.
+    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1}; V after the last
+    real token is 0 (episode ends). Masked-out positions are skipped (transparent: the recursion runs
+    over real tokens only), so padding never leaks into real positions; they are 0 in the outputs.
+    returns = advantages + values on masked positions.
+    """
+    dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
+    r, v, m = rewards.to(dtype), values.to(dtype), _m(response_mask)
+    B, R = r.shape
+    adv = torch.zeros_like(r)
+    next_value = r.new_zeros(B)
+    last_gae = r.new_zeros(B)
+    for t in reversed(range(R)):
+        mt = m[:, t]
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        gae = delta + gamma * lam * last_gae
+        adv[:, t] = torch.where(mt, gae, torch.zeros_like(gae))
+        next_value = torch.where(mt, v[:, t], next_value)
+        last_gae = torch.where(mt, gae, last_gae)
+    returns = torch.where(m, adv + v, torch.zeros_like(adv))
+    return adv, returns
+
+
+@torch.no_grad()
+def sequence_advantages(
+    rewards: Tensor, prompt_values: Tensor, response_mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Sequence-level (bandit) advantages: one return per sequence, baseline = value of the prompt.
+
+    rewards (B, R), prompt_values (B,), response_mask (B, R) -> (advantages, returns), both (B, R):
+    R_seq = sum of masked rewards; A = R_seq - V(prompt), broadcast over masked tokens (0 elsewhere);
+    returns = R_seq broadcast over masked tokens. (REINFORCE with a learned baseline, Williams 1992.)
+    """
+    m = _m(response_mask)
+    ret = masked_sum(rewards, response_mask, dim=-1)
+    adv = ret - prompt_values.to(ret.dtype)
+    zero = torch.zeros_like(rewards, dtype=ret.dtype)
+    return torch.where(m, adv.unsqueeze(1), zero), torch.where(m, ret.unsqueeze(1), zero)
+
+
+def _denom(num_tokens: float | Tensor) -> float | Tensor:
+    # Global token count; clamped to >= 1 so an empty mini-batch gives loss 0 instead of NaN.
+    return num_tokens.clamp_min(1) if isinstance(num_tokens, Tensor) else max(float(num_tokens), 1.0)
+
+
+def masked_token_mean_global(x: Tensor, mask: Tensor, num_tokens: float | Tensor) -> Tensor:
+    """masked_sum(x, mask) / num_tokens (global token count): scalar. Used for the entropy bonus."""
+    return masked_sum(x, mask) / _denom(num_tokens)
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    clip_eps: float,
+    num_tokens: float | Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7).
+
+    All inputs (B, R). ratio = exp(logprobs - old_logprobs);
+    per-token loss = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)); loss = masked sum / num_tokens.
+    Stats (detached scalars): clip_fraction (masked tokens where the clipped branch is active),
+    approx_kl (masked mean of k3 = (ratio - 1) - log ratio, http://joschu.net/blog/kl-approx.html),
+    ratio_mean.
+    """
+    # Zero the log ratio on padding so garbage there cannot overflow exp() and NaN the gradient.
+    log_ratio = torch.where(_m(response_mask), logprobs - old_logprobs, torch.zeros_like(logprobs))
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_sum(torch.maximum(unclipped, clipped), response_mask) / _denom(num_tokens)
+    with torch.no_grad():
+        stats = {
+            "clip_fraction": masked_mean((clipped > unclipped).float(), response_mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, response_mask),
+            "ratio_mean": masked_mean(ratio, response_mask),
+        }
+    return loss, {k: s.detach().float() for k, s in stats.items()}
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    response_mask: Tensor,
+    num_tokens: float | Tensor,
+    clip_range: float | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Value-function loss 0.5 * (V - R)^2, optionally clipped around old_values (all inputs (B, R)).
+
+    With clip_range c: V_clip = old + clamp(V - old, -c, c), per-token 0.5 * max((V-R)^2, (V_clip-R)^2)
+    (value clipping as in OpenAI baselines PPO2 / Ziegler et al. 2019). loss = masked sum / num_tokens.
+    Stats (detached scalars): value_clip_fraction (0 without clipping), values_mean.
+    """
+    unclipped = (values - returns) ** 2
+    if clip_range is None:
+        per_token = unclipped
+        clip_frac = torch.zeros((), dtype=torch.float32, device=values.device)
+    else:
+        v_clip = old_values + (values - old_values).clamp(-clip_range, clip_range)
+        clipped = (v_clip - returns) ** 2
+        per_token = torch.maximum(unclipped, clipped)
+        clip_frac = masked_mean((clipped > unclipped).float(), response_mask)
+    loss = 0.5 * masked_sum(per_token, response_mask) / _denom(num_tokens)
+    stats = {"value_clip_fraction": clip_frac, "values_mean": masked_mean(values, response_mask)}
+    return loss, {k: s.detach().float() for k, s in stats.items()}
+
+
+@torch.no_grad()
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """1 - Var[R - V] / Var[R] over masked positions (B, R) -> 0-dim float tensor.
+
+    1 = perfect prediction, 0 = no better than a constant. Returns 0.0 when Var[R] == 0 (undefined).
+    """
+    var_r = masked_var(returns, mask, unbiased=False)
+    var_d = masked_var(returns - values, mask, unbiased=False)
+    ev = torch.where(var_r > 0, 1 - var_d / var_r.clamp_min(torch.finfo(var_r.dtype).tiny), torch.zeros_like(var_r))
+    return ev.float()
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, "Fine-Tuning Language Models from Human
+    Preferences", sec. 2.2): e = clip(KL / target - 1, -0.2, 0.2); beta <- beta * (1 + e * n_steps / horizon).
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, d: dict[str, float]) -> None:
+        self.value, self.target, self.horizon = float(d["value"]), float(d["target"]), float(d["horizon"])
+
+
+class FixedKLController:
+    """Constant KL coefficient with the AdaptiveKLController interface; update() does nothing."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, d: dict[str, float]) -> None:
+        self.value = float(d["value"])
+
+
+class RunningMoments:
+    """Running mean / std of all scalars seen so far (e.g. for reward normalisation).
+
+    Batches are merged with the parallel variance formula of Chan, Golub & LeVeque (1979). Before any
+    update mean = 0, std = 1, count = 0. `std` is the unbiased (n - 1) standard deviation.
+    """
+
+    def __init__(self) -> None:
+        self.mean, self.std, self.count = 0.0, 1.0, 0
+        self._m2 = 0.0  # sum of squared deviations from the mean
+
+    def update(self, x: Tensor) -> tuple[float, float]:
+        """Merge the values of x (any shape, non-empty); returns (batch mean, unbiased batch std)."""
+        xs = x.detach().double().flatten()
+        n = xs.numel()
+        if n == 0:
+            raise ValueError("RunningMoments.update: empty tensor")
+        b_mean = xs.mean().item()
+        b_m2 = ((xs - b_mean) ** 2).sum().item()
+        tot = self.count + n
+        delta = b_mean - self.mean
+        self._m2 += b_m2 + delta**2 * self.count * n / tot
+        self.mean += delta * n / tot
+        self.count = tot
+        self.std = math.sqrt(self._m2 / (tot - 1)) if tot > 1 else 0.0
+        return b_mean, (math.sqrt(b_m2 / (n - 1)) if n > 1 else 0.0)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "std": self.std, "count": self.count, "m2": self._m2}
+
+    def load_state_dict(self, d: dict[str, float]) -> None:
+        self.mean, self.std = float(d["mean"]), float(d["std"])
+        self.count, self._m2 = int(d["count"]), float(d["m2"])

@@ -1,0 +1,396 @@
+"""Stage 3, PPO: ZeRO-3 actor and critic, offloaded frozen reference and reward models.
+
+One iteration, one method per phase (see `PPOTrainer.iteration`):
+  1. generate    sample responses from the actor (eval mode); record pi_old log-probs
+  2. score       reference log-probs, reward-model score at the last real token, critic values
+  3. advantages  per-token KL penalty + clipped score; GAE or sequence-level A = R - V(prompt)
+  4. update      num_ppo_epochs x mini-batches: clipped surrogate - c2 entropy; clipped value loss
+  5. bookkeeping KL controller, metrics, evaluation on held-out prompts
+Shapes: B rollout rows on this rank, P prompt width (left-padded), R response width.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pipeline import data, default_task, engines, ppo_math
+from pipeline.config import Config, ppo_sizes, resolve_path
+from pipeline.errors import UserError
+from pipeline.generation import PolicyGenerator, SamplingParams, position_ids, response_mask
+from pipeline.models import (last_real_index, load_causal_lm, load_scalar_model, load_tokenizer,
+                             token_values)
+from pipeline.monitoring import PhaseTimer, peak_rss_gb, progress
+from pipeline.stages.common import StageContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Experience:
+    """One rollout on this rank, filled phase by phase (fields of later phases start as None)."""
+
+    sequences: torch.Tensor  # (B, P+R) prompt (left-padded) + response (right-padded)
+    attention_mask: torch.Tensor  # (B, P+R)
+    response_mask: torch.Tensor  # (B, R) 1 up to and including EOS
+    old_logprobs: torch.Tensor  # (B, R) pi_old, recorded at generation
+    prompt_width: int  # P
+    prompts: list  # B prompt strings (for the gold scorer and samples)
+    ref_logprobs: torch.Tensor | None = None  # (B, R)
+    scores: torch.Tensor | None = None  # (B,) reward-model score
+    old_values: torch.Tensor | None = None  # (B, R) critic V(s_t) before each response token
+    prompt_values: torch.Tensor | None = None  # (B,) critic V at the prompt's last token
+    rewards: torch.Tensor | None = None  # (B, R) shaped: -beta KL_t, + score at the last token
+    advantages: torch.Tensor | None = None  # (B, R)
+    returns: torch.Tensor | None = None  # (B, R)
+
+
+def _global_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Whiten over the masked rollout of every rank (not per rank)."""
+    m = mask.float()
+    stats = engines.all_reduce_sum(torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]).double())
+    total, total_sq, n = stats.tolist()
+    mean = total / max(n, 1)
+    var = max(total_sq / max(n, 1) - mean * mean, 0.0) * n / max(n - 1, 1)
+    return ((x - mean) / math.sqrt(var + 1e-8)) * m
+
+
+def _global_mean(x: torch.Tensor) -> float:
+    s = engines.all_reduce_sum(torch.stack([x.sum().double(), torch.tensor(float(x.numel()), dtype=torch.float64)]))
+    return (s[0] / s[1].clamp(min=1)).item()
+
+
+class PPOTrainer:
+    """Holds the four engines and the generator; `iteration()` runs one PPO step."""
+
+    def __init__(self, ctx: StageContext):
+        cfg, p, d = ctx.cfg, ctx.cfg.ppo, ctx.dist
+        self.cfg, self.p, self.d = cfg, p, d
+        self.sizes = ppo_sizes(p, d.world_size)
+        self.tokenizer = load_tokenizer(ctx.inputs["tokenizer"], cfg.model.trust_remote_code)
+        self.reward_tokenizer = load_tokenizer(ctx.inputs["reward_model"], cfg.model.trust_remote_code)
+        self.same_tokenizer = self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab()
+        rows = data.load_rows(ctx.inputs["prompt_data"], ("prompt",))
+        eval_rows = data.load_rows(ctx.inputs["eval_prompt_data"], ("prompt",))
+        self.prompts = data.prompt_examples(rows, self.tokenizer, cfg.data.max_prompt_len,
+                                            ctx.inputs["prompt_data"])
+        self.eval_prompts = data.prompt_examples(eval_rows, self.tokenizer, cfg.data.max_prompt_len,
+                                                 ctx.inputs["eval_prompt_data"])
+        if len(self.prompts) < p.rollout_batch_size:
+            raise UserError(f"dataset {ctx.inputs['prompt_data']}: {len(self.prompts)} prompts are fewer "
+                            f"than ppo.rollout_batch_size={p.rollout_batch_size}.")
+        # The gold scorer exists only for the embedded default task's prompts.
+        self.gold = default_task.gold_score if not cfg.data.eval_prompt_data_path else None
+        self.sampling = SamplingParams(cfg.data.max_response_len, p.temperature, p.top_p, p.top_k)
+
+        batch = dict(train_micro_batch_size_per_gpu=p.micro_batch_size_per_gpu,
+                     gradient_accumulation_steps=self.sizes["gradient_accumulation_steps"],
+                     gradient_clipping=p.gradient_clipping)
+        train_ds = engines.load_ds_config(resolve_path(cfg.ds_config), **batch)
+        infer_ds = engines.load_ds_config(resolve_path(cfg.ds_inference_config),
+                                          train_micro_batch_size_per_gpu=p.micro_batch_size_per_gpu,
+                                          gradient_accumulation_steps=1)
+        steps = p.num_iterations * p.num_ppo_epochs * self.sizes["mini_batches_per_epoch"]
+        warmup = p.warmup_iterations * p.num_ppo_epochs * self.sizes["mini_batches_per_epoch"]
+        engines.seed_everything(cfg.seed)
+        trust = cfg.model.trust_remote_code
+        with engines.zero3_construction(train_ds):
+            actor = load_causal_lm(ctx.inputs["actor"], trust)
+            critic = load_scalar_model(ctx.inputs["reward_model"], trust)
+        self.actor = engines.train_engine(actor, train_ds, p.actor_learning_rate, 0.0,
+                                          "constant_with_warmup", warmup, steps)
+        self.critic = engines.train_engine(critic, train_ds, p.critic_learning_rate, 0.0,
+                                           "constant_with_warmup", warmup, steps)
+        with engines.zero3_construction(infer_ds):
+            ref = load_causal_lm(ctx.inputs["actor"], trust)
+            reward = load_scalar_model(ctx.inputs["reward_model"], trust)
+        self.ref = engines.inference_engine(ref, infer_ds)
+        self.reward = engines.inference_engine(reward, infer_ds)
+        self.generator = PolicyGenerator(self.actor.module, self.tokenizer)
+        self.kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
+                       if p.adaptive_kl else ppo_math.FixedKLController(p.kl_coef))
+        self.score_moments = ppo_math.RunningMoments()
+        self.nonfinite_in_a_row = 0
+        self.sft_eval: dict | None = None  # step-0 responses' gold scores, for the win rate
+
+    # ------------------------------------------------------------ forward helpers
+    def _micro(self, n: int):
+        mb = self.p.micro_batch_size_per_gpu
+        return [slice(i, i + mb) for i in range(0, n, mb)]
+
+    def _logits_logprobs(self, model, seq, mask, width):
+        logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
+        logits = logits[:, width - 1:-1].float()
+        return logits, ppo_math.logprobs_from_logits(logits, seq[:, width:])
+
+    @staticmethod
+    def _values(model, seq, mask, width):
+        """Critic values before each response token (B, R), and at the prompt's last token (B,)."""
+        v = token_values(model, seq, mask, position_ids(mask))
+        return v[:, width - 1:-1], v[:, width - 1]
+
+    # ------------------------------------------------------------ 1. generation
+    @torch.no_grad()
+    def generate(self, batch: list[dict], seed: int, params: SamplingParams) -> Experience:
+        prompts = data.collate_prompts(batch, self.tokenizer.pad_token_id)
+        ids = prompts["input_ids"].to(engines.device())
+        mask = prompts["attention_mask"].to(engines.device())
+        self.generator.sync()
+        torch.manual_seed(seed)
+        seq = self.generator.generate(ids, mask, params)
+        width = ids.shape[1]
+        resp_mask = response_mask(seq[:, width:], self.tokenizer.eos_token_id)
+        full_mask = torch.cat([mask, resp_mask], dim=1)
+        old_logprobs = torch.cat([self._logits_logprobs(self.generator.model, seq[s], full_mask[s], width)[1]
+                                  for s in self._micro(len(seq))])
+        return Experience(seq, full_mask, resp_mask, old_logprobs * resp_mask, width, prompts["prompts"])
+
+    # ------------------------------------------------------------ 2. scoring
+    @torch.no_grad()
+    def score(self, exp: Experience) -> Experience:
+        seq, mask, w = exp.sequences, exp.attention_mask, exp.prompt_width
+        ref_lp, values, prompt_values, scores = [], [], [], []
+        for s in self._micro(len(seq)):
+            ref_lp.append(self._logits_logprobs(self.ref, seq[s], mask[s], w)[1])
+            v, v0 = self._values(self.critic, seq[s], mask[s], w)
+            values.append(v)
+            prompt_values.append(v0)
+        r_ids, r_mask = self._reward_inputs(exp)
+        for s in self._micro(len(seq)):
+            v = token_values(self.reward, r_ids[s], r_mask[s], position_ids(r_mask[s]))
+            scores.append(v.gather(1, last_real_index(r_mask[s])[:, None]).squeeze(1))
+        m = exp.response_mask
+        return dataclasses.replace(exp, ref_logprobs=torch.cat(ref_lp) * m, scores=torch.cat(scores),
+                                   old_values=torch.cat(values) * m, prompt_values=torch.cat(prompt_values))
+
+    def _reward_inputs(self, exp: Experience):
+        """The rollout as the reward model reads it: same ids, or decoded and re-encoded text."""
+        if self.same_tokenizer:
+            return exp.sequences, exp.attention_mask
+        tok, rows = self.reward_tokenizer, []
+        cuts = data.Truncations()
+        for i, prompt in enumerate(exp.prompts):
+            resp = exp.sequences[i, exp.prompt_width:][exp.response_mask[i].bool()]
+            text = self.tokenizer.decode(resp, skip_special_tokens=True)
+            rows.append(data.encode_prompt(tok, prompt, self.cfg.data.max_prompt_len, cuts)
+                        + data.encode_response(tok, text, 4 * self.cfg.data.max_response_len, cuts))
+        dev = engines.device()
+        return (data.pad(rows, tok.pad_token_id).to(dev),
+                data.pad([[1] * len(r) for r in rows], 0).to(dev))
+
+    # ------------------------------------------------------------ 3. rewards and advantages
+    @torch.no_grad()
+    def advantages(self, exp: Experience) -> Experience:
+        p, m = self.p, exp.response_mask
+        scores = exp.scores
+        if p.normalize_reward:
+            all_scores = engines.all_reduce_sum(torch.zeros(self.d.world_size, len(scores), device=scores.device)
+                                                .index_copy(0, torch.tensor([self.d.rank], device=scores.device),
+                                                            scores[None]))
+            self.score_moments.update(all_scores.flatten())
+            scores = (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-6)
+        kl = ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, p.kl_estimator) * m
+        rewards = ppo_math.shape_rewards(scores, kl, m, self.kl_ctl.value, p.score_clip or None)
+        if p.advantage_mode == "gae":
+            adv, ret = ppo_math.gae_advantages(rewards, exp.old_values, m, p.gamma, p.lam)
+        else:
+            adv, ret = ppo_math.sequence_advantages(rewards, exp.prompt_values, m)
+        if p.whiten_advantages:
+            adv = _global_whiten(adv, m)
+        return dataclasses.replace(exp, rewards=rewards, advantages=adv, returns=ret)
+
+    # ------------------------------------------------------------ 4. training
+    def update(self, exp: Experience, seed: int) -> dict:
+        p, sizes = self.p, self.sizes
+        self.actor.train()
+        self.critic.train()
+        stats: dict[str, list] = {}
+        g = torch.Generator().manual_seed(seed)
+        stop = False
+        for _ in range(p.num_ppo_epochs):
+            order = torch.randperm(len(exp.sequences), generator=g)
+            for start in range(0, len(order), sizes["mini_per_rank"]):
+                idx = order[start:start + sizes["mini_per_rank"]].to(exp.sequences.device)
+                mb_stats = self._mini_batch(exp, idx)
+                for k, v in mb_stats.items():
+                    stats.setdefault(k, []).append(v)
+                if p.early_stop_kl and mb_stats["approx_kl"] > p.early_stop_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+        self.actor.eval()
+        self.critic.eval()
+        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        out["early_stopped"] = float(stop)
+        return out
+
+    def _mini_batch(self, exp: Experience, idx: torch.Tensor) -> dict:
+        p, w, world = self.p, exp.prompt_width, self.d.world_size
+        mb_mask = exp.response_mask[idx]
+        num_tokens = engines.all_reduce_sum(mb_mask.sum().float()).clamp(min=1)
+        acc = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "clip_fraction": 0.0,
+               "approx_kl": 0.0, "value_clip_fraction": 0.0}
+        for s in self._micro(len(idx)):
+            rows = idx[s]
+            seq, mask, m = exp.sequences[rows], exp.attention_mask[rows], exp.response_mask[rows]
+            share = m.sum() / num_tokens  # this micro-batch's share of the global mini-batch tokens
+            logits, logprobs = self._logits_logprobs(self.actor, seq, mask, w)
+            pg_loss, pg_stats = ppo_math.policy_loss(logprobs, exp.old_logprobs[rows], exp.advantages[rows],
+                                                     m, p.clip_eps, num_tokens)
+            entropy = ppo_math.entropy_from_logits(logits)
+            ent = ppo_math.masked_token_mean_global(entropy, m, num_tokens)
+            # DeepSpeed averages gradients over ranks: x world turns that into the global sum.
+            self.actor.backward((pg_loss - p.entropy_coef * ent) * world, scale_wrt_gas=False)
+            self.actor.step()
+            values, _ = self._values(self.critic, seq, mask, w)
+            v_loss, v_stats = ppo_math.value_loss(values, exp.old_values[rows], exp.returns[rows], m,
+                                                  num_tokens, p.value_clip or None)
+            self.critic.backward(p.vf_coef * v_loss * world, scale_wrt_gas=False)
+            self.critic.step()
+            acc["policy_loss"] += pg_loss.item()
+            acc["value_loss"] += v_loss.item()
+            acc["entropy"] += ent.item()
+            for k, v in ((*pg_stats.items(), *v_stats.items())):
+                if k in acc:
+                    acc[k] += v.item() * share.item()
+        summed = engines.all_reduce_sum(torch.tensor(list(acc.values()), dtype=torch.float64))
+        return {k: float(v) for k, v in zip(acc, summed)}
+
+    # ------------------------------------------------------------ 5. the iteration
+    def iteration(self, step: int, batch: list[dict]) -> dict:
+        timer = PhaseTimer()
+        seed = self.cfg.seed * 100003 + step * self.d.world_size + self.d.rank
+        with timer("generation"):
+            exp = self.generate(batch, seed, self.sampling)
+        with timer("scoring"):
+            exp = self.score(exp)
+        with timer("advantages"):
+            exp = self.advantages(exp)
+        finite = torch.isfinite(exp.advantages).all() & torch.isfinite(exp.returns).all()
+        finite = engines.all_reduce_sum(finite.float()).item() == self.d.world_size
+        if finite:
+            with timer("training"):
+                train = {f"ppo/{k}": v for k, v in self.update(exp, seed).items()}
+            self.nonfinite_in_a_row = 0
+        else:
+            train = {"ppo/skipped_nonfinite": 1.0}
+            self.nonfinite_in_a_row += 1
+            log.warning("iteration %d: non-finite rewards or advantages; update skipped.", step)
+            if self.nonfinite_in_a_row >= self.p.max_nonfinite_skips:
+                raise RuntimeError(f"PPO stopped: {self.nonfinite_in_a_row} iterations in a row had "
+                                   f"non-finite rewards or advantages (see metrics.jsonl).")
+        metrics = {**self.rollout_metrics(exp), **train}
+        self.kl_ctl.update(metrics["rollout/kl_to_ref"], self.p.rollout_batch_size)
+        metrics["ppo/kl_coef"] = self.kl_ctl.value
+        metrics["ppo/actor_lr"] = self.actor.get_lr()[0]
+        metrics["ppo/critic_lr"] = self.critic.get_lr()[0]
+        for name, engine in (("actor", self.actor), ("critic", self.critic)):
+            norm = engine.get_global_grad_norm()
+            if norm is not None:
+                metrics[f"ppo/{name}_grad_norm"] = float(norm)
+        for k, v in timer.seconds.items():
+            metrics[f"time/{k}"] = v
+        metrics["time/step"] = sum(timer.seconds.values())
+        tokens = engines.all_reduce_sum(exp.response_mask.sum().float()).item()
+        metrics["perf/tokens_per_second"] = tokens / max(metrics["time/step"], 1e-9)
+        metrics["memory/peak_rss_gb"] = peak_rss_gb()
+        return metrics
+
+    def rollout_metrics(self, exp: Experience) -> dict:
+        m = exp.response_mask
+        lengths = m.sum(1).float()
+        seq_kl = (ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k1") * m).sum(1)
+        truncated = (exp.sequences[:, -1] != self.tokenizer.eos_token_id) & (m[:, -1] == 1)
+        score_mean = _global_mean(exp.scores)
+        out = {
+            "rollout/score_mean": score_mean,
+            "rollout/score_std": math.sqrt(max(_global_mean(exp.scores ** 2) - score_mean ** 2, 0.0)),
+            "rollout/reward_mean": _global_mean(exp.rewards.sum(1)),
+            "rollout/kl_to_ref": _global_mean(seq_kl),
+            "rollout/response_length_mean": _global_mean(lengths),
+            "rollout/truncated_fraction": _global_mean(truncated.float()),
+            "ppo/advantage_mean": _global_mean(ppo_math.masked_mean(exp.advantages, m, dim=1)),
+            "ppo/return_mean": _global_mean(ppo_math.masked_mean(exp.returns, m, dim=1)),
+            "ppo/value_explained_variance": _global_mean(
+                ppo_math.explained_variance(exp.old_values, exp.returns, m)[None]),
+        }
+        return out
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, step: int) -> tuple[dict, list]:
+        """Held-out prompts, fixed-seed sampling: gold and RM score, KL to reference, length."""
+        mine = self.eval_prompts[self.d.rank::self.d.world_size]
+        n = math.ceil(len(self.eval_prompts) / self.d.world_size)
+        mine = mine + mine[:n - len(mine)]  # equal counts on every rank (ZeRO-3 forwards are collective)
+        exp = self.score(self.generate(mine, self.cfg.seed + 7 + self.d.rank, self.sampling))
+        m = exp.response_mask
+        texts = [self.tokenizer.decode(exp.sequences[i, exp.prompt_width:][m[i].bool()],
+                                       skip_special_tokens=True) for i in range(len(mine))]
+        seq_kl = (ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k1") * m).sum(1)
+        metrics = {"eval/reward_score": _global_mean(exp.scores),
+                   "eval/kl_to_ref": _global_mean(seq_kl),
+                   "eval/response_length_mean": _global_mean(m.sum(1).float())}
+        samples = list(zip(exp.prompts, texts, exp.scores.tolist()))
+        if self.gold is not None:
+            gold = torch.tensor([self.gold(pr, t) for pr, t in zip(exp.prompts, texts)], dtype=torch.float64)
+            metrics["eval/gold_score"] = _global_mean(gold)
+            if self.sft_eval is None:
+                self.sft_eval = gold
+            wins = (gold > self.sft_eval).double() + 0.5 * (gold == self.sft_eval).double()
+            metrics["eval/win_rate_vs_sft"] = _global_mean(wins)
+            samples = [(*s, g) for s, g in zip(samples, gold.tolist())]
+        return metrics, samples
+
+
+def _samples_text(samples: list, k: int = 4) -> str:
+    lines = ["| prompt | response | score | gold |", "|---|---|---|---|"]
+    for s in samples[:k]:
+        gold = f"{s[3]:.3f}" if len(s) > 3 else "-"
+        lines.append(f"| {s[0]} | {s[1]} | {s[2]:.3f} | {gold} |")
+    return "\n".join(lines)
+
+
+def run(ctx: StageContext) -> dict:
+    """Train the actor with PPO; save `<stage_dir>/model` (the final policy)."""
+    cfg, p, d = ctx.cfg, ctx.cfg.ppo, ctx.dist
+    trainer = PPOTrainer(ctx)
+    logger = ctx.start()
+    per_rank = trainer.sizes["rollout_per_rank"]
+    g = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+    first, first_samples = trainer.evaluate(0)
+    logger.log(0, first)
+    logger.text("samples", _samples_text(first_samples), 0)
+    bar = progress(p.num_iterations, "ppo", d.is_main)
+    last_eval = first
+    for step in range(1, p.num_iterations + 1):
+        if len(order) < p.rollout_batch_size:  # reshuffle each pass over the prompts
+            order += torch.randperm(len(trainer.prompts), generator=g).tolist()
+        chosen, order = order[:p.rollout_batch_size], order[p.rollout_batch_size:]
+        batch = [trainer.prompts[i] for i in chosen[d.rank * per_rank:(d.rank + 1) * per_rank]]
+        metrics = trainer.iteration(step, batch)
+        if step % p.logging_steps == 0 or step == p.num_iterations:
+            logger.log(step, metrics)
+        if step % p.eval_steps == 0 or step == p.num_iterations:
+            last_eval, samples = trainer.evaluate(step)
+            logger.log(step, last_eval)
+            logger.text("samples", _samples_text(samples), step)
+        bar.update(1)
+        bar.set_postfix(score=f"{metrics['rollout/score_mean']:.3f}", kl=f"{metrics['rollout/kl_to_ref']:.3f}")
+    bar.close()
+    engines.save_hf(trainer.actor.module, trainer.tokenizer, ctx.stage_dir / "model", d.rank)
+    logger.close()
+    result = {"reward_score_sft": first["eval/reward_score"],
+              "reward_score_final": last_eval["eval/reward_score"],
+              "kl_to_ref": last_eval["eval/kl_to_ref"], "iterations": p.num_iterations,
+              "seconds_per_iteration": metrics["time/step"],
+              **{f"time_{k.split('/')[1]}": v for k, v in metrics.items() if k.startswith("time/")}}
+    if "eval/gold_score" in first:
+        result.update(gold_score_sft=first["eval/gold_score"], gold_score_final=last_eval["eval/gold_score"],
+                      gold_win_rate_vs_sft=last_eval["eval/win_rate_vs_sft"])
+    return result
