@@ -85,7 +85,8 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tenso
     if estimator == "k3":
         # r - 1 - log r with log r = -log_ratio; expm1 keeps precision when r ~ 1.
         return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"kl_estimate: unknown estimator {estimator!r}; allowed values: {', '.join(KL_ESTIMATORS)}")
+    allowed = ", ".join(KL_ESTIMATORS)
+    raise ValueError(f"kl_estimate: unknown estimator {estimator!r}; allowed values: {allowed}")
 
 
 def last_token_index(mask: Tensor) -> Tensor:
@@ -237,7 +238,8 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     """
     var_r = masked_var(returns, mask, unbiased=False)
     var_d = masked_var(returns - values, mask, unbiased=False)
-    ev = torch.where(var_r > 0, 1 - var_d / var_r.clamp_min(torch.finfo(var_r.dtype).tiny), torch.zeros_like(var_r))
+    safe = var_r.clamp_min(torch.finfo(var_r.dtype).tiny)
+    ev = torch.where(var_r > 0, 1 - var_d / safe, torch.zeros_like(var_r))
     return ev.float()
 
 

@@ -1,0 +1,94 @@
+"""Tier 2: every stage on two ranks with real ZeRO-3 engines over gloo, through the real launcher."""
+import json
+
+import pytest
+import torch
+from launch_util import REPO, TINY, launch, summary
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("two_ranks")
+
+
+def _ok(proc, world=2):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"world size {world}," in proc.stdout
+
+
+def test_sft_two_ranks(run_dir):
+    proc = launch("sft.py", "--config", str(TINY), "--output_dir", str(run_dir), num_gpus=2)
+    _ok(proc)
+    s = summary(run_dir)["sft"]
+    assert s["skipped"] is False and s["steps"] > 0
+    # 1200 rows / (16 micro x 2 ranks) = 37 optimizer steps per epoch: each rank saw half the data.
+    assert s["steps"] == 1200 // 32
+    assert 0 < s["eval_loss"] < 5.0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "model")
+    tok = AutoTokenizer.from_pretrained(run_dir / "sft" / "model")
+    ids = tok("ana asks for a review of the pizza .", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    lines = (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()
+    assert any("eval/loss" in line for line in lines)
+    first = json.loads(lines[0])["train/loss"]
+    last = [json.loads(x) for x in lines if "train/loss" in x][-1]["train/loss"]
+    assert last < first  # it learned
+
+
+def test_reward_two_ranks(run_dir):
+    proc = launch("reward.py", "--config", str(TINY), "--output_dir", str(run_dir), num_gpus=2)
+    _ok(proc)
+    s = summary(run_dir)["reward"]
+    assert s["eval_accuracy"] > 0.6  # tiny preset, one short epoch; chance is 0.5
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = AutoModelForSequenceClassification.from_pretrained(run_dir / "reward" / "model")
+    tok = AutoTokenizer.from_pretrained(run_dir / "reward" / "model")
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id == tok.pad_token_id
+    batch = tok(["ana asks for a review of the pizza . the pizza is amazing .",
+                 "ana asks for a review of the pizza . the pizza is dreadful . the"],
+                return_tensors="pt", padding=True)
+    assert rm(**batch).logits.shape == (2, 1)
+
+
+def test_ppo_two_ranks(run_dir):
+    proc = launch("ppo.py", "--config", str(TINY), "--output_dir", str(run_dir), num_gpus=2)
+    _ok(proc)
+    assert "stage sft is up to date" in proc.stdout and "stage reward is up to date" in proc.stdout
+    s = summary(run_dir)["ppo"]
+    for key in ("gold_score_sft", "gold_score_final", "gold_win_rate_vs_sft", "kl_to_ref",
+                "reward_score_sft", "reward_score_final"):
+        assert isinstance(s[key], float), key
+    rows = [json.loads(x) for x in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "ppo/policy_loss" in r]
+    assert len(train) == 4
+    assert all(r["rollout/response_length_mean"] > 0 for r in train)
+
+
+def test_ppo_engines_are_partitioned_and_offloaded(run_dir, tmp_path):
+    """Each rank holds about half of every actor and critic parameter; the frozen reference and
+    reward engines keep their (partitioned) parameters in the offload device."""
+    ds = json.loads((REPO / "ds_configs" / "zero3_train.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny norms
+    ds_path = tmp_path / "ds.json"
+    ds_path.write_text(json.dumps(ds))
+    inf = json.loads((REPO / "ds_configs" / "zero3_offload_inference.json").read_text())
+    inf["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    inf_path = tmp_path / "inf.json"
+    inf_path.write_text(json.dumps(inf))
+    report = tmp_path / "report.json"
+    proc = launch("../tests/distributed/partition_probe.py", str(report), "--config", str(TINY),
+                  "--output_dir", str(run_dir), "--ds_config", str(ds_path),
+                  "--ds_inference_config", str(inf_path), num_gpus=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"report.json.rank{r}").read_text()) for r in (0, 1)]
+    for name in ("actor", "critic", "ref", "reward"):
+        for pname, (local, full, _) in ranks[0][name].items():
+            other = ranks[1][name][pname][0]
+            assert local + other >= full and local <= -(-full // 2) and other <= -(-full // 2), (name, pname)
+    assert ranks[0]["ref_offload"].endswith("cpu") and ranks[0]["reward_offload"].endswith("cpu")
+    assert all(dev == "cpu" for r in ranks for n in ("ref", "reward") for _, _, dev in r[n].values())
+    assert torch.tensor([v[1] for v in ranks[0]["actor"].values()]).sum() > 50_000

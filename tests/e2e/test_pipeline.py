@@ -1,0 +1,113 @@
+"""Tier 3: the real launcher on the tiny preset — the whole pipeline, skip-on-rerun, bad input."""
+import hashlib
+import json
+
+import pytest
+from launch_util import TINY, launch, summary
+
+SUMMARY_KEYS = {
+    "sft": ("eval_loss", "wall_s", "skipped"),
+    "reward": ("eval_accuracy", "wall_s", "skipped"),
+    "ppo": ("gold_score_sft", "gold_score_final", "gold_win_rate_vs_sft", "kl_to_ref",
+            "reward_score_sft", "reward_score_final", "wall_s", "skipped"),
+}
+
+
+def _digest(folder) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One whole tiny pipeline with the launcher's default ranks."""
+    out = tmp_path_factory.mktemp("pipeline")
+    proc = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_pipeline_fills_summary_and_exports_hf_folders(finished):
+    out, proc = finished
+    s = summary(out)
+    for stage, keys in SUMMARY_KEYS.items():
+        for key in keys:
+            assert key in s[stage], f"{stage}.{key}"
+        assert s[stage]["skipped"] is False
+    assert "gold_win_rate_vs_sft" in proc.stdout  # the closing table
+    for stage in ("sft", "reward", "ppo"):
+        assert (out / stage / "model" / "model.safetensors").is_file()
+        assert (out / stage / "metrics.jsonl").stat().st_size > 0
+        assert list((out / stage / "tensorboard").glob("events.out.tfevents.*"))
+        assert (out / stage / "config.yaml").is_file()
+    assert (out / "config.yaml").is_file()
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "ppo" / "model").num_parameters() > 0
+
+
+def test_rerun_skips_finished_stages(finished):
+    out, _ = finished
+    before = {s: _digest(out / s / "model") for s in ("sft", "reward", "ppo")}
+    proc = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("sft", "reward", "ppo"):
+        assert f"stage {stage} is up to date" in proc.stdout
+        assert summary(out)[stage]["skipped"] is True
+        assert _digest(out / stage / "model") == before[stage]
+    # A changed PPO option reruns PPO only: the second run goes straight to PPO.
+    proc = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out), "--ppo.num_iterations", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage sft is up to date" in proc.stdout and "stage reward is up to date" in proc.stdout
+    assert "stage ppo: starting" in proc.stdout
+    s = summary(out)
+    assert s["sft"]["skipped"] and s["reward"]["skipped"] and not s["ppo"]["skipped"]
+    assert s["ppo"]["iterations"] == 2
+
+
+def _one_paragraph_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    err = proc.stderr
+    assert "Traceback" not in err and "Traceback" not in proc.stdout
+    line = next(x for x in err.splitlines() if x.startswith("error: "))
+    for needle in needles:
+        assert needle in line, (needle, line)
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--sft.epochs", "many"], ["sft.epochs"]),
+    (["--no_such_option", "1"], ["--no_such_option"]),
+    (["--ppo.rollout_batch_size", "30"], ["ppo.rollout_batch_size", "ppo.mini_batch_size"]),
+])
+def test_bad_options_are_one_paragraph(tmp_path, args, needles):
+    proc = launch("ppo.py", "--config", str(TINY), "--output_dir", str(tmp_path), *args, launcher=False)
+    _one_paragraph_error(proc, *needles)
+
+
+def test_malformed_config_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft: {epochs: 1\n")
+    proc = launch("ppo.py", "--config", str(bad), launcher=False)
+    _one_paragraph_error(proc, str(bad))
+
+
+def test_bad_data_leaves_earlier_outputs_untouched(finished, tmp_path):
+    out, _ = finished
+    before = _digest(out / "sft")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "hello", "response": "world"}) + "\n"
+                    + json.dumps({"prompt": "hello"}) + "\n")
+    missing = tmp_path / "nope.jsonl"
+    for path, needles in ((missing, [str(missing), "does not exist"]),
+                          (rows, [str(rows), "row 1", "'response'"])):
+        proc = launch("sft.py", "--config", str(TINY), "--output_dir", str(out), "--force",
+                      "--data.sft_data_path", str(path))
+        assert proc.returncode != 0
+        assert "Traceback" not in proc.stderr
+        line = next(x for x in (proc.stderr + proc.stdout).splitlines() if x.startswith("error: "))
+        for needle in needles:
+            assert needle in line, (needle, line)
+        assert _digest(out / "sft") == before

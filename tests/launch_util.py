@@ -1,0 +1,36 @@
+"""Run the real launchers (`deepspeed launch/<stage>.py ...`) from tests, on a free port."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "launch" / "configs" / "tiny.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, *args: str, num_gpus: int | None = None, timeout: int = 900,
+           launcher: bool = True) -> subprocess.CompletedProcess:
+    """`deepspeed [--num_gpus N] launch/<script> args`; output captured (and echoed on failure)."""
+    if launcher:
+        cmd = ["deepspeed", "--master_port", str(free_port())]
+        if num_gpus:
+            cmd += ["--num_gpus", str(num_gpus)]
+    else:
+        cmd = [sys.executable]
+    cmd += [str(REPO / "launch" / script), *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n")
+    return proc
+
+
+def summary(output_dir: Path) -> dict:
+    return json.loads((output_dir / "summary.json").read_text())

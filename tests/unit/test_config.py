@@ -1,0 +1,399 @@
+"""Unit tests for pipeline/config.py: defaults, files, command-line overrides, checks, sizes, help."""
+
+import dataclasses
+import json
+import re
+
+import pytest
+
+from pipeline.config import (
+    Config,
+    PPOConfig,
+    TrainConfig,
+    build_parser,
+    global_batch,
+    load_file,
+    parse_config,
+    ppo_sizes,
+    validate,
+)
+from pipeline.errors import UserError
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+# ---------------------------------------------------------------- defaults
+def test_no_arguments_give_the_defaults():
+    cfg = parse_config([])
+    assert cfg == Config()
+    # the stage sections carry their own defaults, not TrainConfig's class defaults
+    assert cfg.sft.epochs == 3 and cfg.sft.learning_rate == pytest.approx(2e-3)
+    assert cfg.reward.epochs == 2 and cfg.reward.learning_rate == pytest.approx(1e-3)
+    assert TrainConfig().learning_rate != cfg.sft.learning_rate
+    assert cfg.ppo == PPOConfig()
+    assert cfg.force is False and cfg.seed == 42
+    validate(cfg)  # the defaults pass their own checks
+
+
+def test_parse_config_none_reads_sys_argv(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["prog", "--seed", "7"])
+    assert parse_config().seed == 7
+
+
+# ---------------------------------------------------------------- files
+def test_yaml_file(tmp_path):
+    path = _write(tmp_path / "run.yaml",
+                  "seed: 3\n"
+                  "output_dir: out/here\n"
+                  "sft:\n  epochs: 1\n  learning_rate: 1e-4\n"  # PyYAML reads 1e-4 as a string
+                  "ppo:\n  kl_coef: 0.2\n  adaptive_kl: true\n"
+                  "data:\n  max_prompt_len: 10\n")
+    cfg = parse_config(["--config", path])
+    assert cfg.seed == 3
+    assert cfg.output_dir == "out/here"
+    assert cfg.sft.epochs == 1
+    assert isinstance(cfg.sft.learning_rate, float) and cfg.sft.learning_rate == pytest.approx(1e-4)
+    assert cfg.ppo.kl_coef == pytest.approx(0.2) and cfg.ppo.adaptive_kl is True
+    assert cfg.data.max_prompt_len == 10
+    # untouched options keep their defaults
+    assert cfg.reward == Config().reward
+    assert cfg.ppo.clip_eps == PPOConfig().clip_eps
+
+
+def test_json_file(tmp_path):
+    path = _write(tmp_path / "run.json", json.dumps(
+        {"seed": 5, "force": True, "reward": {"micro_batch_size_per_gpu": 4},
+         "task": {"num_sft": 10, "label_noise": 0.0}}))
+    cfg = parse_config(["--config", path])
+    assert cfg.seed == 5 and cfg.force is True
+    assert cfg.reward.micro_batch_size_per_gpu == 4
+    assert cfg.reward.epochs == Config().reward.epochs
+    assert cfg.task.num_sft == 10 and cfg.task.label_noise == 0.0
+    assert cfg.task.num_pairs == Config().task.num_pairs
+
+
+def test_int_given_for_float_option_becomes_float(tmp_path):
+    path = _write(tmp_path / "run.json", json.dumps({"ppo": {"kl_coef": 1}}))
+    cfg = parse_config(["--config", path])
+    assert isinstance(cfg.ppo.kl_coef, float) and cfg.ppo.kl_coef == 1.0
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path):
+    path = _write(tmp_path / "empty.yaml", "")
+    assert parse_config(["--config", path]) == Config()
+
+
+def test_command_line_beats_the_file(tmp_path):
+    path = _write(tmp_path / "run.yaml", "seed: 3\nsft:\n  learning_rate: 0.5\n  epochs: 1\n")
+    cfg = parse_config(["--config", path, "--sft.learning_rate", "0.1", "--seed", "9"])
+    assert cfg.sft.learning_rate == pytest.approx(0.1)
+    assert cfg.seed == 9
+    assert cfg.sft.epochs == 1  # from the file, not overridden
+    # order on the command line does not matter
+    cfg2 = parse_config(["--sft.learning_rate", "0.1", "--config", path])
+    assert cfg2.sft.learning_rate == pytest.approx(0.1)
+
+
+def test_partial_section_keeps_the_config_defaults_of_that_section(tmp_path):
+    path = _write(tmp_path / "run.yaml", "sft:\n  epochs: 1\n")
+    cfg = parse_config(["--config", path])
+    assert cfg.sft.epochs == 1
+    # Config's sft default (2e-3), not TrainConfig's class default (1e-3)
+    assert cfg.sft.learning_rate == pytest.approx(2e-3)
+    assert cfg.sft.learning_rate != TrainConfig().learning_rate
+    expected = dataclasses.replace(Config().sft, epochs=1)
+    assert cfg.sft == expected
+
+
+def test_partial_section_on_the_command_line_keeps_the_other_defaults():
+    cfg = parse_config(["--reward.epochs", "5"])
+    assert cfg.reward == dataclasses.replace(Config().reward, epochs=5)
+    assert cfg.sft == Config().sft
+
+
+def test_command_line_types_are_converted():
+    cfg = parse_config(["--ppo.top_k", "5", "--ppo.kl_coef", "0.3", "--ppo.advantage_mode", "sequence",
+                        "--data.sft_data_path", "x.jsonl"])
+    assert cfg.ppo.top_k == 5 and isinstance(cfg.ppo.top_k, int)
+    assert cfg.ppo.kl_coef == pytest.approx(0.3) and isinstance(cfg.ppo.kl_coef, float)
+    assert cfg.ppo.advantage_mode == "sequence"
+    assert cfg.data.sft_data_path == "x.jsonl"
+
+
+# ---------------------------------------------------------------- bool flags
+@pytest.mark.parametrize("argv, expected", [
+    ([], False),
+    (["--force"], True),
+    (["--force", "true"], True),
+    (["--force", "false"], False),
+    (["--force", "False"], False),
+    (["--force", "0"], False),
+    (["--force", "yes"], True),
+    (["--force", "--seed", "1"], True),  # a bare flag followed by another option
+])
+def test_bool_flag(argv, expected):
+    assert parse_config(argv).force is expected
+
+
+def test_bool_flag_on_the_command_line_beats_the_file(tmp_path):
+    path = _write(tmp_path / "run.yaml", "force: true\nppo:\n  whiten_advantages: false\n")
+    cfg = parse_config(["--config", path, "--force", "false", "--ppo.whiten_advantages"])
+    assert cfg.force is False
+    assert cfg.ppo.whiten_advantages is True
+
+
+def test_bool_flag_rejects_other_words():
+    with pytest.raises(UserError, match="force"):
+        parse_config(["--force", "maybe"])
+
+
+# ---------------------------------------------------------------- errors
+def test_unknown_key_in_file_names_the_key(tmp_path):
+    path = _write(tmp_path / "run.yaml", "sft:\n  epoch: 1\n")
+    with pytest.raises(UserError, match=r"sft\.epoch\b"):
+        parse_config(["--config", path])
+
+
+def test_unknown_top_level_key_in_file_names_the_key(tmp_path):
+    path = _write(tmp_path / "run.json", json.dumps({"sed": 1}))
+    with pytest.raises(UserError, match="sed"):
+        parse_config(["--config", path])
+
+
+def test_unknown_command_line_flag():
+    with pytest.raises(UserError, match="--no_such_option"):
+        parse_config(["--no_such_option", "1"])
+    with pytest.raises(UserError, match=r"--sft\.epochz"):
+        parse_config(["--sft.epochz", "1"])
+    with pytest.raises(UserError, match="--help"):  # the message points at the option list
+        parse_config(["--bogus"])
+
+
+def test_misspelt_flag_that_is_a_prefix_of_an_option_is_rejected_like_in_the_file(tmp_path):
+    # The file rejects `sft: {epoch: 1}` as unknown (test above); the command line must not
+    # silently take `--sft.epoch` (or `--ppo.target`) as an abbreviation of another option.
+    with pytest.raises(UserError, match=r"--sft\.epoch"):
+        parse_config(["--sft.epoch", "1"])
+    with pytest.raises(UserError, match=r"--ppo\.target"):
+        parse_config(["--ppo.target", "2.0"])
+
+
+def test_wrong_type_in_file_names_the_option(tmp_path):
+    path = _write(tmp_path / "run.yaml", "sft:\n  epochs: many\n")
+    with pytest.raises(UserError, match=r"sft\.epochs") as e:
+        parse_config(["--config", path])
+    assert "many" in str(e.value)
+
+
+@pytest.mark.parametrize("text, option", [
+    ('{"sft": {"epochs": "many"}}', "sft.epochs"),
+    ('{"sft": {"epochs": 1.5}}', "sft.epochs"),
+    ('{"force": "sometimes"}', "force"),
+    ('{"ppo": {"kl_coef": "big"}}', "ppo.kl_coef"),
+    ('{"ppo": {"kl_coef": true}}', "ppo.kl_coef"),
+    ('{"output_dir": ["a", "b"]}', "output_dir"),
+])
+def test_wrong_types_in_json_name_the_option(tmp_path, text, option):
+    path = _write(tmp_path / "run.json", text)
+    with pytest.raises(UserError, match=re.escape(option)):
+        parse_config(["--config", path])
+
+
+def test_wrong_type_on_the_command_line_names_the_option():
+    with pytest.raises(UserError, match=r"sft\.epochs"):
+        parse_config(["--sft.epochs", "many"])
+
+
+def test_section_given_as_a_scalar(tmp_path):
+    path = _write(tmp_path / "run.yaml", "sft: 3\n")
+    with pytest.raises(UserError, match="sft"):
+        parse_config(["--config", path])
+
+
+def test_empty_section_in_file_with_command_line_override_is_a_user_error(tmp_path):
+    # `sft:` with nothing under it is YAML null. Alone it is a UserError ("expected a mapping");
+    # with an override of one of its options it must still be a UserError, not a crash.
+    path = _write(tmp_path / "run.yaml", "sft:\n")
+    with pytest.raises(UserError, match="sft"):
+        parse_config(["--config", path])
+    with pytest.raises(UserError, match="sft"):
+        parse_config(["--config", path, "--sft.epochs", "2"])
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    path = _write(tmp_path / "bad.yaml", "sft:\n  epochs: [1, 2\n  lr: 3\n")
+    with pytest.raises(UserError, match=re.escape(path)) as e:
+        parse_config(["--config", path])
+    assert "YAML" in str(e.value)
+
+
+def test_malformed_json_names_the_file(tmp_path):
+    path = _write(tmp_path / "bad.json", '{"seed": 1,}')
+    with pytest.raises(UserError, match=re.escape(path)) as e:
+        load_file(path)
+    assert "JSON" in str(e.value)
+
+
+def test_non_utf8_config_file_names_the_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"output_dir: caf\xe9\n")
+    with pytest.raises(UserError, match=re.escape(str(path))):
+        parse_config(["--config", str(path)])
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = _write(tmp_path / "list.yaml", "- 1\n- 2\n")
+    with pytest.raises(UserError, match=re.escape(path)):
+        load_file(path)
+
+
+def test_missing_config_file(tmp_path):
+    path = str(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match=re.escape(path)):
+        parse_config(["--config", path])
+
+
+def test_config_folder_is_not_a_file(tmp_path):
+    with pytest.raises(UserError, match=re.escape(str(tmp_path))):
+        load_file(str(tmp_path))
+
+
+def test_load_file_returns_the_mapping(tmp_path):
+    path = _write(tmp_path / "run.yaml", "seed: 3\nsft:\n  epochs: 1\n")
+    assert load_file(path) == {"seed": 3, "sft": {"epochs": 1}}
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--sft.micro_batch_size_per_gpu", "0"], "sft.micro_batch_size_per_gpu"),
+    (["--reward.epochs", "0"], "reward.epochs"),
+    (["--sft.learning_rate", "-1e-3"], "sft.learning_rate"),
+    (["--reward.gradient_accumulation_steps", "0"], "reward.gradient_accumulation_steps"),
+    (["--ppo.rollout_batch_size", "0"], "ppo.rollout_batch_size"),
+    (["--ppo.mini_batch_size", "-4"], "ppo.mini_batch_size"),
+    (["--ppo.micro_batch_size_per_gpu", "0"], "ppo.micro_batch_size_per_gpu"),
+    (["--ppo.temperature", "0"], "ppo.temperature"),
+    (["--data.max_prompt_len", "0"], "data.max_prompt_len"),
+    (["--data.max_response_len", "0"], "data.max_response_len"),
+    (["--task.num_sft", "0"], "task.num_sft"),
+    (["--task.label_noise", "0.5"], "task.label_noise"),
+    (["--task.label_noise", "-0.1"], "task.label_noise"),
+    (["--sft.warmup_ratio", "1"], "sft.warmup_ratio"),
+    (["--ppo.top_p", "0"], "ppo.top_p"),
+    (["--ppo.top_p", "1.5"], "ppo.top_p"),
+    (["--ppo.advantage_mode", "td"], "ppo.advantage_mode"),
+    (["--ppo.kl_estimator", "k4"], "ppo.kl_estimator"),
+])
+def test_invalid_values_name_the_option(argv, option):
+    with pytest.raises(UserError, match=re.escape(option)):
+        parse_config(argv)
+
+
+def test_invalid_value_from_the_file_is_checked_too(tmp_path):
+    path = _write(tmp_path / "run.yaml", "sft:\n  micro_batch_size_per_gpu: 0\n")
+    with pytest.raises(UserError, match=r"sft\.micro_batch_size_per_gpu"):
+        parse_config(["--config", path])
+
+
+@pytest.mark.parametrize("argv", [
+    ["--ppo.top_p", "1"], ["--task.label_noise", "0"], ["--sft.warmup_ratio", "0"],
+    ["--ppo.advantage_mode", "sequence"], ["--ppo.kl_estimator", "k3"],
+])
+def test_boundary_values_are_accepted(argv):
+    parse_config(argv)
+
+
+# ---------------------------------------------------------------- derived sizes
+def test_ppo_sizes_divisible():
+    p = PPOConfig(rollout_batch_size=32, mini_batch_size=16, micro_batch_size_per_gpu=8)
+    assert ppo_sizes(p, 2) == {"rollout_per_rank": 16, "mini_per_rank": 8,
+                               "gradient_accumulation_steps": 1, "mini_batches_per_epoch": 2}
+    assert ppo_sizes(p, 1) == {"rollout_per_rank": 32, "mini_per_rank": 16,
+                               "gradient_accumulation_steps": 2, "mini_batches_per_epoch": 2}
+    p = PPOConfig(rollout_batch_size=64, mini_batch_size=32, micro_batch_size_per_gpu=2)
+    assert ppo_sizes(p, 4) == {"rollout_per_rank": 16, "mini_per_rank": 8,
+                               "gradient_accumulation_steps": 4, "mini_batches_per_epoch": 2}
+
+
+def test_ppo_sizes_defaults_work_on_one_and_two_ranks():
+    for world in (1, 2):
+        s = ppo_sizes(Config().ppo, world)
+        p = Config().ppo
+        # the sizes multiply back to the configured global sizes
+        assert s["mini_per_rank"] * world == p.mini_batch_size
+        assert s["gradient_accumulation_steps"] * p.micro_batch_size_per_gpu == s["mini_per_rank"]
+        assert s["mini_batches_per_epoch"] * p.mini_batch_size == p.rollout_batch_size
+        assert s["rollout_per_rank"] * world == p.rollout_batch_size
+
+
+@pytest.mark.parametrize("rollout, mini, micro, world, option", [
+    (30, 16, 8, 2, "ppo.rollout_batch_size"),   # rollout not a multiple of mini
+    (32, 16, 8, 3, "ppo.mini_batch_size"),      # mini not a multiple of the ranks
+    (32, 16, 3, 2, "ppo.micro_batch_size_per_gpu"),  # mini / ranks not a multiple of micro
+    (32, 16, 16, 2, "ppo.micro_batch_size_per_gpu"),  # micro bigger than mini / ranks
+])
+def test_ppo_sizes_not_divisible(rollout, mini, micro, world, option):
+    p = PPOConfig(rollout_batch_size=rollout, mini_batch_size=mini, micro_batch_size_per_gpu=micro)
+    with pytest.raises(UserError, match=re.escape(option)):
+        ppo_sizes(p, world)
+
+
+def test_global_batch():
+    assert global_batch(16, 1, 1) == 16
+    assert global_batch(4, 2, 2) == 16
+    assert global_batch(3, 5, 7) == 105
+
+
+# ---------------------------------------------------------------- help
+def _leaves(obj, prefix=""):
+    """(dotted name, default) of every leaf option, from a Config instance (independently of config.py)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def _help_entries(text):
+    """Option name -> its help text (wrapped lines joined), from argparse's options section."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^  (--[\w.]+)", line)
+        if m:
+            current = m.group(1)
+            entries[current] = line[len(m.group(0)):]
+        elif current and line.startswith("   "):
+            entries[current] += " " + line
+        else:
+            current = None
+    return {k: " ".join(v.split()) for k, v in entries.items()}
+
+
+def test_help_lists_every_leaf_option_with_its_default():
+    text = build_parser("RLHF pipeline").format_help()
+    entries = _help_entries(text)
+    leaves = dict(_leaves(Config()))
+    assert len(leaves) > 60
+    for name, default in leaves.items():
+        assert f"--{name}" in entries, f"--{name} missing from --help"
+        assert f"(default: {default!r})" in entries[f"--{name}"], (name, entries[f"--{name}"])
+    # spot checks, including a section default that differs from the class default
+    assert "(default: 0.002)" in entries["--sft.learning_rate"]
+    assert "(default: 0.001)" in entries["--reward.learning_rate"]
+    assert "(default: 0.05)" in entries["--ppo.kl_coef"]
+    assert "(default: 6000)" in entries["--task.num_sft"]
+    assert "--config" in entries
+    # every option has a description besides its default
+    for name in leaves:
+        assert len(entries[f"--{name}"].split("(default:")[0].strip()) > 3, name
+
+
+def test_help_flag_prints_and_exits(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--ppo.kl_coef" in out and "--task.num_sft" in out
