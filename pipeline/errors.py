@@ -6,3 +6,10 @@ class UserError(ValueError):
 
     The message names the file, row, field or option at fault and says what was expected.
     """
+
+
+class TrainingHalted(RuntimeError):
+    """Training stopped itself to protect the weights (e.g. repeated non-finite rewards or losses).
+
+    Launchers print its message as one paragraph and exit 3.
+    """

@@ -17,7 +17,7 @@ from pathlib import Path
 from pipeline import default_task, engines
 from pipeline.config import Config, parse_config, resolve_path, save_config
 from pipeline.data import file_digest
-from pipeline.errors import UserError
+from pipeline.errors import TrainingHalted, UserError
 from pipeline.monitoring import setup_logging
 from pipeline.stages.common import StageContext
 
@@ -35,7 +35,7 @@ def _stage_fn(name: str):
 def prepare_task(cfg: Config, d: engines.Dist, out: Path) -> Path:
     """Generate the embedded default task under `<output_dir>/task` (rank 0, once per config)."""
     folder = out / "task"
-    spec = {"seed": cfg.seed, "task": dataclasses.asdict(cfg.task),
+    spec = {"version": default_task.VERSION, "seed": cfg.seed, "task": dataclasses.asdict(cfg.task),
             "model": {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "trust_remote_code"},
             "max_positions": cfg.data.max_prompt_len + cfg.data.max_response_len}
     marker = folder / "task.json"
@@ -194,3 +194,6 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except TrainingHalted as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)

@@ -54,6 +54,8 @@ RESPONSE_TEMPLATES = [
 ]
 GRAMMAR_WORDS = sorted({w for t in PROMPT_TEMPLATES + RESPONSE_TEMPLATES for w in t.split()
                         if not w.startswith("{")})
+VERSION = 2  # bump when generated data changes, so runs regenerate it
+FLAWED_FRACTION = 0.35  # share of preference pairs whose second response is flawed
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 
 
@@ -89,13 +91,19 @@ def _response(rng: random.Random, item: str) -> str:
 
 
 def _flawed_response(rng: random.Random, item: str) -> str:
-    """An off-topic (wrong item or none) or malformed review: what the RM must learn to dislike."""
-    kind = rng.randrange(3)
+    """An off-topic (wrong item or none), malformed, cut-off or near-empty review: what the reward
+    model must learn to dislike, so that PPO cannot win by producing it."""
+    kind = rng.randrange(5)
     if kind == 0:
         return _response(rng, rng.choice([i for i in ITEMS if i != item]))
     if kind == 1:
         return _response(rng, "place")  # "place" is not an item: no item mentioned
-    return _response(rng, item).removesuffix(" .")
+    if kind == 2:
+        return _response(rng, item).removesuffix(" .")
+    if kind == 3:  # cut off after a few words
+        words = _response(rng, item).split()
+        return " ".join(words[:rng.randrange(1, max(2, len(words) - 1))])
+    return "."  # next to nothing
 
 
 def _pair(rng: random.Random, noise: float) -> dict:
@@ -103,7 +111,7 @@ def _pair(rng: random.Random, noise: float) -> dict:
     item = _item_of(prompt)
     while True:
         a = _response(rng, item)
-        b = _flawed_response(rng, item) if rng.random() < 0.2 else _response(rng, item)
+        b = _flawed_response(rng, item) if rng.random() < FLAWED_FRACTION else _response(rng, item)
         ga, gb = gold_score(prompt, a), gold_score(prompt, b)
         if abs(ga - gb) >= 0.05:  # skip near-ties: no human would agree on them
             break

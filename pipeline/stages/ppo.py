@@ -19,7 +19,7 @@ import torch
 
 from pipeline import data, default_task, engines, ppo_math
 from pipeline.config import Config, ppo_sizes, resolve_path
-from pipeline.errors import UserError
+from pipeline.errors import TrainingHalted, UserError
 from pipeline.generation import PolicyGenerator, SamplingParams, position_ids, response_mask
 from pipeline.models import (last_real_index, load_causal_lm, load_scalar_model, load_tokenizer,
                              token_values)
@@ -104,6 +104,8 @@ class PPOTrainer:
                                           "constant_with_warmup", warmup, steps)
         self.critic = engines.train_engine(critic, train_ds, p.critic_learning_rate, 0.0,
                                            "constant_with_warmup", warmup, steps)
+        self.actor.eval()  # no dropout anywhere in PPO (see update())
+        self.critic.eval()
         with engines.zero3_construction(infer_ds):
             ref = load_causal_lm(ctx.inputs["actor"], trust)
             reward = load_scalar_model(ctx.inputs["reward_model"], trust)
@@ -204,9 +206,9 @@ class PPOTrainer:
 
     # ------------------------------------------------------------ 4. training
     def update(self, exp: Experience, seed: int) -> dict:
+        # Actor and critic stay in eval mode: with dropout off the ratio is exactly 1 before the
+        # first step, as pi_old was recorded without dropout (TRL and OpenRLHF do the same).
         p, sizes = self.p, self.sizes
-        self.actor.train()
-        self.critic.train()
         stats: dict[str, list] = {}
         g = torch.Generator().manual_seed(seed)
         stop = False
@@ -222,8 +224,6 @@ class PPOTrainer:
                     break
             if stop:
                 break
-        self.actor.eval()
-        self.critic.eval()
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         out["early_stopped"] = float(stop)
         return out
@@ -243,12 +243,13 @@ class PPOTrainer:
                                                      m, p.clip_eps, num_tokens)
             entropy = ppo_math.entropy_from_logits(logits)
             ent = ppo_math.masked_token_mean_global(entropy, m, num_tokens)
-            # DeepSpeed averages gradients over ranks: x world turns that into the global sum.
-            self.actor.backward((pg_loss - p.entropy_coef * ent) * world, scale_wrt_gas=False)
-            self.actor.step()
             values, _ = self._values(self.critic, seq, mask, w)
             v_loss, v_stats = ppo_math.value_loss(values, exp.old_values[rows], exp.returns[rows], m,
                                                   num_tokens, p.value_clip or None)
+            self._check_finite(pg_loss, ent, v_loss)
+            # DeepSpeed averages gradients over ranks: x world turns that into the global sum.
+            self.actor.backward((pg_loss - p.entropy_coef * ent) * world, scale_wrt_gas=False)
+            self.actor.step()
             self.critic.backward(p.vf_coef * v_loss * world, scale_wrt_gas=False)
             self.critic.step()
             acc["policy_loss"] += pg_loss.item()
@@ -259,6 +260,18 @@ class PPOTrainer:
                     acc[k] += v.item() * share.item()
         summed = engines.all_reduce_sum(torch.tensor(list(acc.values()), dtype=torch.float64))
         return {k: float(v) for k, v in zip(acc, summed)}
+
+    def _check_finite(self, *losses: torch.Tensor) -> None:
+        """Stop before a non-finite loss reaches the weights (every rank stops together).
+
+        The rollout was finite (checked in iteration()), so a non-finite loss means the model
+        itself produced inf/NaN; stepping on would only spread it.
+        """
+        bad = torch.tensor(float(not all(torch.isfinite(x).all() for x in losses)))
+        if engines.all_reduce_sum(bad).item() > 0:
+            raise TrainingHalted("PPO stopped: a non-finite loss in the update (the model produced "
+                               "inf/NaN; lower ppo.actor_learning_rate or check the reward scale). "
+                               "Weights were not updated with it.")
 
     # ------------------------------------------------------------ 5. the iteration
     def iteration(self, step: int, batch: list[dict]) -> dict:
@@ -281,7 +294,7 @@ class PPOTrainer:
             self.nonfinite_in_a_row += 1
             log.warning("iteration %d: non-finite rewards or advantages; update skipped.", step)
             if self.nonfinite_in_a_row >= self.p.max_nonfinite_skips:
-                raise RuntimeError(f"PPO stopped: {self.nonfinite_in_a_row} iterations in a row had "
+                raise TrainingHalted(f"PPO stopped: {self.nonfinite_in_a_row} iterations in a row had "
                                    f"non-finite rewards or advantages (see metrics.jsonl).")
         metrics = {**self.rollout_metrics(exp), **train}
         self.kl_ctl.update(metrics["rollout/kl_to_ref"], self.p.rollout_batch_size)

@@ -30,8 +30,8 @@ def test_no_arguments_give_the_defaults():
     cfg = parse_config([])
     assert cfg == Config()
     # the stage sections carry their own defaults, not TrainConfig's class defaults
-    assert cfg.sft.epochs == 3 and cfg.sft.learning_rate == pytest.approx(2e-3)
-    assert cfg.reward.epochs == 2 and cfg.reward.learning_rate == pytest.approx(1e-3)
+    assert cfg.sft.learning_rate == pytest.approx(2e-3)
+    assert cfg.reward.learning_rate == pytest.approx(1e-3)
     assert TrainConfig().learning_rate != cfg.sft.learning_rate
     assert cfg.ppo == PPOConfig()
     assert cfg.force is False and cfg.seed == 42
@@ -266,43 +266,78 @@ def test_load_file_returns_the_mapping(tmp_path):
     assert load_file(path) == {"seed": 3, "sft": {"epochs": 1}}
 
 
-@pytest.mark.parametrize("argv, option", [
-    (["--sft.micro_batch_size_per_gpu", "0"], "sft.micro_batch_size_per_gpu"),
-    (["--reward.epochs", "0"], "reward.epochs"),
-    (["--sft.learning_rate", "-1e-3"], "sft.learning_rate"),
-    (["--reward.gradient_accumulation_steps", "0"], "reward.gradient_accumulation_steps"),
-    (["--ppo.rollout_batch_size", "0"], "ppo.rollout_batch_size"),
-    (["--ppo.mini_batch_size", "-4"], "ppo.mini_batch_size"),
-    (["--ppo.micro_batch_size_per_gpu", "0"], "ppo.micro_batch_size_per_gpu"),
-    (["--ppo.temperature", "0"], "ppo.temperature"),
-    (["--data.max_prompt_len", "0"], "data.max_prompt_len"),
-    (["--data.max_response_len", "0"], "data.max_response_len"),
-    (["--task.num_sft", "0"], "task.num_sft"),
-    (["--task.label_noise", "0.5"], "task.label_noise"),
-    (["--task.label_noise", "-0.1"], "task.label_noise"),
-    (["--sft.warmup_ratio", "1"], "sft.warmup_ratio"),
-    (["--ppo.top_p", "0"], "ppo.top_p"),
-    (["--ppo.top_p", "1.5"], "ppo.top_p"),
-    (["--ppo.advantage_mode", "td"], "ppo.advantage_mode"),
-    (["--ppo.kl_estimator", "k4"], "ppo.kl_estimator"),
-])
-def test_invalid_values_name_the_option(argv, option):
-    with pytest.raises(UserError, match=re.escape(option)):
-        parse_config(argv)
+def _with(cfg, dotted, value):
+    """A copy of `cfg` with one (dotted) option changed."""
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: _with(getattr(cfg, head), rest, value)})
+
+
+def test_non_positive_size_on_the_command_line_names_the_option():
+    with pytest.raises(UserError, match=r"sft\.micro_batch_size_per_gpu") as e:
+        parse_config(["--sft.micro_batch_size_per_gpu", "0"])
+    assert "> 0" in str(e.value)
 
 
 def test_invalid_value_from_the_file_is_checked_too(tmp_path):
-    path = _write(tmp_path / "run.yaml", "sft:\n  micro_batch_size_per_gpu: 0\n")
-    with pytest.raises(UserError, match=r"sft\.micro_batch_size_per_gpu"):
+    path = _write(tmp_path / "run.yaml", "ppo:\n  top_p: 1.5\n")
+    with pytest.raises(UserError, match=r"ppo\.top_p"):
         parse_config(["--config", path])
 
 
-@pytest.mark.parametrize("argv", [
-    ["--ppo.top_p", "1"], ["--task.label_noise", "0"], ["--sft.warmup_ratio", "0"],
-    ["--ppo.advantage_mode", "sequence"], ["--ppo.kl_estimator", "k3"],
+@pytest.mark.parametrize("option, value", [
+    ("sft.micro_batch_size_per_gpu", 0),
+    ("sft.micro_batch_size_per_gpu", -1),
+    ("reward.micro_batch_size_per_gpu", 0),
+    ("reward.epochs", 0),
+    ("sft.learning_rate", -1e-3),
+    ("reward.gradient_accumulation_steps", 0),
+    ("sft.logging_steps", 0),
+    ("reward.eval_steps", 0),
+    ("ppo.num_iterations", 0),
+    ("ppo.rollout_batch_size", 0),
+    ("ppo.mini_batch_size", -4),
+    ("ppo.micro_batch_size_per_gpu", 0),
+    ("ppo.num_ppo_epochs", 0),
+    ("ppo.temperature", 0.0),
+    ("ppo.kl_horizon", 0),
+    ("data.max_prompt_len", 0),
+    ("data.max_response_len", 0),
+    ("task.num_sft", 0),
+    ("task.num_eval", 0),
+    ("task.label_noise", 0.5),
+    ("task.label_noise", -0.1),
+    ("sft.warmup_ratio", 1.0),
+    ("reward.warmup_ratio", -0.1),
+    ("ppo.top_p", 0.0),
+    ("ppo.top_p", 1.5),
+    ("ppo.advantage_mode", "td"),
+    ("ppo.kl_estimator", "k4"),
 ])
-def test_boundary_values_are_accepted(argv):
-    parse_config(argv)
+def test_validate_names_the_invalid_option(option, value):
+    cfg = _with(Config(), option, value)
+    with pytest.raises(UserError, match=re.escape(option)):
+        validate(cfg)
+
+
+def test_nan_is_not_a_positive_value():
+    # validate() promises "must be > 0"; NaN is not > 0 (every comparison with NaN is False)
+    with pytest.raises(UserError, match=r"sft\.learning_rate"):
+        parse_config(["--sft.learning_rate", "nan"])
+
+
+@pytest.mark.parametrize("option, value", [
+    ("ppo.top_p", 1.0), ("task.label_noise", 0.0), ("sft.warmup_ratio", 0.0),
+    ("ppo.advantage_mode", "sequence"), ("ppo.kl_estimator", "k3"), ("ppo.kl_estimator", "k2"),
+    ("ppo.top_k", 0), ("ppo.entropy_coef", 0.0), ("ppo.value_clip", 0.0),
+])
+def test_boundary_values_are_accepted(option, value):
+    validate(_with(Config(), option, value))
+
+
+def test_local_rank_from_the_launcher_is_accepted_and_dropped():
+    assert parse_config(["--local_rank", "1"]) == Config()
 
 
 # ---------------------------------------------------------------- derived sizes
@@ -382,9 +417,9 @@ def test_help_lists_every_leaf_option_with_its_default():
         assert f"(default: {default!r})" in entries[f"--{name}"], (name, entries[f"--{name}"])
     # spot checks, including a section default that differs from the class default
     assert "(default: 0.002)" in entries["--sft.learning_rate"]
-    assert "(default: 0.001)" in entries["--reward.learning_rate"]
-    assert "(default: 0.05)" in entries["--ppo.kl_coef"]
-    assert "(default: 6000)" in entries["--task.num_sft"]
+    assert f"(default: {Config().reward.learning_rate!r})" in entries["--reward.learning_rate"]
+    assert f"(default: {Config().ppo.kl_coef!r})" in entries["--ppo.kl_coef"]
+    assert f"(default: {Config().task.num_sft!r})" in entries["--task.num_sft"]
     assert "--config" in entries
     # every option has a description besides its default
     for name in leaves:

@@ -1,0 +1,24 @@
+"""Only the engine layer imports DeepSpeed: config, data, math, monitoring and the task do not."""
+import subprocess
+import sys
+
+
+def test_light_modules_import_without_deepspeed():
+    code = ("import sys\n"
+            "import pipeline.config, pipeline.data, pipeline.ppo_math, pipeline.monitoring, "
+            "pipeline.default_task, pipeline.errors, pipeline.models\n"
+            "heavy = [m for m in ('deepspeed',) if m in sys.modules]\n"
+            "print(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    loaded = out.stdout.strip().splitlines()[-1]
+    assert loaded == "[]", f"deepspeed imported by a light module: {loaded}"
+
+
+def test_only_engines_imports_deepspeed_directly():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "pipeline"
+    importers = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
+                       if "import deepspeed" in p.read_text() or "from deepspeed" in p.read_text())
+    assert importers == ["engines.py"], importers
