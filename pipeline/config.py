@@ -123,8 +123,8 @@ class Config:
     output_dir: str = "runs/default"  # each stage writes <output_dir>/<stage>
     seed: int = 42  # seeds data generation, initialisation, shuffling and sampling
     force: bool = False  # rerun stages even when their outputs are up to date
-    ds_config: str = "ds_configs/zero3_train.json"  # DeepSpeed config of trained engines
-    ds_inference_config: str = "ds_configs/zero3_offload_inference.json"  # frozen engines
+    ds_config: str = "ds_configs/zero3_train.json"  # DeepSpeed JSON of trained engines
+    ds_inference_config: str = "ds_configs/zero3_offload_inference.json"  # frozen ref/reward
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -168,7 +168,7 @@ def ppo_sizes(ppo: PPOConfig, world_size: int) -> dict:
 def validate(cfg: Config) -> None:
     """Checks that do not depend on the world size. Raises UserError naming the option."""
     def positive(name: str, value: float) -> None:
-        if value <= 0:
+        if not value > 0:  # also rejects NaN
             raise UserError(f"option {name}={value} must be > 0.")
 
     for stage in ("sft", "reward"):
@@ -308,7 +308,7 @@ def _field_comments(cls) -> dict:
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=description, argument_default=argparse.SUPPRESS,
+        description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="YAML or JSON file of options (command-line flags override it)")
     parser.add_argument("--local_rank", type=int, help="set by the deepspeed launcher")
@@ -336,6 +336,9 @@ def parse_config(argv: Optional[list[str]] = None, description: str = "RLHF pipe
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"config file: section {p!r} must be a mapping of options "
+                                f"(got {node!r}), so --{dotted} cannot be applied to it.")
         node[leaf] = value
     cfg = _from_dict(Config, data, where="")
     validate(cfg)

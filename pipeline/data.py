@@ -38,6 +38,20 @@ def _data_files(path: str) -> tuple[str, list[str]]:
     return kinds.pop(), [str(f) for f in files]
 
 
+def _csv_as_text(builder: str, files: list[str]) -> dict:
+    """CSV cells stay the text written ("4", "NA"), not numbers or missing values."""
+    if builder != "csv":
+        return {}
+    import csv
+
+    import datasets
+
+    with open(files[0], newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader(f), [])
+    return {"keep_default_na": False,
+            "features": datasets.Features({c: datasets.Value("string") for c in header})}
+
+
 def load_rows(path: str, fields: tuple[str, ...]) -> list[dict]:
     """Rows of a local dataset, each with every field a non-empty string; UserError otherwise."""
     import datasets
@@ -45,15 +59,16 @@ def load_rows(path: str, fields: tuple[str, ...]) -> list[dict]:
     builder, files = _data_files(path)
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(builder, data_files=files, split="train")
-    except Exception as e:  # datasets raises many types; name the file and the first line of why
+        ds = datasets.load_dataset(builder, data_files=files, split="train", **_csv_as_text(builder, files))
+        missing = [f for f in fields if f not in ds.column_names]
+        rows = ds.select_columns([f for f in fields if f in ds.column_names]).to_list()
+    except Exception as e:  # datasets/pyarrow raise many types; name the file and the first line of why
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"dataset {path} could not be read as {builder}: {reason}") from None
     missing = [f for f in fields if f not in ds.column_names]
     if missing:
         raise UserError(f"dataset {path}: field {missing[0]!r} is missing (columns: "
                         f"{', '.join(ds.column_names) or 'none'}; expected {', '.join(fields)}).")
-    rows = ds.select_columns(list(fields)).to_list()
     if not rows:
         raise UserError(f"dataset {path} has no rows.")
     for i, row in enumerate(rows):
@@ -95,11 +110,13 @@ class Truncations:
 
 
 def encode_prompt(tokenizer, prompt: str, max_len: int, cuts: Truncations) -> list[int]:
-    """Prompt ids with the tokenizer's own special tokens (e.g. BOS), cut from the left to fit."""
+    """Prompt ids with the tokenizer's own special tokens (e.g. BOS), cut from the left to fit
+    (a leading BOS is kept: the model always saw one)."""
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     if len(ids) > max_len:
         cuts.prompts += 1
-        ids = ids[-max_len:]
+        keep_bos = tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+        ids = [ids[0]] + ids[len(ids) - max_len + 1:] if keep_bos else ids[-max_len:]
     return ids
 
 

@@ -264,11 +264,12 @@ def test_long_prompt_is_cut_from_the_left_and_counted(task_tokenizer, caplog):
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         out = sft_examples(rows, tok, max_prompt_len=4, max_response_len=24, what="sft-test")
     p0 = out[0]["input_ids"][:4]
-    assert p0 == _ids(tok, "of the pizza .")  # the end of the prompt survives
-    assert tok.decode(p0) == "of the pizza ."
+    # The leading BOS stays (the model always saw one); the end of the prompt survives.
+    assert p0 == [tok.bos_token_id] + _ids(tok, "the pizza .")
+    assert tok.decode(p0, skip_special_tokens=True) == "the pizza ."
     assert out[0]["labels"][:4] == [IGNORE_INDEX] * 4
     assert out[0]["labels"][4:] == _ids(tok, RESPONSE) + [tok.eos_token_id]
-    assert out[1]["input_ids"][:4] == _ids(tok, "movie for ben .")
+    assert out[1]["input_ids"][:4] == [tok.bos_token_id] + _ids(tok, "for ben .")
     assert out[2]["input_ids"][:4] == [tok.bos_token_id] + _ids(tok, "the pizza .")
     warnings = [r.getMessage() for r in caplog.records if "truncated from the left" in r.getMessage()]
     assert len(warnings) == 1
@@ -309,7 +310,7 @@ def test_pair_examples_share_the_prompt(task_tokenizer):
 def test_prompt_examples(task_tokenizer):
     tok = task_tokenizer
     out = prompt_examples([{"prompt": PROMPT}, {"prompt": "the pizza ."}], tok, 5)
-    assert out[0]["prompt_ids"] == _ids(tok, "review of the pizza .")
+    assert out[0]["prompt_ids"] == [tok.bos_token_id] + _ids(tok, "of the pizza .")
     assert out[0]["prompt"] == PROMPT  # the original text is kept
     assert out[1]["prompt_ids"] == [tok.bos_token_id] + _ids(tok, "the pizza .")
 
