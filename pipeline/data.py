@@ -159,6 +159,22 @@ def prompt_examples(rows, tokenizer, max_prompt_len, what="prompts") -> list[dic
     return out
 
 
+def reencode(prompts: list[str], responses: list[list[int]], tokenizer, target_tokenizer,
+             max_prompt_len: int, max_response_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt + response as another tokenizer reads them (a reward model with its own vocabulary).
+
+    Responses (actor token ids, EOS included) are decoded to text and encoded again with the
+    target tokenizer's own EOS; returns right-padded (input_ids, attention_mask).
+    """
+    cuts, rows = Truncations(), []
+    for prompt, response in zip(prompts, responses):
+        text = tokenizer.decode(response, skip_special_tokens=True)
+        rows.append(encode_prompt(target_tokenizer, prompt, max_prompt_len, cuts)
+                    + encode_response(target_tokenizer, text, max_response_len, cuts))
+    cuts.report("reward-model re-encoding", max_prompt_len, max_response_len)
+    return pad(rows, target_tokenizer.pad_token_id), pad([[1] * len(r) for r in rows], 0)
+
+
 # ---------------------------------------------------------------- collation
 def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     """(B, T) tensor, padded on the right (training) or on the left (generation)."""

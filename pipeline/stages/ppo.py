@@ -172,16 +172,11 @@ class PPOTrainer:
         """The rollout as the reward model reads it: same ids, or decoded and re-encoded text."""
         if self.same_tokenizer:
             return exp.sequences, exp.attention_mask
-        tok, rows = self.reward_tokenizer, []
-        cuts = data.Truncations()
-        for i, prompt in enumerate(exp.prompts):
-            resp = exp.sequences[i, exp.prompt_width:][exp.response_mask[i].bool()]
-            text = self.tokenizer.decode(resp, skip_special_tokens=True)
-            rows.append(data.encode_prompt(tok, prompt, self.cfg.data.max_prompt_len, cuts)
-                        + data.encode_response(tok, text, 4 * self.cfg.data.max_response_len, cuts))
-        dev = engines.device()
-        return (data.pad(rows, tok.pad_token_id).to(dev),
-                data.pad([[1] * len(r) for r in rows], 0).to(dev))
+        responses = [exp.sequences[i, exp.prompt_width:][exp.response_mask[i].bool()].tolist()
+                     for i in range(len(exp.prompts))]
+        ids, mask = data.reencode(exp.prompts, responses, self.tokenizer, self.reward_tokenizer,
+                                  self.cfg.data.max_prompt_len, 4 * self.cfg.data.max_response_len)
+        return ids.to(engines.device()), mask.to(engines.device())
 
     # ------------------------------------------------------------ 3. rewards and advantages
     @torch.no_grad()

@@ -421,3 +421,30 @@ def test_last_real_index_left_and_right_padding():
     assert last_real_index(right).tolist() == [1, 2, 0, 3]
     assert last_real_index(both).tolist() == [3]
     assert last_real_index(torch.tensor([[True, True, False]])).tolist() == [1]
+
+
+def test_reencode_for_a_reward_model_with_another_tokenizer(task_tokenizer, tmp_path):
+    """A reward model whose tokenizer differs reads the decoded text in its own ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.data import reencode
+    from pipeline.default_task import vocabulary
+
+    # Same words, reversed ids, different special-token spelling: every id differs.
+    words = list(reversed(vocabulary()[4:])) + ["[PAD]", "[EOS]", "[UNK]"]
+    inner = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="[PAD]", eos_token="[EOS]",
+                                    unk_token="[UNK]")
+    actor = task_tokenizer
+    response = actor("the pizza is great .", add_special_tokens=False)["input_ids"] + [actor.eos_token_id]
+    ids, mask = reencode(["ana asks for a review of the pizza .", "please review the sofa for leo ."],
+                         [response, [actor.eos_token_id]], actor, other, 24, 24)
+    assert ids.shape[0] == 2 and mask.shape == ids.shape
+    first = ids[0][mask[0].bool()].tolist()
+    assert other.decode(first[:-1]) == "ana asks for a review of the pizza . the pizza is great ."
+    assert first[-1] == other.eos_token_id
+    empty = ids[1][mask[1].bool()].tolist()  # an empty response is just the target's EOS
+    assert other.decode(empty[:-1]) == "please review the sofa for leo ." and empty[-1] == other.eos_token_id
+    assert mask[1].sum() < mask[0].sum() and ids[1][mask[1] == 0].eq(other.pad_token_id).all()
