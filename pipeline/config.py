@@ -88,8 +88,8 @@ class PPOConfig:
     mini_batch_size: int = 16  # rollout rows per optimizer step, over all ranks
     micro_batch_size_per_gpu: int = 8  # rows per rank per forward/backward
     num_ppo_epochs: int = 1  # passes over each rollout
-    actor_learning_rate: float = 3e-5  # actor peak learning rate
-    critic_learning_rate: float = 1e-4  # critic peak learning rate
+    actor_learning_rate: float = 2e-4  # actor peak learning rate
+    critic_learning_rate: float = 2e-4  # critic peak learning rate
     warmup_iterations: int = 2  # linear warmup, in iterations
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling
@@ -103,7 +103,7 @@ class PPOConfig:
     advantage_mode: str = "gae"  # gae (token-level) or sequence (A = R - V(prompt))
     whiten_advantages: bool = True  # whiten advantages over the masked rollout
     kl_estimator: str = "k1"  # per-token KL penalty estimator: k1 (log-ratio), k2 or k3
-    kl_coef: float = 0.05  # initial beta of the KL penalty
+    kl_coef: float = 0.1  # initial beta of the KL penalty
     adaptive_kl: bool = False  # adapt beta towards target_kl (Ziegler et al. 2019)
     target_kl: float = 1.0  # adaptive controller target (sequence KL, nats)
     kl_horizon: int = 10000  # adaptive controller horizon (samples)

@@ -115,6 +115,8 @@ class PPOTrainer:
         self.kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
                        if p.adaptive_kl else ppo_math.FixedKLController(p.kl_coef))
         self.score_moments = ppo_math.RunningMoments()
+        log.info("KL penalty estimator: %s; the reported kl_to_ref is the sequence sum of k3 "
+                 "(unbiased and >= 0, http://joschu.net/blog/kl-approx.html).", p.kl_estimator)
         self.nonfinite_in_a_row = 0
         self.sft_eval: dict | None = None  # step-0 responses' gold scores, for the win rate
 
@@ -311,7 +313,7 @@ class PPOTrainer:
     def rollout_metrics(self, exp: Experience) -> dict:
         m = exp.response_mask
         lengths = m.sum(1).float()
-        seq_kl = (ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k1") * m).sum(1)
+        seq_kl = (ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k3") * m).sum(1)
         truncated = (exp.sequences[:, -1] != self.tokenizer.eos_token_id) & (m[:, -1] == 1)
         score_mean = _global_mean(exp.scores)
         out = {
@@ -339,7 +341,7 @@ class PPOTrainer:
         m = exp.response_mask
         texts = [self.tokenizer.decode(exp.sequences[i, exp.prompt_width:][m[i].bool()],
                                        skip_special_tokens=True) for i in range(len(mine))]
-        seq_kl = (ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k1") * m).sum(1)
+        seq_kl = (ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k3") * m).sum(1)
         metrics = {"eval/reward_score": _global_mean(exp.scores),
                    "eval/kl_to_ref": _global_mean(seq_kl),
                    "eval/response_length_mean": _global_mean(m.sum(1).float())}
