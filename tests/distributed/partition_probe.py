@@ -17,8 +17,9 @@ def shares(engine) -> dict:
 
 
 def main() -> None:
-    out_file = Path(sys.argv[1])
-    cfg = parse_config(sys.argv[2:])
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # added by the launcher
+    out_file = Path(args[0])
+    cfg = parse_config(args[1:])
     d = engines.init_distributed()
     out = Path(cfg.output_dir)
     ctx = StageContext(cfg, d, out / "probe", stage_inputs(cfg, out, out / "task")["ppo"])
