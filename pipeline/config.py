@@ -94,6 +94,8 @@ class PPOConfig:
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling
     top_k: int = 0  # top-k sampling (0: off)
+    min_new_tokens: int = 0  # EOS is suppressed until this many response tokens
+    gather_modules: int = 0  # hybrid engine: submodules gathered at a time to materialise (0: all)
     clip_eps: float = 0.2  # PPO ratio clip
     value_clip: float = 0.2  # clip of V around old values (0: off)
     vf_coef: float = 0.5  # c1, critic loss weight

@@ -232,14 +232,19 @@ def plain_construction():
             set_hf_deepspeed_config(_HF_DS_CONFIG)
 
 
-def copy_gathered(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-    """Copy the full weights of a ZeRO-3 module into a plain module of the same architecture,
-    gathering one submodule at a time so at most one layer is materialised twice."""
+def copy_gathered(src: torch.nn.Module, dst: torch.nn.Module, group: int = 0) -> None:
+    """Copy the full weights of a ZeRO-3 module into a plain module of the same architecture.
+
+    Gathers `group` submodules at a time (0: the whole module in one gather), so the transient
+    extra memory is one group's full weights.
+    """
     targets = dict(dst.named_parameters(remove_duplicate=False))
-    for prefix, sub in src.named_modules():
-        own = list(sub.named_parameters(recurse=False))
-        if not own:
-            continue
-        with deepspeed.zero.GatheredParameters([p for _, p in own]):
-            for name, p in own:
-                targets[f"{prefix}.{name}" if prefix else name].data.copy_(p.data)
+    owners = [(prefix, list(sub.named_parameters(recurse=False))) for prefix, sub in src.named_modules()]
+    owners = [(prefix, own) for prefix, own in owners if own]
+    step = group if group > 0 else len(owners)
+    for i in range(0, len(owners), step):
+        chunk = owners[i:i + step]
+        with deepspeed.zero.GatheredParameters([p for _, own in chunk for _, p in own]):
+            for prefix, own in chunk:
+                for name, p in own:
+                    targets[f"{prefix}.{name}" if prefix else name].data.copy_(p.data)

@@ -1,13 +1,15 @@
-"""Generation from the ZeRO-3 actor through a plain (unpartitioned) inference copy.
+"""The hybrid engine: fast generation from the ZeRO-3 actor.
 
 Hugging Face `generate` on a ZeRO-3 module all-gathers every layer at every decoding step, which
-is an order of magnitude slower than a plain module (../shared/DESIGN.md). So before each
-generation phase the actor's full weights are copied, one layer at a time, into a plain copy of
-the same architecture that has no ZeRO hooks; each rank then decodes its own prompts with no
-collective calls.
+is an order of magnitude slower than a plain module (../shared/DESIGN.md). So for each
+generation phase the actor's full weights are materialised once into a plain module of the same
+architecture with no ZeRO hooks; each rank then decodes its own prompts with no collective calls,
+and the weights are freed afterwards. DeepSpeed's own hybrid engine is used instead where it can
+run (GPU, supported architecture, `hybrid_engine.enabled`): see `choose_backend`.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +23,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    do_sample: bool = True
+    do_sample: bool = True  # False: greedy
+    min_new_tokens: int = 0  # EOS is suppressed until this many tokens were generated
+    num_samples: int = 1  # responses per prompt (rows come out prompt-major)
 
 
 def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -36,33 +40,98 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
-class PolicyGenerator:
-    """Keeps a plain copy of the actor for decoding; `sync()` refreshes it from the engine."""
+# Architectures DeepSpeed's own hybrid engine has inference containers for (GPU only).
+DS_HYBRID_MODEL_TYPES = ("opt", "llama", "bloom", "gptj", "gpt_neox")
 
-    def __init__(self, actor_module: torch.nn.Module, tokenizer):
+
+def choose_backend(actor_ds_config: dict, model_type: str, device_type: str) -> tuple[str, str]:
+    """("deepspeed" | "materialise", why). DeepSpeed's hybrid engine only where it can run."""
+    if not actor_ds_config.get("hybrid_engine", {}).get("enabled", False):
+        return "materialise", "hybrid_engine.enabled is off in the actor's DeepSpeed config"
+    if device_type == "cpu":
+        return "materialise", "DeepSpeed's hybrid engine has no CPU kernels"
+    if model_type not in DS_HYBRID_MODEL_TYPES:
+        return "materialise", (f"DeepSpeed's hybrid engine does not support model_type {model_type!r} "
+                               f"(it supports {', '.join(DS_HYBRID_MODEL_TYPES)})")
+    return "deepspeed", f"DeepSpeed's hybrid engine ({model_type} on {device_type})"
+
+
+def _generate(model, tokenizer, input_ids, attention_mask, params: SamplingParams, **extra_kw):
+    """HF generate with our settings; returns (B * n, P + max_new_tokens), padded with pad id."""
+    sample = {"top_k": params.top_k, "top_p": params.top_p,
+              "temperature": params.temperature} if params.do_sample else {}
+    out = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, do_sample=params.do_sample,
+        max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens,
+        num_return_sequences=params.num_samples, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, use_cache=True, **sample, **extra_kw)
+    width = input_ids.shape[1] + params.max_new_tokens
+    if out.shape[1] < width:  # every row stopped early: pad to the fixed response width
+        pad = out.new_full((out.shape[0], width - out.shape[1]), tokenizer.pad_token_id)
+        out = torch.cat([out, pad], dim=1)
+    return out
+
+
+class HybridEngine:
+    """The actor in two modes: training (the partitioned ZeRO-3 engine) and generation.
+
+    Generation mode materialises the full weights once into a plain module of the same
+    architecture (no ZeRO hooks, eval mode, KV cache), gathering `gather_modules` submodules at
+    a time (0: all at once; smaller numbers lower the transient peak), and frees them on exit.
+    Works for any Hugging Face causal LM, on any accelerator.
+    """
+
+    def __init__(self, actor_engine, tokenizer, gather_modules: int = 0):
         from transformers import AutoModelForCausalLM
 
-        with engines.plain_construction():
-            self.model = AutoModelForCausalLM.from_config(actor_module.config)
-        self.model.to(engines.device()).eval().requires_grad_(False)
-        self.actor_module = actor_module
+        self.engine = actor_engine
         self.tokenizer = tokenizer
+        self.gather_modules = gather_modules
+        with engines.plain_construction(), torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(actor_engine.module.config)
+        self.model.eval().requires_grad_(False)
+        self.materialised = False
 
-    def sync(self) -> None:
-        engines.copy_gathered(self.actor_module, self.model)
+    @contextmanager
+    def generation_mode(self):
+        """Inside: `self.model` holds the actor's current full weights. Freed on exit."""
+        self.model.to_empty(device=engines.device())
+        self.model.tie_weights()  # to_empty gives tied parameters separate storage; share it again
+        buffers = dict(self.engine.module.named_buffers())  # not partitioned by ZeRO (e.g. rotary)
+        for name, buf in self.model.named_buffers():
+            buf.data.copy_(buffers[name].data)
+        engines.copy_gathered(self.engine.module, self.model, self.gather_modules)
+        self.materialised = True
+        try:
+            yield self.model
+        finally:
+            self.model.to("meta")  # drop every materialised tensor
+            self.materialised = False
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 params: SamplingParams) -> torch.Tensor:
-        """(B, P + R) prompt (left-padded, as given) + response padded to R = max_new_tokens."""
-        extra = {"top_k": params.top_k, "top_p": params.top_p,
-                 "temperature": params.temperature} if params.do_sample else {}
-        out = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, do_sample=params.do_sample,
-            max_new_tokens=params.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **extra)
-        width = input_ids.shape[1] + params.max_new_tokens
-        if out.shape[1] < width:  # every row stopped early: pad to the fixed response width
-            pad = out.new_full((out.shape[0], width - out.shape[1]), self.tokenizer.pad_token_id)
-            out = torch.cat([out, pad], dim=1)
-        return out
+    def generate(self, input_ids, attention_mask, params: SamplingParams) -> torch.Tensor:
+        assert self.materialised, "generate() runs inside generation_mode()"
+        return _generate(self.model, self.tokenizer, input_ids, attention_mask, params)
+
+
+class DeepSpeedHybridGenerator:
+    """DeepSpeed's own hybrid engine (GPU, supported architectures): same interface."""
+
+    def __init__(self, actor_engine, tokenizer):
+        self.engine, self.tokenizer = actor_engine, tokenizer
+
+    @contextmanager
+    def generation_mode(self):
+        self.engine.eval()  # the DS hybrid engine switches to its inference containers here
+        yield self.engine
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, params: SamplingParams) -> torch.Tensor:
+        return _generate(self.engine, self.tokenizer, input_ids, attention_mask, params)
+
+
+@torch.no_grad()
+def naive_generate(actor_engine, tokenizer, input_ids, attention_mask, params: SamplingParams):
+    """HF generate directly on the ZeRO-3 module (ranks kept in step): the slow baseline."""
+    return _generate(actor_engine.module, tokenizer, input_ids, attention_mask, params,
+                     synced_gpus=True)

@@ -20,7 +20,8 @@ import torch
 from pipeline import data, default_task, engines, ppo_math
 from pipeline.config import Config, ppo_sizes, resolve_path
 from pipeline.errors import TrainingHalted, UserError
-from pipeline.generation import PolicyGenerator, SamplingParams, position_ids, response_mask
+from pipeline.generation import (DeepSpeedHybridGenerator, HybridEngine, SamplingParams, choose_backend,
+                                 position_ids, response_mask)
 from pipeline.models import (last_real_index, load_causal_lm, load_scalar_model, load_tokenizer,
                              token_values)
 from pipeline.monitoring import PhaseTimer, peak_rss_gb, progress
@@ -84,7 +85,8 @@ class PPOTrainer:
                             f"than ppo.rollout_batch_size={p.rollout_batch_size}.")
         # The gold scorer exists only for the embedded default task's prompts.
         self.gold = default_task.gold_score if not cfg.data.eval_prompt_data_path else None
-        self.sampling = SamplingParams(cfg.data.max_response_len, p.temperature, p.top_p, p.top_k)
+        self.sampling = SamplingParams(cfg.data.max_response_len, p.temperature, p.top_p, p.top_k,
+                                       min_new_tokens=p.min_new_tokens)
 
         batch = dict(train_micro_batch_size_per_gpu=p.micro_batch_size_per_gpu,
                      gradient_accumulation_steps=self.sizes["gradient_accumulation_steps"],
@@ -100,9 +102,14 @@ class PPOTrainer:
         with engines.zero3_construction(train_ds):
             actor = load_causal_lm(ctx.inputs["actor"], trust)
             critic = load_scalar_model(ctx.inputs["reward_model"], trust)
-        self.actor = engines.train_engine(actor, train_ds, p.actor_learning_rate, 0.0,
+        backend, why = choose_backend(train_ds, actor.config.model_type, engines.device().type)
+        log.info("generation: %s", why if backend == "deepspeed" else
+                 f"our hybrid engine (materialised weights), because {why}")
+        critic_ds = {k: v for k, v in train_ds.items() if k != "hybrid_engine"}
+        actor_ds = train_ds if backend == "deepspeed" else critic_ds
+        self.actor = engines.train_engine(actor, actor_ds, p.actor_learning_rate, 0.0,
                                           "constant_with_warmup", warmup, steps)
-        self.critic = engines.train_engine(critic, train_ds, p.critic_learning_rate, 0.0,
+        self.critic = engines.train_engine(critic, critic_ds, p.critic_learning_rate, 0.0,
                                            "constant_with_warmup", warmup, steps)
         self.actor.eval()  # no dropout anywhere in PPO (see update())
         self.critic.eval()
@@ -111,7 +118,8 @@ class PPOTrainer:
             reward = load_scalar_model(ctx.inputs["reward_model"], trust)
         self.ref = engines.inference_engine(ref, infer_ds)
         self.reward = engines.inference_engine(reward, infer_ds)
-        self.generator = PolicyGenerator(self.actor.module, self.tokenizer)
+        self.generator = (DeepSpeedHybridGenerator(self.actor, self.tokenizer) if backend == "deepspeed"
+                          else HybridEngine(self.actor, self.tokenizer, p.gather_modules))
         self.kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
                        if p.adaptive_kl else ppo_math.FixedKLController(p.kl_coef))
         self.score_moments = ppo_math.RunningMoments()
@@ -142,14 +150,14 @@ class PPOTrainer:
         prompts = data.collate_prompts(batch, self.tokenizer.pad_token_id)
         ids = prompts["input_ids"].to(engines.device())
         mask = prompts["attention_mask"].to(engines.device())
-        self.generator.sync()
-        torch.manual_seed(seed)
-        seq = self.generator.generate(ids, mask, params)
         width = ids.shape[1]
-        resp_mask = response_mask(seq[:, width:], self.tokenizer.eos_token_id)
-        full_mask = torch.cat([mask, resp_mask], dim=1)
-        old_logprobs = torch.cat([self._logits_logprobs(self.generator.model, seq[s], full_mask[s], width)[1]
-                                  for s in self._micro(len(seq))])
+        with self.generator.generation_mode() as model:
+            torch.manual_seed(seed)
+            seq = self.generator.generate(ids, mask, params)
+            resp_mask = response_mask(seq[:, width:], self.tokenizer.eos_token_id)
+            full_mask = torch.cat([mask, resp_mask], dim=1)
+            old_logprobs = torch.cat([self._logits_logprobs(model, seq[s], full_mask[s], width)[1]
+                                      for s in self._micro(len(seq))])
         return Experience(seq, full_mask, resp_mask, old_logprobs * resp_mask, width, prompts["prompts"])
 
     # ------------------------------------------------------------ 2. scoring
