@@ -125,6 +125,7 @@ class Config:
     output_dir: str = "runs/default"  # each stage writes <output_dir>/<stage>
     seed: int = 42  # seeds data generation, initialisation, shuffling and sampling
     force: bool = False  # rerun stages even when their outputs are up to date
+    deepspeed_monitor: bool = False  # also log DeepSpeed's engine metrics to <stage>/tensorboard
     ds_config: str = "ds_configs/zero3_train.json"  # DeepSpeed JSON of trained engines
     ds_inference_config: str = "ds_configs/zero3_offload_inference.json"  # frozen ref/reward
     task: TaskConfig = field(default_factory=TaskConfig)

@@ -214,6 +214,16 @@ def save_hf(module: torch.nn.Module, tokenizer, folder: Path, rank: int) -> None
     barrier()
 
 
+def describe(engine, name: str) -> str:
+    """One banner line: ZeRO stage, offload and size of an engine."""
+    zero = engine.zero_optimization_stage()
+    param = engine.zero_offload_param()
+    optim = engine.zero_offload_optimizer()
+    return (f"{name}: ZeRO-{zero}, params offloaded to {param.device if param else 'none'}, "
+            f"optimizer offloaded to {optim.device if optim else 'none'}, "
+            f"{num_params(engine.module) / 1e6:.2f}M parameters, {engine.device}")
+
+
 def num_params(module: torch.nn.Module) -> int:
     """Total parameters, counting ZeRO-3 partitioned ones at full size."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())

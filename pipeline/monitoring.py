@@ -18,6 +18,8 @@ def setup_logging(is_main: bool) -> None:
                         force=True)
     import warnings
 
+    # torch.distributed's deprecation notices fire inside DeepSpeed on every rank: not ours to fix.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\..* is deprecated")
     if not is_main:
         warnings.filterwarnings("ignore")
     for noisy in ("DeepSpeed", "torch.distributed", "transformers", "datasets"):
@@ -87,3 +89,42 @@ def progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=2.0)
+
+
+def overoptimisation_plot(rows: list[dict], path: Path) -> bool:
+    """Gold and reward-model score against KL to the reference over a PPO run, as a PNG.
+
+    The curve of Gao et al. 2022 ("Scaling Laws for Reward Model Overoptimization"): the
+    learned reward keeps rising with KL while the gold score peaks and turns down. Both are
+    shown as the change since step 0 (the SFT policy). Needs matplotlib (the `plot` extra);
+    returns False when it is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.getLogger(__name__).info("matplotlib not installed: no over-optimisation plot "
+                                         "(pip install -e '.[plot]').")
+        return False
+    evals = [r for r in rows if "eval/kl_to_ref" in r and "eval/reward_score" in r]
+    if len(evals) < 2:
+        return False
+    kl = [max(float(r["eval/kl_to_ref"]), 0.0) for r in evals]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for key, label in (("eval/reward_score", "reward model"), ("eval/gold_score", "gold (true preference)")):
+        if key in evals[0]:
+            ax.plot(kl, [float(r[key]) - float(evals[0][key]) for r in evals], marker="o", label=label)
+    for r, x in zip(evals, kl):
+        ax.annotate(str(r["step"]), (x, float(r["eval/reward_score"]) - float(evals[0]["eval/reward_score"])),
+                    fontsize=6, alpha=0.6)
+    ax.set_xlabel("KL(policy || reference), nats per response")
+    ax.set_ylabel("score change since SFT (step 0)")
+    ax.set_title("Reward over-optimisation (labels: PPO step)")
+    ax.axhline(0.0, color="grey", lw=0.5)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

@@ -29,6 +29,13 @@ class StageContext:
     stage_dir: Path
     inputs: dict[str, str] = field(default_factory=dict)  # role -> resolved path
 
+    def monitored(self, ds_config: dict, job: str) -> dict:
+        """The DS config with DeepSpeed's own TensorBoard monitor on, when the run asks for it."""
+        if not self.cfg.deepspeed_monitor:
+            return ds_config
+        return {**ds_config, "tensorboard": {"enabled": True, "job_name": job,
+                                             "output_path": str(self.stage_dir / "tensorboard")}}
+
     def start(self) -> MetricLogger:
         """Called once inputs are validated: clear the previous attempt's logs, open new ones."""
         if self.dist.is_main:

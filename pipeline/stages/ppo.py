@@ -11,6 +11,7 @@ Shapes: B rollout rows on this rank, P prompt width (left-padded), R response wi
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from pipeline.generation import (DeepSpeedHybridGenerator, HybridEngine, Samplin
                                  position_ids, response_mask)
 from pipeline.models import (last_real_index, load_causal_lm, load_scalar_model, load_tokenizer,
                              token_values)
-from pipeline.monitoring import PhaseTimer, peak_rss_gb, progress
+from pipeline.monitoring import PhaseTimer, overoptimisation_plot, peak_rss_gb, progress
 from pipeline.stages.common import StageContext
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class PPOTrainer:
                                           gradient_accumulation_steps=1)
         steps = p.num_iterations * p.num_ppo_epochs * self.sizes["mini_batches_per_epoch"]
         warmup = p.warmup_iterations * p.num_ppo_epochs * self.sizes["mini_batches_per_epoch"]
+        self.logger = ctx.start()  # inputs are valid: from here on the stage folder is rewritten
         engines.seed_everything(cfg.seed)
         trust = cfg.model.trust_remote_code
         with engines.zero3_construction(train_ds):
@@ -107,10 +109,10 @@ class PPOTrainer:
                  f"our hybrid engine (materialised weights), because {why}")
         critic_ds = {k: v for k, v in train_ds.items() if k != "hybrid_engine"}
         actor_ds = train_ds if backend == "deepspeed" else critic_ds
-        self.actor = engines.train_engine(actor, actor_ds, p.actor_learning_rate, 0.0,
-                                          "constant_with_warmup", warmup, steps)
-        self.critic = engines.train_engine(critic, critic_ds, p.critic_learning_rate, 0.0,
-                                           "constant_with_warmup", warmup, steps)
+        self.actor = engines.train_engine(actor, ctx.monitored(actor_ds, "deepspeed_actor"),
+                                          p.actor_learning_rate, 0.0, "constant_with_warmup", warmup, steps)
+        self.critic = engines.train_engine(critic, ctx.monitored(critic_ds, "deepspeed_critic"),
+                                           p.critic_learning_rate, 0.0, "constant_with_warmup", warmup, steps)
         self.actor.eval()  # no dropout anywhere in PPO (see update())
         self.critic.eval()
         with engines.zero3_construction(infer_ds):
@@ -118,6 +120,8 @@ class PPOTrainer:
             reward = load_scalar_model(ctx.inputs["reward_model"], trust)
         self.ref = engines.inference_engine(ref, infer_ds)
         self.reward = engines.inference_engine(reward, infer_ds)
+        for name in ("actor", "critic", "ref", "reward"):
+            log.info("engine %s", engines.describe(getattr(self, name), name))
         self.generator = (DeepSpeedHybridGenerator(self.actor, self.tokenizer) if backend == "deepspeed"
                           else HybridEngine(self.actor, self.tokenizer, p.gather_modules))
         self.kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
@@ -377,7 +381,7 @@ def run(ctx: StageContext) -> dict:
     """Train the actor with PPO; save `<stage_dir>/model` (the final policy)."""
     cfg, p, d = ctx.cfg, ctx.cfg.ppo, ctx.dist
     trainer = PPOTrainer(ctx)
-    logger = ctx.start()
+    logger = trainer.logger
     per_rank = trainer.sizes["rollout_per_rank"]
     g = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
@@ -403,6 +407,9 @@ def run(ctx: StageContext) -> dict:
     bar.close()
     engines.save_hf(trainer.actor.module, trainer.tokenizer, ctx.stage_dir / "model", d.rank)
     logger.close()
+    if d.is_main:
+        rows = [json.loads(line) for line in (ctx.stage_dir / "metrics.jsonl").read_text().splitlines()]
+        overoptimisation_plot(rows, ctx.stage_dir / "overoptimisation.png")
     result = {"reward_score_sft": first["eval/reward_score"],
               "reward_score_final": last_eval["eval/reward_score"],
               "kl_to_ref": last_eval["eval/kl_to_ref"], "iterations": p.num_iterations,

@@ -1,6 +1,8 @@
 """Stage 2, reward model: backbone + scalar head, pairwise loss -log sigmoid(r_chosen - r_rejected)."""
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -8,6 +10,9 @@ from pipeline import data, engines
 from pipeline.config import resolve_path
 from pipeline.models import check_vocab, load_scalar_model, load_tokenizer, sequence_scores
 from pipeline.stages.common import StageContext, eval_batches, schedule, supervised_loop, train_loader
+
+
+log = logging.getLogger(__name__)
 
 
 def pairwise(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -35,14 +40,15 @@ def run(ctx: StageContext) -> dict:
                           t.micro_batch_size_per_gpu, cfg.seed, d)
     total_steps, warmup = schedule(t, loader, "reward", len(train), d)
 
+    logger = ctx.start()  # inputs are valid: from here on this stage's folder is rewritten
     engines.seed_everything(cfg.seed)
     with engines.zero3_construction(ds_config):
         model = load_scalar_model(ctx.inputs["model"], cfg.model.trust_remote_code)
     check_vocab(model, tokenizer, f"model {ctx.inputs['model']}")
     model.config.pad_token_id = tokenizer.pad_token_id  # so HF's own pooled forward works on reload
-    engine = engines.train_engine(model, ds_config, t.learning_rate, t.weight_decay, t.lr_scheduler,
-                                  warmup, total_steps)
-    logger = ctx.start()
+    engine = engines.train_engine(model, ctx.monitored(ds_config, "deepspeed_reward"), t.learning_rate,
+                                  t.weight_decay, t.lr_scheduler, warmup, total_steps)
+    log.info("engine %s", engines.describe(engine, "reward model"))
 
     def loss_fn(batch: dict):
         loss, acc, margin = pairwise(engine, batch)

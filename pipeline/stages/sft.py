@@ -1,6 +1,7 @@
 """Stage 1, supervised fine-tuning: causal-LM loss on response tokens only, ZeRO-3 engine."""
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -10,6 +11,9 @@ from pipeline.config import resolve_path
 from pipeline.models import causal_lm_loss, check_vocab, load_causal_lm, load_tokenizer
 from pipeline.stages.common import (StageContext, eval_batches, schedule, supervised_loop,
                                     to_device, train_loader)
+
+
+log = logging.getLogger(__name__)
 
 
 def run(ctx: StageContext) -> dict:
@@ -28,13 +32,14 @@ def run(ctx: StageContext) -> dict:
                           cfg.seed, d)
     total_steps, warmup = schedule(t, loader, "sft", len(train), d)
 
+    logger = ctx.start()  # inputs are valid: from here on this stage's folder is rewritten
     engines.seed_everything(cfg.seed)
     with engines.zero3_construction(ds_config):
         model = load_causal_lm(ctx.inputs["model"], cfg.model.trust_remote_code)
     check_vocab(model, tokenizer, f"model {ctx.inputs['model']}")
-    engine = engines.train_engine(model, ds_config, t.learning_rate, t.weight_decay, t.lr_scheduler,
-                                  warmup, total_steps)
-    logger = ctx.start()
+    engine = engines.train_engine(model, ctx.monitored(ds_config, "deepspeed_sft"), t.learning_rate,
+                                  t.weight_decay, t.lr_scheduler, warmup, total_steps)
+    log.info("engine %s", engines.describe(engine, "policy"))
 
     def loss_fn(batch: dict):
         loss_sum, n_tokens = causal_lm_loss(engine, batch["input_ids"], batch["attention_mask"],

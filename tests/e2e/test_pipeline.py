@@ -49,6 +49,44 @@ def test_pipeline_fills_summary_and_exports_hf_folders(finished):
     assert AutoModelForCausalLM.from_pretrained(out / "ppo" / "model").num_parameters() > 0
 
 
+def _documented_tags() -> dict[str, list[str]]:
+    """The tag table of the README: stage -> tags (the test checks what the docs promise)."""
+    from launch_util import REPO
+
+    tags: dict[str, list[str]] = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.replace("\\|", "").strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in ("sft", "reward", "ppo") and cells[1].startswith("`"):
+            tags.setdefault(cells[0], []).append(cells[1].strip("`"))
+    return tags
+
+
+def test_tensorboard_has_every_documented_tag(finished):
+    import math
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = finished
+    documented = _documented_tags()
+    assert len(documented["ppo"]) >= 33 and documented["sft"] and documented["reward"]
+    for stage, tags in documented.items():
+        acc = EventAccumulator(str(out / stage / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        have = set(acc.Tags()["scalars"])
+        for tag in tags:
+            assert tag in have, f"{stage}: {tag} not in TensorBoard"
+            events = acc.Scalars(tag)
+            assert all(math.isfinite(e.value) for e in events), (stage, tag)
+            steps = [e.step for e in events]
+            assert steps == sorted(steps), (stage, tag, steps)
+    acc = EventAccumulator(str(out / "ppo" / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    samples = acc.Tensors("samples/text_summary")
+    assert {s.step for s in samples} >= {0, 4}  # step-0 baseline and the last evaluation
+    assert "| prompt | response |" in samples[-1].tensor_proto.string_val[0].decode()
+    assert (out / "ppo" / "overoptimisation.png").stat().st_size > 1000
+
+
 def test_rerun_skips_finished_stages(finished):
     out, _ = finished
     before = {s: _digest(out / s / "model") for s in ("sft", "reward", "ppo")}
@@ -111,3 +149,4 @@ def test_bad_data_leaves_earlier_outputs_untouched(finished, tmp_path):
         for needle in needles:
             assert needle in line, (needle, line)
         assert _digest(out / "sft") == before
+
