@@ -61,7 +61,8 @@ def _global_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _global_mean(x: torch.Tensor) -> float:
-    s = engines.all_reduce_sum(torch.stack([x.sum().double(), torch.tensor(float(x.numel()), dtype=torch.float64)]))
+    s = engines.all_reduce_sum(torch.stack([x.sum().double(),
+                                            torch.tensor(float(x.numel()), dtype=torch.float64)]))
     return (s[0] / s[1].clamp(min=1)).item()
 
 
@@ -72,35 +73,48 @@ class PPOTrainer:
         cfg, p, d = ctx.cfg, ctx.cfg.ppo, ctx.dist
         self.cfg, self.p, self.d = cfg, p, d
         self.sizes = ppo_sizes(p, d.world_size)
+        self._load_inputs(ctx)
+        self.logger = ctx.start()  # inputs are valid: from here on the stage folder is rewritten
+        engines.seed_everything(cfg.seed)
+        self._build_engines(ctx)
+        self.sampling = SamplingParams(cfg.data.max_response_len, p.temperature, p.top_p, p.top_k,
+                                       min_new_tokens=p.min_new_tokens)
+        self.kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
+                       if p.adaptive_kl else ppo_math.FixedKLController(p.kl_coef))
+        self.score_moments = ppo_math.RunningMoments()
+        log.info("KL penalty estimator: %s; the reported kl_to_ref is the sequence sum of k3 "
+                 "(unbiased and >= 0, http://joschu.net/blog/kl-approx.html).", p.kl_estimator)
+        self.nonfinite_in_a_row = 0
+        self.sft_eval: torch.Tensor | None = None  # step-0 responses' gold scores, for the win rate
+
+    def _load_inputs(self, ctx: StageContext) -> None:
+        """Tokenizers and prompts, all validated before anything is written."""
+        cfg, p = self.cfg, self.p
         self.tokenizer = load_tokenizer(ctx.inputs["tokenizer"], cfg.model.trust_remote_code)
         self.reward_tokenizer = load_tokenizer(ctx.inputs["reward_model"], cfg.model.trust_remote_code)
         self.same_tokenizer = self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab()
-        rows = data.load_rows(ctx.inputs["prompt_data"], ("prompt",))
-        eval_rows = data.load_rows(ctx.inputs["eval_prompt_data"], ("prompt",))
-        self.prompts = data.prompt_examples(rows, self.tokenizer, cfg.data.max_prompt_len,
-                                            ctx.inputs["prompt_data"])
-        self.eval_prompts = data.prompt_examples(eval_rows, self.tokenizer, cfg.data.max_prompt_len,
-                                                 ctx.inputs["eval_prompt_data"])
+        self.prompts, self.eval_prompts = (
+            data.prompt_examples(data.load_rows(ctx.inputs[role], ("prompt",)), self.tokenizer,
+                                 cfg.data.max_prompt_len, ctx.inputs[role])
+            for role in ("prompt_data", "eval_prompt_data"))
         if len(self.prompts) < p.rollout_batch_size:
             raise UserError(f"dataset {ctx.inputs['prompt_data']}: {len(self.prompts)} prompts are fewer "
                             f"than ppo.rollout_batch_size={p.rollout_batch_size}.")
         # The gold scorer exists only for the embedded default task's prompts.
         self.gold = default_task.gold_score if not cfg.data.eval_prompt_data_path else None
-        self.sampling = SamplingParams(cfg.data.max_response_len, p.temperature, p.top_p, p.top_k,
-                                       min_new_tokens=p.min_new_tokens)
 
-        batch = dict(train_micro_batch_size_per_gpu=p.micro_batch_size_per_gpu,
-                     gradient_accumulation_steps=self.sizes["gradient_accumulation_steps"],
-                     gradient_clipping=p.gradient_clipping)
-        train_ds = engines.load_ds_config(resolve_path(cfg.ds_config), **batch)
+    def _build_engines(self, ctx: StageContext) -> None:
+        """Actor and critic: ZeRO-3 training engines; reference and reward: offloaded, frozen."""
+        cfg, p, trust = self.cfg, self.p, self.cfg.model.trust_remote_code
+        train_ds = engines.load_ds_config(
+            resolve_path(cfg.ds_config), train_micro_batch_size_per_gpu=p.micro_batch_size_per_gpu,
+            gradient_accumulation_steps=self.sizes["gradient_accumulation_steps"],
+            gradient_clipping=p.gradient_clipping)
         infer_ds = engines.load_ds_config(resolve_path(cfg.ds_inference_config),
                                           train_micro_batch_size_per_gpu=p.micro_batch_size_per_gpu,
                                           gradient_accumulation_steps=1)
         steps = p.num_iterations * p.num_ppo_epochs * self.sizes["mini_batches_per_epoch"]
         warmup = p.warmup_iterations * p.num_ppo_epochs * self.sizes["mini_batches_per_epoch"]
-        self.logger = ctx.start()  # inputs are valid: from here on the stage folder is rewritten
-        engines.seed_everything(cfg.seed)
-        trust = cfg.model.trust_remote_code
         with engines.zero3_construction(train_ds):
             actor = load_causal_lm(ctx.inputs["actor"], trust)
             critic = load_scalar_model(ctx.inputs["reward_model"], trust)
@@ -124,13 +138,6 @@ class PPOTrainer:
             log.info("engine %s", engines.describe(getattr(self, name), name))
         self.generator = (DeepSpeedHybridGenerator(self.actor, self.tokenizer) if backend == "deepspeed"
                           else HybridEngine(self.actor, self.tokenizer, p.gather_modules))
-        self.kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
-                       if p.adaptive_kl else ppo_math.FixedKLController(p.kl_coef))
-        self.score_moments = ppo_math.RunningMoments()
-        log.info("KL penalty estimator: %s; the reported kl_to_ref is the sequence sum of k3 "
-                 "(unbiased and >= 0, http://joschu.net/blog/kl-approx.html).", p.kl_estimator)
-        self.nonfinite_in_a_row = 0
-        self.sft_eval: dict | None = None  # step-0 responses' gold scores, for the win rate
 
     # ------------------------------------------------------------ forward helpers
     def _micro(self, n: int):
