@@ -54,8 +54,8 @@ RESPONSE_TEMPLATES = [
 ]
 GRAMMAR_WORDS = sorted({w for t in PROMPT_TEMPLATES + RESPONSE_TEMPLATES for w in t.split()
                         if not w.startswith("{")})
-VERSION = 2  # bump when generated data changes, so runs regenerate it
-FLAWED_FRACTION = 0.35  # share of preference pairs whose second response is flawed
+VERSION = 3  # bump when generated data changes, so runs regenerate it
+FLAWED_FRACTION = 0.4  # share of preference pairs whose second response is flawed
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 
 
@@ -90,17 +90,21 @@ def _response(rng: random.Random, item: str) -> str:
     return rng.choice(RESPONSE_TEMPLATES).format(item=item, a=a, b=b, c=c)
 
 
-def _flawed_response(rng: random.Random, item: str) -> str:
-    """An off-topic (wrong item or none), malformed, cut-off or near-empty review: what the reward
-    model must learn to dislike, so that PPO cannot win by producing it."""
-    kind = rng.randrange(5)
+def _flawed_response(rng: random.Random, item: str, good: str) -> str:
+    """A review the reward model must learn to dislike, so that PPO cannot win by producing it:
+    the good review about another item (the most common flaw, so the item is learned as part of
+    the preference), another review about another item or none, malformed, cut off, or empty."""
+    kind = rng.choices(range(6), weights=(4, 2, 1, 1, 1, 1))[0]
+    other = rng.choice([i for i in ITEMS if i != item])
     if kind == 0:
-        return _response(rng, rng.choice([i for i in ITEMS if i != item]))
+        return " ".join(other if w == item else w for w in good.split())
     if kind == 1:
-        return _response(rng, "place")  # "place" is not an item: no item mentioned
+        return _response(rng, other)
     if kind == 2:
+        return _response(rng, "place")  # "place" is not an item: no item mentioned
+    if kind == 3:
         return _response(rng, item).removesuffix(" .")
-    if kind == 3:  # cut off after a few words
+    if kind == 4:  # cut off after a few words
         words = _response(rng, item).split()
         return " ".join(words[:rng.randrange(1, max(2, len(words) - 1))])
     return "."  # next to nothing
@@ -111,7 +115,7 @@ def _pair(rng: random.Random, noise: float) -> dict:
     item = _item_of(prompt)
     while True:
         a = _response(rng, item)
-        b = _flawed_response(rng, item) if rng.random() < FLAWED_FRACTION else _response(rng, item)
+        b = _flawed_response(rng, item, a) if rng.random() < FLAWED_FRACTION else _response(rng, item)
         ga, gb = gold_score(prompt, a), gold_score(prompt, b)
         if abs(ga - gb) >= 0.05:  # skip near-ties: no human would agree on them
             break
