@@ -1,0 +1,92 @@
+"""Unit tests for the pure parts of pipeline/bench.py: FLOP counting, median, targets, table, JSON."""
+import json
+import math
+
+import pytest
+
+from pipeline.bench import (TARGETS, Workload, body_params, check, format_table, forward_flops,
+                            iteration_flops, median, write_json)
+
+TINY = Workload(layers=1, hidden=2, intermediate=3, heads=1, vocab=5, prompts=2, prompt_len=2, new_tokens=2)
+
+
+def test_body_params_of_the_benchmark_model():
+    # 6 layers x (q, k, v, o: 4 x 384^2 + gated MLP: 3 x 384 x 1024)
+    assert body_params(Workload()) == 6 * (4 * 384 * 384 + 3 * 384 * 1024) == 10_616_832
+
+
+def test_forward_flops_by_hand():
+    # body: 4 * 2^2 + 3 * 2 * 3 = 34 weights -> 2 * 34 * 4 positions = 272
+    # attention: 4 * 1 layer * 2 hidden * 10 pairs = 80; head: 2 * 2 hidden * 5 wide * 3 positions = 60
+    assert forward_flops(TINY, positions=4, pairs=10, head_positions=3, head_width=5) == 272 + 80 + 60
+
+
+def test_iteration_flops_phases_by_hand():
+    T = TINY.prompt_len + TINY.new_tokens  # 4 positions, 10 causal pairs
+    lm = forward_flops(TINY, T, 10, T, TINY.vocab)
+    scalar = forward_flops(TINY, T, 10, T, 1)
+    decode = forward_flops(TINY, T - 1, 6, TINY.new_tokens, TINY.vocab)
+    f = iteration_flops(TINY, epochs=2)
+    assert f["generation"] == 2 * (decode + lm)  # 2 prompts
+    assert f["scoring"] == 2 * (lm + 2 * scalar)
+    assert f["training"] == 2 * 2 * 3 * (lm + scalar)  # 2 prompts x 2 epochs x (forward + backward)
+    assert f["total"] == f["generation"] + f["scoring"] + f["training"]
+
+
+def test_training_flops_follow_the_6_params_tokens_rule():
+    """Attention is a few percent at T = 96: training ~ 6 x (actor + critic matmul params) x tokens."""
+    w = Workload()
+    tokens = w.prompts * (w.prompt_len + w.new_tokens)
+    rule = 6 * (2 * body_params(w) + w.hidden * w.vocab + w.hidden) * tokens
+    assert 1.0 < iteration_flops(w)["training"] / rule < 1.05
+
+
+def test_median():
+    assert median([3.0]) == 3.0
+    assert median([5.0, 1.0, 3.0]) == 3.0
+    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    with pytest.raises(ValueError):
+        median([])
+
+
+def test_check_against_targets():
+    assert check("hybrid/floor generation", 1.3)["met"] and not check("hybrid/floor generation", 1.31)["met"]
+    assert check("naive/hybrid generation", 5.0)["met"] and not check("naive/hybrid generation", 4.9)["met"]
+    assert check("RSS after/before generation", 1.09)["met"] and check("RSS after/before generation", 0.91)["met"]
+    assert not check("RSS after/before generation", 1.11)["met"]
+    assert not check("iteration/floor", math.nan)["met"]
+    assert check("iteration/floor", 1.0)["target"] == "<= 1.5"
+    assert set(TARGETS) == {"hybrid/floor generation", "naive/hybrid generation", "iteration/floor",
+                            "RSS after/before generation"}
+
+
+def _results() -> dict:
+    return {"date": "2026-01-01T00:00:00+00:00", "smoke": True, "world_size": 2, "threads_per_rank": 1,
+            "machine": {"platform": "Linux-x", "cpu": "some cpu", "cores": 2, "torch": "2.13.0",
+                        "deepspeed": "0.19.8", "transformers": "5.23.0"},
+            "checks": [check("hybrid/floor generation", 1.2), check("naive/hybrid generation", 2.0)],
+            "figures": {"iteration s": 12.345, "peak RSS MiB per rank": [600.0, 590.4], "FLOPs per iteration": 4.2e11}}
+
+
+def test_format_table():
+    lines = format_table(_results()).splitlines()
+    assert "SMOKE" in lines[0] and "2 cores" in lines[0] and "deepspeed 0.19.8" in lines[0]
+    assert "2 rank(s) x 1 thread(s)" in lines[0]
+    assert "| figure | value | target | met |" in lines
+    assert "| hybrid/floor generation | 1.2 | <= 1.3 | yes |" in lines
+    assert "| naive/hybrid generation | 2 | >= 5 | **no** |" in lines
+    assert "| iteration s | 12.3 | | |" in lines
+    assert "| peak RSS MiB per rank | 600, 590 | | |" in lines
+    assert "| FLOPs per iteration | 4.200e+11 | | |" in lines
+
+
+def test_write_json_is_strict(tmp_path):
+    results = _results()
+    results["checks"].append(check("iteration/floor", math.nan))
+    path = tmp_path / "bench.json"
+    write_json(path, results)
+    text = path.read_text()
+    assert "NaN" not in text
+    back = json.loads(text)
+    assert back["checks"][2]["value"] is None and back["checks"][2]["met"] is False
+    assert back["figures"]["peak RSS MiB per rank"] == [600.0, 590.4]
