@@ -31,7 +31,7 @@ import torch
 from pipeline import data, engines, ppo_math
 from pipeline.config import parse_config
 from pipeline.errors import UserError
-from pipeline.generation import _generate, naive_generate, position_ids, response_mask
+from pipeline.generation import hf_generate, naive_generate, position_ids, response_mask
 from pipeline.models import last_real_index, load_causal_lm, load_scalar_model, token_values
 from pipeline.monitoring import PhaseTimer, setup_logging
 from pipeline.stages.common import StageContext
@@ -304,7 +304,7 @@ def plain_iteration(m: dict[str, Any], tok, batch: list[dict], p, params, w: Wor
     with timer("generation"), torch.no_grad():
         torch.manual_seed(seed)
         with timer("sampling"):  # synced_gpus=False: transformers turns it on whenever ZeRO-3 is configured
-            seq = full_length(_generate(m["actor"], tok, ids, mask, params, synced_gpus=False), P, w,
+            seq = full_length(hf_generate(m["actor"], tok, ids, mask, params, synced_gpus=False), P, w,
                               tok.eos_token_id)
         rmask = response_mask(seq[:, P:], tok.eos_token_id)
         full = torch.cat([mask, rmask], dim=1)

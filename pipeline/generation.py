@@ -56,7 +56,7 @@ def choose_backend(actor_ds_config: dict, model_type: str, device_type: str) -> 
     return "deepspeed", f"DeepSpeed's hybrid engine ({model_type} on {device_type})"
 
 
-def _generate(model, tokenizer, input_ids, attention_mask, params: SamplingParams, **extra_kw):
+def hf_generate(model, tokenizer, input_ids, attention_mask, params: SamplingParams, **extra_kw):
     """HF generate with our settings; returns (B * n, P + max_new_tokens), padded with pad id."""
     sample = {"top_k": params.top_k, "top_p": params.top_p,
               "temperature": params.temperature} if params.do_sample else {}
@@ -111,7 +111,10 @@ class HybridEngine:
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, params: SamplingParams) -> torch.Tensor:
         assert self.materialised, "generate() runs inside generation_mode()"
-        return _generate(self.model, self.tokenizer, input_ids, attention_mask, params)
+        # transformers turns synced_gpus on by itself under ZeRO-3 with several ranks; this module
+        # is plain, so each rank decodes alone with no collective per token.
+        return hf_generate(self.model, self.tokenizer, input_ids, attention_mask, params,
+                         synced_gpus=False)
 
 
 class DeepSpeedHybridGenerator:
@@ -127,11 +130,11 @@ class DeepSpeedHybridGenerator:
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, params: SamplingParams) -> torch.Tensor:
-        return _generate(self.engine, self.tokenizer, input_ids, attention_mask, params)
+        return hf_generate(self.engine, self.tokenizer, input_ids, attention_mask, params)
 
 
 @torch.no_grad()
 def naive_generate(actor_engine, tokenizer, input_ids, attention_mask, params: SamplingParams):
     """HF generate directly on the ZeRO-3 module (ranks kept in step): the slow baseline."""
-    return _generate(actor_engine.module, tokenizer, input_ids, attention_mask, params,
+    return hf_generate(actor_engine.module, tokenizer, input_ids, attention_mask, params,
                      synced_gpus=True)

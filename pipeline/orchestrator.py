@@ -56,7 +56,7 @@ def prepare_task(cfg: Config, d: engines.Dist, out: Path) -> Path:
     return folder
 
 
-def stage_inputs(cfg: Config, out: Path, task: Path | None) -> dict[str, dict[str, str]]:
+def stage_inputs(cfg: Config, out: Path, task: Path) -> dict[str, dict[str, str]]:
     """Role -> path for every stage: the user's paths where given, else the default task's."""
     dc = cfg.data
 
@@ -137,7 +137,7 @@ def _up_to_date(stage_dir: Path, fp: str) -> dict | None:
 def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES) -> dict:
     """Run `stages` in order; returns the summary written to `<output_dir>/summary.json`."""
     out = Path(cfg.output_dir)
-    task = prepare_task(cfg, d, out) if _needs_task(cfg) else None
+    task = prepare_task(cfg, d, out) if _needs_task(cfg) else out / "task"  # else: never read
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if d.is_main:

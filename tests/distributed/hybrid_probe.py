@@ -53,7 +53,14 @@ def main() -> None:
     with hybrid.generation_mode():
         inside = rss_bytes()
         inside_bytes = materialised_bytes(hybrid.model)
-        fast = hybrid.generate(ids, mask, greedy)
+        calls = []
+        real_all_reduce = torch.distributed.all_reduce
+        torch.distributed.all_reduce = lambda *a, **k: calls.append(1) or real_all_reduce(*a, **k)
+        try:  # count collectives while decoding: each rank must decode alone
+            fast = hybrid.generate(ids, mask, greedy)
+        finally:
+            torch.distributed.all_reduce = real_all_reduce
+        report["collectives_while_decoding"] = len(calls)
         sampled = hybrid.generate(ids, mask, SamplingParams(max_new_tokens=10, min_new_tokens=6,
                                                             num_samples=2, temperature=1.5))
     after = rss_bytes()

@@ -18,6 +18,7 @@ def probe(tmp_path_factory):
 def test_greedy_tokens_equal_naive_zero3_generate(probe):
     for rank in probe:
         assert rank["greedy_equal"]
+        assert rank["collectives_while_decoding"] == 0  # ranks decode alone, not in lockstep
         assert rank["greedy_shape"][1] > 12  # prompt + 12 new tokens (padded to the fixed width)
 
 
