@@ -140,8 +140,6 @@ def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES) -> dict:
     task = prepare_task(cfg, d, out) if _needs_task(cfg) else out / "task"  # else: never read
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    if d.is_main:
-        save_config(cfg, out / "config.yaml")
     for stage in stages:
         inputs = stage_inputs(cfg, out, task)[stage]
         _check_exists(stage, inputs, out)
@@ -167,7 +165,8 @@ def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES) -> dict:
         if d.is_main:
             summary_path.write_text(json.dumps(summary, indent=2))
         engines.barrier()
-    if d.is_main:
+    if d.is_main:  # written only after success: a failed run leaves the last good ones in place
+        save_config(cfg, out / "config.yaml")
         summary_path.write_text(json.dumps(summary, indent=2))
         print(format_summary(summary), flush=True)
     return summary
