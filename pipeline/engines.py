@@ -116,10 +116,6 @@ def load_ds_config(path: Path, **fill) -> dict:
     return cfg
 
 
-def offload_device(ds_config: dict) -> str:
-    return ds_config.get("zero_optimization", {}).get("offload_param", {}).get("device", "none")
-
-
 # ---------------------------------------------------------------- models and engines
 @contextmanager
 def zero3_construction(ds_config: dict):
@@ -167,14 +163,6 @@ def inference_engine(model: torch.nn.Module, ds_config: dict):
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine
-
-
-@contextmanager
-def gathered(module: torch.nn.Module, modifier_rank=None):
-    """Full parameters of `module` on every rank inside the block (a no-op without ZeRO-3)."""
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
-        yield
 
 
 def full_state_dict(module: torch.nn.Module, rank: int) -> dict | None:

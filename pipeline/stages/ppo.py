@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import data, default_task, engines, ppo_math
-from pipeline.config import Config, ppo_sizes, resolve_path
+from pipeline.config import ppo_sizes, resolve_path
 from pipeline.errors import TrainingHalted, UserError
 from pipeline.generation import (DeepSpeedHybridGenerator, HybridEngine, SamplingParams, choose_backend,
                                  position_ids, response_mask)

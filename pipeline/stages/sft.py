@@ -10,7 +10,7 @@ from pipeline import data, engines
 from pipeline.config import resolve_path
 from pipeline.models import causal_lm_loss, check_vocab, load_causal_lm, load_tokenizer
 from pipeline.stages.common import (StageContext, eval_batches, schedule, supervised_loop,
-                                    to_device, train_loader)
+                                    train_loader)
 
 
 log = logging.getLogger(__name__)
