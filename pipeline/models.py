@@ -33,7 +33,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def _check_model_path(path: str, what: str) -> None:
-    if path and (path.startswith((".", "/")) or Path(path).exists()) and not (Path(path) / "config.json").is_file():
+    local = path.startswith((".", "/")) or Path(path).exists()
+    if path and local and not (Path(path) / "config.json").is_file():
         raise UserError(f"{what} {path} is not a Hugging Face model folder (no config.json there).")
 
 
@@ -78,8 +79,7 @@ def load_scalar_model(path: str, trust_remote_code: bool = False):
 
 
 def check_vocab(model, tokenizer, where: str) -> None:
-    n = model.get_input_embeddings().num_embeddings if hasattr(model.get_input_embeddings(), "num_embeddings") else None
-    n = getattr(model.config, "vocab_size", n)
+    n = getattr(model.config, "vocab_size", None)
     if n is not None and len(tokenizer) > n:
         raise UserError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
                         f"has {n}; they do not belong together.")
