@@ -54,7 +54,8 @@ RESPONSE_TEMPLATES = [
 ]
 GRAMMAR_WORDS = sorted({w for t in PROMPT_TEMPLATES + RESPONSE_TEMPLATES for w in t.split()
                         if not w.startswith("{")})
-VERSION = 3  # bump when generated data changes, so runs regenerate it
+VERSION = 5  # bump when generated data changes, so runs regenerate it
+MIN_GOLD_GAP = 0.2  # pairs closer than this in gold score are not labelled (near-ties)
 FLAWED_FRACTION = 0.4  # share of preference pairs whose second response is flawed
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 
@@ -94,7 +95,7 @@ def _flawed_response(rng: random.Random, item: str, good: str) -> str:
     """A review the reward model must learn to dislike, so that PPO cannot win by producing it:
     the good review about another item (the most common flaw, so the item is learned as part of
     the preference), another review about another item or none, malformed, cut off, or empty."""
-    kind = rng.choices(range(6), weights=(4, 2, 1, 1, 1, 1))[0]
+    kind = rng.choices(range(6), weights=(8, 2, 1, 1, 1, 1))[0]
     other = rng.choice([i for i in ITEMS if i != item])
     if kind == 0:
         return " ".join(other if w == item else w for w in good.split())
@@ -117,7 +118,7 @@ def _pair(rng: random.Random, noise: float) -> dict:
         a = _response(rng, item)
         b = _flawed_response(rng, item, a) if rng.random() < FLAWED_FRACTION else _response(rng, item)
         ga, gb = gold_score(prompt, a), gold_score(prompt, b)
-        if abs(ga - gb) >= 0.05:  # skip near-ties: no human would agree on them
+        if abs(ga - gb) >= MIN_GOLD_GAP:  # skip near-ties: no human would agree on them
             break
     chosen, rejected = (a, b) if ga > gb else (b, a)
     if rng.random() < noise:
