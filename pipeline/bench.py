@@ -20,6 +20,7 @@ import resource
 import shutil
 import sys
 import tempfile
+from statistics import median  # raises StatisticsError (a ValueError) when empty
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -99,14 +100,6 @@ def iteration_flops(w: Workload, epochs: int = 1) -> dict[str, int]:
     row = {"generation": decode + lm, "scoring": lm + 2 * scalar, "training": epochs * 3 * (lm + scalar)}
     out = {k: v * w.prompts for k, v in row.items()}
     return {**out, "total": sum(out.values())}
-
-
-def median(values: Sequence[float]) -> float:
-    """Median (mean of the middle two for an even count); ValueError when empty."""
-    if not values:
-        raise ValueError("median of no values")
-    s, n = sorted(values), len(values)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 def check(name: str, value: float) -> dict:
