@@ -49,7 +49,9 @@ def init_distributed() -> Dist:
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]),
              int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.local_world_size))
+    # The cores this process may use (a SLURM cpuset or `taskset` narrows them), shared by local ranks.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // d.local_world_size))
     get_accelerator().set_device(d.local_rank)
     return d
 
