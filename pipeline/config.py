@@ -124,7 +124,10 @@ class Config:
 
     output_dir: str = "runs/default"  # each stage writes <output_dir>/<stage>
     seed: int = 42  # seeds data generation, initialisation, shuffling and sampling
-    force: bool = False  # rerun stages even when their outputs are up to date
+    force: bool = False  # rerun stages from scratch even when their outputs are up to date
+    save_steps: int = 50  # checkpoint every N optimizer steps (SFT, RM) or PPO iterations; 0: never
+    keep_last: int = 2  # checkpoints kept per stage (older ones are deleted)
+    resume: bool = True  # an unfinished stage resumes from its newest intact checkpoint; false: start over
     deepspeed_monitor: bool = False  # also log DeepSpeed's engine metrics to <stage>/tensorboard
     ds_config: str = "ds_configs/zero3_train.json"  # DeepSpeed JSON of trained engines
     ds_inference_config: str = "ds_configs/zero3_offload_inference.json"  # frozen ref/reward
@@ -192,6 +195,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"option ppo.kl_estimator={p.kl_estimator!r}: expected 'k1', 'k2' or 'k3'.")
     if not 0 < p.top_p <= 1:
         raise UserError(f"option ppo.top_p={p.top_p} must be in (0, 1].")
+    if cfg.save_steps < 0:
+        raise UserError(f"option save_steps={cfg.save_steps} must be >= 0 (0: no periodic checkpoints).")
+    positive("keep_last", cfg.keep_last)
     for f in ("max_prompt_len", "max_response_len"):
         positive(f"data.{f}", getattr(cfg.data, f))
     for f in ("num_sft", "num_pairs", "num_prompts", "num_eval"):

@@ -84,6 +84,21 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def accelerator_rng_state():
+    return get_accelerator().get_rng_state()
+
+
+def set_accelerator_rng_state(state) -> None:
+    get_accelerator().set_rng_state(state)
+
+
 # ---------------------------------------------------------------- DeepSpeed configs
 _BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
 
@@ -248,3 +263,74 @@ def copy_gathered(src: torch.nn.Module, dst: torch.nn.Module, group: int = 0) ->
             for prefix, own in chunk:
                 for name, p in own:
                     targets[f"{prefix}.{name}" if prefix else name].data.copy_(p.data)
+
+
+# ---------------------------------------------------------------- engine checkpoints
+def save_engine(engine, folder: Path, tag: str) -> list[str]:
+    """DeepSpeed's ZeRO-3 checkpoint of `engine` (this rank's partition of weights, optimizer and
+    scheduler) into `folder/tag`. Collective.
+
+    Write errors (a full disk) are returned, not raised, so that every rank still reaches
+    DeepSpeed's closing barrier and the caller can decide together; the rest of this rank's
+    writes are skipped after the first error.
+    """
+    errors: list[str] = []
+    inner = engine.checkpoint_engine.save
+
+    def save(state_dict, path):
+        if errors:
+            return
+        try:
+            inner(state_dict, path)
+        except OSError as e:
+            errors.append(f"{path}: {e.strerror or e}")
+
+    engine.checkpoint_engine.save = save
+    try:
+        engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
+    finally:
+        engine.checkpoint_engine.save = inner
+    return errors
+
+
+def load_engine(engine, folder: Path, tag: str) -> None:
+    """Load weights, optimizer and scheduler saved by `save_engine` (or its universal form, when
+    the engine was built with `universal_loading`). Collective."""
+    path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint {tag} in {folder}")
+
+
+def set_schedule_step(engine, step: int) -> None:
+    """Put the engine's learning-rate schedule at optimizer step `step` (after a resume that
+    changed the number of steps per epoch)."""
+    sched = engine.lr_scheduler
+    sched.last_epoch = step - 1
+    sched.step()
+
+
+def universal_loading(ds_config: dict) -> dict:
+    """The DS config with universal-checkpoint loading on (resuming on a different rank count)."""
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
+def to_universal(src: Path, dst: Path) -> None:
+    """Convert one engine's ZeRO checkpoint to DeepSpeed's rank-count-independent universal form."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(src), "--output_folder", str(dst), "--num_extract_workers", "1",
+                           "--num_merge_workers", "1", "--inject_missing_state"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {src} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")
+
+
+def safe_globals() -> list:
+    """The non-tensor types DeepSpeed pickles into its checkpoints: the only ones we unpickle."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]

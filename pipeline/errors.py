@@ -13,3 +13,17 @@ class TrainingHalted(RuntimeError):
 
     Launchers print its message as one paragraph and exit 3.
     """
+
+
+class Preempted(RuntimeError):
+    """A stop signal (SIGTERM, SIGUSR1) arrived; the stage checkpointed and stopped.
+
+    Launchers exit with PREEMPTED_EXIT_CODE, so a job script can tell "requeue me" from a failure.
+    """
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL in sysexits.h: a temporary failure, retrying is expected
+
+
+class CheckpointError(TrainingHalted):
+    """A checkpoint could not be written (e.g. the disk filled up); the previous one is intact."""

@@ -32,10 +32,20 @@ def setup_logging(is_main: bool) -> None:
         pass
 
 
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn last line from a killed run: dropped
+
+
 class MetricLogger:
     """Scalars to `<stage_dir>/tensorboard` and `<stage_dir>/metrics.jsonl`, on rank 0 only."""
 
-    def __init__(self, stage_dir: Path, enabled: bool):
+    def __init__(self, stage_dir: Path, enabled: bool, resume_step: int | None = None):
+        """`resume_step`: continuing a run from a checkpoint of that step. What the interrupted
+        attempt logged after it is dropped: from metrics.jsonl here, and in TensorBoard through
+        its own purge_step mechanism, so the step axis stays monotonic."""
         self.enabled = enabled
         self._writer = None
         self._jsonl = None
@@ -43,8 +53,16 @@ class MetricLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             stage_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(str(stage_dir / "tensorboard"))
-            self._jsonl = (stage_dir / "metrics.jsonl").open("a", encoding="utf-8")
+            path = stage_dir / "metrics.jsonl"
+            if resume_step is not None and path.is_file():
+                kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                        if line.strip() and _row_step(line) <= resume_step]
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+                tmp.replace(path)
+            self._writer = SummaryWriter(str(stage_dir / "tensorboard"),
+                                         purge_step=None if resume_step is None else resume_step + 1)
+            self._jsonl = path.open("a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -84,11 +102,12 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def progress(total: int, desc: str, enabled: bool):
+def progress(total: int, desc: str, enabled: bool, initial: int = 0):
     """A tqdm bar on rank 0; a silent stand-in elsewhere."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=2.0)
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=2.0,
+                initial=initial)
 
 
 def overoptimisation_plot(rows: list[dict], path: Path) -> bool:

@@ -1,8 +1,9 @@
 """The stage orchestrator: SFT -> reward model -> PPO, skipping stages that are up to date.
 
 A stage is up to date when `<output_dir>/<stage>/stage.json` records the same fingerprint: a hash
-of the stage's config section, the seed, the DeepSpeed config, the world size and the content of
-its inputs (data files, and the fingerprints of the stages whose models it reads).
+of the stage's config section, the seed, the DeepSpeed configs and the content of its inputs (data
+files, and the fingerprints of the stages whose models it reads). An unfinished stage resumes from
+its newest intact checkpoint (see pipeline/checkpoint.py).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pathlib import Path
 from pipeline import default_task, engines
 from pipeline.config import Config, parse_config, resolve_path, save_config
 from pipeline.data import file_digest
-from pipeline.errors import TrainingHalted, UserError
+from pipeline.checkpoint import Checkpointer, StopRequest
+from pipeline.errors import PREEMPTED_EXIT_CODE, Preempted, TrainingHalted, UserError
 from pipeline.monitoring import setup_logging
 from pipeline.stages.common import StageContext
 
@@ -111,17 +113,29 @@ def _digest(path: str, out: Path) -> str:
     return file_digest(path)
 
 
-def fingerprint(stage: str, cfg: Config, inputs: dict[str, str], out: Path, world: int) -> str:
+def identity(stage: str, cfg: Config, inputs: dict[str, str], out: Path) -> dict:
+    """What a stage's result depends on, except the rank count: its config section, the seed,
+    the data and model options, the DeepSpeed configs and the content of its inputs. A checkpoint
+    records it; resuming needs the same."""
     section = {"sft": cfg.sft, "reward": cfg.reward, "ppo": cfg.ppo}[stage]
-    spec = {
-        "stage": stage, "section": dataclasses.asdict(section), "seed": cfg.seed, "world": world,
+    return {
+        "stage": stage, "section": dataclasses.asdict(section), "seed": cfg.seed,
         "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if not k.endswith("_path")},
         "model": dataclasses.asdict(cfg.model),
-        "ds": [resolve_path(p).read_text() if resolve_path(p).is_file() else p
-               for p in (cfg.ds_config, cfg.ds_inference_config)],
+        "ds": {"train": _file_text(cfg.ds_config), "inference": _file_text(cfg.ds_inference_config)},
         "inputs": {role: _digest(path, out) for role, path in sorted(inputs.items())},
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _file_text(path: str) -> str:
+    p = resolve_path(path)
+    return p.read_text() if p.is_file() else path
+
+
+def fingerprint(stage_identity: dict) -> str:
+    """The stage's identity, hashed: a finished stage is up to date while it is unchanged. The rank
+    count is left out: a stage trained on 8 GPUs stays done when the next run has 4."""
+    return hashlib.sha256(json.dumps(stage_identity, sort_keys=True).encode()).hexdigest()
 
 
 def _up_to_date(stage_dir: Path, fp: str) -> dict | None:
@@ -134,8 +148,10 @@ def _up_to_date(stage_dir: Path, fp: str) -> dict | None:
 
 
 # ---------------------------------------------------------------- running
-def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES) -> dict:
+def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
+        stop: StopRequest | None = None) -> dict:
     """Run `stages` in order; returns the summary written to `<output_dir>/summary.json`."""
+    stop = stop or StopRequest()
     out = Path(cfg.output_dir)
     task = prepare_task(cfg, d, out) if _needs_task(cfg) else out / "task"  # else: never read
     summary_path = out / "summary.json"
@@ -144,18 +160,24 @@ def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES) -> dict:
         inputs = stage_inputs(cfg, out, task)[stage]
         _check_exists(stage, inputs, out)
         stage_dir = out / stage
-        fp = fingerprint(stage, cfg, inputs, out, d.world_size)
+        ident = identity(stage, cfg, inputs, out)
+        fp = fingerprint(ident)
         record = None if cfg.force else _up_to_date(stage_dir, fp)
         if record is not None:
             log.info("stage %s is up to date (same inputs and config): skipped. --force reruns it.", stage)
             summary[stage] = {**record["results"], "wall_s": record["wall_s"], "skipped": True}
             continue
-        log.info("stage %s: starting (output %s)", stage, stage_dir)
+        checkpointer = Checkpointer(stage_dir, d, cfg.keep_last, ident)
+        # A finished stage whose inputs or config changed starts over; an unfinished one resumes.
+        finished_before = (stage_dir / "stage.json").is_file()
+        resume = checkpointer.find() if cfg.resume and not cfg.force and not finished_before else None
+        log.info("stage %s: %s (output %s)", stage,
+                 f"resuming from step {resume.step}" if resume else "starting", stage_dir)
         if d.is_main:
             stage_dir.mkdir(parents=True, exist_ok=True)
         engines.barrier()
         start = time.time()
-        results = _stage_fn(stage)(StageContext(cfg, d, stage_dir, inputs))
+        results = _stage_fn(stage)(StageContext(cfg, d, stage_dir, inputs, checkpointer, resume, stop))
         wall = time.time() - start
         if d.is_main:
             save_config(cfg, stage_dir / "config.yaml")
@@ -185,11 +207,16 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
     """Entry point of the launchers: parse, run, turn user mistakes into one paragraph + exit 2."""
     try:
         cfg = parse_config(argv, description)
+        stop = StopRequest()
+        stop.install()  # before the process group: a signal during start-up is not lost
         d = engines.init_distributed()
         setup_logging(d.is_main)
         log.info("world size %d, accelerator %s, output %s", d.world_size, engines.device(),
                  cfg.output_dir)
-        run(cfg, d, stages)
+        run(cfg, d, stages, stop)
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

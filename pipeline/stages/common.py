@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Sampler
 
 from pipeline import engines
+from pipeline.checkpoint import Checkpointer, Resume, StopRequest
 from pipeline.config import Config, TrainConfig, global_batch
-from pipeline.errors import UserError
+from pipeline.errors import Preempted, UserError
 from pipeline.monitoring import MetricLogger, progress
 
 log = logging.getLogger(__name__)
@@ -28,31 +29,82 @@ class StageContext:
     dist: engines.Dist
     stage_dir: Path
     inputs: dict[str, str] = field(default_factory=dict)  # role -> resolved path
+    checkpointer: Checkpointer | None = None  # None: this stage never checkpoints (tests)
+    resume: Resume | None = None  # the checkpoint this attempt resumes from
+    stop: StopRequest = field(default_factory=StopRequest)
 
-    def monitored(self, ds_config: dict, job: str) -> dict:
-        """The DS config with DeepSpeed's own TensorBoard monitor on, when the run asks for it."""
+    def engine_config(self, ds_config: dict, job: str) -> dict:
+        """The DS config of a trained engine: DeepSpeed's own TensorBoard monitor on when the run
+        asks for it; universal-checkpoint loading when resuming on another rank count."""
+        if self.resume is not None and self.resume.universal:
+            ds_config = engines.universal_loading(ds_config)
         if not self.cfg.deepspeed_monitor:
             return ds_config
         return {**ds_config, "tensorboard": {"enabled": True, "job_name": job,
                                              "output_path": str(self.stage_dir / "tensorboard")}}
 
     def start(self) -> MetricLogger:
-        """Called once inputs are validated: clear the previous attempt's logs, open new ones."""
+        """Called once inputs are validated. Starting over: clear the previous attempt's logs and
+        checkpoints. Resuming: keep the logs up to the checkpoint's step, drop what came after."""
         if self.dist.is_main:
-            for stale in ("metrics.jsonl", "stage.json"):
-                (self.stage_dir / stale).unlink(missing_ok=True)
-            shutil.rmtree(self.stage_dir / "tensorboard", ignore_errors=True)
+            (self.stage_dir / "stage.json").unlink(missing_ok=True)
+            if self.resume is None:
+                (self.stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+                shutil.rmtree(self.stage_dir / "tensorboard", ignore_errors=True)
+        if self.resume is None and self.checkpointer is not None:
+            self.checkpointer.clear()
         engines.barrier()
-        return MetricLogger(self.stage_dir, enabled=self.dist.is_main)
+        return MetricLogger(self.stage_dir, enabled=self.dist.is_main,
+                            resume_step=self.resume.step if self.resume else None)
+
+    def end_of_step(self, step: int, last: bool, models: dict, snapshot: Callable[[], tuple[dict, dict]]):
+        """Checkpoint every `save_steps` and when a stop signal arrived; after a signalled
+        checkpoint raise Preempted. `snapshot()` returns (state for every rank, this rank's state)."""
+        stop = self.stop.requested()
+        every = self.cfg.save_steps
+        if self.checkpointer is not None and (stop or (every > 0 and step % every == 0 and not last)):
+            state, local = snapshot()
+            self.checkpointer.save(step, models, state, local)
+        if stop:
+            where = self.checkpointer.root if self.checkpointer else "nowhere (checkpoints off)"
+            raise Preempted(f"stage {self.stage_dir.name}: stop signal received; checkpoint of step {step} "
+                            f"saved in {where}. Rerun the same command to resume.")
+
+
+class EpochSampler(Sampler):
+    """DistributedSampler's order (per epoch, a global permutation seeded with seed + epoch, strided
+    over ranks, remainder dropped), able to start mid-epoch after `skip` global samples.
+
+    Because ranks take the permutation in stride, the first k global batches are exactly its first
+    k x global-batch entries whatever the rank count: a resumed run, on any number of ranks, skips
+    precisely the samples already trained on.
+    """
+
+    def __init__(self, n: int, seed: int, d: engines.Dist):
+        self.n, self.seed, self.d = n, seed, d
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _mine(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        usable = self.n - self.n % self.d.world_size
+        perm = torch.randperm(self.n, generator=g)[:usable].tolist()
+        return perm[self.skip:][self.d.rank::self.d.world_size]
+
+    def __iter__(self):
+        return iter(self._mine())
+
+    def __len__(self) -> int:
+        return len(self._mine())
 
 
 def train_loader(examples: list, collate: Callable, pad_id: int, micro_batch: int, seed: int,
                  d: engines.Dist) -> DataLoader:
     """Shuffled, sharded over ranks, equal batches on every rank (the remainder is dropped)."""
-    sampler = DistributedSampler(examples, num_replicas=d.world_size, rank=d.rank, shuffle=True,
-                                 seed=seed, drop_last=True)
-    return DataLoader(examples, batch_size=micro_batch, sampler=sampler, drop_last=True,
-                      collate_fn=partial(collate, pad_id=pad_id))
+    return DataLoader(examples, batch_size=micro_batch, sampler=EpochSampler(len(examples), seed, d),
+                      drop_last=True, collate_fn=partial(collate, pad_id=pad_id))
 
 
 def eval_batches(examples: list, collate: Callable, pad_id: int, micro_batch: int, d: engines.Dist):
@@ -86,33 +138,55 @@ def schedule(t: TrainConfig, loader: DataLoader, stage: str, rows: int,
     return total, math.ceil(total * t.warmup_ratio)
 
 
-def supervised_loop(engine, loader: DataLoader, t: TrainConfig, total_steps: int,
+def supervised_loop(ctx: StageContext, engine, loader: DataLoader, t: TrainConfig, total_steps: int,
                     loss_fn: Callable[[dict], tuple[torch.Tensor, dict]],
-                    evaluate: Callable[[], dict], logger: MetricLogger, d: engines.Dist,
-                    desc: str) -> dict:
-    """Micro-steps with accumulation, train logs every `logging_steps`, eval every `eval_steps`.
+                    evaluate: Callable[[], dict], logger: MetricLogger) -> dict:
+    """Micro-steps with accumulation, train logs every `logging_steps`, eval every `eval_steps`,
+    checkpoints every `save_steps` (resuming from `ctx.resume`).
 
     `loss_fn(batch)` returns the loss to backpropagate and detached per-batch stats to average.
     Returns the final evaluation.
     """
-    step, window = 0, {}
-    bar = progress(total_steps, desc, d.is_main)
-    per_epoch = len(loader) // t.gradient_accumulation_steps * t.gradient_accumulation_steps
-    final_eval: dict = {}
-    for epoch in range(t.epochs):
-        loader.sampler.set_epoch(epoch)
+    d, stage = ctx.dist, ctx.stage_dir.name
+    global_rows = loader.batch_size * t.gradient_accumulation_steps * d.world_size
+    per_epoch = len(loader) // t.gradient_accumulation_steps  # optimizer steps in a whole epoch
+    step, epoch, consumed, window, final_eval = 0, 0, 0, {}, {}
+    if ctx.resume is not None:
+        local = ctx.checkpointer.load(ctx.resume, {"model": engine})
+        s = ctx.resume.state
+        epoch, consumed, final_eval = s["epoch"], s["consumed"], s["final_eval"]
+        step = epoch * per_epoch + consumed // global_rows  # == s["step"] on the same rank count
+        if local is None:  # another rank count: same samples skipped, schedule re-positioned
+            engines.seed_everything(ctx.cfg.seed + step)
+            engines.set_schedule_step(engine, step)
+        else:
+            window = local["window"]
+        log.info("stage %s: resuming from step %d of %d (checkpoint %s, written by %d rank(s))",
+                 stage, step, total_steps, ctx.resume.path, ctx.resume.world_size)
+    bar = progress(total_steps, stage, d.is_main, initial=step)
+
+    def snapshot():
+        state = {"step": step, "epoch": epoch, "consumed": consumed, "final_eval": final_eval}
+        return state, {"window": window}
+
+    while step < total_steps and epoch < t.epochs:
+        loader.sampler.set_epoch(epoch, skip=consumed)
         engine.train()
-        for i, batch in enumerate(loader):
-            if i >= per_epoch or step >= total_steps:
-                break
+        micro = 0
+        for batch in loader:
             loss, stats = loss_fn(to_device(batch))
             engine.backward(loss)
             engine.step()
             for k, v in stats.items():
                 window.setdefault(k, []).append(float(v))
-            if (i + 1) % t.gradient_accumulation_steps:
+            micro += 1
+            if micro % t.gradient_accumulation_steps:
                 continue
             step += 1
+            consumed += global_rows
+            epoch_done = consumed >= per_epoch * global_rows  # a last partial accumulation is dropped
+            if epoch_done:
+                epoch, consumed = epoch + 1, 0
             bar.update(1)
             if step % t.logging_steps == 0 or step == total_steps:
                 means = {k: sum(v) / len(v) for k, v in window.items()}
@@ -129,5 +203,10 @@ def supervised_loop(engine, loader: DataLoader, t: TrainConfig, total_steps: int
                 final_eval = evaluate()
                 logger.log(step, {f"eval/{k}": v for k, v in final_eval.items()})
                 engine.train()
+            ctx.end_of_step(step, step == total_steps, {"model": engine}, snapshot)
+            if epoch_done or step == total_steps:
+                break
+        else:  # this rank count's share ran out before the epoch's steps (after a resume): next epoch
+            epoch, consumed = epoch + 1, 0
     bar.close()
     return {**final_eval, "steps": step}

@@ -85,7 +85,17 @@ class PPOTrainer:
         log.info("KL penalty estimator: %s; the reported kl_to_ref is the sequence sum of k3 "
                  "(unbiased and >= 0, http://joschu.net/blog/kl-approx.html).", p.kl_estimator)
         self.nonfinite_in_a_row = 0
-        self.sft_eval: torch.Tensor | None = None  # step-0 responses' gold scores, for the win rate
+        self.sft_eval: list[float] | None = None  # step-0 gold score per eval prompt (win rate)
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the engines (JSON)."""
+        return {"kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "sft_eval": self.sft_eval}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.kl_ctl.load_state_dict(s["kl_ctl"])
+        self.score_moments.load_state_dict(s["score_moments"])
+        self.nonfinite_in_a_row, self.sft_eval = s["nonfinite_in_a_row"], s["sft_eval"]
 
     def _load_inputs(self, ctx: StageContext) -> None:
         """Tokenizers and prompts, all validated before anything is written."""
@@ -123,9 +133,9 @@ class PPOTrainer:
                  f"our hybrid engine (materialised weights), because {why}")
         critic_ds = {k: v for k, v in train_ds.items() if k != "hybrid_engine"}
         actor_ds = train_ds if backend == "deepspeed" else critic_ds
-        self.actor = engines.train_engine(actor, ctx.monitored(actor_ds, "deepspeed_actor"),
+        self.actor = engines.train_engine(actor, ctx.engine_config(actor_ds, "deepspeed_actor"),
                                           p.actor_learning_rate, 0.0, "constant_with_warmup", warmup, steps)
-        self.critic = engines.train_engine(critic, ctx.monitored(critic_ds, "deepspeed_critic"),
+        self.critic = engines.train_engine(critic, ctx.engine_config(critic_ds, "deepspeed_critic"),
                                            p.critic_learning_rate, 0.0, "constant_with_warmup", warmup, steps)
         self.actor.eval()  # no dropout anywhere in PPO (see update())
         self.critic.eval()
@@ -353,9 +363,10 @@ class PPOTrainer:
     @torch.no_grad()
     def evaluate(self, step: int) -> tuple[dict, list]:
         """Held-out prompts, fixed-seed sampling: gold and RM score, KL to reference, length."""
-        mine = self.eval_prompts[self.d.rank::self.d.world_size]
+        idx = list(range(self.d.rank, len(self.eval_prompts), self.d.world_size))
         n = math.ceil(len(self.eval_prompts) / self.d.world_size)
-        mine = mine + mine[:n - len(mine)]  # equal counts on every rank (ZeRO-3 forwards are collective)
+        idx = idx + idx[:n - len(idx)]  # equal counts on every rank (ZeRO-3 forwards are collective)
+        mine = [self.eval_prompts[i] for i in idx]
         exp = self.score(self.generate(mine, self.cfg.seed + 7 + self.d.rank, self.sampling))
         m = exp.response_mask
         texts = [self.tokenizer.decode(exp.sequences[i, exp.prompt_width:][m[i].bool()],
@@ -368,9 +379,13 @@ class PPOTrainer:
         if self.gold is not None:
             gold = torch.tensor([self.gold(pr, t) for pr, t in zip(exp.prompts, texts)], dtype=torch.float64)
             metrics["eval/gold_score"] = _global_mean(gold)
-            if self.sft_eval is None:
-                self.sft_eval = gold
-            wins = (gold > self.sft_eval).double() + 0.5 * (gold == self.sft_eval).double()
+            if self.sft_eval is None:  # step 0: the SFT policy's gold score per held-out prompt
+                self.sft_eval = [0.0] * len(self.eval_prompts)
+                for part in engines.all_gather_object(list(zip(idx, gold.tolist()))):
+                    for i, g in part:
+                        self.sft_eval[i] = g
+            baseline = torch.tensor([self.sft_eval[i] for i in idx], dtype=torch.float64)
+            wins = (gold > baseline).double() + 0.5 * (gold == baseline).double()
             metrics["eval/win_rate_vs_sft"] = _global_mean(wins)
             samples = [(*s, g) for s, g in zip(samples, gold.tolist())]
         return metrics, samples
@@ -384,23 +399,51 @@ def _samples_text(samples: list, k: int = 4) -> str:
     return "\n".join(lines)
 
 
+class PromptOrder:
+    """Prompts in a fresh seeded permutation per pass; resumable (the state is JSON)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.g, self.queue = n, torch.Generator().manual_seed(seed), []
+
+    def take(self, k: int) -> list[int]:
+        if len(self.queue) < k:  # reshuffle each pass over the prompts
+            self.queue += torch.randperm(self.n, generator=self.g).tolist()
+        chosen, self.queue = self.queue[:k], self.queue[k:]
+        return chosen
+
+    def state_dict(self) -> dict:
+        return {"queue": self.queue, "generator": self.g.get_state().tolist()}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.queue = list(s["queue"])
+        self.g.set_state(torch.tensor(s["generator"], dtype=torch.uint8))
+
+
 def run(ctx: StageContext) -> dict:
     """Train the actor with PPO; save `<stage_dir>/model` (the final policy)."""
-    cfg, p, d = ctx.cfg, ctx.cfg.ppo, ctx.dist
+    p, d = ctx.cfg.ppo, ctx.dist
     trainer = PPOTrainer(ctx)
     logger = trainer.logger
     per_rank = trainer.sizes["rollout_per_rank"]
-    g = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
-    first, first_samples = trainer.evaluate(0)
-    logger.log(0, first)
-    logger.text("samples", _samples_text(first_samples), 0)
-    bar = progress(p.num_iterations, "ppo", d.is_main)
-    last_eval = first
-    for step in range(1, p.num_iterations + 1):
-        if len(order) < p.rollout_batch_size:  # reshuffle each pass over the prompts
-            order += torch.randperm(len(trainer.prompts), generator=g).tolist()
-        chosen, order = order[:p.rollout_batch_size], order[p.rollout_batch_size:]
+    order = PromptOrder(len(trainer.prompts), ctx.cfg.seed)
+    models = {"actor": trainer.actor, "critic": trainer.critic}
+    if ctx.resume is None:
+        start = 0
+        first, first_samples = trainer.evaluate(0)
+        logger.log(0, first)
+        logger.text("samples", _samples_text(first_samples), 0)
+        last_eval, metrics = first, {}
+    else:
+        ctx.checkpointer.load(ctx.resume, models)  # (random states: every draw in PPO is seeded)
+        s = ctx.resume.state
+        start, first, last_eval, metrics = s["step"], s["first_eval"], s["last_eval"], s["last_metrics"]
+        order.load_state_dict(s["order"])
+        trainer.load_state_dict(s["trainer"])
+        log.info("stage ppo: resuming from iteration %d of %d (checkpoint %s, written by %d rank(s))",
+                 start, p.num_iterations, ctx.resume.path, ctx.resume.world_size)
+    bar = progress(p.num_iterations, "ppo", d.is_main, initial=start)
+    for step in range(start + 1, p.num_iterations + 1):
+        chosen = order.take(p.rollout_batch_size)
         batch = [trainer.prompts[i] for i in chosen[d.rank * per_rank:(d.rank + 1) * per_rank]]
         metrics = trainer.iteration(step, batch)
         if step % p.logging_steps == 0 or step == p.num_iterations:
@@ -411,6 +454,9 @@ def run(ctx: StageContext) -> dict:
             logger.text("samples", _samples_text(samples), step)
         bar.update(1)
         bar.set_postfix(score=f"{metrics['rollout/score_mean']:.3f}", kl=f"{metrics['rollout/kl_to_ref']:.3f}")
+        ctx.end_of_step(step, step == p.num_iterations, models, lambda: (
+            {"step": step, "first_eval": first, "last_eval": last_eval, "last_metrics": metrics,
+             "order": order.state_dict(), "trainer": trainer.state_dict()}, {}))
     bar.close()
     engines.save_hf(trainer.actor.module, trainer.tokenizer, ctx.stage_dir / "model", d.rank)
     logger.close()
@@ -420,7 +466,7 @@ def run(ctx: StageContext) -> dict:
     result = {"reward_score_sft": first["eval/reward_score"],
               "reward_score_final": last_eval["eval/reward_score"],
               "kl_to_ref": last_eval["eval/kl_to_ref"], "iterations": p.num_iterations,
-              "seconds_per_iteration": metrics["time/step"],
+              "seconds_per_iteration": metrics.get("time/step", float("nan")),
               **{f"time_{k.split('/')[1]}": v for k, v in metrics.items() if k.startswith("time/")}}
     if "eval/gold_score" in first:
         result.update(gold_score_sft=first["eval/gold_score"], gold_score_final=last_eval["eval/gold_score"],

@@ -46,7 +46,7 @@ def run(ctx: StageContext) -> dict:
         model = load_scalar_model(ctx.inputs["model"], cfg.model.trust_remote_code)
     check_vocab(model, tokenizer, f"model {ctx.inputs['model']}")
     model.config.pad_token_id = tokenizer.pad_token_id  # so HF's own pooled forward works on reload
-    engine = engines.train_engine(model, ctx.monitored(ds_config, "deepspeed_reward"), t.learning_rate,
+    engine = engines.train_engine(model, ctx.engine_config(ds_config, "deepspeed_reward"), t.learning_rate,
                                   t.weight_decay, t.lr_scheduler, warmup, total_steps)
     log.info("engine %s", engines.describe(engine, "reward model"))
 
@@ -67,7 +67,7 @@ def run(ctx: StageContext) -> dict:
         loss, correct, margin, n = engines.all_reduce_sum(totals).tolist()
         return {"loss": loss / n, "accuracy": correct / n, "reward_margin": margin / n}
 
-    result = supervised_loop(engine, loader, t, total_steps, loss_fn, evaluate, logger, d, "reward")
+    result = supervised_loop(ctx, engine, loader, t, total_steps, loss_fn, evaluate, logger)
     engines.save_hf(engine.module, tokenizer, ctx.stage_dir / "model", d.rank)
     logger.close()
     return {"eval_accuracy": result["accuracy"], "eval_loss": result["loss"],

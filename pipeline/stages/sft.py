@@ -37,7 +37,7 @@ def run(ctx: StageContext) -> dict:
     with engines.zero3_construction(ds_config):
         model = load_causal_lm(ctx.inputs["model"], cfg.model.trust_remote_code)
     check_vocab(model, tokenizer, f"model {ctx.inputs['model']}")
-    engine = engines.train_engine(model, ctx.monitored(ds_config, "deepspeed_sft"), t.learning_rate,
+    engine = engines.train_engine(model, ctx.engine_config(ds_config, "deepspeed_sft"), t.learning_rate,
                                   t.weight_decay, t.lr_scheduler, warmup, total_steps)
     log.info("engine %s", engines.describe(engine, "policy"))
 
@@ -63,7 +63,7 @@ def run(ctx: StageContext) -> dict:
         loss = loss_sum / max(n, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
-    result = supervised_loop(engine, loader, t, total_steps, loss_fn, evaluate, logger, d, "sft")
+    result = supervised_loop(ctx, engine, loader, t, total_steps, loss_fn, evaluate, logger)
     engines.save_hf(engine.module, tokenizer, ctx.stage_dir / "model", d.rank)
     logger.close()
     return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
