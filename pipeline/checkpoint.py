@@ -212,13 +212,12 @@ class Checkpointer:
         states are re-seeded by the caller).
         """
         folder = resume.path
-        if resume.universal:
+        if resume.universal:  # converted afresh from the verified checkpoint every time
             folder = self.root / f"universal_{resume.path.name}"
-            if self.d.is_main and not (folder / "done").is_file():
+            if self.d.is_main:
                 shutil.rmtree(folder, ignore_errors=True)
                 for tag in models:
                     engines.to_universal(resume.path / tag, folder / tag)
-                (folder / "done").write_text("")
             engines.barrier()
         for tag, engine in models.items():
             engines.load_engine(engine, folder, tag)

@@ -1,0 +1,77 @@
+"""Run under `deepspeed`: `save` (2 ranks) trains a tiny ZeRO-3 engine 3 steps, checkpoints it with
+the Checkpointer, then takes step 4 and writes the full weights before and after it; `load` (any
+rank count) resumes from that checkpoint, writes the loaded weights, takes the same step 4 on
+the same global batch and writes the result. Used by test_checkpoint_ranks.py."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline import default_task, engines
+from pipeline.checkpoint import Checkpointer
+from pipeline.models import load_causal_lm
+
+GLOBAL_BATCH = 4
+
+
+def batch(step: int, d: engines.Dist) -> torch.Tensor:
+    g = torch.Generator().manual_seed(step)
+    rows = torch.randint(3, 40, (GLOBAL_BATCH, 12), generator=g)
+    return rows[d.rank::d.world_size]  # this rank's share of the global batch
+
+
+def main() -> None:
+    mode, folder = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    folder = Path(folder)
+    d = engines.init_distributed()
+    engines.seed_everything(0)
+    ckpt = Checkpointer(folder / "stage", d, keep_last=2, identity={"probe": 1})
+    resume = ckpt.find() if mode == "load" else None
+    ds = engines.load_ds_config(Path(__file__).parents[2] / "ds_configs" / "zero3_train.json",
+                                train_micro_batch_size_per_gpu=GLOBAL_BATCH // d.world_size,
+                                gradient_accumulation_steps=1, gradient_clipping=1.0)
+    if resume is not None and resume.universal:
+        ds = engines.universal_loading(ds)
+    model_dir = folder / "model"
+    if d.is_main and not model_dir.is_dir():
+        model_dir.mkdir(parents=True)
+        config = default_task.model_config(len(default_task.vocabulary()), 32, 2, 2, 64, 64)
+        (model_dir / "config.json").write_text(json.dumps(config))
+    engines.barrier()
+    with engines.zero3_construction(ds):
+        model = load_causal_lm(str(model_dir), False)
+    engine = engines.train_engine(model, ds, 1e-2, 0.1, "cosine", 2, 20)
+
+    def train_step(step: int) -> None:
+        ids = batch(step, d)
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+
+    def dump(name: str) -> None:
+        state = engines.full_state_dict(engine.module, d.rank)
+        if d.is_main:
+            torch.save(state, folder / f"{name}.pt")
+
+    if mode == "save":
+        for step in range(1, 4):
+            train_step(step)
+        ckpt.save(3, {"model": engine}, {"step": 3}, {"note": "rank-local"})
+        dump("saved")
+        train_step(4)
+        dump("after_save_world")
+    else:
+        assert resume is not None and resume.step == 3, resume
+        local = ckpt.load(resume, {"model": engine})
+        dump("loaded")
+        if d.is_main:
+            (folder / "load_report.json").write_text(json.dumps({
+                "universal": resume.universal, "saved_by": resume.world_size, "local": local,
+                "lr": engine.get_lr()[0], "global_steps": engine.global_steps}))
+        train_step(4)
+        dump(f"after_world{d.world_size}")
+
+
+if __name__ == "__main__":
+    main()
