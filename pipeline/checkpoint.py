@@ -251,7 +251,7 @@ class Checkpointer:
                 torch.save({"rng": rng_state(), "local": local or {}}, tmp / f"rank_{self.d.rank:05d}.pt")
                 if self.d.is_main:
                     _write_atomic(tmp / "state.json", json.dumps(state))
-            except OSError as e:
+            except (OSError, RuntimeError) as e:  # (torch.save reports failed writes as RuntimeError)
                 errors.append(f"{tmp}: {e.strerror or e}")
             errors = self._agree(errors)
         if not errors:  # every rank hashes a share of the files
@@ -269,8 +269,10 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
             engines.barrier()
             previous = self._latest_name()
+            free = shutil.disk_usage(self.root).free / 2**30
             raise CheckpointError(
-                f"the checkpoint of step {step} could not be written ({errors[0]}). "
+                f"the checkpoint of step {step} could not be written ({errors[0]}; {free:.1f} GiB free "
+                f"on that file system, or a file-size limit). "
                 f"{'The previous checkpoint ' + str(self.root / previous) + ' is intact' if previous else 'There is no earlier checkpoint'}; "
                 f"free some space and rerun the same command to resume from it.")
         log.info("checkpoint saved: %s", final)

@@ -282,8 +282,8 @@ def save_engine(engine, folder: Path, tag: str) -> list[str]:
             return
         try:
             inner(state_dict, path)
-        except OSError as e:
-            errors.append(f"{path}: {e.strerror or e}")
+        except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a failed write as RuntimeError
+            errors.append(f"{path}: {getattr(e, 'strerror', None) or e}")
 
     engine.checkpoint_engine.save = save
     try:

@@ -215,11 +215,11 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
                  cfg.output_dir)
         run(cfg, d, stages, stop)
     except Preempted as e:
-        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        print(f"\nstopped: {e}", file=sys.stderr, flush=True)  # (after a progress bar)
         sys.exit(PREEMPTED_EXIT_CODE)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"\nerror: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except TrainingHalted as e:
-        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        print(f"\nstopped: {e}", file=sys.stderr, flush=True)  # (after a progress bar)
         sys.exit(3)

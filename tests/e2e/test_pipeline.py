@@ -21,13 +21,10 @@ def _digest(folder) -> str:
     return h.hexdigest()
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """One whole tiny pipeline with the launcher's default ranks."""
-    out = tmp_path_factory.mktemp("pipeline")
-    proc = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+@pytest.fixture
+def finished(pristine_run, run_copy):
+    """A finished tiny pipeline of our own (tests here rerun stages in it)."""
+    return run_copy, pristine_run[1]
 
 
 def test_pipeline_fills_summary_and_exports_hf_folders(finished):

@@ -1,0 +1,248 @@
+"""Tier 3: checkpoints under faults on the tiny preset — SIGKILL and resume (exact), a damaged
+checkpoint, a full disk, a checkpoint from another config, a stop signal, another rank count."""
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from launch_util import REPO, TINY, free_port, launch
+
+from pipeline.checkpoint import verify
+
+# Wall-clock and machine readings differ between any two runs; everything else must not.
+VOLATILE = ("time/", "perf/", "memory/")
+
+
+def _rows(path):
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(VOLATILE)}
+            for line in path.read_text().splitlines()]
+
+
+def _bytes(path):
+    return path.read_bytes()
+
+
+def _start(script, out, *args, num_gpus=None):
+    """The launcher in its own process group (so SIGKILL reaches the launcher and every rank)."""
+    cmd = ["deepspeed", "--master_port", str(free_port())]
+    if num_gpus:
+        cmd += ["--num_gpus", str(num_gpus)]
+    cmd += [str(REPO / "launch" / script), "--config", str(TINY), "--output_dir", str(out), *args]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_checkpoint(proc, stage_dir, timeout=600):
+    latest = stage_dir / "checkpoints" / "latest"
+    deadline = time.time() + timeout
+    while not latest.is_file():
+        assert proc.poll() is None, f"ended before its first checkpoint:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+def _kill_at_random(proc, stage_dir, seed, within):
+    """SIGKILL every process of the run a (seeded) random moment after its first checkpoint."""
+    _wait_for_checkpoint(proc, stage_dir)
+    delay = random.Random(seed).uniform(0.0, within)
+    time.sleep(delay)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    print(f"killed {delay:.2f} s after the first checkpoint; checkpoints: "
+          f"{sorted(p.name for p in (stage_dir / 'checkpoints').iterdir())}")
+
+
+def _unfinish(stage_dir):
+    """What a run killed before the end leaves: no final model, no completion record."""
+    shutil.rmtree(stage_dir / "model", ignore_errors=True)
+    (stage_dir / "stage.json").unlink(missing_ok=True)
+
+
+def _tensorboard_steps(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    scalars = {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    texts = [e.step for e in acc.Tensors("samples/text_summary")] if "samples/text_summary" in acc.Tags()["tensors"] else []
+    return scalars, texts
+
+
+@pytest.fixture(scope="module")
+def sft_killed_and_resumed(pristine_run, tmp_path_factory):
+    """SFT killed with SIGKILL mid-run (checkpoints every 10 steps), then resumed to the end."""
+    ref = pristine_run[0]
+    out = tmp_path_factory.mktemp("sft_kill") / "run"
+    shutil.copytree(ref, out)
+    shutil.rmtree(out / "sft")
+    proc = _start("sft.py", out, "--save_steps", "10", "--keep_last", "3")
+    _kill_at_random(proc, out / "sft", seed=1, within=3.0)
+    assert not (out / "sft" / "stage.json").exists(), "killed too late to test anything"
+    resumed = launch("sft.py", "--config", str(TINY), "--output_dir", str(out), "--save_steps", "10",
+                     "--keep_last", "3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return ref, out, resumed
+
+
+def test_sft_sigkill_then_resume_is_exact(sft_killed_and_resumed):
+    ref, out, resumed = sft_killed_and_resumed
+    assert "stage sft: resuming from step" in resumed.stdout
+    # Bitwise: same CPU, same threads, same order of every reduction; nothing else is tolerated.
+    assert _bytes(out / "sft" / "model" / "model.safetensors") == _bytes(ref / "sft" / "model" / "model.safetensors")
+    assert _rows(out / "sft" / "metrics.jsonl") == _rows(ref / "sft" / "metrics.jsonl")
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(sft_killed_and_resumed, tmp_path):
+    ref, done, _ = sft_killed_and_resumed
+    out = tmp_path / "run"
+    shutil.copytree(done, out)
+    _unfinish(out / "sft")
+    ckpts = out / "sft" / "checkpoints"
+    newest = ckpts / (ckpts / "latest").read_text().strip()
+    older = sorted(p.name for p in ckpts.glob("step_*"))[-2]
+    victim = next(p for p in sorted(newest.rglob("*optim_states.pt")))
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncated
+    proc = launch("sft.py", "--config", str(TINY), "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"checkpoint {newest} is damaged" in proc.stdout and "truncated" in proc.stdout
+    assert f"resuming from step {int(older.split('_')[1])}" in proc.stdout
+    assert _bytes(out / "sft" / "model" / "model.safetensors") == _bytes(ref / "sft" / "model" / "model.safetensors")
+
+
+def test_checkpoint_from_another_config_is_refused(sft_killed_and_resumed, tmp_path):
+    _, done, _ = sft_killed_and_resumed
+    out = tmp_path / "run"
+    shutil.copytree(done, out)
+    _unfinish(out / "sft")
+    before = {p: p.read_bytes() for p in (out / "sft").rglob("*") if p.is_file()}
+    proc = launch("sft.py", "--config", str(TINY), "--output_dir", str(out), "--sft.learning_rate", "0.5",
+                  launcher=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("error: "))
+    assert "different model, data or config" in line and "section.learning_rate: 0.003 -> 0.5" in line
+    assert "--resume false" in line and "Traceback" not in proc.stderr
+    assert before == {p: p.read_bytes() for p in (out / "sft").rglob("*") if p.is_file()}
+
+
+def _limit_file_size():  # in the child: files may not grow past 256 KiB (a full disk, per file)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then writes fail with EFBIG instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+
+def test_disk_full_during_checkpoint_keeps_the_previous_one(sft_killed_and_resumed, tmp_path):
+    _, done, _ = sft_killed_and_resumed
+    out = tmp_path / "run"
+    shutil.copytree(done, out)
+    _unfinish(out / "sft")
+    ckpts = out / "sft" / "checkpoints"
+    latest = (ckpts / "latest").read_text()
+    cmd = ["deepspeed", "--master_port", str(free_port()), str(REPO / "launch" / "sft.py"), "--config", str(TINY),
+           "--output_dir", str(out), "--save_steps", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, preexec_fn=_limit_file_size)
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 3
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("stopped: "))
+    assert "could not be written" in line and str(ckpts / ".tmp_step_") in line and "GiB free" in line
+    assert f"{ckpts / latest} is intact" in line
+    assert (ckpts / "latest").read_text() == latest and verify(ckpts / latest) is None
+    assert not list(ckpts.glob(".tmp_*"))
+
+
+@pytest.fixture(scope="module")
+def ppo_killed_and_resumed(pristine_run, tmp_path_factory):
+    ref = pristine_run[0]
+    out = tmp_path_factory.mktemp("ppo_kill") / "run"
+    shutil.copytree(ref, out)
+    shutil.rmtree(out / "ppo")
+    proc = _start("ppo.py", out, "--save_steps", "1")
+    _kill_at_random(proc, out / "ppo", seed=2, within=1.0)
+    assert not (out / "ppo" / "stage.json").exists(), "killed too late to test anything"
+    resumed = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out), "--save_steps", "1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return ref, out, resumed
+
+
+def test_ppo_sigkill_then_resume_is_exact(ppo_killed_and_resumed):
+    ref, out, resumed = ppo_killed_and_resumed
+    assert "stage sft is up to date" in resumed.stdout and "stage reward is up to date" in resumed.stdout
+    assert "stage ppo: resuming from step" in resumed.stdout
+    assert _bytes(out / "ppo" / "model" / "model.safetensors") == _bytes(ref / "ppo" / "model" / "model.safetensors")
+    assert _rows(out / "ppo" / "metrics.jsonl") == _rows(ref / "ppo" / "metrics.jsonl")
+    for key in ("gold_score_final", "gold_win_rate_vs_sft", "kl_to_ref", "reward_score_final"):
+        a = json.loads((out / "summary.json").read_text())["ppo"][key]
+        b = json.loads((ref / "summary.json").read_text())["ppo"][key]
+        assert a == b, key
+
+
+def test_tensorboard_step_axis_is_monotonic_across_the_resume(ppo_killed_and_resumed):
+    ref, out, _ = ppo_killed_and_resumed
+    scalars, texts = _tensorboard_steps(out / "ppo" / "tensorboard")
+    ref_scalars, ref_texts = _tensorboard_steps(ref / "ppo" / "tensorboard")
+    assert scalars.keys() == ref_scalars.keys()
+    for tag, steps in scalars.items():
+        assert steps == sorted(set(steps)), (tag, steps)  # increasing, nothing logged twice
+        assert steps == ref_scalars[tag], tag
+    assert texts == ref_texts and texts  # the text samples too
+
+
+def _signal_ranks(proc, signum):
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank" in " ".join(p.cmdline())]
+    assert ranks
+    for p in ranks:  # as SLURM does: every task gets the signal
+        p.send_signal(signum)
+
+
+def test_stop_signal_checkpoints_and_a_different_rank_count_resumes(pristine_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(pristine_run[0], out)
+    shutil.rmtree(out / "ppo")
+    proc = _start("ppo.py", out, "--save_steps", "1", num_gpus=2)
+    _wait_for_checkpoint(proc, out / "ppo")
+    _signal_ranks(proc, signal.SIGUSR1)
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 75, log[-3000:]
+    assert "stop signal received; checkpoint of step" in log and "Rerun the same command to resume" in log
+    ckpts = out / "ppo" / "checkpoints"
+    stopped_at = int((ckpts / "latest").read_text().split("_")[1])
+    assert json.loads((ckpts / (ckpts / "latest").read_text() / "manifest.json").read_text())["world_size"] == 2
+    assert not (out / "ppo" / "model").exists()
+
+    resumed = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out), "--save_steps", "1")  # 1 rank
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from iteration {stopped_at} of 4" in resumed.stdout and "written by 2 rank(s)" in resumed.stdout
+    rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if "ppo/policy_loss" in r]
+    assert train_steps == [1, 2, 3, 4]
+    assert all(math.isfinite(r["ppo/policy_loss"]) for r in rows if "ppo/policy_loss" in r)
+    scalars, _ = _tensorboard_steps(out / "ppo" / "tensorboard")
+    for tag, steps in scalars.items():
+        assert steps == sorted(set(steps)), (tag, steps)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "ppo" / "model").num_parameters() > 0
+
+
+def test_resume_false_starts_over(pristine_run, tmp_path):
+    """`--resume false` ignores and deletes the checkpoints of an unfinished stage."""
+    out = tmp_path / "run"
+    shutil.copytree(pristine_run[0], out)
+    shutil.rmtree(out / "ppo")
+    proc = _start("ppo.py", out, "--save_steps", "1")
+    _wait_for_checkpoint(proc, out / "ppo")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    again = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out), "--resume", "false",
+                   "--save_steps", "0")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stage ppo: starting" in again.stdout and "resuming" not in again.stdout
+    assert not (out / "ppo" / "checkpoints").exists() or not list((out / "ppo" / "checkpoints").iterdir())
+    assert _bytes(out / "ppo" / "model" / "model.safetensors") == _bytes(
+        pristine_run[0] / "ppo" / "model" / "model.safetensors")
