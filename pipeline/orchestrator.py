@@ -19,7 +19,7 @@ from pipeline.config import Config, parse_config, resolve_path, save_config
 from pipeline.data import file_digest
 from pipeline.errors import TrainingHalted, UserError
 from pipeline.monitoring import setup_logging
-from pipeline.stages.common import StageContext
+from pipeline.stages.common import StageContext, ds_configs
 
 log = logging.getLogger("pipeline")
 STAGES = ("sft", "reward", "ppo")
@@ -140,9 +140,11 @@ def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES) -> dict:
     task = prepare_task(cfg, d, out) if _needs_task(cfg) else out / "task"  # else: never read
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    for stage in stages:  # what can be checked without running earlier stages fails before any runs
+        _check_exists(stage, stage_inputs(cfg, out, task)[stage], out)
+        ds_configs(cfg, stage, d.world_size)
     for stage in stages:
         inputs = stage_inputs(cfg, out, task)[stage]
-        _check_exists(stage, inputs, out)
         stage_dir = out / stage
         fp = fingerprint(stage, cfg, inputs, out, d.world_size)
         record = None if cfg.force else _up_to_date(stage_dir, fp)

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline import engines
-from pipeline.config import Config, TrainConfig, global_batch
+from pipeline.config import Config, TrainConfig, global_batch, ppo_sizes, resolve_path
 from pipeline.errors import UserError
 from pipeline.monitoring import MetricLogger, progress
 
@@ -44,6 +44,28 @@ class StageContext:
             shutil.rmtree(self.stage_dir / "tensorboard", ignore_errors=True)
         engines.barrier()
         return MetricLogger(self.stage_dir, enabled=self.dist.is_main)
+
+
+def ds_configs(cfg: Config, stage: str, world_size: int) -> dict[str, dict]:
+    """The DeepSpeed configs of a stage, batch sizes filled in from the run config.
+
+    "train" for the trained engines; PPO also has "inference" for the frozen reference and reward
+    model. Raises UserError for a missing or contradicting DS file, or PPO sizes that do not divide.
+    """
+    if stage in ("sft", "reward"):
+        t: TrainConfig = getattr(cfg, stage)
+        return {"train": engines.load_ds_config(
+            resolve_path(cfg.ds_config), train_micro_batch_size_per_gpu=t.micro_batch_size_per_gpu,
+            gradient_accumulation_steps=t.gradient_accumulation_steps, gradient_clipping=t.gradient_clipping)}
+    p = cfg.ppo
+    sizes = ppo_sizes(p, world_size)
+    return {"train": engines.load_ds_config(
+                resolve_path(cfg.ds_config), train_micro_batch_size_per_gpu=p.micro_batch_size_per_gpu,
+                gradient_accumulation_steps=sizes["gradient_accumulation_steps"],
+                gradient_clipping=p.gradient_clipping),
+            "inference": engines.load_ds_config(
+                resolve_path(cfg.ds_inference_config),
+                train_micro_batch_size_per_gpu=p.micro_batch_size_per_gpu, gradient_accumulation_steps=1)}
 
 
 def train_loader(examples: list, collate: Callable, pad_id: int, micro_batch: int, seed: int,
