@@ -18,6 +18,11 @@ from pipeline.errors import UserError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt and padding)
+FIELDS = {  # dataset role -> the fields each of its rows must have
+    "sft_data": ("prompt", "response"), "sft_eval_data": ("prompt", "response"),
+    "reward_data": ("prompt", "chosen", "rejected"), "reward_eval_data": ("prompt", "chosen", "rejected"),
+    "prompt_data": ("prompt",), "eval_prompt_data": ("prompt",),
+}
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 

@@ -96,7 +96,7 @@ class PPOTrainer:
         self.reward_tokenizer = load_tokenizer(ctx.inputs["reward_model"], cfg.model.trust_remote_code)
         self.same_tokenizer = self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab()
         self.prompts, self.eval_prompts = (
-            data.prompt_examples(data.load_rows(ctx.inputs[role], ("prompt",)), self.tokenizer,
+            data.prompt_examples(data.load_rows(ctx.inputs[role], data.FIELDS[role]), self.tokenizer,
                                  cfg.data.max_prompt_len, ctx.inputs[role])
             for role in ("prompt_data", "eval_prompt_data"))
         if len(self.prompts) < p.rollout_batch_size:
