@@ -7,6 +7,7 @@ Every field carries a comment; `--help` lists every option with its default. Der
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import types
@@ -171,24 +172,48 @@ def ppo_sizes(ppo: PPOConfig, world_size: int) -> dict:
     }
 
 
+LR_SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "constant", "polynomial",
+                 "cosine_with_restarts", "inverse_sqrt")
+
+
 def validate(cfg: Config) -> None:
     """Checks that do not depend on the world size. Raises UserError naming the option."""
     def positive(name: str, value: float) -> None:
         if not value > 0:  # also rejects NaN
             raise UserError(f"option {name}={value} must be > 0.")
 
+    def non_negative(name: str, value: float) -> None:
+        if not value >= 0:  # also rejects NaN
+            raise UserError(f"option {name}={value} must be >= 0.")
+
+    def within(name: str, value: float, low: float, high: float) -> None:
+        if not low <= value <= high:
+            raise UserError(f"option {name}={value} must be in [{low}, {high}].")
+
     for stage in ("sft", "reward"):
         t: TrainConfig = getattr(cfg, stage)
         for f in ("epochs", "learning_rate", "micro_batch_size_per_gpu",
                   "gradient_accumulation_steps", "logging_steps", "eval_steps"):
             positive(f"{stage}.{f}", getattr(t, f))
+        for f in ("weight_decay", "gradient_clipping"):
+            non_negative(f"{stage}.{f}", getattr(t, f))
+        if t.max_steps != -1 and t.max_steps < 1:
+            raise UserError(f"option {stage}.max_steps={t.max_steps} must be >= 1, or -1 to run all epochs.")
         if not 0 <= t.warmup_ratio < 1:
             raise UserError(f"option {stage}.warmup_ratio={t.warmup_ratio} must be in [0, 1).")
+        if t.lr_scheduler not in LR_SCHEDULERS:
+            raise UserError(f"option {stage}.lr_scheduler={t.lr_scheduler!r}: expected one of "
+                            f"{', '.join(LR_SCHEDULERS)}.")
     p = cfg.ppo
     for f in ("num_iterations", "rollout_batch_size", "mini_batch_size", "micro_batch_size_per_gpu",
               "num_ppo_epochs", "actor_learning_rate", "critic_learning_rate", "temperature",
-              "clip_eps", "eval_steps", "logging_steps", "target_kl", "kl_horizon"):
+              "clip_eps", "eval_steps", "logging_steps", "target_kl", "kl_horizon", "max_nonfinite_skips"):
         positive(f"ppo.{f}", getattr(p, f))
+    for f in ("warmup_iterations", "top_k", "min_new_tokens", "gather_modules", "value_clip", "vf_coef",
+              "entropy_coef", "kl_coef", "score_clip", "early_stop_kl", "gradient_clipping"):
+        non_negative(f"ppo.{f}", getattr(p, f))
+    within("ppo.gamma", p.gamma, 0.0, 1.0)
+    within("ppo.lam", p.lam, 0.0, 1.0)
     if p.advantage_mode not in ("gae", "sequence"):
         raise UserError(f"option ppo.advantage_mode={p.advantage_mode!r}: expected 'gae' or 'sequence'.")
     if p.kl_estimator not in ("k1", "k2", "k3"):
@@ -204,6 +229,15 @@ def validate(cfg: Config) -> None:
         positive(f"task.{f}", getattr(cfg.task, f))
     if not 0 <= cfg.task.label_noise < 0.5:
         raise UserError(f"option task.label_noise={cfg.task.label_noise} must be in [0, 0.5).")
+    m = cfg.model
+    if not m.model_name_or_path:  # the from-scratch model's shape
+        for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            positive(f"model.{f}", getattr(m, f))
+        if m.hidden_size % m.num_attention_heads:
+            raise UserError(f"option model.hidden_size={m.hidden_size} must be a multiple of "
+                            f"model.num_attention_heads={m.num_attention_heads}.")
+    if not 0 <= cfg.seed < 2**32:
+        raise UserError(f"option seed={cfg.seed} must be in [0, 2**32).")
 
 
 # ---------------------------------------------------------------- loading
@@ -339,7 +373,12 @@ def parse_config(argv: Optional[list[str]] = None, description: str = "RLHF pipe
     parser.__class__ = _Parser
     args = vars(parser.parse_args(argv))
     args.pop("local_rank", None)
-    data = load_file(args.pop("config")) if "config" in args else {}
+    path = args.pop("config", None)
+    data = load_file(path) if path else {}
+    try:  # the file alone first, so a mistake in it is reported as the file's
+        _from_dict(Config, copy.deepcopy(data), where="")
+    except UserError as e:
+        raise UserError(f"config file {path}: {e}") from None
     for dotted, value in args.items():  # command line over file
         node = data
         *parents, leaf = dotted.split(".")
@@ -349,7 +388,10 @@ def parse_config(argv: Optional[list[str]] = None, description: str = "RLHF pipe
                 raise UserError(f"config file: section {p!r} must be a mapping of options "
                                 f"(got {node!r}), so --{dotted} cannot be applied to it.")
         node[leaf] = value
-    cfg = _from_dict(Config, data, where="")
+    try:
+        cfg = _from_dict(Config, data, where="")
+    except UserError as e:  # the file alone was fine: the command line's value is at fault
+        raise UserError(f"command line: {e}") from None
     validate(cfg)
     return cfg
 

@@ -18,6 +18,11 @@ from pipeline.errors import UserError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt and padding)
+FIELDS = {  # dataset role -> the fields each of its rows must have
+    "sft_data": ("prompt", "response"), "sft_eval_data": ("prompt", "response"),
+    "reward_data": ("prompt", "chosen", "rejected"), "reward_eval_data": ("prompt", "chosen", "rejected"),
+    "prompt_data": ("prompt",), "eval_prompt_data": ("prompt",),
+}
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -36,6 +41,22 @@ def _data_files(path: str) -> tuple[str, list[str]]:
         raise UserError(f"dataset {path}: expected .json, .jsonl, .parquet or .csv files of one kind, "
                         f"got {', '.join(sorted(f.name for f in files))}.")
     return kinds.pop(), [str(f) for f in files]
+
+
+def _check_utf8(files: list[str]) -> None:
+    """Text files must be UTF-8: name the file, line and byte instead of a datasets traceback."""
+    for name in files:
+        with open(name, "rb") as f:
+            offset = 0
+            for lineno, line in enumerate(f, 1):  # a UTF-8 sequence never contains b"\n"
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(
+                        f"dataset {name}, line {lineno}: not UTF-8 text (byte {line[e.start]:#04x} at "
+                        f"column {e.start + 1}, file offset {offset + e.start}); save the file as "
+                        f"UTF-8.") from None
+                offset += len(line)
 
 
 def _csv_as_text(builder: str, files: list[str]) -> dict:
@@ -57,6 +78,8 @@ def load_rows(path: str, fields: tuple[str, ...]) -> list[dict]:
     import datasets
 
     builder, files = _data_files(path)
+    if builder in ("json", "csv"):
+        _check_utf8(files)
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train", **_csv_as_text(builder, files))
@@ -76,8 +99,9 @@ def load_rows(path: str, fields: tuple[str, ...]) -> list[dict]:
             if not isinstance(row[f], str) or not row[f].strip():
                 raise UserError(f"dataset {path}, row {i}: field {f!r} is empty or not text "
                                 f"(got {row[f]!r}).")
-        if "chosen" in fields and row["chosen"] == row["rejected"]:
-            raise UserError(f"dataset {path}, row {i}: 'chosen' and 'rejected' are identical.")
+        if "chosen" in fields and row["chosen"].strip() == row["rejected"].strip():
+            raise UserError(f"dataset {path}, row {i}: 'chosen' and 'rejected' are identical "
+                            f"({row['chosen']!r}); a preference pair needs two different responses.")
     return rows
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from pipeline.config import LR_SCHEDULERS
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -112,14 +113,23 @@ def load_ds_config(path: Path, **fill) -> dict:
     if not path.is_file():
         raise UserError(f"DeepSpeed config {path} does not exist.")
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"DeepSpeed config {path} is not UTF-8 text (byte {e.object[e.start]:#04x} "
+                        f"at offset {e.start}).") from None
     if not isinstance(cfg, dict):
         raise UserError(f"DeepSpeed config {path}: the top level must be an object.")
-    stage = cfg.get("zero_optimization", {}).get("stage")
+    zero = cfg.get("zero_optimization", {})
+    stage = zero.get("stage") if isinstance(zero, dict) else None
     if stage != 3:
         raise UserError(f"DeepSpeed config {path}: zero_optimization.stage must be 3 (got {stage!r}).")
+    for key, owner in (("optimizer", "the run config's learning_rate and weight_decay"),
+                       ("scheduler", "the run config's lr_scheduler and warmup")):
+        if key in cfg:  # DeepSpeed would silently ignore it in favour of ours
+            raise UserError(f"DeepSpeed config {path} sets {key!r}, which would be ignored: training "
+                            f"uses AdamW with {owner}; remove {key!r} from the DeepSpeed file.")
     for key, value in fill.items():
         if key in cfg and cfg[key] not in ("auto", value):
             raise UserError(f"DeepSpeed config {path} sets {key}={cfg[key]!r} but the run config "
@@ -158,10 +168,7 @@ def train_engine(model: torch.nn.Module, ds_config: dict, learning_rate: float, 
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=learning_rate, betas=(0.9, 0.95))
-    if scheduler not in ("cosine", "linear", "constant_with_warmup", "constant", "polynomial",
-                         "cosine_with_restarts", "inverse_sqrt"):
-        raise UserError(f"option lr_scheduler={scheduler!r}: expected one of cosine, linear, "
-                        f"constant_with_warmup, constant, polynomial, cosine_with_restarts, inverse_sqrt.")
+    assert scheduler in LR_SCHEDULERS, scheduler  # config.validate refused the others
 
     def lr_scheduler(wrapped_optimizer):  # built on DeepSpeed's wrapped optimizer, stepped by it
         return get_scheduler(scheduler, wrapped_optimizer, num_warmup_steps=warmup_steps,

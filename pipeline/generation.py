@@ -82,13 +82,11 @@ class HybridEngine:
     """
 
     def __init__(self, actor_engine, tokenizer, gather_modules: int = 0):
-        from transformers import AutoModelForCausalLM
-
         self.engine = actor_engine
         self.tokenizer = tokenizer
         self.gather_modules = gather_modules
-        with engines.plain_construction(), torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(actor_engine.module.config)
+        with engines.plain_construction(), torch.device("meta"):  # the actor's own (already loaded) class
+            self.model = type(actor_engine.module)._from_config(actor_engine.module.config)
         self.model.eval().requires_grad_(False)
         self.materialised = False
 

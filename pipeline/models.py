@@ -17,13 +17,44 @@ from pipeline.errors import UserError
 log = logging.getLogger(__name__)
 
 
+def _why(path: str, what: str, e: Exception) -> UserError:
+    """One paragraph for an error transformers/torch/safetensors raised while loading `path`."""
+    import pickle
+
+    text = str(e)
+    if "trust_remote_code" in text or "contains custom code" in text:
+        return UserError(f"{what} {path} needs custom code from its folder to load; that code is not run "
+                         f"unless you pass --model.trust_remote_code true (only for folders you trust).")
+    if isinstance(e, pickle.UnpicklingError):
+        return UserError(f"{what} {path}: its PyTorch weights file holds pickled objects other than "
+                         f"tensors, which are never unpickled here (torch.load weights_only=True). "
+                         f"Save the weights as safetensors or as a plain state dict of tensors.")
+    first = text.splitlines()[0] if text else ""
+    if not isinstance(e, (OSError, ValueError)) or not first:
+        first = f"{type(e).__name__} {first}".strip()
+    return UserError(f"{what} {path} could not be loaded: {first}")
+
+
+def _load_errors() -> tuple:
+    """What a bad tokenizer or model folder raises (not our own bugs: those stay tracebacks)."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, pickle.UnpicklingError, SafetensorError
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"tokenizer {path} could not be loaded: {str(e).splitlines()[0]}") from None
+    except (*_load_errors(), KeyError, TypeError) as e:  # Key/TypeError: a malformed tokenizer file
+        raise _why(path, "tokenizer", e) from None
+    except Exception as e:  # the `tokenizers` library raises a bare Exception for a malformed tokenizer.json
+        if type(e) is not Exception:
+            raise
+        raise _why(path, "tokenizer", e) from None
     if tok.eos_token_id is None:
         raise UserError(f"tokenizer {path} has no EOS token; responses need one to end.")
     if tok.pad_token_id is None:
@@ -44,7 +75,12 @@ def _has_weights(path: str) -> bool:
 
 
 def load_causal_lm(path: str, trust_remote_code: bool = False):
-    """A causal LM from a folder or hub name; a folder with only config.json builds from scratch."""
+    """A causal LM from a folder or hub name; a folder with only config.json builds from scratch.
+
+    Weights load from safetensors, or from a PyTorch file with torch.load(weights_only=True):
+    nothing in a model folder is unpickled as arbitrary objects, and its own code runs only with
+    `trust_remote_code`.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _check_model_path(path, "model")
@@ -53,9 +89,9 @@ def load_causal_lm(path: str, trust_remote_code: bool = False):
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                    use_safetensors=None)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model {path} could not be loaded: {str(e).splitlines()[0]}") from None
+                                                    use_safetensors=None, weights_only=True)
+    except _load_errors() as e:
+        raise _why(path, "model", e) from None
 
 
 def load_scalar_model(path: str, trust_remote_code: bool = False):
@@ -69,10 +105,10 @@ def load_scalar_model(path: str, trust_remote_code: bool = False):
             model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model {path} could not be loaded as a scalar model: "
-                        f"{str(e).splitlines()[0]}") from None
+                path, num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=None,
+                weights_only=True)
+    except _load_errors() as e:
+        raise _why(path, "model", e) from None
     if _score_head(model) is None:
         raise UserError(f"model {path}: its sequence-classification class has no `score` head.")
     return model

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from pipeline import default_task, engines
 from pipeline.config import Config, parse_config, resolve_path, save_config
-from pipeline.data import file_digest
 from pipeline.checkpoint import Checkpointer, StopRequest
+from pipeline.data import FIELDS, file_digest, load_rows
 from pipeline.errors import PREEMPTED_EXIT_CODE, Preempted, TrainingHalted, UserError
 from pipeline.monitoring import setup_logging
-from pipeline.stages.common import StageContext
+from pipeline.stages.common import StageContext, ds_configs
 
 log = logging.getLogger("pipeline")
 STAGES = ("sft", "reward", "ppo")
@@ -38,7 +38,8 @@ def prepare_task(cfg: Config, d: engines.Dist, out: Path) -> Path:
     """Generate the embedded default task under `<output_dir>/task` (rank 0, once per config)."""
     folder = out / "task"
     spec = {"version": default_task.VERSION, "seed": cfg.seed, "task": dataclasses.asdict(cfg.task),
-            "model": {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "trust_remote_code"},
+            "model": {k: v for k, v in dataclasses.asdict(cfg.model).items()  # the from-scratch shape
+                      if k not in ("trust_remote_code", "model_name_or_path")},
             "max_positions": cfg.data.max_prompt_len + cfg.data.max_response_len}
     marker = folder / "task.json"
     if d.is_main and not (marker.is_file() and json.loads(marker.read_text()) == spec):
@@ -148,6 +149,19 @@ def _up_to_date(stage_dir: Path, fp: str) -> dict | None:
 
 
 # ---------------------------------------------------------------- running
+def preflight(cfg: Config, d: engines.Dist, stages: tuple[str, ...], out: Path, task: Path) -> None:
+    """What can be checked without running earlier stages fails before the first stage runs:
+    input paths, DeepSpeed configs and sizes, and every row of every dataset (a bad prompt file
+    stops the run before SFT, not hours later at PPO). Each stage checks its own inputs again."""
+    for stage in stages:
+        inputs = stage_inputs(cfg, out, task)[stage]
+        _check_exists(stage, inputs, out)
+        ds_configs(cfg, stage, d.world_size)
+        for role, path in inputs.items():
+            if role in FIELDS:
+                load_rows(path, FIELDS[role])
+
+
 def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
         stop: StopRequest | None = None) -> dict:
     """Run `stages` in order; returns the summary written to `<output_dir>/summary.json`."""
@@ -156,9 +170,9 @@ def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
     task = prepare_task(cfg, d, out) if _needs_task(cfg) else out / "task"  # else: never read
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    preflight(cfg, d, stages, out, task)
     for stage in stages:
         inputs = stage_inputs(cfg, out, task)[stage]
-        _check_exists(stage, inputs, out)
         stage_dir = out / stage
         ident = identity(stage, cfg, inputs, out)
         fp = fingerprint(ident)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from pipeline import engines
 from pipeline.checkpoint import Checkpointer, Resume, StopRequest
-from pipeline.config import Config, TrainConfig, global_batch
+from pipeline.config import Config, TrainConfig, global_batch, ppo_sizes, resolve_path
 from pipeline.errors import Preempted, UserError
 from pipeline.monitoring import MetricLogger, progress
 
@@ -98,6 +98,28 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self._mine())
+
+
+def ds_configs(cfg: Config, stage: str, world_size: int) -> dict[str, dict]:
+    """The DeepSpeed configs of a stage, batch sizes filled in from the run config.
+
+    "train" for the trained engines; PPO also has "inference" for the frozen reference and reward
+    model. Raises UserError for a missing or contradicting DS file, or PPO sizes that do not divide.
+    """
+    if stage in ("sft", "reward"):
+        t: TrainConfig = getattr(cfg, stage)
+        return {"train": engines.load_ds_config(
+            resolve_path(cfg.ds_config), train_micro_batch_size_per_gpu=t.micro_batch_size_per_gpu,
+            gradient_accumulation_steps=t.gradient_accumulation_steps, gradient_clipping=t.gradient_clipping)}
+    p = cfg.ppo
+    sizes = ppo_sizes(p, world_size)
+    return {"train": engines.load_ds_config(
+                resolve_path(cfg.ds_config), train_micro_batch_size_per_gpu=p.micro_batch_size_per_gpu,
+                gradient_accumulation_steps=sizes["gradient_accumulation_steps"],
+                gradient_clipping=p.gradient_clipping),
+            "inference": engines.load_ds_config(
+                resolve_path(cfg.ds_inference_config),
+                train_micro_batch_size_per_gpu=p.micro_batch_size_per_gpu, gradient_accumulation_steps=1)}
 
 
 def train_loader(examples: list, collate: Callable, pad_id: int, micro_batch: int, seed: int,

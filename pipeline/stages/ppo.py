@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import data, default_task, engines, ppo_math
-from pipeline.config import ppo_sizes, resolve_path
+from pipeline.config import ppo_sizes
 from pipeline.errors import TrainingHalted, UserError
 from pipeline.generation import (DeepSpeedHybridGenerator, HybridEngine, SamplingParams, choose_backend,
                                  position_ids, response_mask)
-from pipeline.models import (last_real_index, load_causal_lm, load_scalar_model, load_tokenizer,
+from pipeline.models import (check_vocab, last_real_index, load_causal_lm, load_scalar_model, load_tokenizer,
                              token_values)
 from pipeline.monitoring import PhaseTimer, overoptimisation_plot, peak_rss_gb, progress
-from pipeline.stages.common import StageContext
+from pipeline.stages.common import StageContext, ds_configs
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,12 @@ class PPOTrainer:
         cfg, p, d = ctx.cfg, ctx.cfg.ppo, ctx.dist
         self.cfg, self.p, self.d = cfg, p, d
         self.sizes = ppo_sizes(p, d.world_size)
+        self.ds = ds_configs(cfg, "ppo", d.world_size)
         self._load_inputs(ctx)
-        self.logger = ctx.start()  # inputs are valid: from here on the stage folder is rewritten
         engines.seed_everything(cfg.seed)
-        self._build_engines(ctx)
+        models = self._load_models(ctx)
+        self.logger = ctx.start()  # inputs are valid: from here on the stage folder is rewritten
+        self._build_engines(ctx, *models)
         self.sampling = SamplingParams(cfg.data.max_response_len, p.temperature, p.top_p, p.top_k,
                                        min_new_tokens=p.min_new_tokens)
         self.kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
@@ -104,7 +106,7 @@ class PPOTrainer:
         self.reward_tokenizer = load_tokenizer(ctx.inputs["reward_model"], cfg.model.trust_remote_code)
         self.same_tokenizer = self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab()
         self.prompts, self.eval_prompts = (
-            data.prompt_examples(data.load_rows(ctx.inputs[role], ("prompt",)), self.tokenizer,
+            data.prompt_examples(data.load_rows(ctx.inputs[role], data.FIELDS[role]), self.tokenizer,
                                  cfg.data.max_prompt_len, ctx.inputs[role])
             for role in ("prompt_data", "eval_prompt_data"))
         if len(self.prompts) < p.rollout_batch_size:
@@ -113,21 +115,34 @@ class PPOTrainer:
         # The gold scorer exists only for the embedded default task's prompts.
         self.gold = default_task.gold_score if not cfg.data.eval_prompt_data_path else None
 
-    def _build_engines(self, ctx: StageContext) -> None:
+    def _load_models(self, ctx: StageContext) -> tuple:
+        """Actor and critic under the training ZeRO-3 config, reference and reward model under the
+        inference one; every vocabulary checked against the tokenizer that feeds it."""
+        trust = self.cfg.model.trust_remote_code
+        actor_path, reward_path = ctx.inputs["actor"], ctx.inputs["reward_model"]
+        with engines.zero3_construction(self.ds["train"]):
+            actor = load_causal_lm(actor_path, trust)
+            critic = load_scalar_model(reward_path, trust)
+        with engines.zero3_construction(self.ds["inference"]):
+            ref = load_causal_lm(actor_path, trust)
+            reward = load_scalar_model(reward_path, trust)
+        check_vocab(actor, self.tokenizer, f"actor model {actor_path}")
+        check_vocab(reward, self.reward_tokenizer, f"reward model {reward_path}")
+        # The critic starts from the reward model but reads the actor's token ids.
+        check_vocab(critic, self.tokenizer, f"critic (initialised from reward model {reward_path}, "
+                                            f"reading the actor's tokens from {ctx.inputs['tokenizer']})")
+        if not self.same_tokenizer:
+            log.warning("the reward model %s has its own tokenizer: rollouts are re-encoded for it, but "
+                        "the critic initialised from it reads the actor's token ids, so its embeddings "
+                        "start out meaningless for them.", reward_path)
+        return actor, critic, ref, reward
+
+    def _build_engines(self, ctx: StageContext, actor, critic, ref, reward) -> None:
         """Actor and critic: ZeRO-3 training engines; reference and reward: offloaded, frozen."""
-        cfg, p, trust = self.cfg, self.p, self.cfg.model.trust_remote_code
-        train_ds = engines.load_ds_config(
-            resolve_path(cfg.ds_config), train_micro_batch_size_per_gpu=p.micro_batch_size_per_gpu,
-            gradient_accumulation_steps=self.sizes["gradient_accumulation_steps"],
-            gradient_clipping=p.gradient_clipping)
-        infer_ds = engines.load_ds_config(resolve_path(cfg.ds_inference_config),
-                                          train_micro_batch_size_per_gpu=p.micro_batch_size_per_gpu,
-                                          gradient_accumulation_steps=1)
+        p = self.p
+        train_ds, infer_ds = self.ds["train"], self.ds["inference"]
         steps = p.num_iterations * p.num_ppo_epochs * self.sizes["mini_batches_per_epoch"]
         warmup = p.warmup_iterations * p.num_ppo_epochs * self.sizes["mini_batches_per_epoch"]
-        with engines.zero3_construction(train_ds):
-            actor = load_causal_lm(ctx.inputs["actor"], trust)
-            critic = load_scalar_model(ctx.inputs["reward_model"], trust)
         backend, why = choose_backend(train_ds, actor.config.model_type, engines.device().type)
         log.info("generation: %s", why if backend == "deepspeed" else
                  f"our hybrid engine (materialised weights), because {why}")
@@ -139,9 +154,6 @@ class PPOTrainer:
                                            p.critic_learning_rate, 0.0, "constant_with_warmup", warmup, steps)
         self.actor.eval()  # no dropout anywhere in PPO (see update())
         self.critic.eval()
-        with engines.zero3_construction(infer_ds):
-            ref = load_causal_lm(ctx.inputs["actor"], trust)
-            reward = load_scalar_model(ctx.inputs["reward_model"], trust)
         self.ref = engines.inference_engine(ref, infer_ds)
         self.reward = engines.inference_engine(reward, infer_ds)
         for name in ("actor", "critic", "ref", "reward"):

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import data, engines
-from pipeline.config import resolve_path
 from pipeline.models import check_vocab, load_scalar_model, load_tokenizer, sequence_scores
-from pipeline.stages.common import StageContext, eval_batches, schedule, supervised_loop, train_loader
+from pipeline.stages.common import (StageContext, ds_configs, eval_batches, schedule,
+                                    supervised_loop, train_loader)
 
 
 log = logging.getLogger(__name__)
@@ -28,23 +28,20 @@ def run(ctx: StageContext) -> dict:
     cfg, t, d = ctx.cfg, ctx.cfg.reward, ctx.dist
     tokenizer = load_tokenizer(ctx.inputs["tokenizer"], cfg.model.trust_remote_code)
     lens = (cfg.data.max_prompt_len, cfg.data.max_response_len)
-    fields = ("prompt", "chosen", "rejected")
-    train = data.pair_examples(data.load_rows(ctx.inputs["reward_data"], fields), tokenizer, *lens,
-                               what=ctx.inputs["reward_data"])
-    held_out = data.pair_examples(data.load_rows(ctx.inputs["reward_eval_data"], fields), tokenizer,
-                                  *lens, what=ctx.inputs["reward_eval_data"])
-    ds_config = engines.load_ds_config(
-        resolve_path(cfg.ds_config), train_micro_batch_size_per_gpu=t.micro_batch_size_per_gpu,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, gradient_clipping=t.gradient_clipping)
+    train, held_out = (data.pair_examples(data.load_rows(ctx.inputs[role], data.FIELDS[role]), tokenizer,
+                                          *lens, what=ctx.inputs[role])
+                       for role in ("reward_data", "reward_eval_data"))
+    ds_config = ds_configs(cfg, "reward", d.world_size)["train"]
     loader = train_loader(train, data.collate_pairs, tokenizer.pad_token_id,
                           t.micro_batch_size_per_gpu, cfg.seed, d)
     total_steps, warmup = schedule(t, loader, "reward", len(train), d)
 
-    logger = ctx.start()  # inputs are valid: from here on this stage's folder is rewritten
     engines.seed_everything(cfg.seed)
     with engines.zero3_construction(ds_config):
         model = load_scalar_model(ctx.inputs["model"], cfg.model.trust_remote_code)
     check_vocab(model, tokenizer, f"model {ctx.inputs['model']}")
+
+    logger = ctx.start()  # inputs are valid: from here on this stage's folder is rewritten
     model.config.pad_token_id = tokenizer.pad_token_id  # so HF's own pooled forward works on reload
     engine = engines.train_engine(model, ctx.engine_config(ds_config, "deepspeed_reward"), t.learning_rate,
                                   t.weight_decay, t.lr_scheduler, warmup, total_steps)

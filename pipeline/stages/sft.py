@@ -7,10 +7,9 @@ import math
 import torch
 
 from pipeline import data, engines
-from pipeline.config import resolve_path
 from pipeline.models import causal_lm_loss, check_vocab, load_causal_lm, load_tokenizer
-from pipeline.stages.common import (StageContext, eval_batches, schedule, supervised_loop,
-                                    train_loader)
+from pipeline.stages.common import (StageContext, ds_configs, eval_batches, schedule,
+                                    supervised_loop, train_loader)
 
 
 log = logging.getLogger(__name__)
@@ -21,22 +20,21 @@ def run(ctx: StageContext) -> dict:
     cfg, t, d = ctx.cfg, ctx.cfg.sft, ctx.dist
     tokenizer = load_tokenizer(ctx.inputs["tokenizer"], cfg.model.trust_remote_code)
     lens = (cfg.data.max_prompt_len, cfg.data.max_response_len)
-    train_rows = data.load_rows(ctx.inputs["sft_data"], ("prompt", "response"))
-    eval_rows = data.load_rows(ctx.inputs["sft_eval_data"], ("prompt", "response"))
+    train_rows = data.load_rows(ctx.inputs["sft_data"], data.FIELDS["sft_data"])
+    eval_rows = data.load_rows(ctx.inputs["sft_eval_data"], data.FIELDS["sft_eval_data"])
     train = data.sft_examples(train_rows, tokenizer, *lens, what=ctx.inputs["sft_data"])
     held_out = data.sft_examples(eval_rows, tokenizer, *lens, what=ctx.inputs["sft_eval_data"])
-    ds_config = engines.load_ds_config(
-        resolve_path(cfg.ds_config), train_micro_batch_size_per_gpu=t.micro_batch_size_per_gpu,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, gradient_clipping=t.gradient_clipping)
+    ds_config = ds_configs(cfg, "sft", d.world_size)["train"]
     loader = train_loader(train, data.collate_sft, tokenizer.pad_token_id, t.micro_batch_size_per_gpu,
                           cfg.seed, d)
     total_steps, warmup = schedule(t, loader, "sft", len(train), d)
 
-    logger = ctx.start()  # inputs are valid: from here on this stage's folder is rewritten
     engines.seed_everything(cfg.seed)
     with engines.zero3_construction(ds_config):
         model = load_causal_lm(ctx.inputs["model"], cfg.model.trust_remote_code)
     check_vocab(model, tokenizer, f"model {ctx.inputs['model']}")
+
+    logger = ctx.start()  # inputs are valid: from here on this stage's folder is rewritten
     engine = engines.train_engine(model, ctx.engine_config(ds_config, "deepspeed_sft"), t.learning_rate,
                                   t.weight_decay, t.lr_scheduler, warmup, total_steps)
     log.info("engine %s", engines.describe(engine, "policy"))

@@ -203,8 +203,18 @@ def test_wrong_types_in_json_name_the_option(tmp_path, text, option):
 
 
 def test_wrong_type_on_the_command_line_names_the_option():
-    with pytest.raises(UserError, match=r"sft\.epochs"):
+    with pytest.raises(UserError, match=r"^command line: option sft\.epochs: expected int, got 'many'"):
         parse_config(["--sft.epochs", "many"])
+
+
+def test_mistakes_in_the_file_name_the_file(tmp_path):
+    for text, needle in (("sft:\n  epoch: 1\n", "unknown option 'sft.epoch'"),
+                         ("reward:\n  micro_batch_size_per_gpu: 16x\n",
+                          "option reward.micro_batch_size_per_gpu: expected int, got '16x'")):
+        path = _write(tmp_path / "run.yaml", text)
+        with pytest.raises(UserError) as e:
+            parse_config(["--config", path])
+        assert str(e.value).startswith(f"config file {path}: ") and needle in str(e.value)
 
 
 def test_section_given_as_a_scalar(tmp_path):
@@ -314,6 +324,25 @@ def test_invalid_value_from_the_file_is_checked_too(tmp_path):
     ("ppo.top_p", 1.5),
     ("ppo.advantage_mode", "td"),
     ("ppo.kl_estimator", "k4"),
+    ("sft.max_steps", 0),
+    ("reward.max_steps", -2),
+    ("sft.weight_decay", -0.1),
+    ("reward.gradient_clipping", -1.0),
+    ("sft.lr_scheduler", "cosin"),
+    ("ppo.top_k", -1),
+    ("ppo.min_new_tokens", -1),
+    ("ppo.gather_modules", -1),
+    ("ppo.warmup_iterations", -1),
+    ("ppo.max_nonfinite_skips", 0),
+    ("ppo.kl_coef", -0.1),
+    ("ppo.vf_coef", float("nan")),
+    ("ppo.gamma", 1.5),
+    ("ppo.lam", -0.1),
+    ("ppo.gradient_clipping", -1.0),
+    ("model.hidden_size", 0),
+    ("model.num_attention_heads", -2),
+    ("model.hidden_size", 65),  # not a multiple of the 4 heads
+    ("seed", -1),
 ])
 def test_validate_names_the_invalid_option(option, value):
     cfg = _with(Config(), option, value)
@@ -331,6 +360,8 @@ def test_nan_is_not_a_positive_value():
     ("ppo.top_p", 1.0), ("task.label_noise", 0.0), ("sft.warmup_ratio", 0.0),
     ("ppo.advantage_mode", "sequence"), ("ppo.kl_estimator", "k3"), ("ppo.kl_estimator", "k2"),
     ("ppo.top_k", 0), ("ppo.entropy_coef", 0.0), ("ppo.value_clip", 0.0),
+    ("sft.max_steps", -1), ("sft.max_steps", 1), ("ppo.gamma", 1.0), ("ppo.lam", 0.0),
+    ("sft.lr_scheduler", "linear"), ("seed", 0),
 ])
 def test_boundary_values_are_accepted(option, value):
     validate(_with(Config(), option, value))

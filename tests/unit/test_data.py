@@ -175,6 +175,10 @@ def test_chosen_equal_to_rejected(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(UserError, match=r"row 1\b.*identical"):
         load_rows(path, PAIRS)
+    rows[1] = {"prompt": "p", "chosen": "same ", "rejected": " same"}  # differ only in spacing
+    path = _jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(UserError, match=re.escape(f"dataset {path}, row 1: 'chosen' and 'rejected' are identical")):
+        load_rows(path, PAIRS)
 
 
 def test_not_json_names_the_file(tmp_path):
@@ -191,18 +195,28 @@ def test_empty_file_is_a_user_error(tmp_path):
         load_rows(str(path), SFT)
 
 
-def test_non_utf8_jsonl_names_the_file(tmp_path):
+def test_non_utf8_jsonl_names_the_file_and_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes(b'{"prompt": "caf\xe9 \xff", "response": "r"}\n')
-    with pytest.raises(UserError, match=re.escape(str(path))):
+    path.write_bytes('{"prompt": "café", "response": "r"}\n'.encode()  # valid UTF-8 (é is 2 bytes)
+                     + b'{"prompt": "caf\xe9 \xff", "response": "r"}\n')
+    with pytest.raises(UserError) as e:
         load_rows(str(path), SFT)
+    assert str(e.value) == (f"dataset {path}, line 2: not UTF-8 text (byte 0xe9 at column 16, file offset "
+                            f"52); save the file as UTF-8.")
 
 
-def test_non_utf8_csv_names_the_file(tmp_path):
+def test_non_utf8_csv_names_the_file_and_line(tmp_path):
     path = tmp_path / "latin1.csv"
-    path.write_bytes(b"prompt,response\ncaf\xe9 \xff,r\n")
-    with pytest.raises(UserError, match=re.escape(str(path))):
+    path.write_bytes(b"prompt,response\np,r\ncaf\xe9 \xff,r\n")
+    with pytest.raises(UserError, match=re.escape(f"dataset {path}, line 3: not UTF-8 text (byte 0xe9")):
         load_rows(str(path), SFT)
+
+
+def test_non_utf8_file_in_a_folder_names_that_file(tmp_path):
+    _jsonl(tmp_path / "a.jsonl", ROWS)
+    (tmp_path / "b.jsonl").write_bytes(b'{"prompt": "\x80", "response": "r"}\n')
+    with pytest.raises(UserError, match=re.escape(f"dataset {tmp_path / 'b.jsonl'}, line 1: not UTF-8")):
+        load_rows(str(tmp_path), SFT)
 
 
 # ---------------------------------------------------------------- file_digest
