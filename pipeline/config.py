@@ -132,6 +132,7 @@ class Config:
     deepspeed_monitor: bool = False  # also log DeepSpeed's engine metrics to <stage>/tensorboard
     ds_config: str = "ds_configs/zero3_train.json"  # DeepSpeed JSON of trained engines
     ds_inference_config: str = "ds_configs/zero3_offload_inference.json"  # frozen ref/reward
+    reward_init: str = "auto"  # reward model starts from: sft (SFT output), base (the SFT's start), auto (base for a from-scratch model, else sft)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -214,6 +215,8 @@ def validate(cfg: Config) -> None:
         non_negative(f"ppo.{f}", getattr(p, f))
     within("ppo.gamma", p.gamma, 0.0, 1.0)
     within("ppo.lam", p.lam, 0.0, 1.0)
+    if cfg.reward_init not in ("auto", "base", "sft"):
+        raise UserError(f"option reward_init={cfg.reward_init!r}: expected 'auto', 'base' or 'sft'.")
     if p.advantage_mode not in ("gae", "sequence"):
         raise UserError(f"option ppo.advantage_mode={p.advantage_mode!r}: expected 'gae' or 'sequence'.")
     if p.kl_estimator not in ("k1", "k2", "k3"):

@@ -70,12 +70,16 @@ def stage_inputs(cfg: Config, out: Path, task: Path) -> dict[str, dict[str, str]
     tokenizer = dc.tokenizer_path or cfg.model.model_name_or_path or str(task / "tokenizer")
     sft_model = out / "sft" / "model"
     actor = cfg.ppo.actor_model_path or str(sft_model)
+    # The default task's from-scratch model: a reward model fine-tuned from the SFT policy learned
+    # sentiment but, on some seeds, never "is it about the asked item" (item-swap pairs at chance);
+    # from the SFT's own starting point it learns both. A pretrained model keeps the SFT start.
+    from_sft = cfg.reward_init == "sft" or (cfg.reward_init == "auto" and bool(cfg.model.model_name_or_path))
     return {
         "sft": {"tokenizer": tokenizer, "model": base_model,
                 "sft_data": pick(dc.sft_data_path, "sft.jsonl"),
                 "sft_eval_data": pick(dc.sft_eval_data_path, "sft_eval.jsonl")},
         "reward": {"tokenizer": str(sft_model) if sft_model.is_dir() else tokenizer,
-                   "model": str(sft_model) if sft_model.is_dir() else base_model,
+                   "model": str(sft_model) if from_sft and sft_model.is_dir() else base_model,
                    "reward_data": pick(dc.reward_data_path, "pairs.jsonl"),
                    "reward_eval_data": pick(dc.reward_eval_data_path, "pairs_eval.jsonl")},
         "ppo": {"tokenizer": actor, "actor": actor,

@@ -54,9 +54,15 @@ RESPONSE_TEMPLATES = [
 ]
 GRAMMAR_WORDS = sorted({w for t in PROMPT_TEMPLATES + RESPONSE_TEMPLATES for w in t.split()
                         if not w.startswith("{")})
-VERSION = 5  # bump when generated data changes, so runs regenerate it
+VERSION = 6  # bump when generated data changes, so runs regenerate it
 MIN_GOLD_GAP = 0.2  # pairs closer than this in gold score are not labelled (near-ties)
-FLAWED_FRACTION = 0.4  # share of preference pairs whose second response is flawed
+FLAWED_FRACTION = 0.5  # share of preference pairs whose second response is flawed
+# Weights of the flaw kinds of `_flawed_response` (item swap, other item, no item, unterminated,
+# cut off, "."). The item swap (the same review about another item) is the only pair that teaches
+# "the review must be about the asked item" apart from sentiment. At about a quarter of the pairs
+# (v5) the reward model never learned it (held-out swap pairs stayed at chance on every seed while
+# sentiment was learned); at about 40% of the pairs it is learned in a few hundred steps.
+FLAW_WEIGHTS = (14, 2, 1, 1, 1, 1)
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 
 
@@ -95,7 +101,7 @@ def _flawed_response(rng: random.Random, item: str, good: str) -> str:
     """A review the reward model must learn to dislike, so that PPO cannot win by producing it:
     the good review about another item (the most common flaw, so the item is learned as part of
     the preference), another review about another item or none, malformed, cut off, or empty."""
-    kind = rng.choices(range(6), weights=(8, 2, 1, 1, 1, 1))[0]
+    kind = rng.choices(range(6), weights=FLAW_WEIGHTS)[0]
     other = rng.choice([i for i in ITEMS if i != item])
     if kind == 0:
         return " ".join(other if w == item else w for w in good.split())

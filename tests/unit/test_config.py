@@ -463,3 +463,26 @@ def test_help_flag_prints_and_exits(capsys):
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "--ppo.kl_coef" in out and "--task.num_sft" in out
+
+
+# ---------------------------------------------------------------- reward model initialisation
+def test_reward_init_auto_starts_a_from_scratch_model_from_the_base(tmp_path):
+    from pipeline.orchestrator import stage_inputs
+
+    out, task = tmp_path / "run", tmp_path / "run" / "task"
+    (out / "sft" / "model").mkdir(parents=True)
+    scratch = stage_inputs(parse_config([]), out, task)["reward"]
+    assert scratch["model"] == str(task / "model")
+    assert scratch["tokenizer"] == str(out / "sft" / "model")
+    forced = stage_inputs(parse_config(["--reward_init", "sft"]), out, task)["reward"]
+    assert forced["model"] == str(out / "sft" / "model")
+    pretrained = stage_inputs(parse_config(["--model.model_name_or_path", "some/lm"]), out, task)["reward"]
+    assert pretrained["model"] == str(out / "sft" / "model")
+    base = stage_inputs(parse_config(["--model.model_name_or_path", "some/lm", "--reward_init", "base"]),
+                        out, task)["reward"]
+    assert base["model"] == "some/lm"
+
+
+def test_reward_init_rejects_unknown_values():
+    with pytest.raises(UserError, match=r"reward_init"):
+        parse_config(["--reward_init", "policy"])

@@ -269,3 +269,20 @@ def test_model_config_builds_a_tiny_model(task_tokenizer):
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # tied
     ids = torch.tensor([task_tokenizer("the pizza is amazing .")["input_ids"]])
     assert model(input_ids=ids).logits.shape == (1, ids.shape[1], len(vocabulary()))
+
+
+def test_item_swap_pairs_are_a_large_share(task):
+    """The same review about another item: the pair that teaches the item apart from sentiment.
+    The reward model only learns it when such pairs are common (about 40% of the pairs)."""
+    for rows in (task["pairs"], task["pairs_eval"]):
+        swaps = 0
+        for r in rows:
+            item = _item(r["prompt"])
+            a, b = r["chosen"].split(), r["rejected"].split()
+            for good, bad in ((a, b), (b, a)):
+                swapped = [w for w, v in zip(good, bad) if w != v]
+                if len(good) == len(bad) and swapped == [item] and any(w in ITEMS for w in bad):
+                    swaps += 1
+                    assert gold_score(r["prompt"], " ".join(good)) - gold_score(r["prompt"], " ".join(bad)) \
+                        == pytest.approx(1.0)
+        assert 0.35 < swaps / len(rows) < 0.5, swaps / len(rows)
