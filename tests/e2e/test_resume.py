@@ -130,6 +130,13 @@ def test_checkpoint_from_another_config_is_refused(sft_killed_and_resumed, tmp_p
     assert "different model, data or config" in line and "section.learning_rate: 0.003 -> 0.5" in line
     assert "--resume false" in line and "Traceback" not in proc.stderr
     assert before == {p: p.read_bytes() for p in (out / "sft").rglob("*") if p.is_file()}
+    # --resume false: the stage starts over with the new settings, its old checkpoints deleted.
+    proc = launch("sft.py", "--config", str(TINY), "--output_dir", str(out), "--sft.learning_rate", "0.5",
+                  "--resume", "false", "--save_steps", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage sft: starting" in proc.stdout and "resuming" not in proc.stdout
+    assert not (out / "sft" / "checkpoints").exists()
+    assert (out / "sft" / "model" / "model.safetensors").is_file()
 
 
 def _limit_file_size():  # in the child: files may not grow past 256 KiB (a full disk, per file)
@@ -228,21 +235,3 @@ def test_stop_signal_checkpoints_and_a_different_rank_count_resumes(pristine_run
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out / "ppo" / "model").num_parameters() > 0
-
-
-def test_resume_false_starts_over(pristine_run, tmp_path):
-    """`--resume false` ignores and deletes the checkpoints of an unfinished stage."""
-    out = tmp_path / "run"
-    shutil.copytree(pristine_run[0], out)
-    shutil.rmtree(out / "ppo")
-    proc = _start("ppo.py", out, "--save_steps", "1")
-    _wait_for_checkpoint(proc, out / "ppo")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    again = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out), "--resume", "false",
-                   "--save_steps", "0")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "stage ppo: starting" in again.stdout and "resuming" not in again.stdout
-    assert not (out / "ppo" / "checkpoints").exists() or not list((out / "ppo" / "checkpoints").iterdir())
-    assert _bytes(out / "ppo" / "model" / "model.safetensors") == _bytes(
-        pristine_run[0] / "ppo" / "model" / "model.safetensors")
