@@ -221,6 +221,22 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def node_name() -> str:
+    """This process's node: SLURM's node name under SLURM (several may share a host), else the host."""
+    import os
+    import socket
+
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def placement(nodes: list[str]) -> str:
+    """Rank -> node list as `node1: 0,1; node2: 2,3` (nodes in order of their first rank)."""
+    by_node: dict[str, list[int]] = {}
+    for rank, node in enumerate(nodes):
+        by_node.setdefault(node, []).append(rank)
+    return "; ".join(f"{node}: {','.join(map(str, ranks))}" for node, ranks in by_node.items())
+
+
 def main(stages: tuple[str, ...], description: str, argv: list[str] | None = None) -> None:
     """Entry point of the launchers: parse, run, turn user mistakes into one paragraph + exit 2."""
     try:
@@ -231,6 +247,7 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
         setup_logging(d.is_main)
         log.info("world size %d, accelerator %s, output %s", d.world_size, engines.device(),
                  cfg.output_dir)
+        log.info("ranks by node: %s", placement(engines.all_gather_object(node_name())))
         run(cfg, d, stages, stop)
     except Preempted as e:
         print(f"\nstopped: {e}", file=sys.stderr, flush=True)  # (after a progress bar)
