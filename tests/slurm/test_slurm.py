@@ -9,7 +9,7 @@
   axis without gap or duplicate.
 
 Needs root (the daemons) and apt-get when slurm-wlm/munge are missing; skips with the reason
-otherwise (RLHF_REQUIRE_SLURM_TESTS=1, as in .ci/run, turns the skip into a failure).
+otherwise (RLHF_REQUIRE_SLURM_TESTS=1 turns the skip into a failure).
 """
 import json
 import os
