@@ -5,6 +5,7 @@ abstraction, so the same code runs on CPU (gloo) and on GPUs (nccl).
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import logging
@@ -54,7 +55,17 @@ def init_distributed() -> Dist:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // d.local_world_size))
     get_accelerator().set_device(d.local_rank)
+    atexit.register(_remove_shm_buffer, d.rank)
     return d
+
+
+def _remove_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce creates /dev/shm/deepspeed_allreduce_buffer_..._<rank>
+    (about 70 MB of RAM) and never unlinks it, so every run would leave one per rank behind.
+    Other ranks keep their mapping; only the name goes."""
+    port = os.environ.get("MASTER_PORT", "")
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_{rank}"):
+        f.unlink(missing_ok=True)
 
 
 def device() -> torch.device:
