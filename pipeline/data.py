@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import DATA_FORMATS
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def file_digest(path: str) -> str:
 
 
 # ---------------------------------------------------------------- formats, splits and mixes
-FORMATS = ("auto", "prompt_response", "prompt_chosen_rejected", "hh", "messages", "prompt")
+FORMATS = DATA_FORMATS  # auto, prompt_response, prompt_chosen_rejected, hh, messages, prompt
 ROLE_KIND = {"sft_data": "sft", "sft_eval_data": "sft", "reward_data": "reward",
              "reward_eval_data": "reward", "prompt_data": "prompt", "eval_prompt_data": "prompt"}
 _KIND = {  # what a stage's rows hold, and how to name what it needs in a message
