@@ -86,7 +86,8 @@ def _read_table(path: str) -> tuple[list[str], list[dict]]:
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train", **_csv_as_text(builder, files))
-        rows = ds.select_columns([c for c in KNOWN_COLUMNS if c in ds.column_names]).to_list()
+        known = [c for c in KNOWN_COLUMNS if c in ds.column_names]
+        rows = ds.select_columns(known).to_list() if known else [{} for _ in range(len(ds))]
     except Exception as e:  # datasets/pyarrow raise many types; name the file and the first line of why
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"dataset {path} could not be read as {builder}: {reason}") from None
@@ -245,7 +246,7 @@ def hh_split(path: str, i: int, field: str, text) -> tuple[str, str]:
     k = len(text)
     while True:
         k = text.rfind(HH_ASSISTANT, 0, k)
-        if k <= 0 or text[k - 1] in "\n ":  # at a turn boundary
+        if k <= 0 or text[k - 1] == "\n":  # at a turn boundary, not "Assistant:" quoted in a turn
             break
     if k < 0:
         raise UserError(f"dataset {path}, row {i}: field {field!r} is not an HH dialogue: it has no "

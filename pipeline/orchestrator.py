@@ -190,6 +190,7 @@ def preflight(cfg: Config, d: engines.Dist, stages: tuple[str, ...], out: Path, 
     """What can be checked without running earlier stages fails before the first stage runs:
     input paths, DeepSpeed configs and sizes, and every row of every dataset (a bad prompt file
     stops the run before SFT, not hours later at PPO). Each stage checks its own inputs again."""
+    tokenizers: dict = {}  # loaded once per preflight, only if chat rows need one
     for stage in stages:
         inputs = stage_inputs(cfg, out, task)[stage]
         _check_exists(stage, inputs, out)
@@ -198,17 +199,18 @@ def preflight(cfg: Config, d: engines.Dist, stages: tuple[str, ...], out: Path, 
         # the one SFT starts from, which it saves unchanged), loaded only if a dataset needs it.
         tok_path = inputs["tokenizer"] if Path(inputs["tokenizer"]).exists() or out not in Path(
             inputs["tokenizer"]).parents else stage_inputs(cfg, out, task)["sft"]["tokenizer"]
-        tokenizer = functools.partial(_preflight_tokenizer, tok_path, cfg.model.trust_remote_code)
+        tokenizer = functools.partial(_preflight_tokenizer, tokenizers, tok_path, cfg.model.trust_remote_code)
         for role, spec in inputs.items():
             if role in FIELDS:
                 load_role(spec, role, tokenizer, tok_path)
 
 
-@functools.lru_cache(maxsize=4)
-def _preflight_tokenizer(path: str, trust_remote_code: bool):
+def _preflight_tokenizer(cache: dict, path: str, trust_remote_code: bool):
     from pipeline.models import load_tokenizer
 
-    return load_tokenizer(path, trust_remote_code)
+    if path not in cache:
+        cache[path] = load_tokenizer(path, trust_remote_code)
+    return cache[path]
 
 
 def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
