@@ -109,6 +109,8 @@ class PPOTrainer:
             data.prompt_examples(data.load_role(ctx.inputs[role], role, self.tokenizer, ctx.inputs["tokenizer"]),
                                  self.tokenizer, cfg.data.max_prompt_len, str(ctx.inputs[role]))
             for role in ("prompt_data", "eval_prompt_data"))
+        log.info("stage ppo: %d training prompts from %s; %d eval prompts from %s", len(self.prompts),
+                 ctx.inputs["prompt_data"], len(self.eval_prompts), ctx.inputs["eval_prompt_data"])
         if len(self.prompts) < p.rollout_batch_size:
             raise UserError(f"dataset {ctx.inputs['prompt_data']}: {len(self.prompts)} prompts are fewer "
                             f"than ppo.rollout_batch_size={p.rollout_batch_size}.")

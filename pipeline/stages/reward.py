@@ -31,6 +31,8 @@ def run(ctx: StageContext) -> dict:
     train, held_out = (data.pair_examples(data.load_role(ctx.inputs[role], role, tokenizer, ctx.inputs["tokenizer"]),
                                           tokenizer, *lens, what=str(ctx.inputs[role]))
                        for role in ("reward_data", "reward_eval_data"))
+    log.info("stage reward: %d training rows from %s; %d eval rows from %s", len(train), ctx.inputs["reward_data"],
+             len(held_out), ctx.inputs["reward_eval_data"])
     ds_config = ds_configs(cfg, "reward", d.world_size)["train"]
     loader = train_loader(train, data.collate_pairs, tokenizer.pad_token_id,
                           t.micro_batch_size_per_gpu, cfg.seed, d)

@@ -23,6 +23,8 @@ def run(ctx: StageContext) -> dict:
     train, held_out = (data.sft_examples(data.load_role(ctx.inputs[role], role, tokenizer, ctx.inputs["tokenizer"]),
                                          tokenizer, *lens, what=str(ctx.inputs[role]))
                        for role in ("sft_data", "sft_eval_data"))
+    log.info("stage sft: %d training rows from %s; %d eval rows from %s", len(train), ctx.inputs["sft_data"],
+             len(held_out), ctx.inputs["sft_eval_data"])
     ds_config = ds_configs(cfg, "sft", d.world_size)["train"]
     loader = train_loader(train, data.collate_sft, tokenizer.pad_token_id, t.micro_batch_size_per_gpu,
                           cfg.seed, d)
