@@ -116,9 +116,8 @@ def stage_inputs(cfg: Config, out: Path, task: Path) -> dict[str, dict]:
 
 def _needs_task(cfg: Config) -> bool:
     """The default task is generated when a model is built from scratch or a stage reads its data."""
-    marker = Path("\0task")
-    return not cfg.model.model_name_or_path or any(
-        isinstance(v, str) for s in STAGES for v in data_sources(cfg, s, marker).values())
+    return not cfg.model.model_name_or_path or any(  # a plain path here is a default-task file
+        isinstance(v, str) for s in STAGES for v in data_sources(cfg, s, Path("task")).values())
 
 
 def _check_exists(stage: str, inputs: dict, out: Path) -> None:
