@@ -46,11 +46,19 @@ class ModelConfig:
     trust_remote_code: bool = False  # allow custom modelling code from the model folder
 
 
+DATA_FORMATS = ("auto", "prompt_response", "prompt_chosen_rejected", "hh", "messages", "prompt")
+
+
 @dataclass
 class DataConfig:
     """Datasets (local json/jsonl/parquet/csv files or folders). Empty = the embedded default task."""
 
     tokenizer_path: str = ""  # tokenizer folder or hub name; empty = the model's, or the task's
+    data_path: list[str] = field(default_factory=list)  # one or more datasets feeding every stage (split by data_split); a stage's own path below overrides it
+    data_split: str = "2,4,4"  # shares of each data_path dataset for SFT, reward model, PPO (seeded, disjoint)
+    data_weights: list[float] = field(default_factory=list)  # mixing weights of the data_path datasets, one each (empty: concatenate)
+    data_format: str = "auto"  # auto (from the columns), prompt_response, prompt_chosen_rejected, hh, messages or prompt
+    eval_fraction: float = 0.05  # share of a stage's user rows held out for evaluation when it has no eval path
     sft_data_path: str = ""  # rows with `prompt`, `response`
     sft_eval_data_path: str = ""  # held-out rows with `prompt`, `response`
     reward_data_path: str = ""  # rows with `prompt`, `chosen`, `rejected`
@@ -228,6 +236,7 @@ def validate(cfg: Config) -> None:
     positive("keep_last", cfg.keep_last)
     for f in ("max_prompt_len", "max_response_len"):
         positive(f"data.{f}", getattr(cfg.data, f))
+    validate_data(cfg.data)
     for f in ("num_sft", "num_pairs", "num_prompts", "num_eval"):
         positive(f"task.{f}", getattr(cfg.task, f))
     if not 0 <= cfg.task.label_noise < 0.5:
@@ -241,6 +250,35 @@ def validate(cfg: Config) -> None:
                             f"model.num_attention_heads={m.num_attention_heads}.")
     if not 0 <= cfg.seed < 2**32:
         raise UserError(f"option seed={cfg.seed} must be in [0, 2**32).")
+
+
+def parse_split(text: str) -> tuple[float, ...]:
+    """`--data.data_split 2,4,4`: three non-negative shares (SFT, reward model, PPO), not all zero."""
+    try:
+        shares = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        shares = ()
+    if len(shares) != 3 or not all(s >= 0 for s in shares) or not sum(shares) > 0:
+        raise UserError(f"option data.data_split={text!r}: expected three non-negative shares for SFT, "
+                        f"reward model and PPO, not all zero, e.g. 2,4,4 (DeepSpeed-Chat's convention).")
+    return shares
+
+
+def validate_data(dc: DataConfig) -> None:
+    parse_split(dc.data_split)
+    if dc.data_format not in DATA_FORMATS:
+        raise UserError(f"option data.data_format={dc.data_format!r}: expected one of {', '.join(DATA_FORMATS)}.")
+    if dc.data_weights:
+        if not dc.data_path:
+            raise UserError("option data.data_weights is given but data.data_path is not: the weights mix "
+                            "the data_path datasets.")
+        if len(dc.data_weights) != len(dc.data_path):
+            raise UserError(f"option data.data_weights has {len(dc.data_weights)} values but data.data_path "
+                            f"has {len(dc.data_path)} datasets: give one weight per dataset.")
+        if not all(w >= 0 for w in dc.data_weights) or not sum(dc.data_weights) > 0:
+            raise UserError(f"option data.data_weights={dc.data_weights}: weights must be >= 0 and not all zero.")
+    if not 0 < dc.eval_fraction <= 0.5:
+        raise UserError(f"option data.eval_fraction={dc.eval_fraction} must be in (0, 0.5].")
 
 
 # ---------------------------------------------------------------- loading
@@ -281,6 +319,12 @@ def _coerce(value: Any, tp, where: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
+    elif origin is list:  # a YAML list, the command line's values, or one value
+        (item,) = typing.get_args(tp)
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if item is not str:  # numbers may also be given as "1,3"
+            values = [v for x in values for v in (x.split(",") if isinstance(x, str) else [x])]
+        return [_coerce(v, item, where) for v in values if not (isinstance(v, str) and not v.strip())]
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -359,9 +403,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML or JSON file of options (command-line flags override it)")
     parser.add_argument("--local_rank", type=int, help="set by the deepspeed launcher")
     for name, tp, default, comment in _flat_fields(Config):
-        kw = {"metavar": "BOOL"} if tp is bool else {}
+        kw = {"metavar": "BOOL"} if tp is bool else {"nargs": "+"} if typing.get_origin(tp) is list else {}
         parser.add_argument(f"--{name}", dest=name, help=f"{comment} (default: {default!r})",
-                            nargs="?" if tp is bool else None, const="true" if tp is bool else None, **kw)
+                            **({"nargs": "?", "const": "true"} if tp is bool else {}), **kw)
     return parser
 
 

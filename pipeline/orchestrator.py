@@ -8,6 +8,7 @@ its newest intact checkpoint (see pipeline/checkpoint.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -16,9 +17,9 @@ import time
 from pathlib import Path
 
 from pipeline import default_task, engines
-from pipeline.config import Config, parse_config, resolve_path, save_config
+from pipeline.config import Config, parse_config, parse_split, resolve_path, save_config
 from pipeline.checkpoint import Checkpointer, StopRequest
-from pipeline.data import FIELDS, file_digest, load_rows
+from pipeline.data import FIELDS, Source, file_digest, load_role
 from pipeline.errors import PREEMPTED_EXIT_CODE, Preempted, TrainingHalted, UserError
 from pipeline.monitoring import setup_logging
 from pipeline.stages.common import StageContext, ds_configs
@@ -59,13 +60,45 @@ def prepare_task(cfg: Config, d: engines.Dist, out: Path) -> Path:
     return folder
 
 
-def stage_inputs(cfg: Config, out: Path, task: Path) -> dict[str, dict[str, str]]:
-    """Role -> path for every stage: the user's paths where given, else the default task's."""
+DATA_ROLES = {"sft": ("sft_data", "sft_eval_data"), "reward": ("reward_data", "reward_eval_data"),
+              "ppo": ("prompt_data", "eval_prompt_data")}
+_DEFAULT_FILES = {"sft_data": "sft.jsonl", "sft_eval_data": "sft_eval.jsonl", "reward_data": "pairs.jsonl",
+                  "reward_eval_data": "pairs_eval.jsonl", "prompt_data": "prompts.jsonl",
+                  "eval_prompt_data": "prompts_eval.jsonl"}
+# The data options that shape a stage's rows: fingerprinted through the stage's Sources (so a new
+# split reruns only the stages that read data_path), not through the data section of every stage.
+SOURCE_OPTIONS = ("data_path", "data_split", "data_weights", "data_format", "eval_fraction")
+
+
+def data_sources(cfg: Config, stage: str, task: Path) -> dict[str, Source | str]:
+    """Training and eval rows of a stage: its own paths where given, else its share of
+    `data.data_path`, else the default task's files. User training rows without an eval path of
+    their own lose a seeded `data.eval_fraction` slice to evaluation."""
     dc = cfg.data
+    train_role, eval_role = DATA_ROLES[stage]
+    own_train, own_eval = getattr(dc, f"{train_role}_path"), getattr(dc, f"{eval_role}_path")
+    common = {"format": dc.data_format, "seed": cfg.seed, "eval_fraction": dc.eval_fraction}
+    if own_train:
+        train = Source((own_train,), **common)
+    elif dc.data_path:
+        train = Source(tuple(dc.data_path), weights=tuple(dc.data_weights), split=parse_split(dc.data_split),
+                       part=STAGES.index(stage), **common)
+    else:
+        train = str(task / _DEFAULT_FILES[train_role])
+    if own_eval:
+        held_out = Source((own_eval,), **common)
+    elif isinstance(train, Source):
+        held_out = dataclasses.replace(train, holdout="eval")
+        train = dataclasses.replace(train, holdout="train")
+    else:
+        held_out = str(task / _DEFAULT_FILES[eval_role])
+    return {train_role: train, eval_role: held_out}
 
-    def pick(given: str, default: str) -> str:
-        return given or str(task / default)
 
+def stage_inputs(cfg: Config, out: Path, task: Path) -> dict[str, dict]:
+    """Role -> path (models, tokenizers) or data `Source` for every stage: the user's where given,
+    else the default task's."""
+    dc = cfg.data
     base_model = cfg.model.model_name_or_path or str(task / "model")
     tokenizer = dc.tokenizer_path or cfg.model.model_name_or_path or str(task / "tokenizer")
     sft_model = out / "sft" / "model"
@@ -75,37 +108,39 @@ def stage_inputs(cfg: Config, out: Path, task: Path) -> dict[str, dict[str, str]
     # from the SFT's own starting point it learns both. A pretrained model keeps the SFT start.
     from_sft = cfg.reward_init == "sft" or (cfg.reward_init == "auto" and bool(cfg.model.model_name_or_path))
     return {
-        "sft": {"tokenizer": tokenizer, "model": base_model,
-                "sft_data": pick(dc.sft_data_path, "sft.jsonl"),
-                "sft_eval_data": pick(dc.sft_eval_data_path, "sft_eval.jsonl")},
+        "sft": {"tokenizer": tokenizer, "model": base_model, **data_sources(cfg, "sft", task)},
         "reward": {"tokenizer": str(sft_model) if sft_model.is_dir() else tokenizer,
                    "model": str(sft_model) if from_sft and sft_model.is_dir() else base_model,
-                   "reward_data": pick(dc.reward_data_path, "pairs.jsonl"),
-                   "reward_eval_data": pick(dc.reward_eval_data_path, "pairs_eval.jsonl")},
+                   **data_sources(cfg, "reward", task)},
         "ppo": {"tokenizer": actor, "actor": actor,
                 "reward_model": cfg.ppo.reward_model_path or str(out / "reward" / "model"),
-                "prompt_data": pick(dc.prompt_data_path, "prompts.jsonl"),
-                "eval_prompt_data": pick(dc.eval_prompt_data_path, "prompts_eval.jsonl")},
+                **data_sources(cfg, "ppo", task)},
     }
 
 
 def _needs_task(cfg: Config) -> bool:
-    dc = cfg.data
-    paths = (dc.sft_data_path, dc.sft_eval_data_path, dc.reward_data_path, dc.reward_eval_data_path,
-             dc.prompt_data_path, dc.eval_prompt_data_path, cfg.model.model_name_or_path)
-    return not all(paths)
+    """The default task is generated when a model is built from scratch or a stage reads its data."""
+    return not cfg.model.model_name_or_path or any(  # a plain path here is a default-task file
+        isinstance(v, str) for s in STAGES for v in data_sources(cfg, s, Path("task")).values())
 
 
-def _check_exists(stage: str, inputs: dict[str, str], out: Path) -> None:
-    for role, path in inputs.items():
-        p = Path(path)
-        produced_here = out in p.parents
-        if not produced_here and (p.is_absolute() or path.startswith(".") or "/" in path) and not p.exists():
-            raise UserError(f"stage {stage}: {role} path {path} does not exist.")
+def _check_exists(stage: str, inputs: dict, out: Path) -> None:
+    for role, spec in inputs.items():
+        for path in spec.paths if isinstance(spec, Source) else (spec,):
+            p = Path(path)
+            produced_here = out in p.parents
+            if not produced_here and (p.is_absolute() or path.startswith(".") or "/" in path) and not p.exists():
+                raise UserError(f"stage {stage}: {role} path {path} does not exist.")
+            if isinstance(spec, Source) and not p.exists():
+                raise UserError(f"stage {stage}: {role} path {path} does not exist (datasets are local "
+                                f"json/jsonl/parquet/csv files or folders).")
 
 
 # ---------------------------------------------------------------- fingerprints
-def _digest(path: str, out: Path) -> str:
+def _digest(spec, out: Path) -> str | dict:
+    if isinstance(spec, Source):  # the datasets' content and how they are cut, converted and mixed
+        return {"files": [_digest(p, out) for p in spec.paths], **spec.describe()}
+    path = spec
     p = Path(path)
     stage_json = p.parent / "stage.json"
     if p.name == "model" and stage_json.is_file():  # a model one of our stages produced
@@ -125,7 +160,8 @@ def identity(stage: str, cfg: Config, inputs: dict[str, str], out: Path) -> dict
     section = {"sft": cfg.sft, "reward": cfg.reward, "ppo": cfg.ppo}[stage]
     return {
         "stage": stage, "section": dataclasses.asdict(section), "seed": cfg.seed,
-        "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if not k.endswith("_path")},
+        "data": {k: v for k, v in dataclasses.asdict(cfg.data).items()
+                 if not k.endswith("_path") and k not in SOURCE_OPTIONS},
         "model": dataclasses.asdict(cfg.model),
         "ds": {"train": _file_text(cfg.ds_config), "inference": _file_text(cfg.ds_inference_config)},
         "inputs": {role: _digest(path, out) for role, path in sorted(inputs.items())},
@@ -157,13 +193,27 @@ def preflight(cfg: Config, d: engines.Dist, stages: tuple[str, ...], out: Path, 
     """What can be checked without running earlier stages fails before the first stage runs:
     input paths, DeepSpeed configs and sizes, and every row of every dataset (a bad prompt file
     stops the run before SFT, not hours later at PPO). Each stage checks its own inputs again."""
+    tokenizers: dict = {}  # loaded once per preflight, only if chat rows need one
     for stage in stages:
         inputs = stage_inputs(cfg, out, task)[stage]
         _check_exists(stage, inputs, out)
         ds_configs(cfg, stage, d.world_size)
-        for role, path in inputs.items():
+        # Chat messages are rendered with the stage's tokenizer (before SFT has written its own:
+        # the one SFT starts from, which it saves unchanged), loaded only if a dataset needs it.
+        tok_path = inputs["tokenizer"] if Path(inputs["tokenizer"]).exists() or out not in Path(
+            inputs["tokenizer"]).parents else stage_inputs(cfg, out, task)["sft"]["tokenizer"]
+        tokenizer = functools.partial(_preflight_tokenizer, tokenizers, tok_path, cfg.model.trust_remote_code)
+        for role, spec in inputs.items():
             if role in FIELDS:
-                load_rows(path, FIELDS[role])
+                load_role(spec, role, tokenizer, tok_path)
+
+
+def _preflight_tokenizer(cache: dict, path: str, trust_remote_code: bool):
+    from pipeline.models import load_tokenizer
+
+    if path not in cache:
+        cache[path] = load_tokenizer(path, trust_remote_code)
+    return cache[path]
 
 
 def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
@@ -200,7 +250,8 @@ def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
         if d.is_main:
             save_config(cfg, stage_dir / "config.yaml")
             (stage_dir / "stage.json").write_text(json.dumps(
-                {"fingerprint": fp, "results": results, "wall_s": wall, "inputs": inputs}, indent=2))
+                {"fingerprint": fp, "results": results, "wall_s": wall,
+                 "inputs": {role: str(spec) for role, spec in inputs.items()}}, indent=2))
         summary[stage] = {**results, "wall_s": wall, "skipped": False}
         if d.is_main:
             summary_path.write_text(json.dumps(summary, indent=2))

@@ -28,7 +28,7 @@ class StageContext:
     cfg: Config
     dist: engines.Dist
     stage_dir: Path
-    inputs: dict[str, str] = field(default_factory=dict)  # role -> resolved path
+    inputs: dict = field(default_factory=dict)  # role -> resolved path, or data.Source of a dataset role
     checkpointer: Checkpointer | None = None  # None: this stage never checkpoints (tests)
     resume: Resume | None = None  # the checkpoint this attempt resumes from
     stop: StopRequest = field(default_factory=StopRequest)

@@ -106,14 +106,18 @@ class PPOTrainer:
         self.reward_tokenizer = load_tokenizer(ctx.inputs["reward_model"], cfg.model.trust_remote_code)
         self.same_tokenizer = self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab()
         self.prompts, self.eval_prompts = (
-            data.prompt_examples(data.load_rows(ctx.inputs[role], data.FIELDS[role]), self.tokenizer,
-                                 cfg.data.max_prompt_len, ctx.inputs[role])
+            data.prompt_examples(data.load_role(ctx.inputs[role], role, self.tokenizer, ctx.inputs["tokenizer"]),
+                                 self.tokenizer, cfg.data.max_prompt_len, str(ctx.inputs[role]))
             for role in ("prompt_data", "eval_prompt_data"))
+        log.info("stage ppo: %d training prompts from %s; %d eval prompts from %s", len(self.prompts),
+                 ctx.inputs["prompt_data"], len(self.eval_prompts), ctx.inputs["eval_prompt_data"])
         if len(self.prompts) < p.rollout_batch_size:
             raise UserError(f"dataset {ctx.inputs['prompt_data']}: {len(self.prompts)} prompts are fewer "
                             f"than ppo.rollout_batch_size={p.rollout_batch_size}.")
         # The gold scorer exists only for the embedded default task's prompts.
-        self.gold = default_task.gold_score if not cfg.data.eval_prompt_data_path else None
+        dc = cfg.data
+        self.gold = (default_task.gold_score if not (dc.eval_prompt_data_path or dc.prompt_data_path or dc.data_path)
+                     else None)
 
     def _load_models(self, ctx: StageContext) -> tuple:
         """Actor and critic under the training ZeRO-3 config, reference and reward model under the

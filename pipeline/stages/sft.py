@@ -20,10 +20,11 @@ def run(ctx: StageContext) -> dict:
     cfg, t, d = ctx.cfg, ctx.cfg.sft, ctx.dist
     tokenizer = load_tokenizer(ctx.inputs["tokenizer"], cfg.model.trust_remote_code)
     lens = (cfg.data.max_prompt_len, cfg.data.max_response_len)
-    train_rows = data.load_rows(ctx.inputs["sft_data"], data.FIELDS["sft_data"])
-    eval_rows = data.load_rows(ctx.inputs["sft_eval_data"], data.FIELDS["sft_eval_data"])
-    train = data.sft_examples(train_rows, tokenizer, *lens, what=ctx.inputs["sft_data"])
-    held_out = data.sft_examples(eval_rows, tokenizer, *lens, what=ctx.inputs["sft_eval_data"])
+    train, held_out = (data.sft_examples(data.load_role(ctx.inputs[role], role, tokenizer, ctx.inputs["tokenizer"]),
+                                         tokenizer, *lens, what=str(ctx.inputs[role]))
+                       for role in ("sft_data", "sft_eval_data"))
+    log.info("stage sft: %d training rows from %s; %d eval rows from %s", len(train), ctx.inputs["sft_data"],
+             len(held_out), ctx.inputs["sft_eval_data"])
     ds_config = ds_configs(cfg, "sft", d.world_size)["train"]
     loader = train_loader(train, data.collate_sft, tokenizer.pad_token_id, t.micro_batch_size_per_gpu,
                           cfg.seed, d)

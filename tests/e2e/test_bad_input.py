@@ -163,6 +163,21 @@ def test_non_utf8_text(refused, tmp_path):
             needles=[f"dataset {path}, line 2: not UTF-8 text (byte 0xe9"])
 
 
+def test_hh_dialogue_without_an_assistant_turn(refused, tmp_path):
+    good = {"chosen": "\n\nHuman: p\n\nAssistant: a", "rejected": "\n\nHuman: p\n\nAssistant: b"}
+    path = _jsonl(tmp_path / "hh.jsonl", [good] * 20 + [{**good, "chosen": "\n\nHuman: no answer"}])
+    refused("ppo.py", "--data.data_path", path,
+            needles=[f"dataset {path}, row 20: field 'chosen' is not an HH dialogue: it has no 'Assistant:' turn"])
+
+
+def test_chat_messages_need_a_chat_template(refused, tmp_path):
+    chat = {"messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"}]}
+    path = _jsonl(tmp_path / "chat.jsonl", [chat] * 20)
+    refused("sft.py", "--data.sft_data_path", path,
+            needles=[f"dataset {path} (without its held-out eval slice) holds chat messages", "has none",
+                     "--data.tokenizer_path"])
+
+
 # ---------------------------------------------------------------- model and tokenizer folders
 def test_tokenizer_without_pad_token_uses_eos_with_a_warning(run, tmp_path):
     """Not an error: the run goes on with EOS as padding, says so, and writes only its own folder."""
