@@ -76,19 +76,26 @@ def _tensorboard_steps(folder):
     return scalars, texts
 
 
+def _killed_then_resumed(ref, root, script, stage, seed, within, *args):
+    """A copy of the finished run without `stage`; `script` killed with SIGKILL a random moment
+    after the stage's first checkpoint, then the same command run again to the end."""
+    out = root / "run"
+    shutil.copytree(ref, out)
+    shutil.rmtree(out / stage)
+    proc = _start(script, out, *args)
+    _kill_at_random(proc, out / stage, seed=seed, within=within)
+    assert not (out / stage / "stage.json").exists(), "killed too late to test anything"
+    resumed = launch(script, "--config", str(TINY), "--output_dir", str(out), *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return out, resumed
+
+
 @pytest.fixture(scope="module")
 def sft_killed_and_resumed(pristine_run, tmp_path_factory):
     """SFT killed with SIGKILL mid-run (checkpoints every 10 steps), then resumed to the end."""
     ref = pristine_run[0]
-    out = tmp_path_factory.mktemp("sft_kill") / "run"
-    shutil.copytree(ref, out)
-    shutil.rmtree(out / "sft")
-    proc = _start("sft.py", out, "--save_steps", "10", "--keep_last", "3")
-    _kill_at_random(proc, out / "sft", seed=1, within=3.0)
-    assert not (out / "sft" / "stage.json").exists(), "killed too late to test anything"
-    resumed = launch("sft.py", "--config", str(TINY), "--output_dir", str(out), "--save_steps", "10",
-                     "--keep_last", "3")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out, resumed = _killed_then_resumed(ref, tmp_path_factory.mktemp("sft_kill"), "sft.py", "sft", 1, 3.0,
+                                        "--save_steps", "10", "--keep_last", "3")
     return ref, out, resumed
 
 
@@ -165,15 +172,10 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(sft_killed_and_resum
 
 @pytest.fixture(scope="module")
 def ppo_killed_and_resumed(pristine_run, tmp_path_factory):
+    """PPO killed with SIGKILL mid-run (a checkpoint every iteration), then resumed to the end."""
     ref = pristine_run[0]
-    out = tmp_path_factory.mktemp("ppo_kill") / "run"
-    shutil.copytree(ref, out)
-    shutil.rmtree(out / "ppo")
-    proc = _start("ppo.py", out, "--save_steps", "1")
-    _kill_at_random(proc, out / "ppo", seed=2, within=1.0)
-    assert not (out / "ppo" / "stage.json").exists(), "killed too late to test anything"
-    resumed = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out), "--save_steps", "1")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out, resumed = _killed_then_resumed(ref, tmp_path_factory.mktemp("ppo_kill"), "ppo.py", "ppo", 2, 1.0,
+                                        "--save_steps", "1")
     return ref, out, resumed
 
 
