@@ -227,6 +227,12 @@ class Checkpointer:
         set_rng_state(own["rng"])
         return own["local"]
 
+    def every_local(self, resume: Resume) -> list[dict]:
+        """The rank-local state of every rank that wrote `resume`, in rank order (to re-cut per-rank
+        state for another rank count). Tensors are memory-mapped: a caller reads only what it slices."""
+        return [torch.load(resume.path / f"rank_{r:05d}.pt", map_location="cpu", weights_only=True,
+                           mmap=True)["local"] for r in range(resume.world_size)]
+
     # ------------------------------------------------------------ saving
     def save(self, step: int, models: dict, state: dict, local: dict | None = None) -> Path:
         """Write checkpoint `step`: engines, `state` (rank 0's, JSON), `local` (every rank's).

@@ -125,6 +125,9 @@ class PPOConfig:
     gradient_clipping: float = 1.0  # max global gradient norm for actor and critic
     eval_steps: int = 10  # evaluate on held-out prompts every N iterations (and at 0 and the end)
     logging_steps: int = 1  # log every N iterations
+    ptx_coef: float = 0.0  # PPO-ptx (InstructGPT): weight of a supervised LM loss on ptx data added to the actor loss (0: off)
+    ptx_data_path: str = ""  # PPO-ptx dataset in any SFT format (prompt/response, messages, hh, ...); empty = the SFT stage's training data
+    ema_beta: float = 0.0  # EMA of the actor weights after each optimizer step, saved as <ppo>/model_ema (0: off; e.g. 0.992)
 
 
 @dataclass
@@ -219,7 +222,7 @@ def validate(cfg: Config) -> None:
               "clip_eps", "eval_steps", "logging_steps", "target_kl", "kl_horizon", "max_nonfinite_skips"):
         positive(f"ppo.{f}", getattr(p, f))
     for f in ("warmup_iterations", "top_k", "min_new_tokens", "gather_modules", "value_clip", "vf_coef",
-              "entropy_coef", "kl_coef", "score_clip", "early_stop_kl", "gradient_clipping"):
+              "entropy_coef", "kl_coef", "score_clip", "early_stop_kl", "gradient_clipping", "ptx_coef"):
         non_negative(f"ppo.{f}", getattr(p, f))
     within("ppo.gamma", p.gamma, 0.0, 1.0)
     within("ppo.lam", p.lam, 0.0, 1.0)
@@ -229,6 +232,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"option ppo.advantage_mode={p.advantage_mode!r}: expected 'gae' or 'sequence'.")
     if p.kl_estimator not in ("k1", "k2", "k3"):
         raise UserError(f"option ppo.kl_estimator={p.kl_estimator!r}: expected 'k1', 'k2' or 'k3'.")
+    if not 0 <= p.ema_beta < 1:
+        raise UserError(f"option ppo.ema_beta={p.ema_beta} must be in [0, 1) (0: no EMA of the actor; "
+                        f"DeepSpeed-Chat uses 0.992).")
     if not 0 < p.top_p <= 1:
         raise UserError(f"option ppo.top_p={p.top_p} must be in (0, 1].")
     if cfg.save_steps < 0:

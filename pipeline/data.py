@@ -24,6 +24,7 @@ FIELDS = {  # dataset role -> the fields each of its rows must have
     "sft_data": ("prompt", "response"), "sft_eval_data": ("prompt", "response"),
     "reward_data": ("prompt", "chosen", "rejected"), "reward_eval_data": ("prompt", "chosen", "rejected"),
     "prompt_data": ("prompt",), "eval_prompt_data": ("prompt",),
+    "ptx_data": ("prompt", "response"),  # PPO-ptx: supervised rows mixed into the actor update
 }
 KNOWN_COLUMNS = ("prompt", "response", "chosen", "rejected", "messages")  # the columns read; others are ignored
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -137,7 +138,8 @@ def file_digest(path: str) -> str:
 # ---------------------------------------------------------------- formats, splits and mixes
 FORMATS = DATA_FORMATS  # auto, prompt_response, prompt_chosen_rejected, hh, messages, prompt
 ROLE_KIND = {"sft_data": "sft", "sft_eval_data": "sft", "reward_data": "reward",
-             "reward_eval_data": "reward", "prompt_data": "prompt", "eval_prompt_data": "prompt"}
+             "reward_eval_data": "reward", "prompt_data": "prompt", "eval_prompt_data": "prompt",
+             "ptx_data": "sft"}
 _KIND = {  # what a stage's rows hold, and how to name what it needs in a message
     "sft": ("SFT", ("prompt", "response"), "--data.sft_data_path"),
     "reward": ("reward-model", ("prompt", "chosen", "rejected"), "--data.reward_data_path"),

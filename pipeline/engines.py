@@ -6,6 +6,7 @@ abstraction, so the same code runs on CPU (gloo) and on GPUs (nccl).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import json
 import logging
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from pipeline import ppo_math
 from pipeline.config import LR_SCHEDULERS
 from pipeline.errors import UserError
 
@@ -200,30 +202,36 @@ def inference_engine(model: torch.nn.Module, ds_config: dict):
     return engine
 
 
-def full_state_dict(module: torch.nn.Module, rank: int) -> dict | None:
-    """The whole state dict on rank 0 (None elsewhere), gathered one submodule at a time."""
+def full_state_dict(module: torch.nn.Module, rank: int, ema: ShardEMA | None = None) -> dict | None:
+    """The whole state dict on rank 0 (None elsewhere), gathered one submodule at a time; with
+    `ema`, the parameters are the EMA's (gathered from its shards) instead of the module's."""
     keys = set(module.state_dict().keys())  # persistent entries only (no rotary caches)
     state = {}
     for prefix, sub in module.named_modules():
-        own = list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False))
+        params = list(sub.named_parameters(recurse=False))
+        own = params + list(sub.named_buffers(recurse=False))
+        param_names = {name for name, _ in params}
         if not own:
             continue
-        with deepspeed.zero.GatheredParameters([p for _, p in sub.named_parameters(recurse=False)]):
+        gather = contextlib.nullcontext() if ema else deepspeed.zero.GatheredParameters([p for _, p in params])
+        with gather:
+            values = [(name, ema.gathered(t) if ema and name in param_names else t) for name, t in own]
             if rank == 0:
-                for name, t in own:
+                for name, t in values:
                     key = f"{prefix}.{name}" if prefix else name
                     if key in keys:
                         state[key] = t.detach().cpu().clone()
     return state if rank == 0 else None
 
 
-def save_hf(module: torch.nn.Module, tokenizer, folder: Path, rank: int) -> None:
-    """Save as a plain Hugging Face folder (config, safetensors, tokenizer), atomically.
+def save_hf(module: torch.nn.Module, tokenizer, folder: Path, rank: int, ema: ShardEMA | None = None) -> None:
+    """Save as a plain Hugging Face folder (config, safetensors, tokenizer), atomically; with `ema`,
+    the EMA's weights instead of the module's.
 
     Written to `<folder>.partial` and renamed, so a crash never leaves a half-written model
     where a finished one was.
     """
-    state = full_state_dict(module, rank)
+    state = full_state_dict(module, rank, ema)
     if rank == 0:
         import shutil
 
@@ -281,6 +289,75 @@ def copy_gathered(src: torch.nn.Module, dst: torch.nn.Module, group: int = 0) ->
             for prefix, own in chunk:
                 for name, p in own:
                     targets[f"{prefix}.{name}" if prefix else name].data.copy_(p.data)
+
+
+# ---------------------------------------------------------------- EMA of a ZeRO-3 module
+def zero3_partition(flat: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    """Partition `rank` of a flattened parameter as ZeRO-3 lays it out (`param.ds_tensor`):
+    ceil(numel / world) elements from rank x that size, zero-padded at the end of the last ranks
+    (deepspeed.runtime.zero.partition_parameters, `_partition_param`)."""
+    size = -(-flat.numel() // world)
+    out = flat.new_zeros(size)
+    piece = flat[rank * size:(rank + 1) * size]
+    out[:piece.numel()] = piece
+    return out
+
+
+def recut(shards: list[torch.Tensor], numel: int, world: int, rank: int) -> torch.Tensor:
+    """Partition `rank` of `world` of the parameter (`numel` elements) whose partitions on another
+    rank count were `shards` (in rank order)."""
+    return zero3_partition(torch.cat([s.flatten() for s in shards])[:numel], world, rank)
+
+
+class ShardEMA:
+    """Exponential moving average of a ZeRO-3 module's parameters, kept by each rank on its own
+    partition of each parameter (`param.ds_tensor`), in float32.
+
+    The update touches local memory only (no communication; 4 bytes x parameters / ranks per
+    rank); DeepSpeed-Chat's `--enable_ema` instead gathers every parameter at every step. The full
+    weights are gathered only to export them (`save_hf(..., ema=...)`). State: one tensor per
+    parameter name and rank; `load_resharded` re-cuts the shards of another rank count.
+    """
+
+    def __init__(self, module: torch.nn.Module, beta: float):
+        self.beta = beta
+        self.params = dict(module.named_parameters())
+        for name, p in self.params.items():
+            if p.ds_tensor.numel() != p.ds_tensor.ds_numel:  # swapped out to NVMe
+                raise UserError(f"ppo.ema_beta: parameter {name} has its partition swapped out (offload_param "
+                                f"to nvme in the DeepSpeed config); the EMA needs it in memory. Offload to "
+                                f"cpu or none, or set ppo.ema_beta 0.")
+        self.shards = {n: p.ds_tensor.detach().float().clone() for n, p in self.params.items()}
+        self._by_param = {id(p): n for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """After an optimizer step: ema = beta * ema + (1 - beta) * weights, shard by shard."""
+        for name, p in self.params.items():
+            ppo_math.ema_update_(self.shards[name], p.ds_tensor, self.beta)
+
+    def gathered(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The full EMA of `param` (its shape and dtype), on every rank. Collective."""
+        shard = self.shards[self._by_param[id(param)]].to(device())
+        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(param.ds_process_group))]
+        dist.all_gather(parts, shard, group=param.ds_process_group)
+        return torch.cat(parts)[:param.ds_numel].view(param.ds_shape).to(param.dtype)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: t.cpu() for n, t in self.shards.items()}
+
+    def load_state_dict(self, shards: dict[str, torch.Tensor]) -> None:
+        """This rank's shards, saved by a run on the same rank count."""
+        for name, t in self.shards.items():
+            t.copy_(shards[name])
+
+    def load_resharded(self, per_rank: list[dict[str, torch.Tensor]]) -> None:
+        """Every old rank's shards (in rank order), saved on another rank count: this rank's
+        partitions re-cut from them."""
+        for name, p in self.params.items():
+            group = p.ds_process_group
+            self.shards[name].copy_(recut([old[name] for old in per_rank], p.ds_numel,
+                                          dist.get_world_size(group), dist.get_rank(group)))
 
 
 # ---------------------------------------------------------------- engine checkpoints

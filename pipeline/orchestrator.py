@@ -95,6 +95,15 @@ def data_sources(cfg: Config, stage: str, task: Path) -> dict[str, Source | str]
     return {train_role: train, eval_role: held_out}
 
 
+def ptx_source(cfg: Config, task: Path) -> dict[str, Source | str]:
+    """PPO-ptx rows (`ptx_data`): `ppo.ptx_data_path`, else the SFT stage's training rows; none when
+    PTX is off and no path is given (a given path is always checked and fingerprinted)."""
+    p = cfg.ppo
+    if p.ptx_data_path:  # every row of it (no split, no held-out slice)
+        return {"ptx_data": Source((p.ptx_data_path,), format=cfg.data.data_format)}
+    return {"ptx_data": data_sources(cfg, "sft", task)["sft_data"]} if p.ptx_coef > 0 else {}
+
+
 def stage_inputs(cfg: Config, out: Path, task: Path) -> dict[str, dict]:
     """Role -> path (models, tokenizers) or data `Source` for every stage: the user's where given,
     else the default task's."""
@@ -114,7 +123,7 @@ def stage_inputs(cfg: Config, out: Path, task: Path) -> dict[str, dict]:
                    **data_sources(cfg, "reward", task)},
         "ppo": {"tokenizer": actor, "actor": actor,
                 "reward_model": cfg.ppo.reward_model_path or str(out / "reward" / "model"),
-                **data_sources(cfg, "ppo", task)},
+                **data_sources(cfg, "ppo", task), **ptx_source(cfg, task)},
     }
 
 

@@ -311,3 +311,10 @@ class RunningMoments:
     def load_state_dict(self, d: dict[str, float]) -> None:
         self.mean, self.std = float(d["mean"]), float(d["std"])
         self.count, self._m2 = int(d["count"]), float(d["m2"])
+
+
+@torch.no_grad()
+def ema_update_(ema: Tensor, weights: Tensor, beta: float) -> Tensor:
+    """ema <- beta * ema + (1 - beta) * weights, in place (DeepSpeed-Chat's `--enable_ema`, there with
+    beta = 0.992). `ema` keeps its dtype (float32 for an EMA of bf16/fp16 weights); same shapes."""
+    return ema.mul_(beta).add_(weights.to(ema.dtype), alpha=1.0 - beta)

@@ -4,7 +4,8 @@ One iteration, one method per phase (see `PPOTrainer.iteration`):
   1. generate    sample responses from the actor (eval mode); record pi_old log-probs
   2. score       reference log-probs, reward-model score at the last real token, critic values
   3. advantages  per-token KL penalty + clipped score; GAE or sequence-level A = R - V(prompt)
-  4. update      num_ppo_epochs x mini-batches: clipped surrogate - c2 entropy; clipped value loss
+  4. update      num_ppo_epochs x mini-batches: clipped surrogate - c2 entropy (+ ptx_coef x LM loss
+                 on supervised rows: PPO-ptx); clipped value loss; EMA of the actor after each step
   5. bookkeeping KL controller, metrics, evaluation on held-out prompts
 Shapes: B rollout rows on this rank, P prompt width (left-padded), R response width.
 """
@@ -14,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +25,10 @@ from pipeline.config import ppo_sizes
 from pipeline.errors import TrainingHalted, UserError
 from pipeline.generation import (DeepSpeedHybridGenerator, HybridEngine, SamplingParams, choose_backend,
                                  position_ids, response_mask)
-from pipeline.models import (check_vocab, last_real_index, load_causal_lm, load_scalar_model, load_tokenizer,
-                             token_values)
+from pipeline.models import (causal_lm_loss, check_vocab, last_real_index, load_causal_lm, load_scalar_model,
+                             load_tokenizer, token_values)
 from pipeline.monitoring import PhaseTimer, overoptimisation_plot, peak_rss_gb, progress
-from pipeline.stages.common import StageContext, ds_configs
+from pipeline.stages.common import StageContext, ds_configs, to_device
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +90,22 @@ class PPOTrainer:
                  "(unbiased and >= 0, http://joschu.net/blog/kl-approx.html).", p.kl_estimator)
         self.nonfinite_in_a_row = 0
         self.sft_eval: list[float] | None = None  # step-0 gold score per eval prompt (win rate)
+        # PPO-ptx rows are drawn in their own seeded order, a global mini-batch per optimizer step.
+        self.ptx_order = PromptOrder(len(self.ptx), cfg.seed + 1) if self.ptx else None
+        self.ema = engines.ShardEMA(self.actor.module, p.ema_beta) if p.ema_beta > 0 else None
 
     def state_dict(self) -> dict:
-        """What a resumed run needs besides the engines (JSON)."""
-        return {"kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
-                "nonfinite_in_a_row": self.nonfinite_in_a_row, "sft_eval": self.sft_eval}
+        """What a resumed run needs besides the engines and the EMA (JSON)."""
+        s = {"kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
+             "nonfinite_in_a_row": self.nonfinite_in_a_row, "sft_eval": self.sft_eval}
+        return {**s, "ptx_order": self.ptx_order.state_dict()} if self.ptx_order else s
 
     def load_state_dict(self, s: dict) -> None:
         self.kl_ctl.load_state_dict(s["kl_ctl"])
         self.score_moments.load_state_dict(s["score_moments"])
         self.nonfinite_in_a_row, self.sft_eval = s["nonfinite_in_a_row"], s["sft_eval"]
+        if self.ptx_order:
+            self.ptx_order.load_state_dict(s["ptx_order"])
 
     def _load_inputs(self, ctx: StageContext) -> None:
         """Tokenizers and prompts, all validated before anything is written."""
@@ -114,10 +122,24 @@ class PPOTrainer:
         if len(self.prompts) < p.rollout_batch_size:
             raise UserError(f"dataset {ctx.inputs['prompt_data']}: {len(self.prompts)} prompts are fewer "
                             f"than ppo.rollout_batch_size={p.rollout_batch_size}.")
+        self.ptx = self._load_ptx(ctx) if p.ptx_coef > 0 else None
+        if p.ptx_coef == 0 and p.ptx_data_path:
+            log.info("ppo.ptx_data_path is given but ppo.ptx_coef is 0: no PTX loss.")
         # The gold scorer exists only for the embedded default task's prompts.
         dc = cfg.data
         self.gold = (default_task.gold_score if not (dc.eval_prompt_data_path or dc.prompt_data_path or dc.data_path)
                      else None)
+
+    def _load_ptx(self, ctx: StageContext) -> list[dict]:
+        """PPO-ptx rows, tokenised like SFT's (loss on the response tokens only)."""
+        spec, lens = ctx.inputs["ptx_data"], (self.cfg.data.max_prompt_len, self.cfg.data.max_response_len)
+        rows = data.load_role(spec, "ptx_data", self.tokenizer, ctx.inputs["tokenizer"])
+        ptx = data.sft_examples(rows, self.tokenizer, *lens, what=str(spec))
+        log.info("stage ppo: PTX loss (ppo.ptx_coef %g) on %d rows from %s", self.p.ptx_coef, len(ptx), spec)
+        if len(ptx) < self.p.mini_batch_size:
+            raise UserError(f"dataset {spec}: {len(ptx)} PTX rows are fewer than ppo.mini_batch_size="
+                            f"{self.p.mini_batch_size} (one PTX row per rollout row of each optimizer step).")
+        return ptx
 
     def _load_models(self, ctx: StageContext) -> tuple:
         """Actor and critic under the training ZeRO-3 config, reference and reward model under the
@@ -276,7 +298,11 @@ class PPOTrainer:
         num_tokens = engines.all_reduce_sum(mb_mask.sum().float()).clamp(min=1)
         acc = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "clip_fraction": 0.0,
                "approx_kl": 0.0, "value_clip_fraction": 0.0}
-        for s in self._micro(len(idx)):
+        if self.ptx:
+            ptx_batches, ptx_tokens = self._ptx_micro_batches()
+            acc["ptx_loss"] = 0.0
+        steps_before = self.actor.global_steps
+        for j, s in enumerate(self._micro(len(idx))):
             rows = idx[s]
             seq, mask, m = exp.sequences[rows], exp.attention_mask[rows], exp.response_mask[rows]
             share = m.sum() / num_tokens  # this micro-batch's share of the global mini-batch tokens
@@ -285,12 +311,18 @@ class PPOTrainer:
                                                      m, p.clip_eps, num_tokens)
             entropy = ppo_math.entropy_from_logits(logits)
             ent = ppo_math.masked_token_mean_global(entropy, m, num_tokens)
+            actor_loss = pg_loss - p.entropy_coef * ent
+            if self.ptx:  # PPO-ptx (InstructGPT, eq. 2): + gamma x LM loss, normalised by the global count
+                b = ptx_batches[j]
+                ptx_loss = causal_lm_loss(self.actor, b["input_ids"], b["attention_mask"], b["labels"])[0] / ptx_tokens
+                actor_loss = actor_loss + p.ptx_coef * ptx_loss
+                acc["ptx_loss"] += ptx_loss.item()
             values, _ = self._values(self.critic, seq, mask, w)
             v_loss, v_stats = ppo_math.value_loss(values, exp.old_values[rows], exp.returns[rows], m,
                                                   num_tokens, p.value_clip or None)
-            self._check_finite(pg_loss, ent, v_loss)
+            self._check_finite(actor_loss, v_loss)
             # DeepSpeed averages gradients over ranks: x world turns that into the global sum.
-            self.actor.backward((pg_loss - p.entropy_coef * ent) * world, scale_wrt_gas=False)
+            self.actor.backward(actor_loss * world, scale_wrt_gas=False)
             self.actor.step()
             self.critic.backward(p.vf_coef * v_loss * world, scale_wrt_gas=False)
             self.critic.step()
@@ -300,8 +332,21 @@ class PPOTrainer:
             for k, v in ((*pg_stats.items(), *v_stats.items())):
                 if k in acc:
                     acc[k] += v.item() * share.item()
+        if self.ema is not None:
+            assert self.actor.global_steps == steps_before + 1, "a mini-batch is one optimizer step"
+            self.ema.update()
         summed = engines.all_reduce_sum(torch.tensor(list(acc.values()), dtype=torch.float64))
         return {k: float(v) for k, v in zip(acc, summed)}
+
+    def _ptx_micro_batches(self) -> tuple[list[dict], torch.Tensor]:
+        """The next global mini-batch of PTX rows: this rank's share as micro-batches, and the
+        global count of their labelled (response) tokens."""
+        per_rank, r = self.sizes["mini_per_rank"], self.d.rank
+        chosen = self.ptx_order.take(self.p.mini_batch_size)[r * per_rank:(r + 1) * per_rank]
+        rows = [self.ptx[i] for i in chosen]
+        batches = [to_device(data.collate_sft(rows[s], self.tokenizer.pad_token_id)) for s in self._micro(len(rows))]
+        tokens = sum((b["labels"][:, 1:] != data.IGNORE_INDEX).sum() for b in batches)
+        return batches, engines.all_reduce_sum(tokens.float()).clamp(min=1)
 
     def _check_finite(self, *losses: torch.Tensor) -> None:
         """Stop before a non-finite loss reaches the weights (every rank stops together).
@@ -416,7 +461,7 @@ def _samples_text(samples: list, k: int = 4) -> str:
 
 
 class PromptOrder:
-    """Prompts in a fresh seeded permutation per pass; resumable (the state is JSON)."""
+    """Rows (prompts, PTX rows) in a fresh seeded permutation per pass; resumable (the state is JSON)."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.g, self.queue = n, torch.Generator().manual_seed(seed), []
@@ -450,7 +495,12 @@ def run(ctx: StageContext) -> dict:
         logger.text("samples", _samples_text(first_samples), 0)
         last_eval, metrics = first, {}
     else:
-        ctx.checkpointer.load(ctx.resume, models)  # (random states: every draw in PPO is seeded)
+        local = ctx.checkpointer.load(ctx.resume, models)  # (random states: every draw in PPO is seeded)
+        if trainer.ema is not None:  # per-rank shards; from another rank count, re-cut
+            if local is not None:
+                trainer.ema.load_state_dict(local["ema"])
+            else:
+                trainer.ema.load_resharded([old["ema"] for old in ctx.checkpointer.every_local(ctx.resume)])
         s = ctx.resume.state
         start, first, last_eval, metrics = s["step"], s["first_eval"], s["last_eval"], s["last_metrics"]
         order.load_state_dict(s["order"])
@@ -472,9 +522,14 @@ def run(ctx: StageContext) -> dict:
         bar.set_postfix(score=f"{metrics['rollout/score_mean']:.3f}", kl=f"{metrics['rollout/kl_to_ref']:.3f}")
         ctx.end_of_step(step, step == p.num_iterations, models, lambda: (
             {"step": step, "first_eval": first, "last_eval": last_eval, "last_metrics": metrics,
-             "order": order.state_dict(), "trainer": trainer.state_dict()}, {}))
+             "order": order.state_dict(), "trainer": trainer.state_dict()},
+            {"ema": trainer.ema.state_dict()} if trainer.ema else {}))
     bar.close()
     engines.save_hf(trainer.actor.module, trainer.tokenizer, ctx.stage_dir / "model", d.rank)
+    if trainer.ema is not None:
+        engines.save_hf(trainer.actor.module, trainer.tokenizer, ctx.stage_dir / "model_ema", d.rank, trainer.ema)
+    elif d.is_main:  # not a stale EMA from an earlier run next to this run's model
+        shutil.rmtree(ctx.stage_dir / "model_ema", ignore_errors=True)
     logger.close()
     if d.is_main:
         rows = [json.loads(line) for line in (ctx.stage_dir / "metrics.jsonl").read_text().splitlines()]
