@@ -1,7 +1,11 @@
 """Run under `deepspeed`: `save` (2 ranks) trains a tiny ZeRO-3 engine 3 steps, checkpoints it with
 the Checkpointer, then takes step 4 and writes the full weights before and after it; `load` (any
 rank count) resumes from that checkpoint, writes the loaded weights, takes the same step 4 on
-the same global batch and writes the result. Used by test_checkpoint_ranks.py."""
+the same global batch and writes the result. Used by test_checkpoint_ranks.py.
+
+An EMA of the weights (engines.ShardEMA, on the ZeRO-3 shards) follows every step; `save` also keeps
+the same EMA by hand on the full weights gathered after each step, and both modes write the EMA
+gathered from the shards (saved per rank in the checkpoint, re-cut on another rank count)."""
 import json
 import sys
 from pathlib import Path
@@ -13,6 +17,7 @@ from pipeline.checkpoint import Checkpointer
 from pipeline.models import load_causal_lm
 
 GLOBAL_BATCH = 4
+EMA_BETA = 0.5
 
 
 def batch(step: int, d: engines.Dist) -> torch.Tensor:
@@ -42,32 +47,47 @@ def main() -> None:
     with engines.zero3_construction(ds):
         model = load_causal_lm(str(model_dir), False)
     engine = engines.train_engine(model, ds, 1e-2, 0.1, "cosine", 2, 20)
+    ema = engines.ShardEMA(engine.module, EMA_BETA)
+    hand = engines.full_state_dict(engine.module, d.rank)  # rank 0: the EMA on full weights
 
     def train_step(step: int) -> None:
         ids = batch(step, d)
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
+        ema.update()
 
-    def dump(name: str) -> None:
-        state = engines.full_state_dict(engine.module, d.rank)
+    def dump(name: str, ema_of=None) -> None:  # the weights, or those of an EMA (collective)
+        state = engines.full_state_dict(engine.module, d.rank, ema_of)
         if d.is_main:
             torch.save(state, folder / f"{name}.pt")
 
     if mode == "save":
         for step in range(1, 4):
             train_step(step)
-        ckpt.save(3, {"model": engine}, {"step": 3}, {"note": "rank-local"})
+            full = engines.full_state_dict(engine.module, d.rank)
+            if d.is_main:
+                hand = {k: EMA_BETA * hand[k] + (1 - EMA_BETA) * full[k] for k in hand}
+        ckpt.save(3, {"model": engine}, {"step": 3}, {"note": "rank-local", "ema": ema.state_dict()})
         dump("saved")
+        if d.is_main:
+            torch.save(hand, folder / "ema_hand.pt")
+        dump("ema_saved", ema)
         train_step(4)
         dump("after_save_world")
     else:
         assert resume is not None and resume.step == 3, resume
         local = ckpt.load(resume, {"model": engine})
+        if local is not None:
+            ema.load_state_dict(local["ema"])
+        else:
+            ema.load_resharded([old["ema"] for old in ckpt.every_local(resume)])
         dump("loaded")
+        dump(f"ema_loaded_world{d.world_size}", ema)
         if d.is_main:
             (folder / "load_report.json").write_text(json.dumps({
-                "universal": resume.universal, "saved_by": resume.world_size, "local": local,
+                "universal": resume.universal, "saved_by": resume.world_size,
+                "local": local and {"note": local["note"]},
                 "lr": engine.get_lr()[0], "global_steps": engine.global_steps}))
         train_step(4)
         dump(f"after_world{d.world_size}")
