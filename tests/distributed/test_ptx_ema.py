@@ -4,7 +4,9 @@ Three PPO runs on the same SFT and reward models (tiny sizes, 2 iterations, one 
 iteration, no warmup so both steps move the weights, a checkpoint after iteration 1):
   base   no PTX, no EMA
   off    ptx_coef 0 with a ptx_data_path given, ema_beta 0.9
-  ptx    ptx_coef 1 on the SFT stage's training rows
+  ptx    ptx_coef 1 on the SFT stage's training rows, ema_beta 0.9; then killed-like (final models
+         removed) and resumed from the iteration-1 checkpoint: the PTX draw order and the EMA shards
+         come back, so both models are bitwise those of the uninterrupted run
 """
 import json
 import shutil
@@ -98,11 +100,16 @@ def test_ptx_off_and_ema_leave_the_policy_bitwise_unchanged_and_the_ema_is_exact
     assert max((final[k] - ema[k]).abs().max() for k in ema) > 1e-5  # model_ema is not model
 
 
-def test_ptx_moves_the_actor_towards_the_ptx_data_and_leaves_the_first_critic_update_alone(runs):
+def _metrics(run):
+    return [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "perf/", "memory/"))}
+            for x in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ptx_moves_the_actor_towards_the_ptx_data_and_resumes_exactly(runs):
     run, base = runs
-    proc = _ppo(run, "--ppo.ptx_coef", "1")
+    args = ("--ppo.ptx_coef", "1", "--ppo.ema_beta", str(BETA))
+    proc = _ppo(run, *args)
     assert "PTX loss (ppo.ptx_coef 1) on 256 rows" in proc.stdout  # the SFT stage's training rows
-    assert not (run / "ppo" / "model_ema").exists()  # no EMA asked for: none left from the last run
     final = _weights(run / "ppo" / "model")
     assert not _same(final, _weights(base / "ppo" / "model"))
     # Iteration 1's rollouts come from the same policy, so the critic's first update is identical;
@@ -116,3 +123,13 @@ def test_ptx_moves_the_actor_towards_the_ptx_data_and_leaves_the_first_critic_up
     with_ptx, without = _lm_loss(run / "ppo" / "model", sft_rows), _lm_loss(base / "ppo" / "model", sft_rows)
     print(f"LM loss on 128 PTX rows: with PTX {with_ptx:.5f}, without {without:.5f}; ptx_loss logged {ptx}")
     assert with_ptx < without
+
+    # Resume from the iteration-1 checkpoint as if killed during iteration 2.
+    ema, metrics = _weights(run / "ppo" / "model_ema"), _metrics(run)
+    for name in ("model", "model_ema"):
+        shutil.rmtree(run / "ppo" / name)
+    (run / "ppo" / "stage.json").unlink()
+    proc = _ppo(run, *args)
+    assert "stage ppo: resuming from iteration 1 of 2" in proc.stdout
+    assert _same(_weights(run / "ppo" / "model"), final) and _same(_weights(run / "ppo" / "model_ema"), ema)
+    assert _metrics(run) == metrics
