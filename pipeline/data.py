@@ -145,6 +145,7 @@ _KIND = {  # what a stage's rows hold, and how to name what it needs in a messag
     "reward": ("reward-model", ("prompt", "chosen", "rejected"), "--data.reward_data_path"),
     "prompt": ("PPO", ("prompt",), "--data.prompt_data_path"),
 }
+_ROLE_NAMES = {"ptx_data": ("PPO-ptx", "--ppo.ptx_data_path")}  # roles that borrow a kind but not its stage
 _FORMAT_COLUMNS = {"prompt_response": ("prompt", "response"),
                    "prompt_chosen_rejected": ("prompt", "chosen", "rejected"),
                    "hh": ("chosen", "rejected"), "prompt": ("prompt",)}
@@ -219,7 +220,7 @@ def _feeds(fmt: str, cols: set) -> set:
     return {"prompt_response": {"sft", "prompt"}, "prompt": {"prompt"}}.get(fmt, {"sft", "reward", "prompt"})
 
 
-def _check_columns(path: str, columns: list[str], fmt: str, kind: str, given: bool) -> None:
+def _check_columns(path: str, columns: list[str], fmt: str, kind: str, given: bool, role: str = "") -> None:
     """The dataset has the columns of its format, and that format can feed this stage."""
     cols = set(columns)
     listed = ", ".join(columns) or "none"
@@ -232,6 +233,7 @@ def _check_columns(path: str, columns: list[str], fmt: str, kind: str, given: bo
                             f"--data.data_format {fmt} expects {', '.join(need)}).")
     if kind not in _feeds(fmt, cols):
         stage, fields, option = _KIND[kind]
+        stage, option = _ROLE_NAMES.get(role, (stage, option))
         missing = [f for f in fields if f not in cols] or list(fields)
         raise UserError(
             f"dataset {path}: field {missing[0]!r} is missing (columns: {listed}; read as format "
@@ -447,7 +449,7 @@ def load_role(spec, role: str, tokenizer=None, tokenizer_name: str = "") -> list
         if not raw:
             raise UserError(f"dataset {path} has no rows.")
         fmt = src.format if src.format != "auto" else detect_format(path, columns, raw)
-        _check_columns(path, columns, fmt, kind, src.format != "auto")
+        _check_columns(path, columns, fmt, kind, src.format != "auto", role)
         idx = split_indices(len(raw), src.split, src.part, src.seed) if src.split else list(range(len(raw)))
         if src.holdout:
             if len(idx) < 2:
@@ -458,6 +460,7 @@ def load_role(spec, role: str, tokenizer=None, tokenizer_name: str = "") -> list
     rows = mix(parts, src.weights if src.holdout != "eval" else (), src.seed)
     if not rows:
         stage, _, option = _KIND[kind]
+        stage, option = _ROLE_NAMES.get(role, (stage, option))
         raise UserError(f"dataset {src} gives the {stage} stage no rows: give it a non-zero share in "
                         f"--data.data_split or its own dataset with {option}.")
     return render(rows, tokenizer, str(src), tokenizer_name) if tokenizer is not None else rows

@@ -112,6 +112,10 @@ def test_ptx_data_is_fingerprinted_and_preflighted(tmp_path, task_tokenizer):
     d = types.SimpleNamespace(world_size=1)
     with pytest.raises(UserError, match=r"bad.jsonl, row 1"):
         preflight(parse_config([*base, "--ppo.ptx_coef", "1", "--ppo.ptx_data_path", bad]), d, ("ppo",), out, task)
+    prompts = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": "p"}] * 4)  # no responses to learn
+    with pytest.raises(UserError, match=r"prompts.jsonl: field 'response' is missing .*The PPO-ptx stage needs "
+                                        r"prompt/response rows.*--ppo.ptx_data_path"):
+        preflight(parse_config([*base, "--ppo.ptx_coef", "1", "--ppo.ptx_data_path", prompts]), d, ("ppo",), out, task)
     with pytest.raises(UserError, match=r"ptx_data path .*missing.jsonl does not exist"):
         preflight(parse_config([*base, "--ppo.ptx_data_path", str(tmp_path / "missing.jsonl")]), d, ("ppo",),
                   out, task)
