@@ -103,10 +103,7 @@ def stage_inputs(cfg: Config, out: Path, task: Path) -> dict[str, dict]:
     tokenizer = dc.tokenizer_path or cfg.model.model_name_or_path or str(task / "tokenizer")
     sft_model = out / "sft" / "model"
     actor = cfg.ppo.actor_model_path or str(sft_model)
-    # The default task's from-scratch model: a reward model fine-tuned from the SFT policy learned
-    # sentiment but, on some seeds, never "is it about the asked item" (item-swap pairs at chance);
-    # from the SFT's own starting point it learns both. A pretrained model keeps the SFT start.
-    from_sft = cfg.reward_init == "sft" or (cfg.reward_init == "auto" and bool(cfg.model.model_name_or_path))
+    from_sft = _reward_from_sft(cfg)
     return {
         "sft": {"tokenizer": tokenizer, "model": base_model, **data_sources(cfg, "sft", task)},
         "reward": {"tokenizer": str(sft_model) if sft_model.is_dir() else tokenizer,
@@ -116,6 +113,33 @@ def stage_inputs(cfg: Config, out: Path, task: Path) -> dict[str, dict]:
                 "reward_model": cfg.ppo.reward_model_path or str(out / "reward" / "model"),
                 **data_sources(cfg, "ppo", task)},
     }
+
+
+def _reward_from_sft(cfg: Config) -> bool:
+    """Does the reward model start from the SFT output? The default task's from-scratch model: a
+    reward model fine-tuned from the SFT policy learned sentiment but, on some seeds, never "is it
+    about the asked item" (item-swap pairs at chance); from the SFT's own starting point it learns
+    both. A pretrained model keeps the SFT start."""
+    return cfg.reward_init == "sft" or (cfg.reward_init == "auto" and bool(cfg.model.model_name_or_path))
+
+
+def needed_stages(cfg: Config, stages: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The requested stages that must run, and why each other one does not.
+
+    A stage whose model PPO takes from a path instead (`ppo.actor_model_path` for SFT,
+    `ppo.reward_model_path` for the reward model) runs only when the last requested stage or
+    another running stage still reads its model: PPO started from existing models goes straight
+    to PPO (DeepSpeed-Chat's step 3 alone)."""
+    superseded = {"sft": "PPO starts from ppo.actor_model_path" if cfg.ppo.actor_model_path else "",
+                  "reward": "PPO scores with ppo.reward_model_path" if cfg.ppo.reward_model_path else ""}
+    reads = {"ppo": {"sft": not cfg.ppo.actor_model_path, "reward": not cfg.ppo.reward_model_path},
+             "reward": {"sft": _reward_from_sft(cfg)}}
+    keep = [stages[-1]]
+    for stage in reversed(stages[:-1]):
+        if not superseded[stage] or any(reads.get(later, {}).get(stage, False) for later in keep):
+            keep.insert(0, stage)
+    not_run = {s: f"{superseded[s]} and no other stage reads its model" for s in stages if s not in keep}
+    return tuple(keep), not_run
 
 
 def _needs_task(cfg: Config) -> bool:
@@ -224,6 +248,9 @@ def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
     task = prepare_task(cfg, d, out) if _needs_task(cfg) else out / "task"  # else: never read
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    stages, not_run = needed_stages(cfg, stages)
+    for stage, why in not_run.items():
+        log.info("stage %s is not needed: %s.", stage, why)
     preflight(cfg, d, stages, out, task)
     for stage in stages:
         inputs = stage_inputs(cfg, out, task)[stage]

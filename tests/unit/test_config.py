@@ -486,3 +486,24 @@ def test_reward_init_auto_starts_a_from_scratch_model_from_the_base(tmp_path):
 def test_reward_init_rejects_unknown_values():
     with pytest.raises(UserError, match=r"reward_init"):
         parse_config(["--reward_init", "policy"])
+
+
+# ---------------------------------------------------------------- which stages run
+@pytest.mark.parametrize("flags, stages, expected", [
+    ([], ("sft", "reward", "ppo"), ("sft", "reward", "ppo")),
+    (["--ppo.actor_model_path", "a", "--ppo.reward_model_path", "r"], ("sft", "reward", "ppo"), ("ppo",)),
+    # the from-scratch reward model starts from the base model: SFT is read only by PPO
+    (["--ppo.actor_model_path", "a"], ("sft", "reward", "ppo"), ("reward", "ppo")),
+    # ... but a reward model fine-tuned from the SFT output still needs SFT
+    (["--ppo.actor_model_path", "a", "--reward_init", "sft"], ("sft", "reward", "ppo"), ("sft", "reward", "ppo")),
+    (["--ppo.reward_model_path", "r"], ("sft", "reward", "ppo"), ("sft", "ppo")),
+    (["--ppo.actor_model_path", "a", "--ppo.reward_model_path", "r"], ("sft",), ("sft",)),  # asked for alone
+    (["--ppo.reward_model_path", "r"], ("sft", "reward"), ("sft", "reward")),
+])
+def test_stages_whose_model_nothing_reads_are_not_run(flags, stages, expected):
+    from pipeline.orchestrator import needed_stages
+
+    run, not_run = needed_stages(parse_config(flags), stages)
+    assert run == expected
+    assert set(not_run) == set(stages) - set(expected)
+    assert all("no other stage reads its model" in why for why in not_run.values())
