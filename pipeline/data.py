@@ -29,6 +29,27 @@ KNOWN_COLUMNS = ("prompt", "response", "chosen", "rejected", "messages")  # the 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+def is_hub_name(path: str) -> bool:
+    """A dataset named on the Hugging Face hub (`Dahoas/rm-static`), not a local file or folder."""
+    p = Path(path)
+    return (not p.exists() and not path.startswith((".", "/", "~")) and p.suffix not in _BUILDERS
+            and 0 < len(path) and path.count("/") <= 1)
+
+
+def _hub_dataset(name: str):
+    """The `train` split of a hub dataset (cached by `datasets` after the first download)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split="train")
+    except Exception as e:  # no network, unknown name, gated repo, no train split: one paragraph
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"dataset {name} is not a local file or folder, and the Hugging Face hub did not "
+                        f"give it ({reason}). Give a local json/jsonl/parquet/csv file or folder, or a hub "
+                        f"dataset with a train split (once downloaded it is read from the datasets cache, "
+                        f"also with HF_DATASETS_OFFLINE=1).") from None
+
+
 def _data_files(path: str) -> tuple[str, list[str]]:
     p = Path(path)
     if p.is_file():
@@ -76,18 +97,25 @@ def _csv_as_text(builder: str, files: list[str]) -> dict:
             "features": datasets.Features({c: datasets.Value("string") for c in header})}
 
 
+def _known_rows(ds) -> list[dict]:
+    known = [c for c in KNOWN_COLUMNS if c in ds.column_names]
+    return ds.select_columns(known).to_list() if known else [{} for _ in range(len(ds))]
+
+
 def _read_table(path: str) -> tuple[list[str], list[dict]]:
-    """(column names, rows holding the columns this package reads) of a local dataset."""
+    """(column names, rows holding the columns this package reads) of a local or hub dataset."""
     import datasets
 
+    datasets.disable_progress_bars()
+    if is_hub_name(path):
+        ds = _hub_dataset(path)
+        return ds.column_names, _known_rows(ds)
     builder, files = _data_files(path)
     if builder in ("json", "csv"):
         _check_utf8(files)
-    datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train", **_csv_as_text(builder, files))
-        known = [c for c in KNOWN_COLUMNS if c in ds.column_names]
-        rows = ds.select_columns(known).to_list() if known else [{} for _ in range(len(ds))]
+        rows = _known_rows(ds)
     except Exception as e:  # datasets/pyarrow raise many types; name the file and the first line of why
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"dataset {path} could not be read as {builder}: {reason}") from None
@@ -124,7 +152,10 @@ def load_rows(path: str, fields: tuple[str, ...]) -> list[dict]:
 
 
 def file_digest(path: str) -> str:
-    """Content hash of a dataset file or folder (for the orchestrator's up-to-date check)."""
+    """Content hash of a dataset file or folder (for the orchestrator's up-to-date check); of a hub
+    dataset, the fingerprint `datasets` gives its cached train split."""
+    if is_hub_name(path):
+        return f"hub:{path}:{_hub_dataset(path)._fingerprint}"
     h = hashlib.sha256()
     p = Path(path)
     for f in sorted(p.rglob("*")) if p.is_dir() else [p]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from pipeline import default_task, engines
 from pipeline.config import Config, parse_config, parse_split, resolve_path, save_config
 from pipeline.checkpoint import Checkpointer, StopRequest
-from pipeline.data import FIELDS, Source, file_digest, load_role
+from pipeline.data import FIELDS, Source, file_digest, is_hub_name, load_role
 from pipeline.errors import PREEMPTED_EXIT_CODE, Preempted, TrainingHalted, UserError
 from pipeline.monitoring import setup_logging
 from pipeline.stages.common import StageContext, ds_configs
@@ -149,21 +149,22 @@ def _needs_task(cfg: Config) -> bool:
 
 
 def _check_exists(stage: str, inputs: dict, out: Path) -> None:
+    """Local paths must exist; hub names (`org/name`) are checked when they are loaded."""
     for role, spec in inputs.items():
         for path in spec.paths if isinstance(spec, Source) else (spec,):
-            p = Path(path)
-            produced_here = out in p.parents
-            if not produced_here and (p.is_absolute() or path.startswith(".") or "/" in path) and not p.exists():
-                raise UserError(f"stage {stage}: {role} path {path} does not exist.")
-            if isinstance(spec, Source) and not p.exists():
-                raise UserError(f"stage {stage}: {role} path {path} does not exist (datasets are local "
-                                f"json/jsonl/parquet/csv files or folders).")
+            if Path(path).exists() or out in Path(path).parents or is_hub_name(path):
+                continue
+            kinds = ("local json/jsonl/parquet/csv files or folders, or hub dataset names"
+                     if isinstance(spec, Source) else "local folders or hub names")
+            raise UserError(f"stage {stage}: {role} path {path} does not exist ({role.split('_')[0]} "
+                            f"inputs are {kinds}).")
 
 
 # ---------------------------------------------------------------- fingerprints
 def _digest(spec, out: Path) -> str | dict:
     if isinstance(spec, Source):  # the datasets' content and how they are cut, converted and mixed
-        return {"files": [_digest(p, out) for p in spec.paths], **spec.describe()}
+        return {"files": [file_digest(p) if is_hub_name(p) else _digest(p, out) for p in spec.paths],
+                **spec.describe()}
     path = spec
     p = Path(path)
     stage_json = p.parent / "stage.json"
