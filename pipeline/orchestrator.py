@@ -35,12 +35,14 @@ def _stage_fn(name: str):
 
 
 # ---------------------------------------------------------------- inputs
+SCRATCH_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
 def prepare_task(cfg: Config, d: engines.Dist, out: Path) -> Path:
     """Generate the embedded default task under `<output_dir>/task` (rank 0, once per config)."""
     folder = out / "task"
     spec = {"version": default_task.VERSION, "seed": cfg.seed, "task": dataclasses.asdict(cfg.task),
-            "model": {k: v for k, v in dataclasses.asdict(cfg.model).items()  # the from-scratch shape
-                      if k not in ("trust_remote_code", "model_name_or_path")},
+            "model": {k: getattr(cfg.model, k) for k in SCRATCH_SHAPE},
             "max_positions": cfg.data.max_prompt_len + cfg.data.max_response_len}
     marker = folder / "task.json"
     if d.is_main and not (marker.is_file() and json.loads(marker.read_text()) == spec):
@@ -104,10 +106,11 @@ def stage_inputs(cfg: Config, out: Path, task: Path) -> dict[str, dict]:
     sft_model = out / "sft" / "model"
     actor = cfg.ppo.actor_model_path or str(sft_model)
     from_sft = _reward_from_sft(cfg)
+    reward_base = cfg.model.reward_model_name_or_path  # a base model of the reward model's own
     return {
         "sft": {"tokenizer": tokenizer, "model": base_model, **data_sources(cfg, "sft", task)},
-        "reward": {"tokenizer": str(sft_model) if sft_model.is_dir() else tokenizer,
-                   "model": str(sft_model) if from_sft and sft_model.is_dir() else base_model,
+        "reward": {"tokenizer": reward_base or (str(sft_model) if sft_model.is_dir() else tokenizer),
+                   "model": reward_base or (str(sft_model) if from_sft and sft_model.is_dir() else base_model),
                    **data_sources(cfg, "reward", task)},
         "ppo": {"tokenizer": actor, "actor": actor,
                 "reward_model": cfg.ppo.reward_model_path or str(out / "reward" / "model"),
@@ -120,6 +123,8 @@ def _reward_from_sft(cfg: Config) -> bool:
     reward model fine-tuned from the SFT policy learned sentiment but, on some seeds, never "is it
     about the asked item" (item-swap pairs at chance); from the SFT's own starting point it learns
     both. A pretrained model keeps the SFT start."""
+    if cfg.model.reward_model_name_or_path:  # a base model of its own
+        return False
     return cfg.reward_init == "sft" or (cfg.reward_init == "auto" and bool(cfg.model.model_name_or_path))
 
 

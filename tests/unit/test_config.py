@@ -507,3 +507,19 @@ def test_stages_whose_model_nothing_reads_are_not_run(flags, stages, expected):
     assert run == expected
     assert set(not_run) == set(stages) - set(expected)
     assert all("no other stage reads its model" in why for why in not_run.values())
+
+
+def test_a_reward_model_with_a_base_model_of_its_own(tmp_path):
+    from pipeline.orchestrator import needed_stages, stage_inputs
+
+    out, task = tmp_path / "run", tmp_path / "run" / "task"
+    (out / "sft" / "model").mkdir(parents=True)
+    cfg = parse_config(["--model.model_name_or_path", "org/lm-1b", "--model.reward_model_name_or_path", "org/lm-350m"])
+    reward = stage_inputs(cfg, out, task)["reward"]
+    assert reward["model"] == reward["tokenizer"] == "org/lm-350m"  # its own weights and vocabulary
+    assert stage_inputs(cfg, out, task)["ppo"]["actor"] == str(out / "sft" / "model")
+    # it does not read the SFT policy, so PPO from an existing actor skips SFT
+    assert needed_stages(parse_config(["--ppo.actor_model_path", "a", "--model.reward_model_name_or_path", "r"]),
+                         ("sft", "reward", "ppo"))[0] == ("reward", "ppo")
+    with pytest.raises(UserError, match=r"reward_init=sft .* model.reward_model_name_or_path"):
+        parse_config(["--model.reward_model_name_or_path", "r", "--reward_init", "sft"])
