@@ -146,7 +146,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, learning_rate=2e-3))
-    reward: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, learning_rate=1e-3))
+    reward: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, learning_rate=5e-4))
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def to_dict(self) -> dict:

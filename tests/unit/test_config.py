@@ -31,7 +31,7 @@ def test_no_arguments_give_the_defaults():
     assert cfg == Config()
     # the stage sections carry their own defaults, not TrainConfig's class defaults
     assert cfg.sft.learning_rate == pytest.approx(2e-3)
-    assert cfg.reward.learning_rate == pytest.approx(1e-3)
+    assert cfg.reward.learning_rate == pytest.approx(5e-4) and cfg.reward.epochs == 3
     assert TrainConfig().learning_rate != cfg.sft.learning_rate
     assert cfg.ppo == PPOConfig()
     assert cfg.force is False and cfg.seed == 42
