@@ -141,6 +141,7 @@ class Config:
     deepspeed_monitor: bool = False  # also log DeepSpeed's engine metrics to <stage>/tensorboard
     ds_config: str = "ds_configs/zero3_train.json"  # DeepSpeed JSON of trained engines
     ds_inference_config: str = "ds_configs/zero3_offload_inference.json"  # frozen ref/reward
+    cache_dir: str = ""  # tokenised examples are cached here by content hash, built once per node (empty: ~/.cache/rlhf-pipeline)
     reward_init: str = "auto"  # reward model starts from: sft (SFT output), base (the SFT's start), auto (base for a from-scratch model, else sft)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -527,6 +529,55 @@ def encode_response(tokenizer, response: str, max_len: int, cuts: Truncations) -
         cuts.responses += 1
         ids = ids[:max_len]
     return ids
+
+
+# ---------------------------------------------------------------- tokenised-example cache
+EXAMPLES_VERSION = 1  # bump when the example builders below change what they produce
+
+
+def examples_cache_file(cache_dir: str, stage: str, role: str, identity: dict) -> Path:
+    """Where the examples of a stage's data role are cached: keyed by the content hash of the data
+    and the tokenizer (from the stage's identity, see orchestrator.identity) and the data options."""
+    key = hashlib.sha256(json.dumps(
+        {"role": role, "data": identity["inputs"][role], "tokenizer": identity["inputs"]["tokenizer"],
+         "options": identity["data"], "trust_remote_code": identity["model"]["trust_remote_code"],
+         "version": EXAMPLES_VERSION}, sort_keys=True).encode()).hexdigest()
+    root = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "rlhf-pipeline"
+    return root / "tokenized" / f"{stage}-{role}-{key[:32]}.json"
+
+
+def build_cached(path: Path, build) -> str | None:
+    """Build examples and write them, with the warnings the build logged (truncations), to `path`
+    (atomically: several nodes may share the folder). Returns an error message, or None."""
+    notes: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: notes.append(record.getMessage())
+    log.addHandler(handler)
+    try:
+        rows = build()
+    except UserError as e:
+        return str(e)
+    finally:
+        log.removeHandler(handler)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"notes": notes, "examples": rows}))
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp.is_file():
+            tmp.unlink()
+        return (f"the tokenised-data cache {path} could not be written ({e.strerror or e}); free space "
+                f"there or set --cache_dir.")
+    return None
+
+
+def read_cached(path: Path) -> list[dict]:
+    """Examples written by `build_cached`; the build's warnings are logged again."""
+    cached = json.loads(path.read_text())
+    for note in cached["notes"]:
+        log.warning("%s", note)
+    return cached["examples"]
 
 
 def sft_examples(rows, tokenizer, max_prompt_len, max_response_len, what="sft") -> list[dict]:

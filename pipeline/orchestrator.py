@@ -278,7 +278,8 @@ def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
             stage_dir.mkdir(parents=True, exist_ok=True)
         engines.barrier()
         start = time.time()
-        results = _stage_fn(stage)(StageContext(cfg, d, stage_dir, inputs, checkpointer, resume, stop))
+        results = _stage_fn(stage)(StageContext(cfg, d, stage_dir, inputs, checkpointer, resume, stop,
+                                                               ident))
         wall = time.time() - start
         if d.is_main:
             save_config(cfg, stage_dir / "config.yaml")
