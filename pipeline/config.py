@@ -39,6 +39,7 @@ class ModelConfig:
     """The policy model. Empty `model_name_or_path` builds the default task's Llama from scratch."""
 
     model_name_or_path: str = ""  # HF hub name or local folder; empty = from scratch (below)
+    reward_model_name_or_path: str = ""  # the reward model's (and so the critic's) own base model, e.g. a smaller one; empty = as the policy (see reward_init)
     hidden_size: int = 256  # from-scratch model: width
     num_hidden_layers: int = 4  # from-scratch model: depth
     num_attention_heads: int = 4  # from-scratch model: heads
@@ -143,12 +144,13 @@ class Config:
     deepspeed_monitor: bool = False  # also log DeepSpeed's engine metrics to <stage>/tensorboard
     ds_config: str = "ds_configs/zero3_train.json"  # DeepSpeed JSON of trained engines
     ds_inference_config: str = "ds_configs/zero3_offload_inference.json"  # frozen ref/reward
+    cache_dir: str = ""  # tokenised examples are cached here by content hash, built once per node (empty: ~/.cache/rlhf-pipeline)
     reward_init: str = "auto"  # reward model starts from: sft (SFT output), base (the SFT's start), auto (base for a from-scratch model, else sft)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, learning_rate=2e-3))
-    reward: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, learning_rate=1e-3))
+    reward: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, learning_rate=5e-4))
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def to_dict(self) -> dict:
@@ -228,6 +230,10 @@ def validate(cfg: Config) -> None:
     within("ppo.lam", p.lam, 0.0, 1.0)
     if cfg.reward_init not in ("auto", "base", "sft"):
         raise UserError(f"option reward_init={cfg.reward_init!r}: expected 'auto', 'base' or 'sft'.")
+    if cfg.reward_init == "sft" and cfg.model.reward_model_name_or_path:
+        raise UserError(f"option reward_init=sft asks the reward model to start from the SFT policy, but "
+                        f"model.reward_model_name_or_path={cfg.model.reward_model_name_or_path!r} gives it a "
+                        f"base model of its own; drop one of the two.")
     if p.advantage_mode not in ("gae", "sequence"):
         raise UserError(f"option ppo.advantage_mode={p.advantage_mode!r}: expected 'gae' or 'sequence'.")
     if p.kl_estimator not in ("k1", "k2", "k3"):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,27 @@ FIELDS = {  # dataset role -> the fields each of its rows must have
 }
 KNOWN_COLUMNS = ("prompt", "response", "chosen", "rejected", "messages")  # the columns read; others are ignored
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def is_hub_name(path: str) -> bool:
+    """A dataset named on the Hugging Face hub (`Dahoas/rm-static`), not a local file or folder."""
+    p = Path(path)
+    return (not p.exists() and not path.startswith((".", "/", "~")) and p.suffix not in _BUILDERS
+            and 0 < len(path) and path.count("/") <= 1)
+
+
+def _hub_dataset(name: str):
+    """The `train` split of a hub dataset (cached by `datasets` after the first download)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split="train")
+    except Exception as e:  # no network, unknown name, gated repo, no train split: one paragraph
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"dataset {name} is not a local file or folder, and the Hugging Face hub did not "
+                        f"give it ({reason}). Give a local json/jsonl/parquet/csv file or folder, or a hub "
+                        f"dataset with a train split (once downloaded it is read from the datasets cache, "
+                        f"also with HF_DATASETS_OFFLINE=1).") from None
 
 
 def _data_files(path: str) -> tuple[str, list[str]]:
@@ -77,18 +100,25 @@ def _csv_as_text(builder: str, files: list[str]) -> dict:
             "features": datasets.Features({c: datasets.Value("string") for c in header})}
 
 
+def _known_rows(ds) -> list[dict]:
+    known = [c for c in KNOWN_COLUMNS if c in ds.column_names]
+    return ds.select_columns(known).to_list() if known else [{} for _ in range(len(ds))]
+
+
 def _read_table(path: str) -> tuple[list[str], list[dict]]:
-    """(column names, rows holding the columns this package reads) of a local dataset."""
+    """(column names, rows holding the columns this package reads) of a local or hub dataset."""
     import datasets
 
+    datasets.disable_progress_bars()
+    if is_hub_name(path):
+        ds = _hub_dataset(path)
+        return ds.column_names, _known_rows(ds)
     builder, files = _data_files(path)
     if builder in ("json", "csv"):
         _check_utf8(files)
-    datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train", **_csv_as_text(builder, files))
-        known = [c for c in KNOWN_COLUMNS if c in ds.column_names]
-        rows = ds.select_columns(known).to_list() if known else [{} for _ in range(len(ds))]
+        rows = _known_rows(ds)
     except Exception as e:  # datasets/pyarrow raise many types; name the file and the first line of why
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"dataset {path} could not be read as {builder}: {reason}") from None
@@ -125,7 +155,10 @@ def load_rows(path: str, fields: tuple[str, ...]) -> list[dict]:
 
 
 def file_digest(path: str) -> str:
-    """Content hash of a dataset file or folder (for the orchestrator's up-to-date check)."""
+    """Content hash of a dataset file or folder (for the orchestrator's up-to-date check); of a hub
+    dataset, the fingerprint `datasets` gives its cached train split."""
+    if is_hub_name(path):
+        return f"hub:{path}:{_hub_dataset(path)._fingerprint}"
     h = hashlib.sha256()
     p = Path(path)
     for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
@@ -501,6 +534,55 @@ def encode_response(tokenizer, response: str, max_len: int, cuts: Truncations) -
         cuts.responses += 1
         ids = ids[:max_len]
     return ids
+
+
+# ---------------------------------------------------------------- tokenised-example cache
+EXAMPLES_VERSION = 1  # bump when the example builders below change what they produce
+
+
+def examples_cache_file(cache_dir: str, stage: str, role: str, identity: dict) -> Path:
+    """Where the examples of a stage's data role are cached: keyed by the content hash of the data
+    and the tokenizer (from the stage's identity, see orchestrator.identity) and the data options."""
+    key = hashlib.sha256(json.dumps(
+        {"role": role, "data": identity["inputs"][role], "tokenizer": identity["inputs"]["tokenizer"],
+         "options": identity["data"], "trust_remote_code": identity["model"]["trust_remote_code"],
+         "version": EXAMPLES_VERSION}, sort_keys=True).encode()).hexdigest()
+    root = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "rlhf-pipeline"
+    return root / "tokenized" / f"{stage}-{role}-{key[:32]}.json"
+
+
+def build_cached(path: Path, build) -> str | None:
+    """Build examples and write them, with the warnings the build logged (truncations), to `path`
+    (atomically: several nodes may share the folder). Returns an error message, or None."""
+    notes: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: notes.append(record.getMessage())
+    log.addHandler(handler)
+    try:
+        rows = build()
+    except UserError as e:
+        return str(e)
+    finally:
+        log.removeHandler(handler)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"notes": notes, "examples": rows}))
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp.is_file():
+            tmp.unlink()
+        return (f"the tokenised-data cache {path} could not be written ({e.strerror or e}); free space "
+                f"there or set --cache_dir.")
+    return None
+
+
+def read_cached(path: Path) -> list[dict]:
+    """Examples written by `build_cached`; the build's warnings are logged again."""
+    cached = json.loads(path.read_text())
+    for note in cached["notes"]:
+        log.warning("%s", note)
+    return cached["examples"]
 
 
 def sft_examples(rows, tokenizer, max_prompt_len, max_response_len, what="sft") -> list[dict]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from pipeline import default_task, engines
 from pipeline.config import Config, parse_config, parse_split, resolve_path, save_config
 from pipeline.checkpoint import Checkpointer, StopRequest
-from pipeline.data import FIELDS, Source, file_digest, load_role
+from pipeline.data import FIELDS, Source, file_digest, is_hub_name, load_role
 from pipeline.errors import PREEMPTED_EXIT_CODE, Preempted, TrainingHalted, UserError
 from pipeline.monitoring import setup_logging
 from pipeline.stages.common import StageContext, ds_configs
@@ -35,12 +35,14 @@ def _stage_fn(name: str):
 
 
 # ---------------------------------------------------------------- inputs
+SCRATCH_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
 def prepare_task(cfg: Config, d: engines.Dist, out: Path) -> Path:
     """Generate the embedded default task under `<output_dir>/task` (rank 0, once per config)."""
     folder = out / "task"
     spec = {"version": default_task.VERSION, "seed": cfg.seed, "task": dataclasses.asdict(cfg.task),
-            "model": {k: v for k, v in dataclasses.asdict(cfg.model).items()  # the from-scratch shape
-                      if k not in ("trust_remote_code", "model_name_or_path")},
+            "model": {k: getattr(cfg.model, k) for k in SCRATCH_SHAPE},
             "max_positions": cfg.data.max_prompt_len + cfg.data.max_response_len}
     marker = folder / "task.json"
     if d.is_main and not (marker.is_file() and json.loads(marker.read_text()) == spec):
@@ -112,19 +114,46 @@ def stage_inputs(cfg: Config, out: Path, task: Path) -> dict[str, dict]:
     tokenizer = dc.tokenizer_path or cfg.model.model_name_or_path or str(task / "tokenizer")
     sft_model = out / "sft" / "model"
     actor = cfg.ppo.actor_model_path or str(sft_model)
-    # The default task's from-scratch model: a reward model fine-tuned from the SFT policy learned
-    # sentiment but, on some seeds, never "is it about the asked item" (item-swap pairs at chance);
-    # from the SFT's own starting point it learns both. A pretrained model keeps the SFT start.
-    from_sft = cfg.reward_init == "sft" or (cfg.reward_init == "auto" and bool(cfg.model.model_name_or_path))
+    from_sft = _reward_from_sft(cfg)
+    reward_base = cfg.model.reward_model_name_or_path  # a base model of the reward model's own
     return {
         "sft": {"tokenizer": tokenizer, "model": base_model, **data_sources(cfg, "sft", task)},
-        "reward": {"tokenizer": str(sft_model) if sft_model.is_dir() else tokenizer,
-                   "model": str(sft_model) if from_sft and sft_model.is_dir() else base_model,
+        "reward": {"tokenizer": reward_base or (str(sft_model) if sft_model.is_dir() else tokenizer),
+                   "model": reward_base or (str(sft_model) if from_sft and sft_model.is_dir() else base_model),
                    **data_sources(cfg, "reward", task)},
         "ppo": {"tokenizer": actor, "actor": actor,
                 "reward_model": cfg.ppo.reward_model_path or str(out / "reward" / "model"),
                 **data_sources(cfg, "ppo", task), **ptx_source(cfg, task)},
     }
+
+
+def _reward_from_sft(cfg: Config) -> bool:
+    """Does the reward model start from the SFT output? The default task's from-scratch model: a
+    reward model fine-tuned from the SFT policy learned sentiment but, on some seeds, never "is it
+    about the asked item" (item-swap pairs at chance); from the SFT's own starting point it learns
+    both. A pretrained model keeps the SFT start."""
+    if cfg.model.reward_model_name_or_path:  # a base model of its own
+        return False
+    return cfg.reward_init == "sft" or (cfg.reward_init == "auto" and bool(cfg.model.model_name_or_path))
+
+
+def needed_stages(cfg: Config, stages: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The requested stages that must run, and why each other one does not.
+
+    A stage whose model PPO takes from a path instead (`ppo.actor_model_path` for SFT,
+    `ppo.reward_model_path` for the reward model) runs only when the last requested stage or
+    another running stage still reads its model: PPO started from existing models goes straight
+    to PPO (DeepSpeed-Chat's step 3 alone)."""
+    superseded = {"sft": "PPO starts from ppo.actor_model_path" if cfg.ppo.actor_model_path else "",
+                  "reward": "PPO scores with ppo.reward_model_path" if cfg.ppo.reward_model_path else ""}
+    reads = {"ppo": {"sft": not cfg.ppo.actor_model_path, "reward": not cfg.ppo.reward_model_path},
+             "reward": {"sft": _reward_from_sft(cfg)}}
+    keep = [stages[-1]]
+    for stage in reversed(stages[:-1]):
+        if not superseded[stage] or any(reads.get(later, {}).get(stage, False) for later in keep):
+            keep.insert(0, stage)
+    not_run = {s: f"{superseded[s]} and no other stage reads its model" for s in stages if s not in keep}
+    return tuple(keep), not_run
 
 
 def _needs_task(cfg: Config) -> bool:
@@ -134,21 +163,22 @@ def _needs_task(cfg: Config) -> bool:
 
 
 def _check_exists(stage: str, inputs: dict, out: Path) -> None:
+    """Local paths must exist; hub names (`org/name`) are checked when they are loaded."""
     for role, spec in inputs.items():
         for path in spec.paths if isinstance(spec, Source) else (spec,):
-            p = Path(path)
-            produced_here = out in p.parents
-            if not produced_here and (p.is_absolute() or path.startswith(".") or "/" in path) and not p.exists():
-                raise UserError(f"stage {stage}: {role} path {path} does not exist.")
-            if isinstance(spec, Source) and not p.exists():
-                raise UserError(f"stage {stage}: {role} path {path} does not exist (datasets are local "
-                                f"json/jsonl/parquet/csv files or folders).")
+            if Path(path).exists() or out in Path(path).parents or is_hub_name(path):
+                continue
+            kinds = ("local json/jsonl/parquet/csv files or folders, or hub dataset names"
+                     if isinstance(spec, Source) else "local folders or hub names")
+            raise UserError(f"stage {stage}: {role} path {path} does not exist ({role.split('_')[0]} "
+                            f"inputs are {kinds}).")
 
 
 # ---------------------------------------------------------------- fingerprints
 def _digest(spec, out: Path) -> str | dict:
     if isinstance(spec, Source):  # the datasets' content and how they are cut, converted and mixed
-        return {"files": [_digest(p, out) for p in spec.paths], **spec.describe()}
+        return {"files": [file_digest(p) if is_hub_name(p) else _digest(p, out) for p in spec.paths],
+                **spec.describe()}
     path = spec
     p = Path(path)
     stage_json = p.parent / "stage.json"
@@ -233,6 +263,9 @@ def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
     task = prepare_task(cfg, d, out) if _needs_task(cfg) else out / "task"  # else: never read
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    stages, not_run = needed_stages(cfg, stages)
+    for stage, why in not_run.items():
+        log.info("stage %s is not needed: %s.", stage, why)
     preflight(cfg, d, stages, out, task)
     for stage in stages:
         inputs = stage_inputs(cfg, out, task)[stage]
@@ -254,7 +287,8 @@ def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
             stage_dir.mkdir(parents=True, exist_ok=True)
         engines.barrier()
         start = time.time()
-        results = _stage_fn(stage)(StageContext(cfg, d, stage_dir, inputs, checkpointer, resume, stop))
+        results = _stage_fn(stage)(StageContext(cfg, d, stage_dir, inputs, checkpointer, resume, stop,
+                                                               ident))
         wall = time.time() - start
         if d.is_main:
             save_config(cfg, stage_dir / "config.yaml")

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from pipeline import engines
+from pipeline import data, engines
 from pipeline.checkpoint import Checkpointer, Resume, StopRequest
 from pipeline.config import Config, TrainConfig, global_batch, ppo_sizes, resolve_path
 from pipeline.errors import Preempted, UserError
@@ -32,6 +32,23 @@ class StageContext:
     checkpointer: Checkpointer | None = None  # None: this stage never checkpoints (tests)
     resume: Resume | None = None  # the checkpoint this attempt resumes from
     stop: StopRequest = field(default_factory=StopRequest)
+    identity: dict | None = None  # orchestrator.identity of the stage; None: tokenised examples are not cached
+
+    def examples(self, role: str, build: Callable[[], list[dict]]) -> list[dict]:
+        """The tokenised examples of data role `role`, built by `build()` once per node (local rank
+        0) and cached under <output_dir>/cache, keyed by the content hash of the data, the tokenizer
+        and the data options: a resumed or rerun stage, and every other rank, reads them back."""
+        if self.identity is None:
+            return build()
+        path = data.examples_cache_file(self.cfg.cache_dir, self.stage_dir.name, role, self.identity)
+        built = self.dist.local_rank == 0 and not path.is_file()
+        error = data.build_cached(path, build) if built else None
+        errors = [e for e in engines.all_gather_object(error) if e]  # also the barrier before reading
+        if errors:
+            raise UserError(errors[0])
+        log.info("stage %s: %s examples %s %s", self.stage_dir.name, role,
+                 "tokenised and cached in" if built else "read from the cache", path)
+        return data.read_cached(path)
 
     def engine_config(self, ds_config: dict, job: str) -> dict:
         """The DS config of a trained engine: DeepSpeed's own TensorBoard monitor on when the run

@@ -113,10 +113,9 @@ class PPOTrainer:
         self.tokenizer = load_tokenizer(ctx.inputs["tokenizer"], cfg.model.trust_remote_code)
         self.reward_tokenizer = load_tokenizer(ctx.inputs["reward_model"], cfg.model.trust_remote_code)
         self.same_tokenizer = self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab()
-        self.prompts, self.eval_prompts = (
-            data.prompt_examples(data.load_role(ctx.inputs[role], role, self.tokenizer, ctx.inputs["tokenizer"]),
-                                 self.tokenizer, cfg.data.max_prompt_len, str(ctx.inputs[role]))
-            for role in ("prompt_data", "eval_prompt_data"))
+        self.prompts, self.eval_prompts = (ctx.examples(role, lambda role=role: data.prompt_examples(
+            data.load_role(ctx.inputs[role], role, self.tokenizer, ctx.inputs["tokenizer"]), self.tokenizer,
+            cfg.data.max_prompt_len, str(ctx.inputs[role]))) for role in ("prompt_data", "eval_prompt_data"))
         log.info("stage ppo: %d training prompts from %s; %d eval prompts from %s", len(self.prompts),
                  ctx.inputs["prompt_data"], len(self.eval_prompts), ctx.inputs["eval_prompt_data"])
         if len(self.prompts) < p.rollout_batch_size:

@@ -28,9 +28,9 @@ def run(ctx: StageContext) -> dict:
     cfg, t, d = ctx.cfg, ctx.cfg.reward, ctx.dist
     tokenizer = load_tokenizer(ctx.inputs["tokenizer"], cfg.model.trust_remote_code)
     lens = (cfg.data.max_prompt_len, cfg.data.max_response_len)
-    train, held_out = (data.pair_examples(data.load_role(ctx.inputs[role], role, tokenizer, ctx.inputs["tokenizer"]),
-                                          tokenizer, *lens, what=str(ctx.inputs[role]))
-                       for role in ("reward_data", "reward_eval_data"))
+    train, held_out = (ctx.examples(role, lambda role=role: data.pair_examples(
+        data.load_role(ctx.inputs[role], role, tokenizer, ctx.inputs["tokenizer"]), tokenizer, *lens,
+        what=str(ctx.inputs[role]))) for role in ("reward_data", "reward_eval_data"))
     log.info("stage reward: %d training rows from %s; %d eval rows from %s", len(train), ctx.inputs["reward_data"],
              len(held_out), ctx.inputs["reward_eval_data"])
     ds_config = ds_configs(cfg, "reward", d.world_size)["train"]

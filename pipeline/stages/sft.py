@@ -20,9 +20,9 @@ def run(ctx: StageContext) -> dict:
     cfg, t, d = ctx.cfg, ctx.cfg.sft, ctx.dist
     tokenizer = load_tokenizer(ctx.inputs["tokenizer"], cfg.model.trust_remote_code)
     lens = (cfg.data.max_prompt_len, cfg.data.max_response_len)
-    train, held_out = (data.sft_examples(data.load_role(ctx.inputs[role], role, tokenizer, ctx.inputs["tokenizer"]),
-                                         tokenizer, *lens, what=str(ctx.inputs[role]))
-                       for role in ("sft_data", "sft_eval_data"))
+    train, held_out = (ctx.examples(role, lambda role=role: data.sft_examples(
+        data.load_role(ctx.inputs[role], role, tokenizer, ctx.inputs["tokenizer"]), tokenizer, *lens,
+        what=str(ctx.inputs[role]))) for role in ("sft_data", "sft_eval_data"))
     log.info("stage sft: %d training rows from %s; %d eval rows from %s", len(train), ctx.inputs["sft_data"],
              len(held_out), ctx.inputs["sft_eval_data"])
     ds_config = ds_configs(cfg, "sft", d.world_size)["train"]

@@ -98,6 +98,7 @@ def test_rerun_skips_finished_stages(finished):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stage sft is up to date" in proc.stdout and "stage reward is up to date" in proc.stdout
     assert "stage ppo: starting" in proc.stdout
+    assert "stage ppo: prompt_data examples read from the cache" in proc.stdout  # tokenised once
     s = summary(out)
     assert s["sft"]["skipped"] and s["reward"]["skipped"] and not s["ppo"]["skipped"]
     assert s["ppo"]["iterations"] == 2

@@ -31,7 +31,7 @@ def test_no_arguments_give_the_defaults():
     assert cfg == Config()
     # the stage sections carry their own defaults, not TrainConfig's class defaults
     assert cfg.sft.learning_rate == pytest.approx(2e-3)
-    assert cfg.reward.learning_rate == pytest.approx(1e-3)
+    assert cfg.reward.learning_rate == pytest.approx(5e-4) and cfg.reward.epochs == 3
     assert TrainConfig().learning_rate != cfg.sft.learning_rate
     assert cfg.ppo == PPOConfig()
     assert cfg.force is False and cfg.seed == 42
@@ -486,3 +486,40 @@ def test_reward_init_auto_starts_a_from_scratch_model_from_the_base(tmp_path):
 def test_reward_init_rejects_unknown_values():
     with pytest.raises(UserError, match=r"reward_init"):
         parse_config(["--reward_init", "policy"])
+
+
+# ---------------------------------------------------------------- which stages run
+@pytest.mark.parametrize("flags, stages, expected", [
+    ([], ("sft", "reward", "ppo"), ("sft", "reward", "ppo")),
+    (["--ppo.actor_model_path", "a", "--ppo.reward_model_path", "r"], ("sft", "reward", "ppo"), ("ppo",)),
+    # the from-scratch reward model starts from the base model: SFT is read only by PPO
+    (["--ppo.actor_model_path", "a"], ("sft", "reward", "ppo"), ("reward", "ppo")),
+    # ... but a reward model fine-tuned from the SFT output still needs SFT
+    (["--ppo.actor_model_path", "a", "--reward_init", "sft"], ("sft", "reward", "ppo"), ("sft", "reward", "ppo")),
+    (["--ppo.reward_model_path", "r"], ("sft", "reward", "ppo"), ("sft", "ppo")),
+    (["--ppo.actor_model_path", "a", "--ppo.reward_model_path", "r"], ("sft",), ("sft",)),  # asked for alone
+    (["--ppo.reward_model_path", "r"], ("sft", "reward"), ("sft", "reward")),
+])
+def test_stages_whose_model_nothing_reads_are_not_run(flags, stages, expected):
+    from pipeline.orchestrator import needed_stages
+
+    run, not_run = needed_stages(parse_config(flags), stages)
+    assert run == expected
+    assert set(not_run) == set(stages) - set(expected)
+    assert all("no other stage reads its model" in why for why in not_run.values())
+
+
+def test_a_reward_model_with_a_base_model_of_its_own(tmp_path):
+    from pipeline.orchestrator import needed_stages, stage_inputs
+
+    out, task = tmp_path / "run", tmp_path / "run" / "task"
+    (out / "sft" / "model").mkdir(parents=True)
+    cfg = parse_config(["--model.model_name_or_path", "org/lm-1b", "--model.reward_model_name_or_path", "org/lm-350m"])
+    reward = stage_inputs(cfg, out, task)["reward"]
+    assert reward["model"] == reward["tokenizer"] == "org/lm-350m"  # its own weights and vocabulary
+    assert stage_inputs(cfg, out, task)["ppo"]["actor"] == str(out / "sft" / "model")
+    # it does not read the SFT policy, so PPO from an existing actor skips SFT
+    assert needed_stages(parse_config(["--ppo.actor_model_path", "a", "--model.reward_model_name_or_path", "r"]),
+                         ("sft", "reward", "ppo"))[0] == ("reward", "ppo")
+    with pytest.raises(UserError, match=r"reward_init=sft .* model.reward_model_name_or_path"):
+        parse_config(["--model.reward_model_name_or_path", "r", "--reward_init", "sft"])

@@ -462,3 +462,46 @@ def test_reencode_for_a_reward_model_with_another_tokenizer(task_tokenizer, tmp_
     empty = ids[1][mask[1].bool()].tolist()  # an empty response is just the target's EOS
     assert other.decode(empty[:-1]) == "please review the sofa for leo ." and empty[-1] == other.eos_token_id
     assert mask[1].sum() < mask[0].sum() and ids[1][mask[1] == 0].eq(other.pad_token_id).all()
+
+
+# ---------------------------------------------------------------- tokenised-example cache
+def _identity(data_digest="d1", tokenizer="t1", max_prompt_len=24):
+    return {"inputs": {"sft_data": data_digest, "tokenizer": tokenizer},
+            "data": {"max_prompt_len": max_prompt_len}, "model": {"trust_remote_code": False}}
+
+
+def test_the_cache_key_follows_data_tokenizer_and_options_only(tmp_path):
+    from pipeline.data import examples_cache_file
+
+    path = examples_cache_file(str(tmp_path), "sft", "sft_data", _identity())
+    assert path.parent == tmp_path / "tokenized" and path.name.startswith("sft-sft_data-")
+    assert path == examples_cache_file(str(tmp_path), "sft", "sft_data", _identity())
+    for changed in (_identity(data_digest="d2"), _identity(tokenizer="t2"), _identity(max_prompt_len=32)):
+        assert examples_cache_file(str(tmp_path), "sft", "sft_data", changed) != path
+
+
+def test_cached_examples_come_back_with_the_warnings_of_their_build(tmp_path, task_tokenizer, caplog):
+    from pipeline.data import build_cached, read_cached, sft_examples
+
+    rows = [{"prompt": "ana asks for a review of the pizza . " * 3, "response": "the pizza is good ."}] * 2
+    path = tmp_path / "c" / "sft.json"
+    assert build_cached(path, lambda: sft_examples(rows, task_tokenizer, 8, 24, what="data.jsonl")) is None
+    expected = sft_examples(rows, task_tokenizer, 8, 24)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert read_cached(path) == expected
+    assert "data.jsonl: 2 prompts longer than max_prompt_len=8 were truncated" in caplog.text
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_a_failed_build_writes_nothing_and_says_why(tmp_path):
+    from pipeline.data import build_cached
+
+    def bad():
+        raise UserError("dataset x.jsonl, row 3: field 'prompt' is empty")
+
+    assert build_cached(tmp_path / "sft.json", bad) == "dataset x.jsonl, row 3: field 'prompt' is empty"
+    assert not list(tmp_path.iterdir())
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the cache folder should be
+    assert "could not be written" in build_cached(blocked / "sub" / "sft.json", lambda: [])

@@ -418,3 +418,55 @@ def test_preflight_checks_every_share_and_renders_chat_rows(tmp_path, task_token
     shutil.rmtree(tok)
     chat_tokenizer.save_pretrained(str(tok))
     preflight(cfg, d, ("sft",), tmp_path / "run", tmp_path / "task")
+
+
+# ---------------------------------------------------------------- hub dataset names
+@pytest.mark.parametrize("path, hub", [("Dahoas/rm-static", True), ("imdb", True), ("./data/prefs", False),
+                                       ("/abs/prefs", False), ("prefs.jsonl", False), ("a/b/c", False)])
+def test_hub_names_are_told_from_local_paths(path, hub):
+    from pipeline.data import is_hub_name
+
+    assert is_hub_name(path) is hub
+
+
+def test_a_hub_dataset_is_read_through_datasets_train_split(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, split=None, **kw):
+        calls.append((name, split, kw))
+        return datasets.Dataset.from_list([{"prompt": f"p{i}", "chosen": "good", "rejected": "bad", "id": i}
+                                           for i in range(10)])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows = load_role(Source(("someorg/prefs",)), "reward_data")
+    assert calls[0] == ("someorg/prefs", "train", {})
+    assert rows[3] == {"prompt": "p3", "chosen": "good", "rejected": "bad"}
+    from pipeline.data import file_digest
+
+    assert file_digest("someorg/prefs").startswith("hub:someorg/prefs:")
+
+
+def test_an_unreachable_hub_dataset_is_one_paragraph_naming_it(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("from pipeline.data import load_role, Source\n"
+            "from pipeline.errors import UserError\n"
+            "try:\n    load_role(Source(('someorg/no-such-prefs',)), 'reward_data')\n"
+            "except UserError as e:\n    print('USERERROR', e)\n")
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path), "HF_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert "USERERROR dataset someorg/no-such-prefs is not a local file or folder, and the Hugging Face hub" in out
+
+
+def test_missing_local_inputs_are_refused_but_hub_names_pass_to_loading(tmp_path):
+    from pipeline.orchestrator import _check_exists
+
+    _check_exists("reward", {"reward_data": Source(("someorg/prefs",)), "model": "facebook/opt-350m"}, tmp_path)
+    with pytest.raises(UserError, match=r"reward_data path ./nope does not exist .*hub dataset names"):
+        _check_exists("reward", {"reward_data": Source(("./nope",))}, tmp_path)
+    with pytest.raises(UserError, match=r"model path /no/model does not exist"):
+        _check_exists("reward", {"model": "/no/model"}, tmp_path)
