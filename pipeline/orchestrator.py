@@ -103,7 +103,14 @@ def ptx_source(cfg: Config, task: Path) -> dict[str, Source | str]:
     p = cfg.ppo
     if p.ptx_data_path:  # every row of it (no split, no held-out slice)
         return {"ptx_data": Source((p.ptx_data_path,), format=cfg.data.data_format)}
-    return {"ptx_data": data_sources(cfg, "sft", task)["sft_data"]} if p.ptx_coef > 0 else {}
+    if p.ptx_coef == 0:
+        return {}
+    sft_rows = data_sources(cfg, "sft", task)["sft_data"]
+    if isinstance(sft_rows, str) and isinstance(data_sources(cfg, "ppo", task)["prompt_data"], Source):
+        raise UserError(f"option ppo.ptx_coef={p.ptx_coef}: PTX needs supervised rows, and this run gives no SFT "
+                        f"data (it would fall back to the embedded default task's reviews while PPO reads your "
+                        f"prompts). Give --ppo.ptx_data_path, or --data.sft_data_path / --data.data_path.")
+    return {"ptx_data": sft_rows}
 
 
 def stage_inputs(cfg: Config, out: Path, task: Path) -> dict[str, dict]:

@@ -132,8 +132,9 @@ class PPOTrainer:
     def _load_ptx(self, ctx: StageContext) -> list[dict]:
         """PPO-ptx rows, tokenised like SFT's (loss on the response tokens only)."""
         spec, lens = ctx.inputs["ptx_data"], (self.cfg.data.max_prompt_len, self.cfg.data.max_response_len)
-        rows = data.load_role(spec, "ptx_data", self.tokenizer, ctx.inputs["tokenizer"])
-        ptx = data.sft_examples(rows, self.tokenizer, *lens, what=str(spec))
+        ptx = ctx.examples("ptx_data", lambda: data.sft_examples(
+            data.load_role(spec, "ptx_data", self.tokenizer, ctx.inputs["tokenizer"]), self.tokenizer, *lens,
+            what=str(spec)))
         log.info("stage ppo: PTX loss (ppo.ptx_coef %g) on %d rows from %s", self.p.ptx_coef, len(ptx), spec)
         if len(ptx) < self.p.mini_batch_size:
             raise UserError(f"dataset {spec}: {len(ptx)} PTX rows are fewer than ppo.mini_batch_size="

@@ -85,6 +85,8 @@ def test_ptx_rows_come_from_the_option_else_the_sft_training_rows(tmp_path):
     own = ppo("--ppo.ptx_coef", "1", "--ppo.ptx_data_path", "p.jsonl", "--data.data_format", "messages")
     assert own["ptx_data"] == Source(("p.jsonl",), format="messages")  # every row of it
     assert ppo("--ppo.ptx_data_path", "p.jsonl")["ptx_data"].paths == ("p.jsonl",)  # checked even when off
+    with pytest.raises(UserError, match=r"ppo.ptx_coef=1.0: PTX needs supervised rows.*--ppo.ptx_data_path"):
+        ppo("--ppo.ptx_coef", "1", "--data.prompt_data_path", "q.jsonl")  # not the default task's reviews
 
 
 def test_ptx_data_is_fingerprinted_and_preflighted(tmp_path, task_tokenizer):
