@@ -35,6 +35,12 @@ def test_bf16_pipeline_trains_every_engine_in_bf16(tmp_path):
         with safe_open(str(out / stage / "model" / "model.safetensors"), "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}, stage
     assert 0 < s["sft"]["eval_loss"] < 10
+    # Iteration 1: the actor still equals the reference, and each of its mini-batches sees the
+    # policy that recorded pi_old (the one step before the last mini-batch has learning rate 0,
+    # warmup). Both KLs vanish only if the generation copy that recorded pi_old computes in the
+    # engines' bf16 too (with a float32 copy: kl_to_ref 1e-5, approx_kl 6e-7).
+    first = next(r for r in _metrics(out / "ppo" / "metrics.jsonl") if "ppo/approx_kl" in r)
+    assert abs(first["rollout/kl_to_ref"]) < 1e-8 and abs(first["ppo/approx_kl"]) < 1e-8
     policy = AutoModelForCausalLM.from_pretrained(out / "ppo" / "model")  # plain transformers
     rm = AutoModelForSequenceClassification.from_pretrained(out / "reward" / "model")
     assert policy.dtype == rm.dtype == torch.bfloat16
