@@ -201,11 +201,12 @@ def identity(stage: str, cfg: Config, inputs: dict[str, str], out: Path) -> dict
 def _model_identity(m: ModelConfig) -> dict:
     """The model options a stage's result depends on. Gradient checkpointing changes memory and
     time, not results, so switching it on to fit in memory keeps finished stages and checkpoints;
-    dtype is left out at its default so that runs from before the option existed stay up to date."""
+    options added later are left out at their defaults so that earlier runs stay up to date."""
     out = dataclasses.asdict(m)
     del out["gradient_checkpointing"]
-    if out["dtype"] == "fp32":
-        del out["dtype"]
+    for key, default in (("dtype", "fp32"), ("reward_model_name_or_path", "")):
+        if out[key] == default:
+            del out[key]
     return out
 
 
