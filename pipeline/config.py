@@ -45,8 +45,11 @@ class ModelConfig:
     num_attention_heads: int = 4  # from-scratch model: heads
     intermediate_size: int = 688  # from-scratch model: MLP width
     trust_remote_code: bool = False  # allow custom modelling code from the model folder
+    dtype: str = "fp32"  # precision of every engine: fp32, bf16 or fp16 (GPU; dynamic loss scaling); fills the DeepSpeed bf16/fp16 sections
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward (trained models): less activation memory, ~1/3 more compute
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_FORMATS = ("auto", "prompt_response", "prompt_chosen_rejected", "hh", "messages", "prompt")
 
 
@@ -254,6 +257,8 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.task.label_noise < 0.5:
         raise UserError(f"option task.label_noise={cfg.task.label_noise} must be in [0, 0.5).")
     m = cfg.model
+    if m.dtype not in PRECISIONS:
+        raise UserError(f"option model.dtype={m.dtype!r}: expected one of {', '.join(PRECISIONS)}.")
     if not m.model_name_or_path:  # the from-scratch model's shape
         for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             positive(f"model.{f}", getattr(m, f))

@@ -117,11 +117,11 @@ def set_accelerator_rng_state(state) -> None:
 _BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
 
 
-def load_ds_config(path: Path, **fill) -> dict:
-    """Read a DeepSpeed JSON and fill in batch sizes from the run config.
+def load_ds_config(path: Path, dtype: str = "fp32", **fill) -> dict:
+    """Read a DeepSpeed JSON and fill in batch sizes and precision (`model.dtype`) from the run config.
 
-    Batch sizes live in the run config; a DS file that sets them differently is refused rather
-    than silently winning or losing.
+    Batch sizes and precision live in the run config; a DS file that sets them differently is
+    refused rather than silently winning or losing.
     """
     if not path.is_file():
         raise UserError(f"DeepSpeed config {path} does not exist.")
@@ -153,7 +153,41 @@ def load_ds_config(path: Path, **fill) -> dict:
                         f"from micro batch x accumulation x ranks).")
     cfg.pop("train_batch_size", None)
     cfg.setdefault("steps_per_print", 10**9)  # we log ourselves
+    _fill_precision(cfg, path, dtype)
     return cfg
+
+
+# DeepSpeed's precision sections; "bfloat16" is its older name for "bf16" ("bf16" wins if both).
+_PRECISION_SECTIONS = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16"}
+
+
+def _fill_precision(cfg: dict, path: Path, dtype: str) -> None:
+    """Enable exactly the precision section `dtype` names; refuse a file that enables another."""
+    for key, precision in _PRECISION_SECTIONS.items():
+        section = cfg.get(key, {})
+        if not isinstance(section, dict):
+            raise UserError(f"DeepSpeed config {path}: {key!r} must be an object (got {section!r}).")
+        if section.get("enabled", False) not in (False, "auto") and precision != dtype:
+            raise UserError(f"DeepSpeed config {path} enables {key} but the run config has "
+                            f"model.dtype={dtype!r}; set the precision with --model.dtype (the run config "
+                            f"owns it) and remove \"enabled\" from the file's {key!r} section.")
+    cfg.pop("bfloat16", None)
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": dtype == "bf16"}
+    cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": dtype == "fp16"}
+    if dtype == "fp16":
+        cfg["fp16"].setdefault("loss_scale", 0)  # 0: DeepSpeed's dynamic loss scaling
+
+
+def check_precision(dtype: str, accelerator=None) -> None:
+    """Refuse a precision this accelerator cannot train in (`accelerator`: DeepSpeed's, or a
+    stand-in answering is_bf16_supported / is_fp16_supported)."""
+    acc = accelerator or get_accelerator()
+    supported = {"fp32": True, "bf16": bool(acc.is_bf16_supported()), "fp16": bool(acc.is_fp16_supported())}
+    if supported[dtype]:
+        return
+    others = " or ".join(d for d in ("bf16", "fp16", "fp32") if supported[d] and d != dtype)
+    raise UserError(f"option model.dtype={dtype}: the {acc.device_name()} accelerator does not support "
+                    f"{dtype} (DeepSpeed's is_{dtype}_supported() is false); use --model.dtype {others}.")
 
 
 # ---------------------------------------------------------------- models and engines
@@ -250,9 +284,14 @@ def describe(engine, name: str) -> str:
     zero = engine.zero_optimization_stage()
     param = engine.zero_offload_param()
     optim = engine.zero_offload_optimizer()
-    return (f"{name}: ZeRO-{zero}, params offloaded to {param.device if param else 'none'}, "
+    return (f"{name}: ZeRO-{zero}, {model_dtype(engine)}, params offloaded to {param.device if param else 'none'}, "
             f"optimizer offloaded to {optim.device if optim else 'none'}, "
             f"{num_params(engine.module) / 1e6:.2f}M parameters, {engine.device}")
+
+
+def model_dtype(engine) -> torch.dtype:
+    """The dtype the engine keeps its model in (bf16/fp16 when enabled, else float32)."""
+    return engine.get_data_types()[0]
 
 
 def num_params(module: torch.nn.Module) -> int:

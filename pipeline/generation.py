@@ -86,7 +86,8 @@ class HybridEngine:
         self.tokenizer = tokenizer
         self.gather_modules = gather_modules
         with engines.plain_construction(), torch.device("meta"):  # the actor's own (already loaded) class
-            self.model = type(actor_engine.module)._from_config(actor_engine.module.config)
+            self.model = type(actor_engine.module)._from_config(actor_engine.module.config,
+                                                                dtype=engines.model_dtype(actor_engine))
         self.model.eval().requires_grad_(False)
         self.materialised = False
 

@@ -15,6 +15,7 @@ import torch
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # model.dtype
 
 
 def _why(path: str, what: str, e: Exception) -> UserError:
@@ -74,8 +75,9 @@ def _has_weights(path: str) -> bool:
     return any(p.glob("*.safetensors")) or any(p.glob("*.bin"))
 
 
-def load_causal_lm(path: str, trust_remote_code: bool = False):
-    """A causal LM from a folder or hub name; a folder with only config.json builds from scratch.
+def load_causal_lm(path: str, trust_remote_code: bool = False, dtype: str = "fp32"):
+    """A causal LM from a folder or hub name, in `dtype` (a model.dtype name); a folder with only
+    config.json builds from scratch.
 
     Weights load from safetensors, or from a PyTorch file with torch.load(weights_only=True):
     nothing in a model folder is unpickled as arbitrary objects, and its own code runs only with
@@ -87,31 +89,69 @@ def load_causal_lm(path: str, trust_remote_code: bool = False):
     try:
         if Path(path).is_dir() and not _has_weights(path):
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                    dtype=TORCH_DTYPES[dtype])
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                    use_safetensors=None, weights_only=True)
+                                                    use_safetensors=None, weights_only=True,
+                                                    dtype=TORCH_DTYPES[dtype])
     except _load_errors() as e:
         raise _why(path, "model", e) from None
 
 
-def load_scalar_model(path: str, trust_remote_code: bool = False):
-    """Backbone + scalar head. From a causal LM folder the head is new; from an RM folder it loads."""
+def load_scalar_model(path: str, trust_remote_code: bool = False, dtype: str = "fp32"):
+    """Backbone + scalar head in `dtype`. From a causal LM folder the head is new; from an RM folder
+    it loads."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     _check_model_path(path, "model")
     try:
         if Path(path).is_dir() and not _has_weights(path):
             config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=trust_remote_code)
-            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code,
+                                                                   dtype=TORCH_DTYPES[dtype])
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=None,
-                weights_only=True)
+                weights_only=True, dtype=TORCH_DTYPES[dtype])
     except _load_errors() as e:
         raise _why(path, "model", e) from None
     if _score_head(model) is None:
         raise UserError(f"model {path}: its sequence-classification class has no `score` head.")
     return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Hugging Face gradient checkpointing: each decoder layer's activations are recomputed in
+    backward instead of kept; HF does this only in train mode. Non-reentrant torch checkpointing
+    (inputs need not require grad). transformers 5 renamed `gradient_checkpointing_enable` to this."""
+    if not model.supports_gradient_checkpointing:
+        raise UserError(f"option model.gradient_checkpointing: the {type(model).__name__} model does not "
+                        f"support gradient checkpointing; set it to false.")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off for good, so train mode computes exactly what eval mode does.
+
+    Dropout modules get p=0; HF attention and some layers read float attributes (`attention_dropout`,
+    OPT's `dropout`) or config values (Falcon, Persimmon) in train mode, so those become 0 too.
+    """
+    configs = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):  # Dropout, Dropout1d-3d, AlphaDropout
+            module.p = 0.0
+        _zero_dropout_floats(module)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            configs[id(config)] = config
+    for config in configs.values():
+        _zero_dropout_floats(config)
+
+
+def _zero_dropout_floats(obj) -> None:
+    for name, value in list(vars(obj).items()):
+        if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
+            setattr(obj, name, 0.0)
 
 
 def check_vocab(model, tokenizer, where: str) -> None:

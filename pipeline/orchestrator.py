@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from pipeline import default_task, engines
-from pipeline.config import Config, parse_config, parse_split, resolve_path, save_config
+from pipeline.config import Config, ModelConfig, parse_config, parse_split, resolve_path, save_config
 from pipeline.checkpoint import Checkpointer, StopRequest
 from pipeline.data import FIELDS, Source, file_digest, is_hub_name, load_role
 from pipeline.errors import PREEMPTED_EXIT_CODE, Preempted, TrainingHalted, UserError
@@ -208,10 +208,22 @@ def identity(stage: str, cfg: Config, inputs: dict[str, str], out: Path) -> dict
         "stage": stage, "section": dataclasses.asdict(section), "seed": cfg.seed,
         "data": {k: v for k, v in dataclasses.asdict(cfg.data).items()
                  if not k.endswith("_path") and k not in SOURCE_OPTIONS},
-        "model": dataclasses.asdict(cfg.model),
+        "model": _model_identity(cfg.model),
         "ds": {"train": _file_text(cfg.ds_config), "inference": _file_text(cfg.ds_inference_config)},
         "inputs": {role: _digest(path, out) for role, path in sorted(inputs.items())},
     }
+
+
+def _model_identity(m: ModelConfig) -> dict:
+    """The model options a stage's result depends on. Gradient checkpointing changes memory and
+    time, not results, so switching it on to fit in memory keeps finished stages and checkpoints;
+    options added later are left out at their defaults so that earlier runs stay up to date."""
+    out = dataclasses.asdict(m)
+    del out["gradient_checkpointing"]
+    for key, default in (("dtype", "fp32"), ("reward_model_name_or_path", "")):
+        if out[key] == default:
+            del out[key]
+    return out
 
 
 def _file_text(path: str) -> str:
@@ -265,6 +277,7 @@ def _preflight_tokenizer(cache: dict, path: str, trust_remote_code: bool):
 def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
         stop: StopRequest | None = None) -> dict:
     """Run `stages` in order; returns the summary written to `<output_dir>/summary.json`."""
+    engines.check_precision(cfg.model.dtype)  # before anything is written
     stop = stop or StopRequest()
     out = Path(cfg.output_dir)
     task = prepare_task(cfg, d, out) if _needs_task(cfg) else out / "task"  # else: never read

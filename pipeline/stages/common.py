@@ -121,21 +121,23 @@ def ds_configs(cfg: Config, stage: str, world_size: int) -> dict[str, dict]:
     """The DeepSpeed configs of a stage, batch sizes filled in from the run config.
 
     "train" for the trained engines; PPO also has "inference" for the frozen reference and reward
-    model. Raises UserError for a missing or contradicting DS file, or PPO sizes that do not divide.
+    model. Every engine runs in `model.dtype`. Raises UserError for a missing or contradicting DS
+    file, or PPO sizes that do not divide.
     """
+    dtype = cfg.model.dtype
     if stage in ("sft", "reward"):
         t: TrainConfig = getattr(cfg, stage)
         return {"train": engines.load_ds_config(
-            resolve_path(cfg.ds_config), train_micro_batch_size_per_gpu=t.micro_batch_size_per_gpu,
+            resolve_path(cfg.ds_config), dtype, train_micro_batch_size_per_gpu=t.micro_batch_size_per_gpu,
             gradient_accumulation_steps=t.gradient_accumulation_steps, gradient_clipping=t.gradient_clipping)}
     p = cfg.ppo
     sizes = ppo_sizes(p, world_size)
     return {"train": engines.load_ds_config(
-                resolve_path(cfg.ds_config), train_micro_batch_size_per_gpu=p.micro_batch_size_per_gpu,
+                resolve_path(cfg.ds_config), dtype, train_micro_batch_size_per_gpu=p.micro_batch_size_per_gpu,
                 gradient_accumulation_steps=sizes["gradient_accumulation_steps"],
                 gradient_clipping=p.gradient_clipping),
             "inference": engines.load_ds_config(
-                resolve_path(cfg.ds_inference_config),
+                resolve_path(cfg.ds_inference_config), dtype,
                 train_micro_batch_size_per_gpu=p.micro_batch_size_per_gpu, gradient_accumulation_steps=1)}
 
 

@@ -25,8 +25,8 @@ from pipeline.config import ppo_sizes
 from pipeline.errors import TrainingHalted, UserError
 from pipeline.generation import (DeepSpeedHybridGenerator, HybridEngine, SamplingParams, choose_backend,
                                  position_ids, response_mask)
-from pipeline.models import (causal_lm_loss, check_vocab, last_real_index, load_causal_lm, load_scalar_model,
-                             load_tokenizer, token_values)
+from pipeline.models import (causal_lm_loss, check_vocab, disable_dropout, enable_gradient_checkpointing,
+                             last_real_index, load_causal_lm, load_scalar_model, load_tokenizer, token_values)
 from pipeline.monitoring import PhaseTimer, overoptimisation_plot, peak_rss_gb, progress
 from pipeline.stages.common import StageContext, ds_configs, to_device
 
@@ -144,14 +144,18 @@ class PPOTrainer:
     def _load_models(self, ctx: StageContext) -> tuple:
         """Actor and critic under the training ZeRO-3 config, reference and reward model under the
         inference one; every vocabulary checked against the tokenizer that feeds it."""
-        trust = self.cfg.model.trust_remote_code
+        m = self.cfg.model
         actor_path, reward_path = ctx.inputs["actor"], ctx.inputs["reward_model"]
         with engines.zero3_construction(self.ds["train"]):
-            actor = load_causal_lm(actor_path, trust)
-            critic = load_scalar_model(reward_path, trust)
+            actor = load_causal_lm(actor_path, m.trust_remote_code, m.dtype)
+            critic = load_scalar_model(reward_path, m.trust_remote_code, m.dtype)
+        for model in (actor, critic):  # see update() for why dropout goes
+            disable_dropout(model)
+            if m.gradient_checkpointing:
+                enable_gradient_checkpointing(model)
         with engines.zero3_construction(self.ds["inference"]):
-            ref = load_causal_lm(actor_path, trust)
-            reward = load_scalar_model(reward_path, trust)
+            ref = load_causal_lm(actor_path, m.trust_remote_code, m.dtype)
+            reward = load_scalar_model(reward_path, m.trust_remote_code, m.dtype)
         check_vocab(actor, self.tokenizer, f"actor model {actor_path}")
         check_vocab(reward, self.reward_tokenizer, f"reward model {reward_path}")
         # The critic starts from the reward model but reads the actor's token ids.
@@ -178,7 +182,7 @@ class PPOTrainer:
                                           p.actor_learning_rate, 0.0, "constant_with_warmup", warmup, steps)
         self.critic = engines.train_engine(critic, ctx.engine_config(critic_ds, "deepspeed_critic"),
                                            p.critic_learning_rate, 0.0, "constant_with_warmup", warmup, steps)
-        self.actor.eval()  # no dropout anywhere in PPO (see update())
+        self.actor.eval()  # train mode only inside update()
         self.critic.eval()
         self.ref = engines.inference_engine(ref, infer_ds)
         self.reward = engines.inference_engine(reward, infer_ds)
@@ -270,8 +274,18 @@ class PPOTrainer:
 
     # ------------------------------------------------------------ 4. training
     def update(self, exp: Experience, seed: int) -> dict:
-        # Actor and critic stay in eval mode: with dropout off the ratio is exactly 1 before the
-        # first step, as pi_old was recorded without dropout (TRL and OpenRLHF do the same).
+        # Dropout was disabled in actor and critic (as TRL and OpenRLHF do), so train mode computes
+        # what eval mode does and the ratio is exactly 1 before the first step (pi_old was recorded
+        # without dropout). Train mode is what HF gradient checkpointing needs to engage.
+        self.actor.train()
+        self.critic.train()
+        try:
+            return self._epochs(exp, seed)
+        finally:
+            self.actor.eval()
+            self.critic.eval()
+
+    def _epochs(self, exp: Experience, seed: int) -> dict:
         p, sizes = self.p, self.sizes
         stats: dict[str, list] = {}
         g = torch.Generator().manual_seed(seed)

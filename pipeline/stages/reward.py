@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import data, engines
-from pipeline.models import check_vocab, load_scalar_model, load_tokenizer, sequence_scores
+from pipeline.models import (check_vocab, enable_gradient_checkpointing, load_scalar_model, load_tokenizer,
+                             sequence_scores)
 from pipeline.stages.common import (StageContext, ds_configs, eval_batches, schedule,
                                     supervised_loop, train_loader)
 
@@ -40,8 +41,10 @@ def run(ctx: StageContext) -> dict:
 
     engines.seed_everything(cfg.seed)
     with engines.zero3_construction(ds_config):
-        model = load_scalar_model(ctx.inputs["model"], cfg.model.trust_remote_code)
+        model = load_scalar_model(ctx.inputs["model"], cfg.model.trust_remote_code, cfg.model.dtype)
     check_vocab(model, tokenizer, f"model {ctx.inputs['model']}")
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
 
     logger = ctx.start()  # inputs are valid: from here on this stage's folder is rewritten
     model.config.pad_token_id = tokenizer.pad_token_id  # so HF's own pooled forward works on reload

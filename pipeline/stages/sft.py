@@ -7,7 +7,8 @@ import math
 import torch
 
 from pipeline import data, engines
-from pipeline.models import causal_lm_loss, check_vocab, load_causal_lm, load_tokenizer
+from pipeline.models import (causal_lm_loss, check_vocab, enable_gradient_checkpointing, load_causal_lm,
+                             load_tokenizer)
 from pipeline.stages.common import (StageContext, ds_configs, eval_batches, schedule,
                                     supervised_loop, train_loader)
 
@@ -32,8 +33,10 @@ def run(ctx: StageContext) -> dict:
 
     engines.seed_everything(cfg.seed)
     with engines.zero3_construction(ds_config):
-        model = load_causal_lm(ctx.inputs["model"], cfg.model.trust_remote_code)
+        model = load_causal_lm(ctx.inputs["model"], cfg.model.trust_remote_code, cfg.model.dtype)
     check_vocab(model, tokenizer, f"model {ctx.inputs['model']}")
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
 
     logger = ctx.start()  # inputs are valid: from here on this stage's folder is rewritten
     engine = engines.train_engine(model, ctx.engine_config(ds_config, "deepspeed_sft"), t.learning_rate,

@@ -342,6 +342,8 @@ def test_invalid_value_from_the_file_is_checked_too(tmp_path):
     ("model.hidden_size", 0),
     ("model.num_attention_heads", -2),
     ("model.hidden_size", 65),  # not a multiple of the 4 heads
+    ("model.dtype", "fp8"),
+    ("model.dtype", "float16"),  # the names are fp32, bf16, fp16
     ("seed", -1),
 ])
 def test_validate_names_the_invalid_option(option, value):
@@ -361,7 +363,7 @@ def test_nan_is_not_a_positive_value():
     ("ppo.advantage_mode", "sequence"), ("ppo.kl_estimator", "k3"), ("ppo.kl_estimator", "k2"),
     ("ppo.top_k", 0), ("ppo.entropy_coef", 0.0), ("ppo.value_clip", 0.0),
     ("sft.max_steps", -1), ("sft.max_steps", 1), ("ppo.gamma", 1.0), ("ppo.lam", 0.0),
-    ("sft.lr_scheduler", "linear"), ("seed", 0),
+    ("sft.lr_scheduler", "linear"), ("seed", 0), ("model.dtype", "bf16"), ("model.dtype", "fp16"),
 ])
 def test_boundary_values_are_accepted(option, value):
     validate(_with(Config(), option, value))

@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from pipeline.config import Config, PPOConfig
-from pipeline.engines import load_ds_config
+from pipeline.config import REPO_ROOT, Config, PPOConfig
+from pipeline.engines import check_precision, load_ds_config
 from pipeline.errors import UserError
 from pipeline.stages.common import ds_configs
 
@@ -88,3 +88,113 @@ def test_stage_ds_configs_fill_each_stage_from_its_section(tmp_path):
     cfg.ppo = PPOConfig(rollout_batch_size=32, mini_batch_size=12, micro_batch_size_per_gpu=4)
     with pytest.raises(UserError, match=r"ppo\.rollout_batch_size=32 must be a multiple of ppo\.mini_batch_size=12"):
         ds_configs(cfg, "ppo", 2)
+
+
+# ---------------------------------------------------------------- precision (model.dtype)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_precision_sections_come_from_model_dtype(tmp_path, dtype):
+    # the shipped files: both sections present and off
+    for name in ("zero3_train.json", "zero3_offload_inference.json"):
+        cfg = load_ds_config(REPO_ROOT / "ds_configs" / name, dtype, **FILL)
+        assert (cfg["bf16"]["enabled"], cfg["fp16"]["enabled"]) == (dtype == "bf16", dtype == "fp16")
+    cfg = load_ds_config(_ds(tmp_path, ZERO3), dtype, **FILL)  # a file without the sections
+    assert (cfg["bf16"]["enabled"], cfg["fp16"]["enabled"]) == (dtype == "bf16", dtype == "fp16")
+    assert ("loss_scale" in cfg["fp16"]) == (dtype == "fp16")
+
+
+def test_fp16_uses_dynamic_loss_scaling_unless_the_file_tunes_it(tmp_path):
+    assert load_ds_config(_ds(tmp_path, ZERO3), "fp16", **FILL)["fp16"] == {"enabled": True, "loss_scale": 0}
+    tuned = {**ZERO3, "fp16": {"loss_scale_window": 500, "initial_scale_power": 12}}
+    fp16 = load_ds_config(_ds(tmp_path, tuned), "fp16", **FILL)["fp16"]
+    assert fp16 == {"enabled": True, "loss_scale": 0, "loss_scale_window": 500, "initial_scale_power": 12}
+
+
+@pytest.mark.parametrize("section, dtype", [
+    ("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "fp16"), ("fp16", "bf16"), ("bfloat16", "fp32")])
+def test_precision_enabled_in_the_file_against_model_dtype_is_refused(tmp_path, section, dtype):
+    path = _ds(tmp_path, {**ZERO3, section: {"enabled": True}})
+    with pytest.raises(UserError) as e:
+        load_ds_config(path, dtype, **FILL)
+    assert (f"DeepSpeed config {path} enables {section} but the run config has model.dtype={dtype!r}"
+            in str(e.value)) and "--model.dtype" in str(e.value)
+
+
+@pytest.mark.parametrize("enabled", [True, "auto"])
+def test_precision_enabled_in_the_file_that_agrees_is_accepted(tmp_path, enabled):
+    cfg = load_ds_config(_ds(tmp_path, {**ZERO3, "bfloat16": {"enabled": enabled}}), "bf16", **FILL)
+    assert cfg["bf16"] == {"enabled": True} and "bfloat16" not in cfg  # one section, DeepSpeed's name
+    cfg = load_ds_config(_ds(tmp_path, {**ZERO3, "bf16": {"enabled": "auto"}}), "fp32", **FILL)
+    assert cfg["bf16"] == {"enabled": False}
+
+
+def test_stage_ds_configs_carry_model_dtype_to_every_engine(tmp_path):
+    cfg = Config()
+    cfg.model.dtype = "bf16"
+    for stage in ("sft", "reward", "ppo"):
+        for role, ds in ds_configs(cfg, stage, 2).items():
+            assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"], (stage, role)
+
+
+class FakeAccelerator:
+    def __init__(self, name: str, bf16: bool, fp16):
+        self.name, self.bf16, self.fp16 = name, bf16, fp16
+
+    def device_name(self):
+        return self.name
+
+    def is_bf16_supported(self):
+        return self.bf16
+
+    def is_fp16_supported(self):
+        return self.fp16
+
+
+GPU = FakeAccelerator("cuda", True, True)
+CPU = FakeAccelerator("cpu", True, None)  # DeepSpeed's CPU accelerator answers None when it cannot
+OLD_GPU = FakeAccelerator("cuda", False, True)  # e.g. a V100: no bf16
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_every_precision_is_accepted_where_supported(dtype):
+    check_precision(dtype, GPU)
+
+
+def test_fp16_on_an_accelerator_without_it_is_refused_naming_the_option_and_the_choices():
+    check_precision("bf16", CPU)
+    check_precision("fp32", CPU)
+    with pytest.raises(UserError) as e:
+        check_precision("fp16", CPU)
+    assert str(e.value) == ("option model.dtype=fp16: the cpu accelerator does not support fp16 (DeepSpeed's "
+                            "is_fp16_supported() is false); use --model.dtype bf16 or fp32.")
+    with pytest.raises(UserError, match=re.escape("does not support bf16 (DeepSpeed's is_bf16_supported() is "
+                                                  "false); use --model.dtype fp16 or fp32.")):
+        check_precision("bf16", OLD_GPU)
+
+
+def test_unsupported_precision_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from pipeline import engines, orchestrator
+
+    monkeypatch.setattr(engines, "get_accelerator", lambda: CPU)
+    cfg = Config(output_dir=str(tmp_path / "run"))
+    cfg.model.dtype = "fp16"
+    with pytest.raises(UserError, match=re.escape("option model.dtype=fp16")):
+        orchestrator.run(cfg, engines.Dist(0, 1, 0, 1))
+    assert not (tmp_path / "run").exists()
+
+
+def test_fingerprint_follows_dtype_but_not_gradient_checkpointing(tmp_path):
+    from pipeline.orchestrator import fingerprint, identity, stage_inputs
+
+    def fps(**model):
+        cfg = Config(output_dir=str(tmp_path / "run"))
+        for k, v in model.items():
+            setattr(cfg.model, k, v)
+        inputs = stage_inputs(cfg, tmp_path / "run", tmp_path / "task")
+        return [fingerprint(identity(s, cfg, inputs[s], tmp_path / "run")) for s in ("sft", "reward", "ppo")]
+
+    base = fps()
+    # memory and time only: switching it on to fit in memory keeps finished stages and checkpoints
+    assert fps(gradient_checkpointing=True) == base
+    assert all(a != b for a, b in zip(fps(dtype="bf16"), base))
+    ident = identity("sft", Config(), {}, tmp_path)
+    assert not {"dtype", "gradient_checkpointing"} & set(ident["model"])  # fp32 runs keep their identity
