@@ -250,10 +250,11 @@ def describe(engine, name: str) -> str:
     zero = engine.zero_optimization_stage()
     param = engine.zero_offload_param()
     optim = engine.zero_offload_optimizer()
+    total, trained = num_params(engine.module), num_params(engine.module, trainable=True)
     return (f"{name}: ZeRO-{zero}, params offloaded to {param.device if param else 'none'}, "
             f"optimizer offloaded to {optim.device if optim else 'none'}, "
-            f"{num_params(engine.module) / 1e6:.2f}M parameters "
-            f"({num_params(engine.module, trainable=True) / 1e6:.2f}M trained), {engine.device}")
+            f"{total / 1e6:.2f}M parameters ({trained:,} trained, {100 * trained / max(total, 1):.1f}%), "
+            f"{engine.device}")
 
 
 def num_params(module: torch.nn.Module, trainable: bool = False) -> int:
