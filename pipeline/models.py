@@ -208,10 +208,11 @@ class LoraMerge:
     """Folds LoRA adapters into plain weights, W' = W + scaling * B @ A (peft's merge), so that a
     state dict with adapter keys becomes one with the base architecture's keys.
 
-    `layers` maps each adapted layer's name to (scaling, fan_in_fan_out).
+    `layers` maps each adapted layer's name to (scaling, fan_in_fan_out); fan_in_fan_out: the
+    layer stores its weight as (in, out), as GPT-2's Conv1D does.
     """
 
-    layers: dict
+    layers: dict[str, tuple[float, bool]]
 
     def unit(self, name: str) -> str:
         """The adapted layer a (sub)module name belongs to, or the name itself: the parameters of
@@ -240,11 +241,13 @@ class LoraMerge:
                 out[f"{layer}.weight"] = (value.float() + delta).to(value.dtype)
             elif leaf.startswith("base_layer."):  # the bias
                 out[f"{layer}.{leaf[len('base_layer.'):]}"] = value
+            else:  # folded into the weight above; add_lora makes no other adapter tensors
+                assert leaf in ("lora_A.default.weight", "lora_B.default.weight"), key
         return out
 
 
 def lora_merge(model) -> LoraMerge | None:
     """The merge of `model`'s LoRA adapters, or None when it has none."""
     layers = {name: (m.scaling["default"], m.fan_in_fan_out) for name, m in model.named_modules()
-              if hasattr(m, "lora_A") and "default" in getattr(m, "scaling", {})}
+              if hasattr(m, "lora_A") and "default" in getattr(m, "scaling", {})}  # peft's LoRA layers (without importing peft)
     return LoraMerge(layers) if layers else None
