@@ -2,7 +2,7 @@
 Checks that the adapters are partitioned and are all the optimizer holds, that the hybrid engine's
 copy holds the merged weights and computes the engine's logits, that the merged export loads with
 plain transformers and computes them too, and that a checkpoint resumes exactly on the same ranks.
-Writes <out>.rank<N> as JSON. Used by test_lora.py."""
+Writes <out>.rank<N> as JSON. Used by test_lora_two_ranks.py."""
 import json
 import sys
 from pathlib import Path
