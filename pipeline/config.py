@@ -103,6 +103,10 @@ class PPOConfig:
     num_ppo_epochs: int = 1  # passes over each rollout
     actor_learning_rate: float = 2e-4  # actor peak learning rate
     critic_learning_rate: float = 2e-4  # critic peak learning rate
+    actor_lora_rank: int = 0  # rank of LoRA adapters on the actor (0: off, every weight is trained); LoRA usually wants a higher actor_learning_rate
+    critic_lora_rank: int = 0  # rank of LoRA adapters on the critic (0: off); its scalar score head is trained in full either way
+    lora_alpha: float = 16.0  # LoRA scale: an adapted layer's weight is W + (lora_alpha / rank) * B @ A
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # layers LoRA adapts: all-linear (every linear layer in the transformer blocks, not the LM or score head) or module names such as q_proj v_proj
     warmup_iterations: int = 2  # linear warmup, in iterations
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling
@@ -229,6 +233,7 @@ def validate(cfg: Config) -> None:
     for f in ("warmup_iterations", "top_k", "min_new_tokens", "gather_modules", "value_clip", "vf_coef",
               "entropy_coef", "kl_coef", "score_clip", "early_stop_kl", "gradient_clipping", "ptx_coef"):
         non_negative(f"ppo.{f}", getattr(p, f))
+    validate_lora(p)
     within("ppo.gamma", p.gamma, 0.0, 1.0)
     within("ppo.lam", p.lam, 0.0, 1.0)
     if cfg.reward_init not in ("auto", "base", "sft"):
@@ -267,6 +272,22 @@ def validate(cfg: Config) -> None:
                             f"model.num_attention_heads={m.num_attention_heads}.")
     if not 0 <= cfg.seed < 2**32:
         raise UserError(f"option seed={cfg.seed} must be in [0, 2**32).")
+
+
+def validate_lora(p: PPOConfig) -> None:
+    """LoRA options (which layers exist is checked when the models are built)."""
+    for f in ("actor_lora_rank", "critic_lora_rank"):
+        if not getattr(p, f) >= 0:
+            raise UserError(f"option ppo.{f}={getattr(p, f)} must be >= 0 (0: no LoRA, train every weight).")
+    if not p.lora_alpha > 0:
+        raise UserError(f"option ppo.lora_alpha={p.lora_alpha} must be > 0 (adapters are scaled by lora_alpha / rank).")
+    names = p.lora_target_modules
+    if (p.actor_lora_rank or p.critic_lora_rank) and not names:
+        raise UserError("option ppo.lora_target_modules is empty but a LoRA rank is set: name the layers to adapt "
+                        "(e.g. q_proj v_proj), or all-linear for every linear layer of the transformer blocks.")
+    if "all-linear" in names and len(names) > 1:
+        raise UserError(f"option ppo.lora_target_modules={names}: all-linear already takes every linear layer; "
+                        f"give either all-linear alone or a list of module names.")
 
 
 def parse_split(text: str) -> tuple[float, ...]:
@@ -413,10 +434,17 @@ def _field_comments(cls) -> dict:
     return out
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _split_lines(self, text, width):  # keep values such as all-linear whole
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     parser.add_argument("--config", help="YAML or JSON file of options (command-line flags override it)")
     parser.add_argument("--local_rank", type=int, help="set by the deepspeed launcher")
     for name, tp, default, comment in _flat_fields(Config):

@@ -15,6 +15,7 @@ import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import deepspeed
 import numpy as np
@@ -25,6 +26,9 @@ from deepspeed.accelerator import get_accelerator
 from pipeline import ppo_math
 from pipeline.config import LR_SCHEDULERS
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.models import LoraMerge
 
 log = logging.getLogger(__name__)
 _HF_DS_CONFIG = None  # transformers reads ZeRO-3 settings through a live HfDeepSpeedConfig
@@ -258,9 +262,11 @@ def full_state_dict(module: torch.nn.Module, rank: int, ema: ShardEMA | None = N
     return state if rank == 0 else None
 
 
-def save_hf(module: torch.nn.Module, tokenizer, folder: Path, rank: int, ema: ShardEMA | None = None) -> None:
+def save_hf(module: torch.nn.Module, tokenizer, folder: Path, rank: int, ema: ShardEMA | None = None,
+            merge: LoraMerge | None = None) -> None:
     """Save as a plain Hugging Face folder (config, safetensors, tokenizer), atomically; with `ema`,
-    the EMA's weights instead of the module's.
+    the EMA's weights instead of the module's. With `merge`, LoRA adapters are merged into the
+    weights: the folder has the base architecture's keys.
 
     Written to `<folder>.partial` and renamed, so a crash never leaves a half-written model
     where a finished one was.
@@ -268,6 +274,9 @@ def save_hf(module: torch.nn.Module, tokenizer, folder: Path, rank: int, ema: Sh
     state = full_state_dict(module, rank, ema)
     if rank == 0:
         import shutil
+
+        if merge is not None:
+            state = merge(state)
 
         tmp = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -284,9 +293,11 @@ def describe(engine, name: str) -> str:
     zero = engine.zero_optimization_stage()
     param = engine.zero_offload_param()
     optim = engine.zero_offload_optimizer()
+    total, trained = num_params(engine.module), num_params(engine.module, trainable=True)
     return (f"{name}: ZeRO-{zero}, {model_dtype(engine)}, params offloaded to {param.device if param else 'none'}, "
             f"optimizer offloaded to {optim.device if optim else 'none'}, "
-            f"{num_params(engine.module) / 1e6:.2f}M parameters, {engine.device}")
+            f"{total / 1e6:.2f}M parameters ({trained:,} trained, {100 * trained / max(total, 1):.1f}%), "
+            f"{engine.device}")
 
 
 def model_dtype(engine) -> torch.dtype:
@@ -294,9 +305,9 @@ def model_dtype(engine) -> torch.dtype:
     return engine.get_data_types()[0]
 
 
-def num_params(module: torch.nn.Module) -> int:
-    """Total parameters, counting ZeRO-3 partitioned ones at full size."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+def num_params(module: torch.nn.Module, trainable: bool = False) -> int:
+    """Total (or only trainable) parameters, counting ZeRO-3 partitioned ones at full size."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad or not trainable)
 
 
 @contextmanager
@@ -312,22 +323,27 @@ def plain_construction():
             set_hf_deepspeed_config(_HF_DS_CONFIG)
 
 
-def copy_gathered(src: torch.nn.Module, dst: torch.nn.Module, group: int = 0) -> None:
+def copy_gathered(src: torch.nn.Module, dst: torch.nn.Module, group: int = 0, merge: LoraMerge | None = None) -> None:
     """Copy the full weights of a ZeRO-3 module into a plain module of the same architecture.
 
     Gathers `group` submodules at a time (0: the whole module in one gather), so the transient
-    extra memory is one group's full weights.
+    extra memory is one group's full weights. With `merge`, LoRA adapters are folded into the
+    weights they adapt (an adapted layer's base weight, A and B are gathered together).
     """
     targets = dict(dst.named_parameters(remove_duplicate=False))
-    owners = [(prefix, list(sub.named_parameters(recurse=False))) for prefix, sub in src.named_modules()]
-    owners = [(prefix, own) for prefix, own in owners if own]
+    units: dict[str, list] = {}  # unit -> [(full name, parameter)], in module order
+    for prefix, sub in src.named_modules():
+        for name, p in sub.named_parameters(recurse=False):
+            unit = merge.unit(prefix) if merge else prefix
+            units.setdefault(unit, []).append((f"{prefix}.{name}" if prefix else name, p))
+    owners = list(units.values())
     step = group if group > 0 else len(owners)
     for i in range(0, len(owners), step):
-        chunk = owners[i:i + step]
-        with deepspeed.zero.GatheredParameters([p for _, own in chunk for _, p in own]):
-            for prefix, own in chunk:
-                for name, p in own:
-                    targets[f"{prefix}.{name}" if prefix else name].data.copy_(p.data)
+        chunk = [pair for own in owners[i:i + step] for pair in own]
+        with deepspeed.zero.GatheredParameters([p for _, p in chunk]):
+            state = {name: p.data for name, p in chunk}
+            for name, t in (merge(state) if merge else state).items():
+                targets[name].data.copy_(t)
 
 
 # ---------------------------------------------------------------- EMA of a ZeRO-3 module

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import engines
+from pipeline.models import lora_merge
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,13 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 DS_HYBRID_MODEL_TYPES = ("opt", "llama", "bloom", "gptj", "gpt_neox")
 
 
-def choose_backend(actor_ds_config: dict, model_type: str, device_type: str) -> tuple[str, str]:
+def choose_backend(actor_ds_config: dict, model_type: str, device_type: str,
+                   lora: bool = False) -> tuple[str, str]:
     """("deepspeed" | "materialise", why). DeepSpeed's hybrid engine only where it can run."""
     if not actor_ds_config.get("hybrid_engine", {}).get("enabled", False):
         return "materialise", "hybrid_engine.enabled is off in the actor's DeepSpeed config"
+    if lora:  # it fuses only DeepSpeed-Chat's own LoRA layers
+        return "materialise", "DeepSpeed's hybrid engine does not know peft's LoRA layers (ppo.actor_lora_rank)"
     if device_type == "cpu":
         return "materialise", "DeepSpeed's hybrid engine has no CPU kernels"
     if model_type not in DS_HYBRID_MODEL_TYPES:
@@ -78,6 +82,7 @@ class HybridEngine:
     Generation mode materialises the full weights once into a plain module of the same
     architecture (no ZeRO hooks, eval mode, KV cache), gathering `gather_modules` submodules at
     a time (0: all at once; smaller numbers lower the transient peak), and frees them on exit.
+    LoRA adapters are merged into the copy, so decoding costs what it costs without them.
     Works for any Hugging Face causal LM, on any accelerator.
     """
 
@@ -85,6 +90,7 @@ class HybridEngine:
         self.engine = actor_engine
         self.tokenizer = tokenizer
         self.gather_modules = gather_modules
+        self.merge = lora_merge(actor_engine.module)
         with engines.plain_construction(), torch.device("meta"):  # the actor's own (already loaded) class
             self.model = type(actor_engine.module)._from_config(actor_engine.module.config,
                                                                 dtype=engines.model_dtype(actor_engine))
@@ -99,7 +105,7 @@ class HybridEngine:
         buffers = dict(self.engine.module.named_buffers())  # not partitioned by ZeRO (e.g. rotary)
         for name, buf in self.model.named_buffers():
             buf.data.copy_(buffers[name].data)
-        engines.copy_gathered(self.engine.module, self.model, self.gather_modules)
+        engines.copy_gathered(self.engine.module, self.model, self.gather_modules, self.merge)
         self.materialised = True
         try:
             yield self.model

@@ -8,6 +8,7 @@ value per token) and read the reward at the last real token. Saved folders load 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -192,3 +193,101 @@ def causal_lm_loss(model, input_ids, attention_mask, labels) -> tuple[torch.Tens
     loss = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
     return loss, (target != -100).sum()
+
+
+# ---------------------------------------------------------------- LoRA
+ALL_LINEAR = "all-linear"
+
+
+def _linear_layers(model) -> list[str]:
+    """Names of the linear layers in the transformer body: not the LM head, not the score head."""
+    from transformers.pytorch_utils import Conv1D
+
+    heads = {id(model.get_output_embeddings()), id(_score_head(model))}
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, Conv1D)) and id(m) not in heads]
+
+
+def lora_targets(model, names: list[str], where: str) -> list[str]:
+    """Full names of the layers to adapt: every body linear layer for `all-linear`, else those whose
+    name is or ends with one of `names` (peft's matching rule). Each name must match a layer."""
+    linear = _linear_layers(model)
+    if names == [ALL_LINEAR]:
+        return linear
+    matches = {t: [n for n in linear if n == t or n.endswith(f".{t}")] for t in names}
+    missing = [t for t, found in matches.items() if not found]
+    if missing:
+        short = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise UserError(f"{where}: ppo.lora_target_modules names {', '.join(missing)}, which matches no linear "
+                        f"layer of this model; its linear layers are called {', '.join(short) or '(none)'} "
+                        f"(or use all-linear).")
+    return sorted({n for found in matches.values() for n in found})
+
+
+def add_lora(model, rank: int, alpha: float, target_modules: list[str], where: str):
+    """Inject LoRA adapters (peft) into `model` in place and freeze everything else except a
+    scalar model's `score` head. The class stays the Hugging Face one, so `base_model`, `score`
+    and `_from_config` keep working; adapters start at B = 0 (the model is unchanged)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers.pytorch_utils import Conv1D
+
+    targets = lora_targets(model, target_modules, where)
+    modules = dict(model.named_modules())
+    conv1d = all(isinstance(modules[n], Conv1D) for n in targets)  # GPT-2 style (in, out) weights
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+                        fan_in_fan_out=conv1d, bias="none")
+    model = inject_adapter_in_model(config, model)
+    head = _score_head(model)
+    if head is not None:  # a new value head must learn in full (it is tiny)
+        head.requires_grad_(True)
+    return model
+
+
+@dataclass(frozen=True)
+class LoraMerge:
+    """Folds LoRA adapters into plain weights, W' = W + scaling * B @ A (peft's merge), so that a
+    state dict with adapter keys becomes one with the base architecture's keys.
+
+    `layers` maps each adapted layer's name to (scaling, fan_in_fan_out); fan_in_fan_out: the
+    layer stores its weight as (in, out), as GPT-2's Conv1D does.
+    """
+
+    layers: dict[str, tuple[float, bool]]
+
+    def unit(self, name: str) -> str:
+        """The adapted layer a (sub)module name belongs to, or the name itself: the parameters of
+        one unit must be at hand together to merge."""
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            head = ".".join(parts[:i])
+            if head in self.layers:
+                return head
+        return name
+
+    def __call__(self, state: dict) -> dict:
+        """`state` with every adapted layer merged (its A and B keys must be in `state` too)."""
+        out = {}
+        for key, value in state.items():
+            layer = self.unit(key)
+            if layer == key:
+                out[key] = value
+                continue
+            leaf = key[len(layer) + 1:]
+            if leaf == "base_layer.weight":
+                scaling, fan_in_fan_out = self.layers[layer]
+                b_a = (state[f"{layer}.lora_B.default.weight"].float()
+                       @ state[f"{layer}.lora_A.default.weight"].float())
+                delta = (b_a.T if fan_in_fan_out else b_a) * scaling
+                out[f"{layer}.weight"] = (value.float() + delta).to(value.dtype)
+            elif leaf.startswith("base_layer."):  # the bias
+                out[f"{layer}.{leaf[len('base_layer.'):]}"] = value
+            else:  # folded into the weight above; add_lora makes no other adapter tensors
+                assert leaf in ("lora_A.default.weight", "lora_B.default.weight"), key
+        return out
+
+
+def lora_merge(model) -> LoraMerge | None:
+    """The merge of `model`'s LoRA adapters, or None when it has none."""
+    layers = {name: (m.scaling["default"], m.fan_in_fan_out) for name, m in model.named_modules()
+              if hasattr(m, "lora_A") and "default" in getattr(m, "scaling", {})}  # peft's LoRA layers (without importing peft)
+    return LoraMerge(layers) if layers else None

@@ -25,8 +25,9 @@ from pipeline.config import ppo_sizes
 from pipeline.errors import TrainingHalted, UserError
 from pipeline.generation import (DeepSpeedHybridGenerator, HybridEngine, SamplingParams, choose_backend,
                                  position_ids, response_mask)
-from pipeline.models import (causal_lm_loss, check_vocab, disable_dropout, enable_gradient_checkpointing,
-                             last_real_index, load_causal_lm, load_scalar_model, load_tokenizer, token_values)
+from pipeline.models import (add_lora, causal_lm_loss, check_vocab, disable_dropout, enable_gradient_checkpointing,
+                             last_real_index, load_causal_lm, load_scalar_model, load_tokenizer, lora_merge,
+                             token_values)
 from pipeline.monitoring import PhaseTimer, overoptimisation_plot, peak_rss_gb, progress
 from pipeline.stages.common import StageContext, ds_configs, to_device
 
@@ -149,6 +150,7 @@ class PPOTrainer:
         with engines.zero3_construction(self.ds["train"]):
             actor = load_causal_lm(actor_path, m.trust_remote_code, m.dtype)
             critic = load_scalar_model(reward_path, m.trust_remote_code, m.dtype)
+        actor, critic = self._add_lora(actor, critic, actor_path, reward_path)
         for model in (actor, critic):  # see update() for why dropout goes
             disable_dropout(model)
             if m.gradient_checkpointing:
@@ -167,13 +169,25 @@ class PPOTrainer:
                         "start out meaningless for them.", reward_path)
         return actor, critic, ref, reward
 
+    def _add_lora(self, actor, critic, actor_path: str, reward_path: str) -> tuple:
+        """LoRA adapters where asked; the adapters are plain tensors until the engines partition
+        them (DeepSpeed converts them, broadcast from rank 0, in `deepspeed.initialize`)."""
+        p = self.p
+        if p.actor_lora_rank:
+            actor = add_lora(actor, p.actor_lora_rank, p.lora_alpha, p.lora_target_modules, f"actor {actor_path}")
+        if p.critic_lora_rank:
+            critic = add_lora(critic, p.critic_lora_rank, p.lora_alpha, p.lora_target_modules,
+                              f"critic (from reward model {reward_path})")
+        return actor, critic
+
     def _build_engines(self, ctx: StageContext, actor, critic, ref, reward) -> None:
         """Actor and critic: ZeRO-3 training engines; reference and reward: offloaded, frozen."""
         p = self.p
         train_ds, infer_ds = self.ds["train"], self.ds["inference"]
         steps = p.num_iterations * p.num_ppo_epochs * self.sizes["mini_batches_per_epoch"]
         warmup = p.warmup_iterations * p.num_ppo_epochs * self.sizes["mini_batches_per_epoch"]
-        backend, why = choose_backend(train_ds, actor.config.model_type, engines.device().type)
+        backend, why = choose_backend(train_ds, actor.config.model_type, engines.device().type,
+                                      lora=p.actor_lora_rank > 0)
         log.info("generation: %s", why if backend == "deepspeed" else
                  f"our hybrid engine (materialised weights), because {why}")
         critic_ds = {k: v for k, v in train_ds.items() if k != "hybrid_engine"}
@@ -539,9 +553,12 @@ def run(ctx: StageContext) -> dict:
              "order": order.state_dict(), "trainer": trainer.state_dict()},
             {"ema": trainer.ema.state_dict()} if trainer.ema else {}))
     bar.close()
-    engines.save_hf(trainer.actor.module, trainer.tokenizer, ctx.stage_dir / "model", d.rank)
+    # LoRA adapters are merged: the policy is a plain model of the base architecture.
+    merge = lora_merge(trainer.actor.module)
+    engines.save_hf(trainer.actor.module, trainer.tokenizer, ctx.stage_dir / "model", d.rank, merge=merge)
     if trainer.ema is not None:
-        engines.save_hf(trainer.actor.module, trainer.tokenizer, ctx.stage_dir / "model_ema", d.rank, trainer.ema)
+        engines.save_hf(trainer.actor.module, trainer.tokenizer, ctx.stage_dir / "model_ema", d.rank, trainer.ema,
+                        merge=merge)
     elif d.is_main:  # not a stale EMA from an earlier run next to this run's model
         shutil.rmtree(ctx.stage_dir / "model_ema", ignore_errors=True)
     logger.close()
