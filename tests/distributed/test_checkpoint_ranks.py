@@ -2,7 +2,6 @@
 with an EMA of the weights kept on the shards (checked against the EMA of the gathered weights)."""
 import json
 import subprocess
-import sys
 
 import torch
 from launch_util import REPO, free_port
