@@ -262,7 +262,7 @@ def full_state_dict(module: torch.nn.Module, rank: int, ema: ShardEMA | None = N
     return state if rank == 0 else None
 
 
-def save_hf(module: torch.nn.Module, tokenizer, folder: Path, rank: int, ema: ShardEMA | None = None,
+def save_hf(module: torch.nn.Module, tokenizer, folder: Path, rank: int, *, ema: ShardEMA | None = None,
             merge: LoraMerge | None = None) -> None:
     """Save as a plain Hugging Face folder (config, safetensors, tokenizer), atomically; with `ema`,
     the EMA's weights instead of the module's. With `merge`, LoRA adapters are merged into the

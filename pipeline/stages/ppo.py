@@ -557,7 +557,7 @@ def run(ctx: StageContext) -> dict:
     merge = lora_merge(trainer.actor.module)
     engines.save_hf(trainer.actor.module, trainer.tokenizer, ctx.stage_dir / "model", d.rank, merge=merge)
     if trainer.ema is not None:
-        engines.save_hf(trainer.actor.module, trainer.tokenizer, ctx.stage_dir / "model_ema", d.rank, trainer.ema,
+        engines.save_hf(trainer.actor.module, trainer.tokenizer, ctx.stage_dir / "model_ema", d.rank, ema=trainer.ema,
                         merge=merge)
     elif d.is_main:  # not a stale EMA from an earlier run next to this run's model
         shutil.rmtree(ctx.stage_dir / "model_ema", ignore_errors=True)

@@ -96,7 +96,7 @@ def main() -> None:
     report["adapters_moved"] = max(saved[k].abs().max().item() for k in saved if ".lora_B." in k)
 
     # Export: merged, plain keys, loadable without peft.
-    engines.save_hf(actor.module, tok, work / "export", d.rank, lora_merge(actor.module))
+    engines.save_hf(actor.module, tok, work / "export", d.rank, merge=lora_merge(actor.module))
     from transformers import AutoModelForCausalLM
 
     with engines.plain_construction():  # (a live ZeRO-3 config would partition it)
