@@ -10,6 +10,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ class TaskConfig:
     num_sft: int = 6000  # SFT demonstrations (prompt, response)
     num_pairs: int = 6000  # preference pairs (prompt, chosen, rejected) for the reward model
     num_prompts: int = 4000  # PPO training prompts
-    num_eval: int = 256  # held-out prompts, SFT demonstrations and preference pairs, each
+    num_eval: int = 256  # held-out prompts (distinct, never in training data), SFT demonstrations and preference pairs, each
     label_noise: float = 0.1  # probability that a training preference label is flipped
 
 
@@ -91,6 +92,13 @@ class TrainConfig:
 
 
 @dataclass
+class RewardConfig(TrainConfig):
+    """The reward-model stage: TrainConfig plus the ensemble."""
+
+    ensemble_size: int = 1  # reward models trained (different seeds: initialisation and data order); PPO scores with all of them (see ppo.ensemble_penalty)
+
+
+@dataclass
 class PPOConfig:
     """The PPO stage: rollout sizes, objective and its coefficients."""
 
@@ -126,7 +134,14 @@ class PPOConfig:
     adaptive_kl: bool = False  # adapt beta towards target_kl (Ziegler et al. 2019)
     target_kl: float = 1.0  # adaptive controller target (sequence KL, nats)
     kl_horizon: int = 10000  # adaptive controller horizon (samples)
+    kl_alarm: float = 0.0  # warn (alarm/kl_to_ref) when the rollout KL to the reference exceeds this many nats (0: 2 x target_kl with adaptive_kl, else off)
     score_clip: float = 5.0  # clip the reward-model score to +-score_clip (0: off)
+    reward_model_coef: float = 1.0  # weight of the reward model's score in the reward; 0: no reward model (needs reward_fn), no reward stage, the critic starts from the policy with a fresh value head
+    reward_fn: str = ""  # FILE.py:NAME or module:NAME, f(prompts, responses) -> floats: a rule-based reward added to the score (weight reward_fn_coef)
+    reward_fn_coef: float = 1.0  # weight of reward_fn in the reward
+    ensemble_penalty: float = 0.0  # with a reward-model ensemble (reward.ensemble_size > 1): reward = mean - ensemble_penalty x std over the members, each normalised on its held-out pairs (Coste et al. 2023)
+    eval_reward_fn: str = ""  # FILE.py:NAME or module:NAME, f(prompts, responses) -> floats: your gold metric, logged as eval/gold_score (evaluation only); empty: the default task's gold on its own prompts, none otherwise
+    select_best: str = ""  # also keep the policy with the best value of this evaluation metric (e.g. eval/gold_score) as <ppo>/model_best; empty: off
     normalize_reward: bool = False  # running normalisation of the score
     early_stop_kl: float = 0.0  # stop the epoch loop when approx KL to pi_old exceeds this (0: off)
     max_nonfinite_skips: int = 3  # stop after this many non-finite updates in a row
@@ -157,7 +172,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, learning_rate=2e-3))
-    reward: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, learning_rate=5e-4))
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(epochs=3, learning_rate=5e-4))
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def to_dict(self) -> dict:
@@ -231,8 +246,10 @@ def validate(cfg: Config) -> None:
               "clip_eps", "eval_steps", "logging_steps", "target_kl", "kl_horizon", "max_nonfinite_skips"):
         positive(f"ppo.{f}", getattr(p, f))
     for f in ("warmup_iterations", "top_k", "min_new_tokens", "gather_modules", "value_clip", "vf_coef",
-              "entropy_coef", "kl_coef", "score_clip", "early_stop_kl", "gradient_clipping", "ptx_coef"):
+              "entropy_coef", "kl_coef", "score_clip", "early_stop_kl", "gradient_clipping", "ptx_coef",
+              "kl_alarm", "reward_model_coef", "ensemble_penalty"):
         non_negative(f"ppo.{f}", getattr(p, f))
+    validate_rewards(cfg)
     validate_lora(p)
     within("ppo.gamma", p.gamma, 0.0, 1.0)
     within("ppo.lam", p.lam, 0.0, 1.0)
@@ -259,6 +276,11 @@ def validate(cfg: Config) -> None:
     validate_data(cfg.data)
     for f in ("num_sft", "num_pairs", "num_prompts", "num_eval"):
         positive(f"task.{f}", getattr(cfg.task, f))
+    from pipeline.default_task import MAX_EVAL_PROMPTS
+
+    if cfg.task.num_eval > MAX_EVAL_PROMPTS:
+        raise UserError(f"option task.num_eval={cfg.task.num_eval} must be <= {MAX_EVAL_PROMPTS}: the default task "
+                        f"keeps its held-out prompts out of training, and has twice that many distinct prompts.")
     if not 0 <= cfg.task.label_noise < 0.5:
         raise UserError(f"option task.label_noise={cfg.task.label_noise} must be in [0, 0.5).")
     m = cfg.model
@@ -272,6 +294,34 @@ def validate(cfg: Config) -> None:
                             f"model.num_attention_heads={m.num_attention_heads}.")
     if not 0 <= cfg.seed < 2**32:
         raise UserError(f"option seed={cfg.seed} must be in [0, 2**32).")
+
+
+def validate_rewards(cfg: Config) -> None:
+    """What the reward is made of: the reward model(s) and/or a reward function."""
+    p = cfg.ppo
+    if not cfg.reward.ensemble_size >= 1:
+        raise UserError(f"option reward.ensemble_size={cfg.reward.ensemble_size} must be >= 1 (1: one reward model).")
+    if not math.isfinite(p.reward_fn_coef):
+        raise UserError(f"option ppo.reward_fn_coef={p.reward_fn_coef} must be a finite number.")
+    if p.reward_model_coef == 0 and not p.reward_fn:
+        raise UserError("option ppo.reward_model_coef=0 leaves no reward: give --ppo.reward_fn FILE.py:NAME (a "
+                        "rule-based reward) or keep the reward model (reward_model_coef > 0).")
+    if p.reward_model_coef == 0 and p.reward_model_path:
+        raise UserError(f"option ppo.reward_model_path={p.reward_model_path!r} is given but ppo.reward_model_coef=0 "
+                        f"uses no reward model; drop one of the two.")
+    if p.ensemble_penalty > 0 and cfg.reward.ensemble_size < 2:
+        raise UserError(f"option ppo.ensemble_penalty={p.ensemble_penalty} penalises disagreement between reward "
+                        f"models, but reward.ensemble_size={cfg.reward.ensemble_size}: train an ensemble "
+                        f"(--reward.ensemble_size 3) or set ppo.ensemble_penalty 0.")
+    if cfg.reward.ensemble_size > 1 and p.reward_model_path:
+        raise UserError(f"option reward.ensemble_size={cfg.reward.ensemble_size} trains an ensemble for PPO, but "
+                        f"ppo.reward_model_path={p.reward_model_path!r} scores with one given model; drop one of "
+                        f"the two.")
+    for option in ("reward_fn", "eval_reward_fn"):
+        if getattr(p, option):
+            from pipeline.reward_fns import split_spec
+
+            split_spec(getattr(p, option), f"ppo.{option}")
 
 
 def validate_lora(p: PPOConfig) -> None:
@@ -426,7 +476,7 @@ def _field_comments(cls) -> dict:
     import inspect
 
     out = {}
-    for line in inspect.getsource(cls).splitlines():
+    for line in (line for c in reversed(cls.__mro__[:-1]) for line in inspect.getsource(c).splitlines()):
         line = line.strip()
         if ":" in line and "#" in line and not line.startswith(("#", '"')):
             name = line.split(":", 1)[0].strip()

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import default_task, engines
+from pipeline import default_task, engines, reward_fns
 from pipeline.config import Config, ModelConfig, parse_config, parse_split, resolve_path, save_config
 from pipeline.checkpoint import Checkpointer, StopRequest
 from pipeline.data import FIELDS, Source, file_digest, is_hub_name, load_role
@@ -31,7 +31,28 @@ STAGES = ("sft", "reward", "ppo")
 def _stage_fn(name: str):
     import importlib
 
-    return importlib.import_module(f"pipeline.stages.{name}").run
+    return importlib.import_module(f"pipeline.stages.{base_stage(name)}").run
+
+
+def base_stage(stage: str) -> str:
+    """The stage a run belongs to: `reward_2`, the third member of a reward ensemble, is `reward`."""
+    return stage.partition("_")[0]
+
+
+def reward_members(cfg: Config) -> tuple[str, ...]:
+    """The reward stage's runs: `reward`, then `reward_1` ... for the other ensemble members, each a
+    stage of its own (own folder, fingerprint, checkpoints and resume), seeded `seed + i`."""
+    return ("reward",) + tuple(f"reward_{i}" for i in range(1, cfg.reward.ensemble_size))
+
+
+def stage_config(cfg: Config, stage: str) -> Config:
+    """The config a run sees: an ensemble member's seed differs (initialisation and data order)."""
+    i = int(stage.rpartition("_")[2]) if "_" in stage else 0
+    return dataclasses.replace(cfg, seed=cfg.seed + i) if i else cfg
+
+
+def _uses_reward_model(cfg: Config) -> bool:
+    return cfg.ppo.reward_model_coef > 0
 
 
 # ---------------------------------------------------------------- inputs
@@ -123,15 +144,30 @@ def stage_inputs(cfg: Config, out: Path, task: Path) -> dict[str, dict]:
     actor = cfg.ppo.actor_model_path or str(sft_model)
     from_sft = _reward_from_sft(cfg)
     reward_base = cfg.model.reward_model_name_or_path  # a base model of the reward model's own
+    reward = {"tokenizer": reward_base or (str(sft_model) if sft_model.is_dir() else tokenizer),
+              "model": reward_base or (str(sft_model) if from_sft and sft_model.is_dir() else base_model),
+              **data_sources(cfg, "reward", task)}
     return {
         "sft": {"tokenizer": tokenizer, "model": base_model, **data_sources(cfg, "sft", task)},
-        "reward": {"tokenizer": reward_base or (str(sft_model) if sft_model.is_dir() else tokenizer),
-                   "model": reward_base or (str(sft_model) if from_sft and sft_model.is_dir() else base_model),
-                   **data_sources(cfg, "reward", task)},
-        "ppo": {"tokenizer": actor, "actor": actor,
-                "reward_model": cfg.ppo.reward_model_path or str(out / "reward" / "model"),
+        **{member: reward for member in reward_members(cfg)},
+        "ppo": {"tokenizer": actor, "actor": actor, **_ppo_reward_inputs(cfg, out),
                 **data_sources(cfg, "ppo", task), **ptx_source(cfg, task)},
     }
+
+
+def _ppo_reward_inputs(cfg: Config, out: Path) -> dict[str, str]:
+    """PPO's reward models (`reward_model`, `reward_model_1`, ... for an ensemble; none when the
+    reward is ppo.reward_fn alone) and the files of its reward and evaluation functions."""
+    p = cfg.ppo
+    roles = {}
+    if _uses_reward_model(cfg):
+        roles = ({"reward_model": p.reward_model_path} if p.reward_model_path else
+                 {("reward_model" if m == "reward" else f"reward_model_{m.rpartition('_')[2]}"): str(out / m / "model")
+                  for m in reward_members(cfg)})
+    for option in ("reward_fn", "eval_reward_fn"):
+        if getattr(p, option):
+            roles[option] = str(reward_fns.source_file(getattr(p, option), f"ppo.{option}"))
+    return roles
 
 
 def _reward_from_sft(cfg: Config) -> bool:
@@ -141,7 +177,10 @@ def _reward_from_sft(cfg: Config) -> bool:
     both. A pretrained model keeps the SFT start."""
     if cfg.model.reward_model_name_or_path:  # a base model of its own
         return False
-    return cfg.reward_init == "sft" or (cfg.reward_init == "auto" and bool(cfg.model.model_name_or_path))
+    m = cfg.model.model_name_or_path
+    pretrained = bool(m) and not (Path(m).is_dir() and not any(Path(m).glob("*.safetensors"))
+                                  and not any(Path(m).glob("*.bin")))  # a config-only folder: from scratch
+    return cfg.reward_init == "sft" or (cfg.reward_init == "auto" and pretrained)
 
 
 def needed_stages(cfg: Config, stages: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, str]]:
@@ -152,8 +191,11 @@ def needed_stages(cfg: Config, stages: tuple[str, ...]) -> tuple[tuple[str, ...]
     another running stage still reads its model: PPO started from existing models goes straight
     to PPO (DeepSpeed-Chat's step 3 alone)."""
     superseded = {"sft": "PPO starts from ppo.actor_model_path" if cfg.ppo.actor_model_path else "",
-                  "reward": "PPO scores with ppo.reward_model_path" if cfg.ppo.reward_model_path else ""}
-    reads = {"ppo": {"sft": not cfg.ppo.actor_model_path, "reward": not cfg.ppo.reward_model_path},
+                  "reward": ("PPO scores with ppo.reward_model_path" if cfg.ppo.reward_model_path else
+                             "PPO's reward is ppo.reward_fn alone (ppo.reward_model_coef 0)"
+                             if not _uses_reward_model(cfg) else "")}
+    reads = {"ppo": {"sft": not cfg.ppo.actor_model_path,
+                     "reward": not cfg.ppo.reward_model_path and _uses_reward_model(cfg)},
              "reward": {"sft": _reward_from_sft(cfg)}}
     keep = [stages[-1]]
     for stage in reversed(stages[:-1]):
@@ -203,9 +245,10 @@ def identity(stage: str, cfg: Config, inputs: dict[str, str], out: Path) -> dict
     """What a stage's result depends on, except the rank count: its config section, the seed,
     the data and model options, the DeepSpeed configs and the content of its inputs. A checkpoint
     records it; resuming needs the same."""
-    section = {"sft": cfg.sft, "reward": cfg.reward, "ppo": cfg.ppo}[stage]
+    section = dataclasses.asdict({"sft": cfg.sft, "reward": cfg.reward, "ppo": cfg.ppo}[base_stage(stage)])
+    section.pop("ensemble_size", None)  # each member is a run of its own (stage reward_i, seed + i)
     return {
-        "stage": stage, "section": dataclasses.asdict(section), "seed": cfg.seed,
+        "stage": stage, "section": section, "seed": cfg.seed,
         "data": {k: v for k, v in dataclasses.asdict(cfg.data).items()
                  if not k.endswith("_path") and k not in SOURCE_OPTIONS},
         "model": _model_identity(cfg.model),
@@ -264,6 +307,9 @@ def preflight(cfg: Config, d: engines.Dist, stages: tuple[str, ...], out: Path, 
         for role, spec in inputs.items():
             if role in FIELDS:
                 load_role(spec, role, tokenizer, tok_path)
+        for option in ("reward_fn", "eval_reward_fn"):  # importable, and naming a function
+            if stage == "ppo" and getattr(cfg.ppo, option):
+                reward_fns.load(getattr(cfg.ppo, option), f"ppo.{option}")
 
 
 def _preflight_tokenizer(cache: dict, path: str, trust_remote_code: bool):
@@ -287,10 +333,12 @@ def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
     for stage, why in not_run.items():
         log.info("stage %s is not needed: %s.", stage, why)
     preflight(cfg, d, stages, out, task)
+    stages = tuple(run for stage in stages for run in (reward_members(cfg) if stage == "reward" else (stage,)))
     for stage in stages:
         inputs = stage_inputs(cfg, out, task)[stage]
         stage_dir = out / stage
-        ident = identity(stage, cfg, inputs, out)
+        run_cfg = stage_config(cfg, stage)
+        ident = identity(stage, run_cfg, inputs, out)
         fp = fingerprint(ident)
         record = None if cfg.force else _up_to_date(stage_dir, fp)
         if record is not None:
@@ -307,11 +355,11 @@ def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
             stage_dir.mkdir(parents=True, exist_ok=True)
         engines.barrier()
         start = time.time()
-        results = _stage_fn(stage)(StageContext(cfg, d, stage_dir, inputs, checkpointer, resume, stop,
-                                                               ident))
+        results = _stage_fn(stage)(StageContext(run_cfg, d, stage_dir, inputs, checkpointer, resume, stop,
+                                                ident))
         wall = time.time() - start
         if d.is_main:
-            save_config(cfg, stage_dir / "config.yaml")
+            save_config(run_cfg, stage_dir / "config.yaml")
             (stage_dir / "stage.json").write_text(json.dumps(
                 {"fingerprint": fp, "results": results, "wall_s": wall,
                  "inputs": {role: str(spec) for role, spec in inputs.items()}}, indent=2))

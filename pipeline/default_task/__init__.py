@@ -54,7 +54,7 @@ RESPONSE_TEMPLATES = [
 ]
 GRAMMAR_WORDS = sorted({w for t in PROMPT_TEMPLATES + RESPONSE_TEMPLATES for w in t.split()
                         if not w.startswith("{")})
-VERSION = 6  # bump when generated data changes, so runs regenerate it
+VERSION = 7  # bump when generated data changes, so runs regenerate it (7: held-out prompts disjoint)
 MIN_GOLD_GAP = 0.2  # pairs closer than this in gold score are not labelled (near-ties)
 FLAWED_FRACTION = 0.5  # share of preference pairs whose second response is flawed
 # Weights of the flaw kinds of `_flawed_response` (item swap, other item, no item, unterminated,
@@ -84,8 +84,25 @@ def gold_score(prompt: str, response: str) -> float:
     return score
 
 
-def _prompt(rng: random.Random) -> str:
-    return rng.choice(PROMPT_TEMPLATES).format(name=rng.choice(NAMES), item=rng.choice(ITEMS))
+def gold(prompts: list[str], responses: list[str]) -> list[float]:
+    """`gold_score` batched: the task's built-in `--ppo.eval_reward_fn` (pipeline.default_task:gold)."""
+    return [gold_score(p, r) for p, r in zip(prompts, responses)]
+
+
+def _prompt(rng: random.Random, held_out: frozenset = frozenset()) -> str:
+    """A random prompt that is not one of the `held_out` evaluation prompts."""
+    while True:
+        prompt = rng.choice(PROMPT_TEMPLATES).format(name=rng.choice(NAMES), item=rng.choice(ITEMS))
+        if prompt not in held_out:
+            return prompt
+
+
+def all_prompts() -> list[str]:
+    """Every prompt the task can ask (templates x names x items), in a fixed order."""
+    return [t.format(name=n, item=i) for t in PROMPT_TEMPLATES for n in NAMES for i in ITEMS]
+
+
+MAX_EVAL_PROMPTS = len(all_prompts()) // 2  # the other half (at least) is left to training
 
 
 def _item_of(prompt: str) -> str:
@@ -117,8 +134,7 @@ def _flawed_response(rng: random.Random, item: str, good: str) -> str:
     return "."  # next to nothing
 
 
-def _pair(rng: random.Random, noise: float) -> dict:
-    prompt = _prompt(rng)
+def _pair(rng: random.Random, noise: float, prompt: str) -> dict:
     item = _item_of(prompt)
     while True:
         a = _response(rng, item)
@@ -177,24 +193,29 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def generate(folder: Path, seed: int, num_sft: int, num_pairs: int, num_prompts: int,
              num_eval: int, label_noise: float) -> dict[str, Path]:
-    """Write the task's data files into `folder`; deterministic given the arguments."""
+    """Write the task's data files into `folder`; deterministic given the arguments.
+
+    The `num_eval` held-out prompts are distinct and never appear in the training files (SFT
+    demonstrations, preference pairs, PPO prompts): held-out scores measure generalisation to
+    prompts the policy and the reward model never trained on, not recall."""
+    if not 0 < num_eval <= MAX_EVAL_PROMPTS:
+        raise ValueError(f"default task: num_eval={num_eval} must be in [1, {MAX_EVAL_PROMPTS}] (the task has "
+                         f"{len(all_prompts())} distinct prompts; held-out ones are kept out of training).")
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
+    eval_prompts = rng.sample(all_prompts(), num_eval)
+    held_out = frozenset(eval_prompts)
 
-    def demos(n: int) -> list[dict]:
-        out = []
-        for _ in range(n):
-            p = _prompt(rng)
-            out.append({"prompt": p, "response": _response(rng, _item_of(p))})
-        return out
+    def demo(p: str) -> dict:
+        return {"prompt": p, "response": _response(rng, _item_of(p))}
 
     files = {
-        "sft": demos(num_sft),
-        "sft_eval": demos(num_eval),
-        "pairs": [_pair(rng, label_noise) for _ in range(num_pairs)],
-        "pairs_eval": [_pair(rng, 0.0) for _ in range(num_eval)],
-        "prompts": [{"prompt": _prompt(rng)} for _ in range(num_prompts)],
-        "prompts_eval": [{"prompt": _prompt(rng)} for _ in range(num_eval)],
+        "sft": [demo(_prompt(rng, held_out)) for _ in range(num_sft)],
+        "sft_eval": [demo(p) for p in eval_prompts],
+        "pairs": [_pair(rng, label_noise, _prompt(rng, held_out)) for _ in range(num_pairs)],
+        "pairs_eval": [_pair(rng, 0.0, p) for p in eval_prompts],
+        "prompts": [{"prompt": _prompt(rng, held_out)} for _ in range(num_prompts)],
+        "prompts_eval": [{"prompt": p} for p in eval_prompts],
     }
     paths = {}
     for name, rows in files.items():

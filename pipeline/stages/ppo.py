@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import data, default_task, engines, ppo_math
+from pipeline import data, engines, ppo_math, reward_fns
 from pipeline.config import ppo_sizes
 from pipeline.errors import TrainingHalted, UserError
 from pipeline.generation import (DeepSpeedHybridGenerator, HybridEngine, SamplingParams, choose_backend,
@@ -32,6 +32,7 @@ from pipeline.monitoring import PhaseTimer, overoptimisation_plot, peak_rss_gb, 
 from pipeline.stages.common import StageContext, ds_configs, to_device
 
 log = logging.getLogger(__name__)
+ENSEMBLE_ALARM_RATIO = 2.0  # alarm when the ensemble disagrees this many times as much as on the SFT policy
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,10 @@ class Experience:
     prompt_width: int  # P
     prompts: list  # B prompt strings (for the gold scorer and samples)
     ref_logprobs: torch.Tensor | None = None  # (B, R)
-    scores: torch.Tensor | None = None  # (B,) reward-model score
+    responses: list | None = None  # B decoded response strings (reward functions, gold, samples)
+    rm_scores: torch.Tensor | None = None  # (K, B) raw score of each reward model of the ensemble
+    fn_scores: torch.Tensor | None = None  # (B,) ppo.reward_fn
+    scores: torch.Tensor | None = None  # (B,) the sequence reward: reward models and reward_fn combined
     old_values: torch.Tensor | None = None  # (B, R) critic V(s_t) before each response token
     prompt_values: torch.Tensor | None = None  # (B,) critic V at the prompt's last token
     rewards: torch.Tensor | None = None  # (B, R) shaped: -beta KL_t, + score at the last token
@@ -74,7 +78,7 @@ class PPOTrainer:
 
     def __init__(self, ctx: StageContext):
         cfg, p, d = ctx.cfg, ctx.cfg.ppo, ctx.dist
-        self.cfg, self.p, self.d = cfg, p, d
+        self.cfg, self.p, self.d, self.stage_dir = cfg, p, d, ctx.stage_dir
         self.sizes = ppo_sizes(p, d.world_size)
         self.ds = ds_configs(cfg, "ppo", d.world_size)
         self._load_inputs(ctx)
@@ -91,6 +95,12 @@ class PPOTrainer:
                  "(unbiased and >= 0, http://joschu.net/blog/kl-approx.html).", p.kl_estimator)
         self.nonfinite_in_a_row = 0
         self.sft_eval: list[float] | None = None  # step-0 gold score per eval prompt (win rate)
+        # Ensemble members are put on one scale: (score - mean) / std of each member over the first
+        # scored batch, the SFT policy's responses to the held-out prompts (the step-0 evaluation).
+        self.member_norm: list[list[float]] | None = None  # K x [mean, std]
+        self.best: dict | None = None  # ppo.select_best: {"iteration", "value"} of model_best
+        self.alarms = {"kl_iterations": 0, "ensemble_evaluations": 0, "kl_on": False}
+        self.kl_alarm = p.kl_alarm or (2 * p.target_kl if p.adaptive_kl else 0.0)
         # PPO-ptx rows are drawn in their own seeded order, a global mini-batch per optimizer step.
         self.ptx_order = PromptOrder(len(self.ptx), cfg.seed + 1) if self.ptx else None
         self.ema = engines.ShardEMA(self.actor.module, p.ema_beta) if p.ema_beta > 0 else None
@@ -98,13 +108,16 @@ class PPOTrainer:
     def state_dict(self) -> dict:
         """What a resumed run needs besides the engines and the EMA (JSON)."""
         s = {"kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
-             "nonfinite_in_a_row": self.nonfinite_in_a_row, "sft_eval": self.sft_eval}
+             "nonfinite_in_a_row": self.nonfinite_in_a_row, "sft_eval": self.sft_eval,
+             "member_norm": self.member_norm, "best": self.best, "alarms": self.alarms}
         return {**s, "ptx_order": self.ptx_order.state_dict()} if self.ptx_order else s
 
     def load_state_dict(self, s: dict) -> None:
         self.kl_ctl.load_state_dict(s["kl_ctl"])
         self.score_moments.load_state_dict(s["score_moments"])
         self.nonfinite_in_a_row, self.sft_eval = s["nonfinite_in_a_row"], s["sft_eval"]
+        self.member_norm, self.best = s.get("member_norm"), s.get("best")
+        self.alarms = s.get("alarms", self.alarms)
         if self.ptx_order:
             self.ptx_order.load_state_dict(s["ptx_order"])
 
@@ -112,7 +125,12 @@ class PPOTrainer:
         """Tokenizers and prompts, all validated before anything is written."""
         cfg, p = self.cfg, self.p
         self.tokenizer = load_tokenizer(ctx.inputs["tokenizer"], cfg.model.trust_remote_code)
-        self.reward_tokenizer = load_tokenizer(ctx.inputs["reward_model"], cfg.model.trust_remote_code)
+        # The reward models: the stage's (one, or an ensemble's members), or none (reward_fn alone).
+        self.reward_paths = [ctx.inputs[k] for k in sorted((k for k in ctx.inputs if k.startswith("reward_model")),
+                                                           key=lambda k: int(k.rpartition("_")[2] or 0)
+                                                           if k != "reward_model" else 0)]
+        self.reward_tokenizer = (load_tokenizer(self.reward_paths[0], cfg.model.trust_remote_code)
+                                 if self.reward_paths else self.tokenizer)
         self.same_tokenizer = self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab()
         self.prompts, self.eval_prompts = (ctx.examples(role, lambda role=role: data.prompt_examples(
             data.load_role(ctx.inputs[role], role, self.tokenizer, ctx.inputs["tokenizer"]), self.tokenizer,
@@ -125,10 +143,35 @@ class PPOTrainer:
         self.ptx = self._load_ptx(ctx) if p.ptx_coef > 0 else None
         if p.ptx_coef == 0 and p.ptx_data_path:
             log.info("ppo.ptx_data_path is given but ppo.ptx_coef is 0: no PTX loss.")
-        # The gold scorer exists only for the embedded default task's prompts.
+        self.reward_fn = reward_fns.load(p.reward_fn, "ppo.reward_fn") if p.reward_fn else None
+        # The gold metric: the user's, else the embedded default task's on its own prompts.
         dc = cfg.data
-        self.gold = (default_task.gold_score if not (dc.eval_prompt_data_path or dc.prompt_data_path or dc.data_path)
-                     else None)
+        default = not (dc.eval_prompt_data_path or dc.prompt_data_path or dc.data_path)
+        spec = p.eval_reward_fn or (reward_fns.DEFAULT_TASK_GOLD if default else "")
+        self.gold = reward_fns.load(spec, "ppo.eval_reward_fn") if spec else None
+        log.info("stage ppo: reward = %s; evaluation gold: %s", self._reward_description(),
+                 spec or "none (give --ppo.eval_reward_fn FILE.py:NAME to log eval/gold_score)")
+        if p.select_best and p.select_best not in self._eval_metric_names():
+            raise UserError(f"option ppo.select_best={p.select_best!r} is not an evaluation metric of this run; "
+                            f"choose one of {', '.join(sorted(self._eval_metric_names()))}.")
+
+    def _reward_description(self) -> str:
+        p, k = self.p, len(self.reward_paths)
+        parts = []
+        if k:
+            what = (f"mean - {p.ensemble_penalty:g} x std over {k} reward models" if k > 1 else "the reward model")
+            parts.append(f"{p.reward_model_coef:g} x ({what})" if p.reward_model_coef != 1 else what)
+        if self.reward_fn:
+            parts.append(f"{p.reward_fn_coef:g} x {p.reward_fn}")
+        return " + ".join(parts)
+
+    def _eval_metric_names(self) -> set[str]:
+        names = {"eval/reward_score", "eval/kl_to_ref", "eval/response_length_mean"}
+        if self.gold:
+            names |= {"eval/gold_score", "eval/win_rate_vs_sft"}
+        if len(self.reward_paths) > 1:
+            names |= {"eval/reward_lcb"}
+        return names
 
     def _load_ptx(self, ctx: StageContext) -> list[dict]:
         """PPO-ptx rows, tokenised like SFT's (loss on the response tokens only)."""
@@ -146,7 +189,9 @@ class PPOTrainer:
         """Actor and critic under the training ZeRO-3 config, reference and reward model under the
         inference one; every vocabulary checked against the tokenizer that feeds it."""
         m = self.cfg.model
-        actor_path, reward_path = ctx.inputs["actor"], ctx.inputs["reward_model"]
+        actor_path = ctx.inputs["actor"]
+        # The critic starts from the (first) reward model, or from the policy with a fresh value head.
+        reward_path = self.reward_paths[0] if self.reward_paths else actor_path
         with engines.zero3_construction(self.ds["train"]):
             actor = load_causal_lm(actor_path, m.trust_remote_code, m.dtype)
             critic = load_scalar_model(reward_path, m.trust_remote_code, m.dtype)
@@ -157,9 +202,10 @@ class PPOTrainer:
                 enable_gradient_checkpointing(model)
         with engines.zero3_construction(self.ds["inference"]):
             ref = load_causal_lm(actor_path, m.trust_remote_code, m.dtype)
-            reward = load_scalar_model(reward_path, m.trust_remote_code, m.dtype)
+            rewards = [load_scalar_model(path, m.trust_remote_code, m.dtype) for path in self.reward_paths]
         check_vocab(actor, self.tokenizer, f"actor model {actor_path}")
-        check_vocab(reward, self.reward_tokenizer, f"reward model {reward_path}")
+        for path, reward in zip(self.reward_paths, rewards):
+            check_vocab(reward, self.reward_tokenizer, f"reward model {path}")
         # The critic starts from the reward model but reads the actor's token ids.
         check_vocab(critic, self.tokenizer, f"critic (initialised from reward model {reward_path}, "
                                             f"reading the actor's tokens from {ctx.inputs['tokenizer']})")
@@ -167,7 +213,7 @@ class PPOTrainer:
             log.warning("the reward model %s has its own tokenizer: rollouts are re-encoded for it, but "
                         "the critic initialised from it reads the actor's token ids, so its embeddings "
                         "start out meaningless for them.", reward_path)
-        return actor, critic, ref, reward
+        return actor, critic, ref, rewards
 
     def _add_lora(self, actor, critic, actor_path: str, reward_path: str) -> tuple:
         """LoRA adapters where asked; the adapters are plain tensors until the engines partition
@@ -180,7 +226,7 @@ class PPOTrainer:
                               f"critic (from reward model {reward_path})")
         return actor, critic
 
-    def _build_engines(self, ctx: StageContext, actor, critic, ref, reward) -> None:
+    def _build_engines(self, ctx: StageContext, actor, critic, ref, rewards) -> None:
         """Actor and critic: ZeRO-3 training engines; reference and reward: offloaded, frozen."""
         p = self.p
         train_ds, infer_ds = self.ds["train"], self.ds["inference"]
@@ -199,9 +245,11 @@ class PPOTrainer:
         self.actor.eval()  # train mode only inside update()
         self.critic.eval()
         self.ref = engines.inference_engine(ref, infer_ds)
-        self.reward = engines.inference_engine(reward, infer_ds)
-        for name in ("actor", "critic", "ref", "reward"):
+        self.rewards = [engines.inference_engine(reward, infer_ds) for reward in rewards]
+        for name in ("actor", "critic", "ref"):
             log.info("engine %s", engines.describe(getattr(self, name), name))
+        for i, engine in enumerate(self.rewards):
+            log.info("engine %s", engines.describe(engine, f"reward model {i} ({self.reward_paths[i]})"))
         self.generator = (DeepSpeedHybridGenerator(self.actor, self.tokenizer) if backend == "deepspeed"
                           else HybridEngine(self.actor, self.tokenizer, p.gather_modules))
 
@@ -235,32 +283,86 @@ class PPOTrainer:
             full_mask = torch.cat([mask, resp_mask], dim=1)
             old_logprobs = torch.cat([self._logits_logprobs(model, seq[s], full_mask[s], width)[1]
                                       for s in self._micro(len(seq))])
-        return Experience(seq, full_mask, resp_mask, old_logprobs * resp_mask, width, prompts["prompts"])
+        texts = [self.tokenizer.decode(seq[i, width:][resp_mask[i].bool()], skip_special_tokens=True)
+                 for i in range(len(seq))]
+        return Experience(seq, full_mask, resp_mask, old_logprobs * resp_mask, width, prompts["prompts"],
+                          responses=texts)
 
     # ------------------------------------------------------------ 2. scoring
     @torch.no_grad()
     def score(self, exp: Experience) -> Experience:
         seq, mask, w = exp.sequences, exp.attention_mask, exp.prompt_width
-        ref_lp, values, prompt_values, scores = [], [], [], []
+        ref_lp, values, prompt_values = [], [], []
         for s in self._micro(len(seq)):
             ref_lp.append(self._logits_logprobs(self.ref, seq[s], mask[s], w)[1])
             v, v0 = self._values(self.critic, seq[s], mask[s], w)
             values.append(v)
             prompt_values.append(v0)
-        r_ids, r_mask = self._reward_inputs(exp)
-        for s in self._micro(len(seq)):
-            v = token_values(self.reward, r_ids[s], r_mask[s], position_ids(r_mask[s]))
-            scores.append(v.gather(1, last_real_index(r_mask[s])[:, None]).squeeze(1))
+        rm_scores = fn_scores = None
+        if self.rewards:
+            r_ids, r_mask = self._reward_inputs(exp)
+            rm_scores = torch.stack([self._rm_scores(engine, r_ids, r_mask) for engine in self.rewards])
+        if self.reward_fn:
+            fn_scores = seq.new_tensor(self._call(self.reward_fn, exp), dtype=torch.float32)
         m = exp.response_mask
-        return dataclasses.replace(exp, ref_logprobs=torch.cat(ref_lp) * m, scores=torch.cat(scores),
-                                   old_values=torch.cat(values) * m, prompt_values=torch.cat(prompt_values))
+        exp = dataclasses.replace(exp, ref_logprobs=torch.cat(ref_lp) * m, rm_scores=rm_scores,
+                                  fn_scores=fn_scores, old_values=torch.cat(values) * m,
+                                  prompt_values=torch.cat(prompt_values))
+        return dataclasses.replace(exp, scores=self._combine(exp))
+
+    def _rm_scores(self, engine, r_ids: torch.Tensor, r_mask: torch.Tensor) -> torch.Tensor:
+        """One reward model's score of each row, at the last real token: (B,)."""
+        scores = []
+        for s in self._micro(len(r_ids)):
+            v = token_values(engine, r_ids[s], r_mask[s], position_ids(r_mask[s]))
+            scores.append(v.gather(1, last_real_index(r_mask[s])[:, None]).squeeze(1))
+        return torch.cat(scores)
+
+    def _call(self, fn: reward_fns.ScoreFn, exp: Experience) -> list[float]:
+        """A user function on this rank's rows; a failure on any rank stops every rank with its message."""
+        try:
+            values, error = fn(exp.prompts, exp.responses), None
+        except UserError as e:
+            values, error = None, str(e)
+        errors = [e for e in engines.all_gather_object(error) if e]
+        if errors:
+            raise UserError(errors[0])
+        return values
+
+    def _combine(self, exp: Experience) -> torch.Tensor:
+        """The sequence reward (B,): reward_model_coef x the reward models' score (an ensemble's
+        members normalised, mean - ensemble_penalty x std) + reward_fn_coef x reward_fn."""
+        p = self.p
+        total = torch.zeros(len(exp.prompts), device=exp.sequences.device)
+        if exp.rm_scores is not None:
+            rm = exp.rm_scores
+            if len(rm) > 1:
+                z = self._normalised(rm)
+                rm = (z.mean(0) - p.ensemble_penalty * z.std(0))[None]
+            total = total + p.reward_model_coef * rm[0]
+        if exp.fn_scores is not None:
+            total = total + p.reward_fn_coef * exp.fn_scores
+        return total
+
+    def _normalised(self, rm_scores: torch.Tensor) -> torch.Tensor:
+        """(K, B) ensemble scores on one scale; the first call (the step-0 evaluation of the SFT
+        policy) fixes each member's mean and std over every rank's rows."""
+        if self.member_norm is None:
+            everyone = torch.tensor([v for part in engines.all_gather_object(rm_scores.T.tolist()) for v in part],
+                                    dtype=torch.float64).T  # (K, rows of every rank), on the CPU
+            self.member_norm = [[m, max(sd, 1e-6)] for m, sd in zip(everyone.mean(1).tolist(),
+                                                                   everyone.std(1).tolist())]
+            log.info("reward ensemble: member scores normalised by (mean, std) %s of the SFT policy's "
+                     "held-out responses", [tuple(round(x, 4) for x in ms) for ms in self.member_norm])
+        norm = rm_scores.new_tensor(self.member_norm)  # (K, 2)
+        return (rm_scores - norm[:, :1]) / norm[:, 1:]
 
     def _reward_inputs(self, exp: Experience):
         """The rollout as the reward model reads it: same ids, or decoded and re-encoded text."""
         if self.same_tokenizer:
             return exp.sequences, exp.attention_mask
         responses = [exp.sequences[i, exp.prompt_width:][exp.response_mask[i].bool()].tolist()
-                     for i in range(len(exp.prompts))]
+                     for i in range(len(exp.prompts))]  # token ids: re-encoded with the RM's tokenizer
         ids, mask = data.reencode(exp.prompts, responses, self.tokenizer, self.reward_tokenizer,
                                   self.cfg.data.max_prompt_len, 4 * self.cfg.data.max_response_len)
         return ids.to(engines.device()), mask.to(engines.device())
@@ -411,7 +513,7 @@ class PPOTrainer:
             if self.nonfinite_in_a_row >= self.p.max_nonfinite_skips:
                 raise TrainingHalted(f"PPO stopped: {self.nonfinite_in_a_row} iterations in a row had "
                                    f"non-finite rewards or advantages (see metrics.jsonl).")
-        metrics = {**self.rollout_metrics(exp), **train}
+        metrics = {**self.rollout_metrics(exp), **train, **self._kl_alarm(step, exp)}
         self.kl_ctl.update(metrics["rollout/kl_to_ref"], self.p.rollout_batch_size)
         metrics["ppo/kl_coef"] = self.kl_ctl.value
         metrics["ppo/actor_lr"] = self.actor.get_lr()[0]
@@ -427,6 +529,44 @@ class PPOTrainer:
         metrics["perf/tokens_per_second"] = tokens / max(metrics["time/step"], 1e-9)
         metrics["memory/peak_rss_gb"] = peak_rss_gb()
         return metrics
+
+    def _kl_alarm(self, step: int, exp: Experience) -> dict:
+        """alarm/kl_to_ref: the rollout's KL to the reference above ppo.kl_alarm (or 2 x target_kl)."""
+        if not self.kl_alarm:
+            return {}
+        m = exp.response_mask
+        kl = _global_mean((ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k3") * m).sum(1))
+        on = kl > self.kl_alarm
+        if on and not self.alarms["kl_on"]:
+            log.warning("iteration %d: over-optimisation alarm: KL to the reference is %.2f nats, above %.2f "
+                        "(ppo.kl_alarm). The policy is leaving what the reward model was trained on; watch "
+                        "eval/gold_score, raise ppo.kl_coef or lower ppo.target_kl.", step, kl, self.kl_alarm)
+        self.alarms["kl_on"] = on
+        self.alarms["kl_iterations"] += int(on)
+        return {"alarm/kl_to_ref": float(on)}
+
+    def after_evaluation(self, step: int, metrics: dict, first: dict) -> dict:
+        """The ensemble alarm, and model_best (ppo.select_best) when this evaluation is the best yet."""
+        out = {}
+        if "eval/ensemble_std" in metrics:
+            ratio = metrics["eval/ensemble_std"] / max(first["eval/ensemble_std"], 1e-9)
+            out = {"alarm/ensemble_std_ratio": ratio}
+            if ratio > ENSEMBLE_ALARM_RATIO:
+                self.alarms["ensemble_evaluations"] += 1
+                log.warning("iteration %d: over-optimisation alarm: the reward models disagree %.1fx as much on "
+                            "this policy's held-out responses as on the SFT policy's: the policy reaches outputs "
+                            "they were not trained on. Compare eval/gold_score, raise ppo.ensemble_penalty or "
+                            "stop here.", step, ratio)
+        metric = self.p.select_best
+        if metric and (self.best is None or metrics[metric] > self.best["value"]):
+            self.best = {"iteration": step, "metric": metric, "value": metrics[metric]}
+            folder = self.stage_dir / "model_best"
+            engines.save_hf(self.actor.module, self.tokenizer, folder, self.d.rank,
+                            merge=lora_merge(self.actor.module))
+            if self.d.is_main:
+                (folder / "best.json").write_text(json.dumps(self.best, indent=2))
+            log.info("iteration %d: best %s so far (%.4f): policy saved to %s", step, metric, metrics[metric], folder)
+        return out
 
     def rollout_metrics(self, exp: Experience) -> dict:
         m = exp.response_mask
@@ -445,8 +585,20 @@ class PPOTrainer:
             "ppo/return_mean": _global_mean(ppo_math.masked_mean(exp.returns, m, dim=1)),
             "ppo/value_explained_variance": _global_mean(
                 ppo_math.explained_variance(exp.old_values, exp.returns, m)[None]),
+            **self._ensemble_metrics(exp, "rollout"),
         }
+        if exp.fn_scores is not None and exp.rm_scores is not None:  # the two parts of the score
+            out["rollout/reward_fn_mean"] = _global_mean(exp.fn_scores)
         return out
+
+    def _ensemble_metrics(self, exp: Experience, phase: str) -> dict:
+        """Disagreement of the reward-model ensemble (std over members, normalised units) and its
+        lower confidence bound mean - std: the over-optimisation signals of Coste et al. (2023)."""
+        if exp.rm_scores is None or len(exp.rm_scores) < 2:
+            return {}
+        z = self._normalised(exp.rm_scores)
+        std = z.std(0)
+        return {f"{phase}/ensemble_std": _global_mean(std), f"{phase}/reward_lcb": _global_mean(z.mean(0) - std)}
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -458,15 +610,14 @@ class PPOTrainer:
         mine = [self.eval_prompts[i] for i in idx]
         exp = self.score(self.generate(mine, self.cfg.seed + 7 + self.d.rank, self.sampling))
         m = exp.response_mask
-        texts = [self.tokenizer.decode(exp.sequences[i, exp.prompt_width:][m[i].bool()],
-                                       skip_special_tokens=True) for i in range(len(mine))]
         seq_kl = (ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k3") * m).sum(1)
         metrics = {"eval/reward_score": _global_mean(exp.scores),
                    "eval/kl_to_ref": _global_mean(seq_kl),
-                   "eval/response_length_mean": _global_mean(m.sum(1).float())}
-        samples = list(zip(exp.prompts, texts, exp.scores.tolist()))
+                   "eval/response_length_mean": _global_mean(m.sum(1).float()),
+                   **self._ensemble_metrics(exp, "eval")}
+        samples = list(zip(exp.prompts, exp.responses, exp.scores.tolist()))
         if self.gold is not None:
-            gold = torch.tensor([self.gold(pr, t) for pr, t in zip(exp.prompts, texts)], dtype=torch.float64)
+            gold = exp.sequences.new_tensor(self._call(self.gold, exp), dtype=torch.float64)
             metrics["eval/gold_score"] = _global_mean(gold)
             if self.sft_eval is None:  # step 0: the SFT policy's gold score per held-out prompt
                 self.sft_eval = [0.0] * len(self.eval_prompts)
@@ -519,6 +670,7 @@ def run(ctx: StageContext) -> dict:
     if ctx.resume is None:
         start = 0
         first, first_samples = trainer.evaluate(0)
+        first.update(trainer.after_evaluation(0, first, first))
         logger.log(0, first)
         logger.text("samples", _samples_text(first_samples), 0)
         last_eval, metrics = first, {}
@@ -544,6 +696,7 @@ def run(ctx: StageContext) -> dict:
             logger.log(step, metrics)
         if step % p.eval_steps == 0 or step == p.num_iterations:
             last_eval, samples = trainer.evaluate(step)
+            last_eval.update(trainer.after_evaluation(step, last_eval, first))
             logger.log(step, last_eval)
             logger.text("samples", _samples_text(samples), step)
         bar.update(1)
@@ -573,4 +726,12 @@ def run(ctx: StageContext) -> dict:
     if "eval/gold_score" in first:
         result.update(gold_score_sft=first["eval/gold_score"], gold_score_final=last_eval["eval/gold_score"],
                       gold_win_rate_vs_sft=last_eval["eval/win_rate_vs_sft"])
+    if "eval/ensemble_std" in first:
+        result.update(ensemble_std_sft=first["eval/ensemble_std"], ensemble_std_final=last_eval["eval/ensemble_std"])
+    a = trainer.alarms
+    result.update(alarm_kl_iterations=a["kl_iterations"], alarm_ensemble_evaluations=a["ensemble_evaluations"])
+    if trainer.best is not None:
+        result.update(best_iteration=trainer.best["iteration"], best_value=trainer.best["value"])
+    elif d.is_main:  # not a stale model_best of an earlier run next to this run's model
+        shutil.rmtree(ctx.stage_dir / "model_best", ignore_errors=True)
     return result

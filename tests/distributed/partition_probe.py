@@ -26,9 +26,9 @@ def main() -> None:
     trainer = PPOTrainer(ctx)
     report = {"world_size": d.world_size, "rank": d.rank,
               "actor": shares(trainer.actor), "critic": shares(trainer.critic),
-              "ref": shares(trainer.ref), "reward": shares(trainer.reward),
+              "ref": shares(trainer.ref), "reward": shares(trainer.rewards[0]),
               "ref_offload": str(trainer.ref.zero_offload_param().device) if trainer.ref.zero_offload_param() else None,
-              "reward_offload": str(trainer.reward.zero_offload_param().device) if trainer.reward.zero_offload_param() else None}
+              "reward_offload": str(trainer.rewards[0].zero_offload_param().device) if trainer.rewards[0].zero_offload_param() else None}
     Path(f"{out_file}.rank{d.rank}").write_text(json.dumps(report))
 
 
