@@ -245,7 +245,9 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
 
 class AdaptiveKLController:
     """Adaptive KL coefficient (Ziegler et al. 2019, "Fine-Tuning Language Models from Human
-    Preferences", sec. 2.2): e = clip(KL / target - 1, -0.2, 0.2); beta <- beta * (1 + e * n_steps / horizon).
+    Preferences", sec. 2.2): e = clip(KL / target - 1, -0.2, 0.2); beta <- beta * (1 + e * min(n_steps / horizon, 1)).
+    The step share is capped at 1 so that one update moves beta by at most 20% (a rollout larger than
+    the horizon would otherwise drive beta to 0 or double it at once).
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
@@ -253,7 +255,7 @@ class AdaptiveKLController:
 
     def update(self, current_kl: float, n_steps: int) -> None:
         proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+        self.value *= 1.0 + proportional_error * min(n_steps / self.horizon, 1.0)
 
     def state_dict(self) -> dict[str, float]:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}

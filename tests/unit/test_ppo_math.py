@@ -395,6 +395,11 @@ def test_adaptive_kl_controller():
     assert c.value == pytest.approx(0.1 * (1 + 0.1 * 256 / 10000))  # 0.100256
     c.update(torch.tensor(6.0), 256)  # on target: unchanged (tensors accepted)
     assert c.value == pytest.approx(0.100256)
+    c3 = AdaptiveKLController(0.1, 2.0, 64)
+    c3.update(0.0, 256)  # 256 samples > horizon 64: the step share is capped at 1 -> beta * 0.8, not 0
+    assert c3.value == pytest.approx(0.08)
+    c3.update(10.0, 32)  # error 4 -> 0.2; share 32/64 -> x 1.1
+    assert c3.value == pytest.approx(0.088)
     c2 = AdaptiveKLController(1.0, 1.0, 1.0)
     c2.load_state_dict(c.state_dict())
     assert c2.state_dict() == c.state_dict() == {"value": c.value, "target": 6.0, "horizon": 10000.0}
