@@ -51,6 +51,7 @@ class ModelConfig:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+SCORE_NORMS = ("none", "sft", "running")
 DATA_FORMATS = ("auto", "prompt_response", "prompt_chosen_rejected", "hh", "messages", "prompt")
 
 
@@ -142,7 +143,7 @@ class PPOConfig:
     ensemble_penalty: float = 0.0  # with a reward-model ensemble (reward.ensemble_size > 1): reward = mean - ensemble_penalty x std over the members, each normalised on its held-out pairs (Coste et al. 2023)
     eval_reward_fn: str = ""  # FILE.py:NAME or module:NAME, f(prompts, responses) -> floats: your gold metric, logged as eval/gold_score (evaluation only); empty: the default task's gold on its own prompts, none otherwise
     select_best: str = ""  # also keep the policy with the best value of this evaluation metric (e.g. eval/gold_score) as <ppo>/model_best; empty: off
-    normalize_reward: bool = False  # running normalisation of the score
+    score_norm: str = "none"  # the reward model's score before the KL penalty and score_clip: none, sft (fixed mean/std of the scores of the SFT policy's held-out responses at step 0; beta then means the same on every task) or running (running mean/std of every rollout's scores)
     early_stop_kl: float = 0.0  # stop the epoch loop when approx KL to pi_old exceeds this (0: off)
     max_nonfinite_skips: int = 3  # stop after this many non-finite updates in a row
     gradient_clipping: float = 1.0  # max global gradient norm for actor and critic
@@ -261,6 +262,8 @@ def validate(cfg: Config) -> None:
                         f"base model of its own; drop one of the two.")
     if p.advantage_mode not in ("gae", "sequence"):
         raise UserError(f"option ppo.advantage_mode={p.advantage_mode!r}: expected 'gae' or 'sequence'.")
+    if p.score_norm not in SCORE_NORMS:
+        raise UserError(f"option ppo.score_norm={p.score_norm!r}: expected one of {', '.join(SCORE_NORMS)}.")
     if p.kl_estimator not in ("k1", "k2", "k3"):
         raise UserError(f"option ppo.kl_estimator={p.kl_estimator!r}: expected 'k1', 'k2' or 'k3'.")
     if not 0 <= p.ema_beta < 1:

@@ -339,21 +339,24 @@ class PPOTrainer:
             if len(rm) > 1:
                 z = self._normalised(rm)
                 rm = (z.mean(0) - p.ensemble_penalty * z.std(0))[None]
+            elif p.score_norm == "sft":
+                rm = self._normalised(rm)
             total = total + p.reward_model_coef * rm[0]
         if exp.fn_scores is not None:
             total = total + p.reward_fn_coef * exp.fn_scores
         return total
 
     def _normalised(self, rm_scores: torch.Tensor) -> torch.Tensor:
-        """(K, B) ensemble scores on one scale; the first call (the step-0 evaluation of the SFT
-        policy) fixes each member's mean and std over every rank's rows."""
+        """(K, B) reward-model scores in units of the SFT policy's: the first call (the step-0
+        evaluation) fixes each model's mean and std over every rank's rows. An ensemble's members
+        need it to be compared (a pairwise loss leaves each model's offset and scale free)."""
         if self.member_norm is None:
             everyone = torch.tensor([v for part in engines.all_gather_object(rm_scores.T.tolist()) for v in part],
                                     dtype=torch.float64).T  # (K, rows of every rank), on the CPU
             self.member_norm = [[m, max(sd, 1e-6)] for m, sd in zip(everyone.mean(1).tolist(),
                                                                    everyone.std(1).tolist())]
-            log.info("reward ensemble: member scores normalised by (mean, std) %s of the SFT policy's "
-                     "held-out responses", [tuple(round(x, 4) for x in ms) for ms in self.member_norm])
+            log.info("reward model scores normalised by (mean, std) %s of the SFT policy's held-out "
+                     "responses", [tuple(round(x, 4) for x in ms) for ms in self.member_norm])
         norm = rm_scores.new_tensor(self.member_norm)  # (K, 2)
         return (rm_scores - norm[:, :1]) / norm[:, 1:]
 
@@ -372,7 +375,7 @@ class PPOTrainer:
     def advantages(self, exp: Experience) -> Experience:
         p, m = self.p, exp.response_mask
         scores = exp.scores
-        if p.normalize_reward:
+        if p.score_norm == "running":
             all_scores = engines.all_reduce_sum(torch.zeros(self.d.world_size, len(scores), device=scores.device)
                                                 .index_copy(0, torch.tensor([self.d.rank], device=scores.device),
                                                             scores[None]))
@@ -615,6 +618,8 @@ class PPOTrainer:
                    "eval/kl_to_ref": _global_mean(seq_kl),
                    "eval/response_length_mean": _global_mean(m.sum(1).float()),
                    **self._ensemble_metrics(exp, "eval")}
+        if exp.rm_scores is not None:  # as the reward model(s) output it, before normalisation
+            metrics["eval/reward_model_raw"] = _global_mean(exp.rm_scores.mean(0))
         samples = list(zip(exp.prompts, exp.responses, exp.scores.tolist()))
         if self.gold is not None:
             gold = exp.sequences.new_tensor(self._call(self.gold, exp), dtype=torch.float64)
