@@ -89,6 +89,9 @@ class PPOTrainer:
         self.score_moments = ppo_math.RunningMoments()
         log.info("KL penalty estimator: %s; the reported kl_to_ref is the sequence sum of k3 "
                  "(unbiased and >= 0, http://joschu.net/blog/kl-approx.html).", p.kl_estimator)
+        log.info("log-probs (pi_old, pi, reference, KL, entropy) of the sampling distribution: logits / "
+                 "temperature %g%s.", p.temperature,
+                 f", EOS blocked before response token {p.min_new_tokens}" if p.min_new_tokens else "")
         self.nonfinite_in_a_row = 0
         self.sft_eval: list[float] | None = None  # step-0 gold score per eval prompt (win rate)
         # PPO-ptx rows are drawn in their own seeded order, a global mini-batch per optimizer step.
@@ -211,8 +214,12 @@ class PPOTrainer:
         return [slice(i, i + mb) for i in range(0, n, mb)]
 
     def _logits_logprobs(self, model, seq, mask, width):
+        """Response logits (B, R, V) and log-probs (B, R) of the distribution the sampler drew from
+        (logits / temperature, EOS blocked before min_new_tokens): pi_old, pi and the reference all
+        come from here, so ratio, KL and entropy are those of the sampling distribution."""
         logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
-        logits = logits[:, width - 1:-1].float()
+        logits = ppo_math.sampling_logits(logits[:, width - 1:-1], self.sampling.temperature,
+                                          self.tokenizer.eos_token_id, self.sampling.min_new_tokens)
         return logits, ppo_math.logprobs_from_logits(logits, seq[:, width:])
 
     @staticmethod
