@@ -33,7 +33,7 @@ from pipeline import data, engines, ppo_math
 from pipeline.config import parse_config
 from pipeline.errors import UserError
 from pipeline.generation import hf_generate, naive_generate, position_ids, response_mask
-from pipeline.models import last_real_index, load_causal_lm, load_scalar_model, token_values
+from pipeline.models import load_causal_lm, load_scalar_model, pooling_pad_id, score_index, token_values
 from pipeline.monitoring import PhaseTimer, setup_logging
 from pipeline.stages.common import StageContext
 from pipeline.stages.ppo import PPOTrainer
@@ -307,7 +307,8 @@ def plain_iteration(m: dict[str, Any], tok, batch: list[dict], p, params, w: Wor
     with timer("scoring"), torch.no_grad():
         ref_lp = _logprobs(m["ref"], seq, full, pos, P, params, tok.eos_token_id)[1] * rmask
         old_v = token_values(m["critic"], seq, full, pos)[:, P - 1:-1] * rmask
-        score = token_values(m["reward"], seq, full, pos).gather(1, last_real_index(full)[:, None]).squeeze(1)
+        index = score_index(seq, full, pooling_pad_id(m["reward"]))
+        score = token_values(m["reward"], seq, full, pos).gather(1, index[:, None]).squeeze(1)
     with timer("advantages"):
         kl = ppo_math.kl_estimate(old_lp, ref_lp, p.kl_estimator) * rmask
         rewards = ppo_math.shape_rewards(score, kl, rmask, p.kl_coef, p.score_clip or None)

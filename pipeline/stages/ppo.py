@@ -26,8 +26,8 @@ from pipeline.errors import TrainingHalted, UserError
 from pipeline.generation import (DeepSpeedHybridGenerator, HybridEngine, SamplingParams, choose_backend,
                                  position_ids, response_mask)
 from pipeline.models import (add_lora, causal_lm_loss, check_vocab, disable_dropout, enable_gradient_checkpointing,
-                             last_real_index, load_causal_lm, load_scalar_model, load_tokenizer, lora_merge,
-                             token_values)
+                             load_causal_lm, load_scalar_model, load_tokenizer, lora_merge, pooling_pad_id,
+                             score_index, token_values)
 from pipeline.monitoring import PhaseTimer, overoptimisation_plot, peak_rss_gb, progress
 from pipeline.stages.common import StageContext, ds_configs, to_device
 
@@ -163,6 +163,7 @@ class PPOTrainer:
             reward = load_scalar_model(reward_path, m.trust_remote_code, m.dtype)
         check_vocab(actor, self.tokenizer, f"actor model {actor_path}")
         check_vocab(reward, self.reward_tokenizer, f"reward model {reward_path}")
+        self.reward_pad_id = pooling_pad_id(reward)  # the score is read where HF's forward pools it
         # The critic starts from the reward model but reads the actor's token ids.
         check_vocab(critic, self.tokenizer, f"critic (initialised from reward model {reward_path}, "
                                             f"reading the actor's tokens from {ctx.inputs['tokenizer']})")
@@ -257,7 +258,7 @@ class PPOTrainer:
         r_ids, r_mask = self._reward_inputs(exp)
         for s in self._micro(len(seq)):
             v = token_values(self.reward, r_ids[s], r_mask[s], position_ids(r_mask[s]))
-            scores.append(v.gather(1, last_real_index(r_mask[s])[:, None]).squeeze(1))
+            scores.append(v.gather(1, score_index(r_ids[s], r_mask[s], self.reward_pad_id)[:, None]).squeeze(1))
         m = exp.response_mask
         return dataclasses.replace(exp, ref_logprobs=torch.cat(ref_lp) * m, scores=torch.cat(scores),
                                    old_values=torch.cat(values) * m, prompt_values=torch.cat(prompt_values))

@@ -84,7 +84,8 @@ def test_pi_old_is_the_log_softmax_of_the_scores_generate_sampled_from(temperatu
     ends = exp.response_mask.sum(1)
     assert (ends > min_new_tokens).all()  # min_new_tokens held EOS back ...
     if min_new_tokens:
-        assert torch.isinf(logits[:, :min_new_tokens, EOS]).all() and torch.isfinite(logits[:, min_new_tokens:, EOS]).all()
+        assert torch.isinf(logits[:, :min_new_tokens, EOS]).all()
+        assert torch.isfinite(logits[:, min_new_tokens:, EOS]).all()
     assert (exp.sequences[:, exp.prompt_width:] == EOS).any(1).sum() >= 2  # ... and EOS was sampled after it
     if temperature != 1.0:  # the check can tell: raw T=1 log-probs are far from pi_old
         raw = ppo_math.logprobs_from_logits(logits * temperature, sampled)
