@@ -33,7 +33,7 @@ from pipeline import data, engines, ppo_math
 from pipeline.config import parse_config
 from pipeline.errors import UserError
 from pipeline.generation import hf_generate, naive_generate, position_ids, response_mask
-from pipeline.models import last_real_index, load_causal_lm, load_scalar_model, token_values
+from pipeline.models import load_causal_lm, load_scalar_model, pooling_pad_id, score_index, token_values
 from pipeline.monitoring import PhaseTimer, setup_logging
 from pipeline.stages.common import StageContext
 from pipeline.stages.ppo import PPOTrainer
@@ -281,9 +281,10 @@ def measure(trainer, w: Workload, d) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- the floor: plain PyTorch, one process
-def _logprobs(model, seq: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, width: int):
-    """(response logits, response log-probs) as the stage computes them."""
-    logits = model(input_ids=seq, attention_mask=mask, position_ids=pos).logits[:, width - 1:-1].float()
+def _logprobs(model, seq: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, width: int, params, eos: int):
+    """(response logits, response log-probs) as the stage computes them (of the sampling distribution)."""
+    logits = model(input_ids=seq, attention_mask=mask, position_ids=pos).logits[:, width - 1:-1]
+    logits = ppo_math.sampling_logits(logits, params.temperature, eos, params.min_new_tokens)
     return logits, ppo_math.logprobs_from_logits(logits, seq[:, width:])
 
 
@@ -302,11 +303,12 @@ def plain_iteration(m: dict[str, Any], tok, batch: list[dict], p, params, w: Wor
         rmask = response_mask(seq[:, P:], tok.eos_token_id)
         full = torch.cat([mask, rmask], dim=1)
         pos = position_ids(full)
-        old_lp = _logprobs(m["actor"], seq, full, pos, P)[1] * rmask
+        old_lp = _logprobs(m["actor"], seq, full, pos, P, params, tok.eos_token_id)[1] * rmask
     with timer("scoring"), torch.no_grad():
-        ref_lp = _logprobs(m["ref"], seq, full, pos, P)[1] * rmask
+        ref_lp = _logprobs(m["ref"], seq, full, pos, P, params, tok.eos_token_id)[1] * rmask
         old_v = token_values(m["critic"], seq, full, pos)[:, P - 1:-1] * rmask
-        score = token_values(m["reward"], seq, full, pos).gather(1, last_real_index(full)[:, None]).squeeze(1)
+        index = score_index(seq, full, pooling_pad_id(m["reward"]))
+        score = token_values(m["reward"], seq, full, pos).gather(1, index[:, None]).squeeze(1)
     with timer("advantages"):
         kl = ppo_math.kl_estimate(old_lp, ref_lp, p.kl_estimator) * rmask
         rewards = ppo_math.shape_rewards(score, kl, rmask, p.kl_coef, p.score_clip or None)
@@ -317,7 +319,7 @@ def plain_iteration(m: dict[str, Any], tok, batch: list[dict], p, params, w: Wor
         for _ in range(p.num_ppo_epochs):
             for i in torch.randperm(len(seq), generator=g).split(p.mini_batch_size):
                 s, fm, rm, ps, n = seq[i], full[i], rmask[i], pos[i], rmask[i].sum()
-                logits, lp = _logprobs(m["actor"], s, fm, ps, P)
+                logits, lp = _logprobs(m["actor"], s, fm, ps, P, params, tok.eos_token_id)
                 pg, _ = ppo_math.policy_loss(lp, old_lp[i], adv[i], rm, p.clip_eps, n)
                 ent = ppo_math.masked_token_mean_global(ppo_math.entropy_from_logits(logits), rm, n)
                 values = token_values(m["critic"], s, fm, ps)[:, P - 1:-1]

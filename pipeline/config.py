@@ -117,10 +117,10 @@ class PPOConfig:
     lora_alpha: float = 16.0  # LoRA scale: an adapted layer's weight is W + (lora_alpha / rank) * B @ A
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # layers LoRA adapts: all-linear (every linear layer in the transformer blocks, not the LM or score head) or module names such as q_proj v_proj
     warmup_iterations: int = 2  # linear warmup, in iterations
-    temperature: float = 1.0  # sampling temperature
-    top_p: float = 1.0  # nucleus sampling
-    top_k: int = 0  # top-k sampling (0: off)
-    min_new_tokens: int = 0  # EOS is suppressed until this many response tokens
+    temperature: float = 1.0  # sampling temperature; every PPO log-prob (pi_old, pi, reference, KL, entropy) is of logits / temperature, the distribution sampled from
+    top_p: float = 1.0  # nucleus sampling: only 1 (off); a truncated distribution makes the log-probs and KL disagree with the sampler, so other values are refused
+    top_k: int = 0  # top-k sampling: only 0 (off), refused otherwise for the same reason as top_p
+    min_new_tokens: int = 0  # EOS is suppressed until this many response tokens, in sampling and in every PPO log-prob alike
     gather_modules: int = 0  # hybrid engine: submodules gathered at a time to materialise (0: all)
     clip_eps: float = 0.2  # PPO ratio clip
     value_clip: float = 0.2  # clip of V around old values (0: off)
@@ -271,6 +271,7 @@ def validate(cfg: Config) -> None:
                         f"DeepSpeed-Chat uses 0.992).")
     if not 0 < p.top_p <= 1:
         raise UserError(f"option ppo.top_p={p.top_p} must be in (0, 1].")
+    validate_sampling(p)
     if cfg.save_steps < 0:
         raise UserError(f"option save_steps={cfg.save_steps} must be >= 0 (0: no periodic checkpoints).")
     positive("keep_last", cfg.keep_last)
@@ -325,6 +326,21 @@ def validate_rewards(cfg: Config) -> None:
             from pipeline.reward_fns import split_spec
 
             split_spec(getattr(p, option), f"ppo.{option}")
+
+
+def validate_sampling(p: PPOConfig) -> None:
+    """Sampling settings PPO can compute log-probs for (as TRL does): pi_old, pi and the reference
+    are all read from logits / temperature (with EOS blocked before min_new_tokens), exactly the
+    distribution the sampler draws from. A truncated distribution (top-k, top-p) cannot be matched:
+    the reference would need the same truncation, and KL(pi || ref) is infinite where ref is zero."""
+    why = ("PPO's log-probs (pi_old, pi, the reference) and the KL penalty are computed from the full "
+           "distribution logits / ppo.temperature, so sampling from a truncated one would make them "
+           "disagree with the sampler (and the KL to an untruncated reference infinite); use ppo.temperature "
+           "to make sampling less random")
+    if p.top_k != 0:
+        raise UserError(f"option ppo.top_k={p.top_k}: top-k sampling is not supported, set it to 0 (off). {why}.")
+    if p.top_p != 1:
+        raise UserError(f"option ppo.top_p={p.top_p}: nucleus sampling is not supported, set it to 1 (off). {why}.")
 
 
 def validate_lora(p: PPOConfig) -> None:

@@ -2,8 +2,8 @@
 
 A scalar model is a Hugging Face sequence-classification model with `num_labels=1`: the backbone
 plus a linear `score` head. We apply the head to every position ourselves (the critic needs a
-value per token) and read the reward at the last real token. Saved folders load with plain
-`AutoModelForSequenceClassification`.
+value per token) and read the reward where plain Hugging Face pools it (`score_index`). Saved
+folders load with plain `AutoModelForSequenceClassification` and score the same.
 """
 from __future__ import annotations
 
@@ -180,10 +180,34 @@ def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(dim=1)
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Reward-model score read at the last real (non-pad) token: (B,)."""
+def score_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """(B,) the position a reward model's score is read at, in training, in PPO and by plain Hugging Face:
+    the last attended token that is not the pad token (left and right padding alike).
+
+    `AutoModelForSequenceClassification` pools the rightmost token that is not `config.pad_token_id`
+    (the last one when that is unset); the reward stage sets it to the tokenizer's pad, so an exported
+    reward model scores with HF / TRL / OpenRLHF-style consumers exactly what it was trained on. With a
+    pad distinct from EOS (the default task) this is the last attended position, the response's EOS.
+    When a tokenizer without a pad token pads with EOS, it is the token BEFORE the EOS: such a reward
+    model cannot see whether a response was terminated or cut off at max_response_len, so it cannot
+    learn to penalise truncation (give the tokenizer a pad token of its own for that).
+    """
+    real = attention_mask.bool()
+    if pad_token_id is not None:
+        real = real & (input_ids != pad_token_id)
+    return last_real_index(real)
+
+
+def pooling_pad_id(model) -> int | None:
+    """The pad id a Hugging Face sequence-classification model pools by (None when unset)."""
+    return model.config.get_text_config().pad_token_id
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    pad_token_id: int | None) -> torch.Tensor:
+    """Reward-model score read at `score_index` (the last attended non-pad token): (B,)."""
     values = token_values(model, input_ids, attention_mask)
-    return values.gather(1, last_real_index(attention_mask)[:, None]).squeeze(1)
+    return values.gather(1, score_index(input_ids, attention_mask, pad_token_id)[:, None]).squeeze(1)
 
 
 def causal_lm_loss(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:

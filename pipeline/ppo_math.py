@@ -56,6 +56,28 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     return torch.where(_m(mask), out, torch.zeros_like(out))
 
 
+def sampling_logits(logits: Tensor, temperature: float = 1.0, eos_token_id: int | None = None,
+                    min_new_tokens: int = 0) -> Tensor:
+    """The logits of the distribution the sampler drew each response token from: (B, R, V), position
+    t predicting response token t -> (B, R, V) float32.
+
+    As Hugging Face `generate` processes them (and TRL scores them): divided by the temperature
+    (TemperatureLogitsWarper), and the EOS logit set to -inf at response positions t < min_new_tokens
+    (MinNewTokensLengthLogitsProcessor). Every log-prob and entropy of the policy or the reference
+    in PPO is of these logits, so pi_old, pi and the KL are those of the distribution that sampled.
+    Temperature 1 and min_new_tokens 0 return the logits unchanged (bitwise).
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if min_new_tokens > 0:
+        assert eos_token_id is not None, "min_new_tokens blocks the EOS token: give its id"
+        early = torch.arange(logits.shape[1], device=logits.device) < min_new_tokens  # (R,)
+        is_eos = torch.arange(logits.shape[-1], device=logits.device) == eos_token_id  # (V,)
+        logits = logits.masked_fill(early[:, None] & is_eos[None, :], -math.inf)
+    return logits
+
+
 def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     """log softmax(logits)[labels]: logits (B, T, V), labels (B, T) long -> (B, T) float32."""
     logits = logits.float()
@@ -67,7 +89,9 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy -sum_v p log p of softmax(logits): (B, T, V) -> (B, T) float32 (-inf logits allowed)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    # 0 log 0 = 0; the where sits on logp, not on p * logp, so that a -inf logit (EOS blocked by
+    # min_new_tokens) gives a zero gradient instead of 0 * inf = NaN.
+    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
 
 
 def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:

@@ -26,8 +26,8 @@ from pipeline.errors import TrainingHalted, UserError
 from pipeline.generation import (DeepSpeedHybridGenerator, HybridEngine, SamplingParams, choose_backend,
                                  position_ids, response_mask)
 from pipeline.models import (add_lora, causal_lm_loss, check_vocab, disable_dropout, enable_gradient_checkpointing,
-                             last_real_index, load_causal_lm, load_scalar_model, load_tokenizer, lora_merge,
-                             token_values)
+                             load_causal_lm, load_scalar_model, load_tokenizer, lora_merge, pooling_pad_id,
+                             score_index, token_values)
 from pipeline.monitoring import PhaseTimer, overoptimisation_plot, peak_rss_gb, progress
 from pipeline.stages.common import StageContext, ds_configs, to_device
 
@@ -93,6 +93,9 @@ class PPOTrainer:
         self.score_moments = ppo_math.RunningMoments()
         log.info("KL penalty estimator: %s; the reported kl_to_ref is the sequence sum of k3 "
                  "(unbiased and >= 0, http://joschu.net/blog/kl-approx.html).", p.kl_estimator)
+        log.info("log-probs (pi_old, pi, reference, KL, entropy) of the sampling distribution: logits / "
+                 "temperature %g%s.", p.temperature,
+                 f", EOS blocked before response token {p.min_new_tokens}" if p.min_new_tokens else "")
         self.nonfinite_in_a_row = 0
         self.sft_eval: list[float] | None = None  # step-0 gold score per eval prompt (win rate)
         # Ensemble members are put on one scale: (score - mean) / std of each member over the first
@@ -206,6 +209,7 @@ class PPOTrainer:
         check_vocab(actor, self.tokenizer, f"actor model {actor_path}")
         for path, reward in zip(self.reward_paths, rewards):
             check_vocab(reward, self.reward_tokenizer, f"reward model {path}")
+        self.reward_pad_ids = [pooling_pad_id(r) for r in rewards]  # the score is read where HF's forward pools it
         # The critic starts from the reward model but reads the actor's token ids.
         check_vocab(critic, self.tokenizer, f"critic (initialised from reward model {reward_path}, "
                                             f"reading the actor's tokens from {ctx.inputs['tokenizer']})")
@@ -259,8 +263,12 @@ class PPOTrainer:
         return [slice(i, i + mb) for i in range(0, n, mb)]
 
     def _logits_logprobs(self, model, seq, mask, width):
+        """Response logits (B, R, V) and log-probs (B, R) of the distribution the sampler drew from
+        (logits / temperature, EOS blocked before min_new_tokens): pi_old, pi and the reference all
+        come from here, so ratio, KL and entropy are those of the sampling distribution."""
         logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
-        logits = logits[:, width - 1:-1].float()
+        logits = ppo_math.sampling_logits(logits[:, width - 1:-1], self.sampling.temperature,
+                                          self.tokenizer.eos_token_id, self.sampling.min_new_tokens)
         return logits, ppo_math.logprobs_from_logits(logits, seq[:, width:])
 
     @staticmethod
@@ -301,7 +309,8 @@ class PPOTrainer:
         rm_scores = fn_scores = None
         if self.rewards:
             r_ids, r_mask = self._reward_inputs(exp)
-            rm_scores = torch.stack([self._rm_scores(engine, r_ids, r_mask) for engine in self.rewards])
+            rm_scores = torch.stack([self._rm_scores(engine, pad_id, r_ids, r_mask)
+                                     for engine, pad_id in zip(self.rewards, self.reward_pad_ids)])
         if self.reward_fn:
             fn_scores = seq.new_tensor(self._call(self.reward_fn, exp), dtype=torch.float32)
         m = exp.response_mask
@@ -310,12 +319,12 @@ class PPOTrainer:
                                   prompt_values=torch.cat(prompt_values))
         return dataclasses.replace(exp, scores=self._combine(exp))
 
-    def _rm_scores(self, engine, r_ids: torch.Tensor, r_mask: torch.Tensor) -> torch.Tensor:
-        """One reward model's score of each row, at the last real token: (B,)."""
+    def _rm_scores(self, engine, pad_id, r_ids: torch.Tensor, r_mask: torch.Tensor) -> torch.Tensor:
+        """One reward model's score of each row, read where HF's sequence classifier pools: (B,)."""
         scores = []
         for s in self._micro(len(r_ids)):
             v = token_values(engine, r_ids[s], r_mask[s], position_ids(r_mask[s]))
-            scores.append(v.gather(1, last_real_index(r_mask[s])[:, None]).squeeze(1))
+            scores.append(v.gather(1, score_index(r_ids[s], r_mask[s], pad_id)[:, None]).squeeze(1))
         return torch.cat(scores)
 
     def _call(self, fn: reward_fns.ScoreFn, exp: Experience) -> list[float]:

@@ -16,9 +16,11 @@ from pipeline.stages.common import (StageContext, ds_configs, eval_batches, sche
 log = logging.getLogger(__name__)
 
 
-def pairwise(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair loss, accuracy and margin; the batch holds chosen rows, then rejected rows."""
-    scores = sequence_scores(engine, batch["input_ids"], batch["attention_mask"])
+def pairwise(engine, batch: dict, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair loss, accuracy and margin; the batch holds chosen rows, then rejected rows. Scores are
+    read where the exported model's HF forward pools them (`models.score_index`; config.pad_token_id
+    is this pad id)."""
+    scores = sequence_scores(engine, batch["input_ids"], batch["attention_mask"], pad_token_id)
     chosen, rejected = scores.chunk(2)
     margin = chosen - rejected
     return -F.logsigmoid(margin), (margin > 0).float(), margin
@@ -47,13 +49,14 @@ def run(ctx: StageContext) -> dict:
         enable_gradient_checkpointing(model)
 
     logger = ctx.start()  # inputs are valid: from here on this stage's folder is rewritten
-    model.config.pad_token_id = tokenizer.pad_token_id  # so HF's own pooled forward works on reload
+    # HF's own pooled forward reads the last non-pad token: the same token as training (pairwise).
+    model.config.pad_token_id = tokenizer.pad_token_id
     engine = engines.train_engine(model, ctx.engine_config(ds_config, "deepspeed_reward"), t.learning_rate,
                                   t.weight_decay, t.lr_scheduler, warmup, total_steps)
     log.info("engine %s", engines.describe(engine, "reward model"))
 
     def loss_fn(batch: dict):
-        loss, acc, margin = pairwise(engine, batch)
+        loss, acc, margin = pairwise(engine, batch, tokenizer.pad_token_id)
         return loss.mean(), {"loss": loss.mean().detach(), "accuracy": acc.mean(),
                              "reward_margin": margin.mean().detach()}
 
@@ -63,7 +66,7 @@ def run(ctx: StageContext) -> dict:
         totals = torch.zeros(4, dtype=torch.float64)  # loss, correct, margin, pairs
         for batch, real in eval_batches(held_out, data.collate_pairs, tokenizer.pad_token_id,
                                         t.micro_batch_size_per_gpu, d):
-            loss, acc, margin = pairwise(engine, batch)
+            loss, acc, margin = pairwise(engine, batch, tokenizer.pad_token_id)
             totals += real * torch.tensor([loss.sum().item(), acc.sum().item(), margin.sum().item(),
                                            len(loss)], dtype=torch.float64)
         loss, correct, margin, n = engines.all_reduce_sum(totals).tolist()

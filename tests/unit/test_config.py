@@ -115,9 +115,9 @@ def test_partial_section_on_the_command_line_keeps_the_other_defaults():
 
 
 def test_command_line_types_are_converted():
-    cfg = parse_config(["--ppo.top_k", "5", "--ppo.kl_coef", "0.3", "--ppo.advantage_mode", "sequence",
+    cfg = parse_config(["--ppo.min_new_tokens", "5", "--ppo.kl_coef", "0.3", "--ppo.advantage_mode", "sequence",
                         "--data.sft_data_path", "x.jsonl"])
-    assert cfg.ppo.top_k == 5 and isinstance(cfg.ppo.top_k, int)
+    assert cfg.ppo.min_new_tokens == 5 and isinstance(cfg.ppo.min_new_tokens, int)
     assert cfg.ppo.kl_coef == pytest.approx(0.3) and isinstance(cfg.ppo.kl_coef, float)
     assert cfg.ppo.advantage_mode == "sequence"
     assert cfg.data.sft_data_path == "x.jsonl"
@@ -350,6 +350,15 @@ def test_validate_names_the_invalid_option(option, value):
     cfg = _with(Config(), option, value)
     with pytest.raises(UserError, match=re.escape(option)):
         validate(cfg)
+
+
+@pytest.mark.parametrize("option, value", [("ppo.top_k", 5), ("ppo.top_p", 0.9)])
+def test_truncated_sampling_is_refused_naming_the_option(option, value):
+    # PPO's log-probs and KL are of the full distribution logits / temperature: a truncated sampler
+    # would disagree with them (and its KL to an untruncated reference is infinite).
+    with pytest.raises(UserError, match=re.escape(f"option {option}={value}")) as e:
+        parse_config([f"--{option}", str(value)])
+    assert "not supported" in str(e.value) and "ppo.temperature" in str(e.value)
 
 
 def test_nan_is_not_a_positive_value():

@@ -34,8 +34,8 @@ def test_folder_without_config_is_refused(tmp_path):
 def test_score_is_read_at_the_last_real_token_for_left_and_right_padding():
     model = _tiny(50).eval()
     ids = torch.tensor([[5, 6, 7, 8]])
-    alone = sequence_scores(model, ids, torch.ones_like(ids))
-    right = sequence_scores(model, torch.tensor([[5, 6, 7, 8, 0, 0]]), torch.tensor([[1, 1, 1, 1, 0, 0]]))
+    alone = sequence_scores(model, ids, torch.ones_like(ids), 0)
+    right = sequence_scores(model, torch.tensor([[5, 6, 7, 8, 0, 0]]), torch.tensor([[1, 1, 1, 1, 0, 0]]), 0)
     assert torch.allclose(alone, right, atol=1e-5)
     left_mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
     positions = (left_mask.cumsum(1) - 1).clamp(min=0)

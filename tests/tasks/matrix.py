@@ -1,0 +1,122 @@
+"""Run the pipeline on several preference tasks and seeds, with the defaults and without the
+over-optimisation defences, and print what a user would see side by side.
+
+    python tests/tasks/matrix.py --out /work/runs/m --tasks default sort distinct --seeds 1 2 3
+
+Per (task, seed): the task's data are generated (the default task generates its own), then
+`deepspeed launch/ppo.py` runs with only the data and model flags (variant `defaults`); the
+variant `undefended` reuses its SFT and first reward model (copied, so those stages are skipped
+as up to date) and reruns PPO with the defences off (UNDEFENDED). Rows: reward-model held-out
+accuracy, gold SFT -> PPO, win rate against the SFT policy, KL to the reference, ensemble
+disagreement, alarms, wall time. `--jobs 2` runs two (task, seed) cells at once (one thread each).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+TASKS = {"sort": HERE / "sort_task.py", "distinct": HERE / "distinct_task.py"}
+# The defences off: one reward model, a fixed KL coefficient, raw scores (the defaults before #13).
+UNDEFENDED = ["--reward.ensemble_size", "1", "--ppo.ensemble_penalty", "0", "--ppo.adaptive_kl", "false",
+              "--ppo.kl_coef", "0.1", "--ppo.score_norm", "none", "--ppo.kl_alarm", "0"]
+
+
+def task_flags(task: str, seed: int, data: Path) -> list[str]:
+    """Data and model flags of a test task (written once per seed), or none for the default task."""
+    if task == "default":
+        return []
+    folder = data / f"{task}_s{seed}"
+    if not (folder / "prompts_eval.jsonl").is_file():
+        subprocess.run([sys.executable, str(TASKS[task]), str(folder), "--seed", str(seed)], check=True,
+                       capture_output=True)
+    sys.path.insert(0, str(HERE))
+    module = __import__(f"{task}_task")
+    return [*module.flags(folder), "--ppo.eval_reward_fn", f"{TASKS[task]}:gold"]
+
+
+def launch(out: Path, flags: list[str], seed: int, threads: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    start = time.time()
+    with open(f"{out}.log", "w") as log:
+        proc = subprocess.run(["deepspeed", "--master_port", str(20000 + abs(hash(str(out))) % 20000),
+                               str(REPO / "launch" / "ppo.py"), *flags, "--seed", str(seed), "--output_dir", str(out)],
+                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{out}: exit {proc.returncode}, see {out}.log")
+    return time.time() - start
+
+
+def row(task: str, seed: int, variant: str, out: Path, wall: float) -> dict:
+    s = json.loads((out / "summary.json").read_text())
+    ppo = s["ppo"]
+    members = [v["eval_accuracy"] for k, v in s.items() if k.startswith("reward")]
+    return {"task": task, "seed": seed, "variant": variant, "rm_accuracy": members[0] if members else None,
+            "rm_members": len(members), "gold_sft": ppo.get("gold_score_sft"), "gold_ppo": ppo.get("gold_score_final"),
+            "win_rate": ppo.get("gold_win_rate_vs_sft"), "kl": ppo["kl_to_ref"],
+            "reward_sft": ppo["reward_score_sft"], "reward_ppo": ppo["reward_score_final"],
+            "ensemble_std_sft": ppo.get("ensemble_std_sft"), "ensemble_std_ppo": ppo.get("ensemble_std_final"),
+            "alarm_kl": ppo.get("alarm_kl_iterations"), "alarm_ensemble": ppo.get("alarm_ensemble_evaluations"),
+            "best_iteration": ppo.get("best_iteration"), "ppo_s_per_iter": ppo["seconds_per_iteration"],
+            "stage_wall_s": {k: round(v["wall_s"]) for k, v in s.items() if not v.get("skipped")}, "wall_s": round(wall)}
+
+
+def cell(task: str, seed: int, args) -> list[dict]:
+    flags = task_flags(task, seed, args.out / "data")
+    rows = []
+    defaults = args.out / "defaults" / f"{task}_s{seed}"
+    if "defaults" in args.variants:
+        wall = launch(defaults, [*flags, *args.extra], seed, args.threads)
+        rows.append(row(task, seed, "defaults", defaults, wall))
+    if "undefended" in args.variants:
+        bare = args.out / "undefended" / f"{task}_s{seed}"
+        for stage in ("task", "sft", "reward"):  # same SFT and first reward model: skipped as up to date
+            if (defaults / stage).is_dir() and not (bare / stage).exists():
+                shutil.copytree(defaults / stage, bare / stage, ignore=shutil.ignore_patterns("checkpoints"))
+        wall = launch(bare, [*flags, *UNDEFENDED, *args.extra], seed, args.threads)
+        rows.append(row(task, seed, "undefended", bare, wall))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    def f(x, nd=3):
+        return "-" if x is None else f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+    lines = ["| task | seed | variant | RM acc | gold SFT -> PPO | win rate | KL | ens. std SFT -> PPO | alarms (KL it., ens. evals) | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['seed']} | {r['variant']} | {f(r['rm_accuracy'])} | {f(r['gold_sft'])} -> "
+                     f"{f(r['gold_ppo'])} | {f(r['win_rate'])} | {f(r['kl'], 2)} | {f(r['ensemble_std_sft'])} -> "
+                     f"{f(r['ensemble_std_ppo'])} | {f(r['alarm_kl'])}, {f(r['alarm_ensemble'])} | {r['wall_s']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tasks", nargs="+", default=["default", "sort", "distinct"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    ap.add_argument("--variants", nargs="+", default=["defaults", "undefended"])
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="threads per run (0: cores / jobs)")
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags added to every run")
+    args = ap.parse_args()
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cells = [(t, s) for s in args.seeds for t in args.tasks]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = [r for rows in pool.map(lambda c: cell(*c, args), cells) for r in rows]
+    (args.out / "matrix.json").write_text(json.dumps(results, indent=2))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
