@@ -22,6 +22,7 @@ import torch
 
 from pipeline import data, default_task, engines, ppo_math
 from pipeline.config import ppo_sizes
+from pipeline.dist_stats import global_mean as _global_mean, global_whiten as _global_whiten
 from pipeline.errors import TrainingHalted, UserError
 from pipeline.generation import (DeepSpeedHybridGenerator, HybridEngine, SamplingParams, choose_backend,
                                  position_ids, response_mask)
@@ -51,22 +52,6 @@ class Experience:
     rewards: torch.Tensor | None = None  # (B, R) shaped: -beta KL_t, + score at the last token
     advantages: torch.Tensor | None = None  # (B, R)
     returns: torch.Tensor | None = None  # (B, R)
-
-
-def _global_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Whiten over the masked rollout of every rank (not per rank)."""
-    m = mask.float()
-    stats = engines.all_reduce_sum(torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]).double())
-    total, total_sq, n = stats.tolist()
-    mean = total / max(n, 1)
-    var = max(total_sq / max(n, 1) - mean * mean, 0.0) * n / max(n - 1, 1)
-    return ((x - mean) / math.sqrt(var + 1e-8)) * m
-
-
-def _global_mean(x: torch.Tensor) -> float:
-    s = engines.all_reduce_sum(torch.stack([x.sum().double(),
-                                            torch.tensor(float(x.numel()), dtype=torch.float64)]))
-    return (s[0] / s[1].clamp(min=1)).item()
 
 
 class PPOTrainer:
