@@ -147,6 +147,7 @@ def load_ds_config(path: Path, dtype: str = "fp32", **fill) -> dict:
         if key in cfg:  # DeepSpeed would silently ignore it in favour of ours
             raise UserError(f"DeepSpeed config {path} sets {key!r}, which would be ignored: training "
                             f"uses AdamW with {owner}; remove {key!r} from the DeepSpeed file.")
+    _refuse_hybrid_engine(cfg, path)
     for key, value in fill.items():
         if key in cfg and cfg[key] not in ("auto", value):
             raise UserError(f"DeepSpeed config {path} sets {key}={cfg[key]!r} but the run config "
@@ -159,6 +160,20 @@ def load_ds_config(path: Path, dtype: str = "fp32", **fill) -> dict:
     cfg.setdefault("steps_per_print", 10**9)  # we log ourselves
     _fill_precision(cfg, path, dtype)
     return cfg
+
+
+def _refuse_hybrid_engine(cfg: dict, path: Path) -> None:
+    """DeepSpeed's hybrid engine cannot run with DeepSpeed 0.19 and transformers 5 (issue #14)."""
+    section = cfg.get("hybrid_engine", {})
+    if isinstance(section, dict) and section.get("enabled", False) in (False, "auto"):
+        return
+    raise UserError(f"DeepSpeed config {path} enables hybrid_engine, which this pipeline refuses: with "
+                    f"DeepSpeed 0.19 and transformers 5 DeepSpeed's hybrid engine does not run (its OPT "
+                    f"policy skips cache-based layers so generate raises, Llama-3 rope_type=llama3 raises at "
+                    f"initialisation, num_key_value_heads (GQA) is not sized, inference_tp_size > 1 does not "
+                    f"gather the attention mask). Generation already materialises the actor's weights "
+                    f"for fast decoding on every accelerator (pipeline/generation.py); remove the "
+                    f"hybrid_engine section from the DeepSpeed file or set \"enabled\": false.")
 
 
 # DeepSpeed's precision sections; "bfloat16" is its older name for "bf16" ("bf16" wins if both).

@@ -24,8 +24,7 @@ from pipeline import data, default_task, engines, ppo_math
 from pipeline.config import ppo_sizes
 from pipeline.dist_stats import global_mean as _global_mean, global_whiten as _global_whiten
 from pipeline.errors import TrainingHalted, UserError
-from pipeline.generation import (DeepSpeedHybridGenerator, HybridEngine, SamplingParams, choose_backend,
-                                 position_ids, response_mask)
+from pipeline.generation import SamplingParams, make_backend, position_ids, response_mask
 from pipeline.models import (add_lora, causal_lm_loss, check_vocab, disable_dropout, enable_gradient_checkpointing,
                              last_real_index, load_causal_lm, load_scalar_model, load_tokenizer, lora_merge,
                              token_values)
@@ -171,15 +170,9 @@ class PPOTrainer:
         train_ds, infer_ds = self.ds["train"], self.ds["inference"]
         steps = p.num_iterations * p.num_ppo_epochs * self.sizes["mini_batches_per_epoch"]
         warmup = p.warmup_iterations * p.num_ppo_epochs * self.sizes["mini_batches_per_epoch"]
-        backend, why = choose_backend(train_ds, actor.config.model_type, engines.device().type,
-                                      lora=p.actor_lora_rank > 0)
-        log.info("generation: %s", why if backend == "deepspeed" else
-                 f"our hybrid engine (materialised weights), because {why}")
-        critic_ds = {k: v for k, v in train_ds.items() if k != "hybrid_engine"}
-        actor_ds = train_ds if backend == "deepspeed" else critic_ds
-        self.actor = engines.train_engine(actor, ctx.engine_config(actor_ds, "deepspeed_actor"),
+        self.actor = engines.train_engine(actor, ctx.engine_config(train_ds, "deepspeed_actor"),
                                           p.actor_learning_rate, 0.0, "constant_with_warmup", warmup, steps)
-        self.critic = engines.train_engine(critic, ctx.engine_config(critic_ds, "deepspeed_critic"),
+        self.critic = engines.train_engine(critic, ctx.engine_config(train_ds, "deepspeed_critic"),
                                            p.critic_learning_rate, 0.0, "constant_with_warmup", warmup, steps)
         self.actor.eval()  # train mode only inside update()
         self.critic.eval()
@@ -187,8 +180,9 @@ class PPOTrainer:
         self.reward = engines.inference_engine(reward, infer_ds)
         for name in ("actor", "critic", "ref", "reward"):
             log.info("engine %s", engines.describe(getattr(self, name), name))
-        self.generator = (DeepSpeedHybridGenerator(self.actor, self.tokenizer) if backend == "deepspeed"
-                          else HybridEngine(self.actor, self.tokenizer, p.gather_modules))
+        self.generator = make_backend(self.actor, self.tokenizer, p.gather_modules)
+        log.info("generation: the actor's weights materialised into a plain module each phase "
+                 "(pipeline/generation.py)")
 
     # ------------------------------------------------------------ forward helpers
     def _micro(self, n: int):
