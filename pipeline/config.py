@@ -145,6 +145,7 @@ class Config:
     output_dir: str = "runs/default"  # each stage writes <output_dir>/<stage>
     seed: int = 42  # seeds data generation, initialisation, shuffling and sampling
     force: bool = False  # rerun stages from scratch even when their outputs are up to date
+    dist_timeout_minutes: float = 120.0  # process-group timeout: a rank waiting longer in a collective (a dead node, a hung rank) fails instead of hanging; covers rank-0 work the others wait for (task generation, tokenising, checkpoint conversion)
     save_steps: int = 50  # checkpoint every N optimizer steps (SFT, RM) or PPO iterations; 0: never
     keep_last: int = 2  # checkpoints kept per stage (older ones are deleted)
     resume: bool = True  # an unfinished stage resumes from its newest intact checkpoint; false: start over
@@ -254,6 +255,7 @@ def validate(cfg: Config) -> None:
     if cfg.save_steps < 0:
         raise UserError(f"option save_steps={cfg.save_steps} must be >= 0 (0: no periodic checkpoints).")
     positive("keep_last", cfg.keep_last)
+    positive("dist_timeout_minutes", cfg.dist_timeout_minutes)
     for f in ("max_prompt_len", "max_response_len"):
         positive(f"data.{f}", getattr(cfg.data, f))
     validate_data(cfg.data)

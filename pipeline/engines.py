@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import datetime
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from pipeline import ppo_math
-from pipeline.config import LR_SCHEDULERS
+from pipeline.config import LR_SCHEDULERS, Config
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
@@ -46,15 +47,24 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """Join (or create) the process group; one thread per core share for each local rank."""
+def init_distributed(timeout_minutes: float = Config.dist_timeout_minutes) -> Dist:
+    """Join (or create) the process group; one thread per core share for each local rank.
+
+    `timeout_minutes` bounds every collective (option dist_timeout_minutes; DeepSpeed's default is
+    10 minutes, shorter than what rank 0 alone may do while the others wait): a rank waiting longer
+    (a dead node, a hung rank) fails instead of hanging until the job's time limit.
+    """
+    launched = "WORLD_SIZE" in os.environ
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                          ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, default)
+    if not launched:
+        check_slurm_world_size(os.environ, 1)
     if "MASTER_PORT" not in os.environ:  # a single process started without a launcher
         os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
     d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]),
              int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     # The cores this process may use (a SLURM cpuset or `taskset` narrows them), shared by local ranks.
@@ -63,6 +73,20 @@ def init_distributed() -> Dist:
     get_accelerator().set_device(d.local_rank)
     atexit.register(_remove_shm_buffer, d.rank)
     return d
+
+
+def check_slurm_world_size(env, world_size: int) -> None:
+    """Refuse a world of `world_size` ranks inside a SLURM step that has more tasks: a plain
+    `srun python launch/ppo.py` would otherwise start one independent single-rank run per task,
+    all writing the same output folder."""
+    tasks = env.get("SLURM_STEP_NUM_TASKS", "")  # set by srun for its step (not in the batch script itself)
+    if not tasks.isdigit() or int(tasks) <= world_size:
+        return
+    raise UserError(f"this process sees a world size of {world_size}, but SLURM runs it as task "
+                    f"{env.get('SLURM_PROCID', '?')} of {tasks} (SLURM_STEP_NUM_TASKS): started "
+                    f"without a distributed launcher, each task would train alone on the same output folder. "
+                    f"Submit launch/slurm/ppo.sbatch (or sft/reward.sbatch), which starts DeepSpeed's launcher "
+                    f"on every node, or run a single task (srun --ntasks=1).")
 
 
 def _remove_shm_buffer(rank: int) -> None:
@@ -480,14 +504,15 @@ def universal_loading(ds_config: dict) -> dict:
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
-def to_universal(src: Path, dst: Path) -> None:
-    """Convert one engine's ZeRO checkpoint to DeepSpeed's rank-count-independent universal form."""
+def to_universal(src: Path, dst: Path, workers: int = 1) -> None:
+    """Convert one engine's ZeRO checkpoint to DeepSpeed's rank-count-independent universal form,
+    with `workers` processes extracting the shards (and half as many merging them)."""
     import subprocess
     import sys
 
     proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                           str(src), "--output_folder", str(dst), "--num_extract_workers", "1",
-                           "--num_merge_workers", "1", "--inject_missing_state"],
+                           str(src), "--output_folder", str(dst), "--num_extract_workers", str(max(1, workers)),
+                           "--num_merge_workers", str(max(1, workers // 2)), "--inject_missing_state"],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"converting {src} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")

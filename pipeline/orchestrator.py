@@ -357,7 +357,7 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
         cfg = parse_config(argv, description)
         stop = StopRequest()
         stop.install()  # before the process group: a signal during start-up is not lost
-        d = engines.init_distributed()
+        d = engines.init_distributed(cfg.dist_timeout_minutes)
         setup_logging(d.is_main)
         log.info("world size %d, accelerator %s, output %s", d.world_size, engines.device(),
                  cfg.output_dir)
