@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import dataclasses
 import datetime
 import json
 import logging
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from pipeline import ppo_math
-from pipeline.config import LR_SCHEDULERS, Config
+from pipeline.config import AUTO, LR_SCHEDULERS, Config
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
@@ -219,6 +220,34 @@ def _fill_precision(cfg: dict, path: Path, dtype: str) -> None:
     cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": dtype == "fp16"}
     if dtype == "fp16":
         cfg["fp16"].setdefault("loss_scale", 0)  # 0: DeepSpeed's dynamic loss scaling
+
+
+# ds_config / ds_inference_config "auto": one pair tuned for DeepSpeed's CPU accelerator (gloo: no
+# overlap, small buckets, unpinned offload), one for GPUs (overlap, larger buckets, pinned offload).
+AUTO_DS_CONFIGS = {"cpu": ("ds_configs/zero3_train.json", "ds_configs/zero3_offload_inference.json"),
+                   "gpu": ("ds_configs/zero3_train_gpu.json", "ds_configs/zero3_offload_inference_gpu.json")}
+
+
+def auto_dtype(accelerator=None) -> str:
+    """model.dtype "auto": bf16 on an accelerator other than the CPU that supports it, else fp32
+    (DeepSpeed's CPU accelerator answers bf16 support, but the CPU results must stay fp32)."""
+    acc = accelerator or get_accelerator()
+    return "bf16" if acc.device_name() != "cpu" and acc.is_bf16_supported() else "fp32"
+
+
+def resolve_auto(cfg: Config, accelerator=None) -> Config:
+    """`cfg` with every "auto" (model.dtype, ds_config, ds_inference_config) replaced by the choice
+    for `accelerator` (DeepSpeed's, or a stand-in answering device_name / is_bf16_supported);
+    `cfg` itself when nothing is auto. A DS file the user names is used as given."""
+    m = cfg.model
+    if AUTO not in (m.dtype, cfg.ds_config, cfg.ds_inference_config):
+        return cfg
+    acc = accelerator or get_accelerator()
+    train, inference = AUTO_DS_CONFIGS["cpu" if acc.device_name() == "cpu" else "gpu"]
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(m, dtype=auto_dtype(acc) if m.dtype == AUTO else m.dtype),
+        ds_config=train if cfg.ds_config == AUTO else cfg.ds_config,
+        ds_inference_config=inference if cfg.ds_inference_config == AUTO else cfg.ds_inference_config)
 
 
 def check_precision(dtype: str, accelerator=None) -> None:

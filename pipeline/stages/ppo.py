@@ -186,7 +186,7 @@ class PPOTrainer:
 
     # ------------------------------------------------------------ forward helpers
     def _micro(self, n: int):
-        mb = self.p.micro_batch_size_per_gpu
+        mb = self.sizes["micro_batch_size_per_gpu"]  # clamped to a rank's share of a mini-batch
         return [slice(i, i + mb) for i in range(0, n, mb)]
 
     def _logits_logprobs(self, model, seq, mask, width):
