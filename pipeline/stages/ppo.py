@@ -405,6 +405,7 @@ class PPOTrainer:
         tokens = engines.all_reduce_sum(exp.response_mask.sum().float()).item()
         metrics["perf/tokens_per_second"] = tokens / max(metrics["time/step"], 1e-9)
         metrics["memory/peak_rss_gb"] = peak_rss_gb()
+        metrics.update(timer.memory_metrics())  # accelerator memory per phase (none on CPU)
         return metrics
 
     def rollout_metrics(self, exp: Experience) -> dict:
