@@ -103,15 +103,30 @@ def check_pickle(path: Path) -> None:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def verify(folder: Path) -> str | None:
-    """None if `folder` is a complete, intact checkpoint; else what is wrong with it."""
+def share(files: dict, rank: int, world: int) -> list[str]:
+    """The manifest entries (`files`: name -> [size, sha256]) that `rank` of `world` verifies: the
+    biggest file first to the least loaded rank, so each rank reads about 1/world of the bytes.
+    Every rank computes the same split from the same manifest."""
+    load, mine = [0] * world, []
+    for name in sorted(files, key=lambda n: (-files[n][0], n)):
+        r = load.index(min(load))
+        load[r] += files[name][0] + 1
+        if r == rank:
+            mine.append(name)
+    return mine
+
+
+def verify(folder: Path, rank: int = 0, world: int = 1) -> str | None:
+    """None if `folder` is a complete, intact checkpoint as far as `rank`'s share of its files goes
+    (the whole of it for one rank); else what is wrong with it."""
     manifest = folder / MANIFEST
     try:
         m = json.loads(manifest.read_text())
         files = m["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{manifest} is missing or unreadable ({e.__class__.__name__}: {e})"
-    for rel, (size, digest) in files.items():
+    for rel in share(files, rank, world):
+        size, digest = files[rel]
         p = folder / rel
         if not p.is_file():
             return f"{p} is missing"
@@ -158,44 +173,48 @@ class Checkpointer:
     def find(self) -> Resume | None:
         """The newest intact checkpoint (damaged ones are reported and skipped), or None.
 
-        Raises UserError when it was written by a run with a different model, data or config.
+        Every rank verifies a share of each candidate's files (an 8B actor's checkpoint is ~100 GB:
+        rank 0 alone would take longer than a collective may wait). Raises UserError when it was
+        written by a run with a different model, data or config.
         """
-        found = None
-        if self.d.is_main:
-            found = self._find_on_main()
-        found = engines.broadcast_object(found)
-        if isinstance(found, str):
-            raise UserError(found)
-        if found is None:
-            return None
-        path, step, world, state = found
-        return Resume(Path(path), step, world, state, universal=world != self.d.world_size)
-
-    def _find_on_main(self):
-        if not self.root.is_dir():
-            return None
-        candidates = sorted((p for p in self.root.glob("step_*") if p.is_dir()), key=_step_of, reverse=True)
-        pointer = self.root / "latest"
-        named = pointer.read_text().strip() if pointer.is_file() else None
-        if named and (self.root / named).is_dir():  # the pointer first, then newest to oldest
-            candidates.sort(key=lambda p: p.name != named)
-        for folder in candidates:
-            problem = verify(folder)
+        candidates = engines.broadcast_object(self._candidates() if self.d.is_main else None)
+        for folder in map(Path, candidates):
+            problems = engines.all_gather_object(verify(folder, self.d.rank, self.d.world_size))
+            problem = next((p for p in problems if p), None)
             if problem:
                 log.warning("checkpoint %s is damaged and will not be used: %s", folder, problem)
                 continue
-            m = json.loads((folder / MANIFEST).read_text())
-            if m.get("identity") != self.identity:
-                diff = identity_diff(m.get("identity", {}), self.identity)
-                return (f"checkpoint {folder} was written by a run with a different model, data or "
-                        f"config ({'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''}), so this run "
-                        f"cannot resume from it. Rerun with the same settings to resume, or pass "
-                        f"--resume false to start the stage over (its checkpoints are then deleted).")
-            state = json.loads((folder / "state.json").read_text())
-            return str(folder), m["step"], m["world_size"], state
+            found = engines.broadcast_object(self._read(folder) if self.d.is_main else None)
+            if isinstance(found, str):
+                raise UserError(found)
+            path, step, world, state = found
+            return Resume(Path(path), step, world, state, universal=world != self.d.world_size)
         if candidates:
             log.warning("no intact checkpoint in %s: starting the stage over", self.root)
         return None
+
+    def _candidates(self) -> list[str]:
+        """Checkpoint folders to try, best first: the one `latest` names, then newest to oldest."""
+        if not self.root.is_dir():
+            return []
+        candidates = sorted((p for p in self.root.glob("step_*") if p.is_dir()), key=_step_of, reverse=True)
+        pointer = self.root / "latest"
+        named = pointer.read_text().strip() if pointer.is_file() else None
+        if named and (self.root / named).is_dir():
+            candidates.sort(key=lambda p: p.name != named)
+        return [str(p) for p in candidates]
+
+    def _read(self, folder: Path):
+        """(path, step, world size, state) of a verified checkpoint, or why this run cannot use it."""
+        m = json.loads((folder / MANIFEST).read_text())
+        if m.get("identity") != self.identity:
+            diff = identity_diff(m.get("identity", {}), self.identity)
+            return (f"checkpoint {folder} was written by a run with a different model, data or "
+                    f"config ({'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''}), so this run "
+                    f"cannot resume from it. Rerun with the same settings to resume, or pass "
+                    f"--resume false to start the stage over (its checkpoints are then deleted).")
+        state = json.loads((folder / "state.json").read_text())
+        return str(folder), m["step"], m["world_size"], state
 
     def clear(self) -> None:
         """Delete every checkpoint of the stage (starting over)."""
@@ -213,12 +232,7 @@ class Checkpointer:
         """
         folder = resume.path
         if resume.universal:  # converted afresh from the verified checkpoint every time
-            folder = self.root / f"universal_{resume.path.name}"
-            if self.d.is_main:
-                shutil.rmtree(folder, ignore_errors=True)
-                for tag in models:
-                    engines.to_universal(resume.path / tag, folder / tag)
-            engines.barrier()
+            folder = self._convert(resume, list(models))
         for tag, engine in models.items():
             engines.load_engine(engine, folder, tag)
         if resume.universal:
@@ -226,6 +240,25 @@ class Checkpointer:
         own = torch.load(resume.path / f"rank_{self.d.rank:05d}.pt", map_location="cpu", weights_only=True)
         set_rng_state(own["rng"])
         return own["local"]
+
+    def _convert(self, resume: Resume, tags: list[str]) -> Path:
+        """DeepSpeed's universal form of every engine in `tags`: the engines are shared out over
+        the ranks, each converted with this rank's threads as workers. Raises on every rank if any
+        conversion failed."""
+        folder = self.root / f"universal_{resume.path.name}"
+        if self.d.is_main:
+            shutil.rmtree(folder, ignore_errors=True)
+        engines.barrier()
+        errors = []
+        for tag in tags[self.d.rank::self.d.world_size]:
+            try:
+                engines.to_universal(resume.path / tag, folder / tag, workers=torch.get_num_threads())
+            except RuntimeError as e:
+                errors.append(str(e))
+        errors = self._agree(errors)
+        if errors:
+            raise RuntimeError(errors[0])
+        return folder
 
     def every_local(self, resume: Resume) -> list[dict]:
         """The rank-local state of every rank that wrote `resume`, in rank order (to re-cut per-rank

@@ -46,12 +46,13 @@ class ModelConfig:
     num_attention_heads: int = 4  # from-scratch model: heads
     intermediate_size: int = 688  # from-scratch model: MLP width
     trust_remote_code: bool = False  # allow custom modelling code from the model folder
-    dtype: str = "fp32"  # precision of every engine: fp32, bf16 or fp16 (GPU; dynamic loss scaling); fills the DeepSpeed bf16/fp16 sections
+    dtype: str = "auto"  # precision of every engine: auto (bf16 on an accelerator other than the CPU that supports it, else fp32), fp32, bf16 or fp16 (GPU; dynamic loss scaling); fills the DeepSpeed bf16/fp16 sections
     gradient_checkpointing: bool = False  # recompute each layer's activations in backward (trained models): less activation memory, ~1/3 more compute
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_NORMS = ("none", "sft", "running")
+AUTO = "auto"  # model.dtype, ds_config, ds_inference_config: chosen for the accelerator (engines.resolve_auto)
 DATA_FORMATS = ("auto", "prompt_response", "prompt_chosen_rejected", "hh", "messages", "prompt")
 
 
@@ -161,12 +162,13 @@ class Config:
     output_dir: str = "runs/default"  # each stage writes <output_dir>/<stage>
     seed: int = 42  # seeds data generation, initialisation, shuffling and sampling
     force: bool = False  # rerun stages from scratch even when their outputs are up to date
+    dist_timeout_minutes: float = 120.0  # process-group timeout: a rank waiting longer in a collective (a dead node, a hung rank) fails instead of hanging; covers rank-0 work the others wait for (task generation, tokenising, checkpoint conversion)
     save_steps: int = 50  # checkpoint every N optimizer steps (SFT, RM) or PPO iterations; 0: never
     keep_last: int = 2  # checkpoints kept per stage (older ones are deleted)
     resume: bool = True  # an unfinished stage resumes from its newest intact checkpoint; false: start over
     deepspeed_monitor: bool = False  # also log DeepSpeed's engine metrics to <stage>/tensorboard
-    ds_config: str = "ds_configs/zero3_train.json"  # DeepSpeed JSON of trained engines
-    ds_inference_config: str = "ds_configs/zero3_offload_inference.json"  # frozen ref/reward
+    ds_config: str = "auto"  # DeepSpeed JSON of trained engines; auto: ds_configs/zero3_train.json on CPU, ds_configs/zero3_train_gpu.json on other accelerators
+    ds_inference_config: str = "auto"  # DeepSpeed JSON of the frozen reference and reward model; auto: ds_configs/zero3_offload_inference.json on CPU, ..._gpu.json (pinned offload) elsewhere
     cache_dir: str = ""  # tokenised examples are cached here by content hash, built once per node (empty: ~/.cache/rlhf-pipeline)
     reward_init: str = "auto"  # reward model starts from: sft (SFT output), base (the SFT's start), auto (base for a from-scratch model, else sft)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -187,7 +189,12 @@ def global_batch(micro_batch_size_per_gpu: int, gradient_accumulation_steps: int
 
 
 def ppo_sizes(ppo: PPOConfig, world_size: int) -> dict:
-    """Per-rank PPO sizes; raise UserError when they do not divide."""
+    """Per-rank PPO sizes; raise UserError when they do not divide.
+
+    A micro-batch larger than a rank's share of the mini-batch is clamped to that share
+    (`micro_batch_size_per_gpu` here; `micro_clamped` says so), so the defaults run on 1, 2, 4 and
+    8 ranks; 1 and 2 ranks keep the configured micro-batch.
+    """
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise UserError(f"option ppo: {msg} (world size {world_size}).")
@@ -198,13 +205,16 @@ def ppo_sizes(ppo: PPOConfig, world_size: int) -> dict:
     need(ppo.mini_batch_size % world_size == 0,
          f"ppo.mini_batch_size={ppo.mini_batch_size} must be a multiple of the number of ranks")
     per_rank_mini = ppo.mini_batch_size // world_size
-    need(per_rank_mini % ppo.micro_batch_size_per_gpu == 0,
+    micro = min(ppo.micro_batch_size_per_gpu, per_rank_mini)
+    need(per_rank_mini % micro == 0,
          f"ppo.mini_batch_size / ranks = {per_rank_mini} must be a multiple of "
          f"ppo.micro_batch_size_per_gpu={ppo.micro_batch_size_per_gpu}")
     return {
         "rollout_per_rank": ppo.rollout_batch_size // world_size,
         "mini_per_rank": per_rank_mini,
-        "gradient_accumulation_steps": per_rank_mini // ppo.micro_batch_size_per_gpu,
+        "micro_batch_size_per_gpu": micro,
+        "micro_clamped": micro != ppo.micro_batch_size_per_gpu,
+        "gradient_accumulation_steps": per_rank_mini // micro,
         "mini_batches_per_epoch": ppo.rollout_batch_size // ppo.mini_batch_size,
     }
 
@@ -275,6 +285,7 @@ def validate(cfg: Config) -> None:
     if cfg.save_steps < 0:
         raise UserError(f"option save_steps={cfg.save_steps} must be >= 0 (0: no periodic checkpoints).")
     positive("keep_last", cfg.keep_last)
+    positive("dist_timeout_minutes", cfg.dist_timeout_minutes)
     for f in ("max_prompt_len", "max_response_len"):
         positive(f"data.{f}", getattr(cfg.data, f))
     validate_data(cfg.data)
@@ -288,8 +299,8 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.task.label_noise < 0.5:
         raise UserError(f"option task.label_noise={cfg.task.label_noise} must be in [0, 0.5).")
     m = cfg.model
-    if m.dtype not in PRECISIONS:
-        raise UserError(f"option model.dtype={m.dtype!r}: expected one of {', '.join(PRECISIONS)}.")
+    if m.dtype not in (AUTO, *PRECISIONS):
+        raise UserError(f"option model.dtype={m.dtype!r}: expected one of {', '.join((AUTO, *PRECISIONS))}.")
     if not m.model_name_or_path:  # the from-scratch model's shape
         for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             positive(f"model.{f}", getattr(m, f))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import dataclasses
+import datetime
 import json
 import logging
 import os
@@ -24,7 +26,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from pipeline import ppo_math
-from pipeline.config import LR_SCHEDULERS
+from pipeline.config import AUTO, LR_SCHEDULERS, Config
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
@@ -46,15 +48,24 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """Join (or create) the process group; one thread per core share for each local rank."""
+def init_distributed(timeout_minutes: float = Config.dist_timeout_minutes) -> Dist:
+    """Join (or create) the process group; one thread per core share for each local rank.
+
+    `timeout_minutes` bounds every collective (option dist_timeout_minutes; DeepSpeed's default is
+    10 minutes, shorter than what rank 0 alone may do while the others wait): a rank waiting longer
+    (a dead node, a hung rank) fails instead of hanging until the job's time limit.
+    """
+    launched = "WORLD_SIZE" in os.environ
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                          ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, default)
+    if not launched:
+        check_slurm_world_size(os.environ, 1)
     if "MASTER_PORT" not in os.environ:  # a single process started without a launcher
         os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
     d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]),
              int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     # The cores this process may use (a SLURM cpuset or `taskset` narrows them), shared by local ranks.
@@ -63,6 +74,20 @@ def init_distributed() -> Dist:
     get_accelerator().set_device(d.local_rank)
     atexit.register(_remove_shm_buffer, d.rank)
     return d
+
+
+def check_slurm_world_size(env, world_size: int) -> None:
+    """Refuse a world of `world_size` ranks inside a SLURM step that has more tasks: a plain
+    `srun python launch/ppo.py` would otherwise start one independent single-rank run per task,
+    all writing the same output folder."""
+    tasks = env.get("SLURM_STEP_NUM_TASKS", "")  # set by srun for its step (not in the batch script itself)
+    if not tasks.isdigit() or int(tasks) <= world_size:
+        return
+    raise UserError(f"this process sees a world size of {world_size}, but SLURM runs it as task "
+                    f"{env.get('SLURM_PROCID', '?')} of {tasks} (SLURM_STEP_NUM_TASKS): started "
+                    f"without a distributed launcher, each task would train alone on the same output folder. "
+                    f"Submit launch/slurm/ppo.sbatch (or sft/reward.sbatch), which starts DeepSpeed's launcher "
+                    f"on every node, or run a single task (srun --ntasks=1).")
 
 
 def _remove_shm_buffer(rank: int) -> None:
@@ -147,6 +172,7 @@ def load_ds_config(path: Path, dtype: str = "fp32", **fill) -> dict:
         if key in cfg:  # DeepSpeed would silently ignore it in favour of ours
             raise UserError(f"DeepSpeed config {path} sets {key!r}, which would be ignored: training "
                             f"uses AdamW with {owner}; remove {key!r} from the DeepSpeed file.")
+    _refuse_hybrid_engine(cfg, path)
     for key, value in fill.items():
         if key in cfg and cfg[key] not in ("auto", value):
             raise UserError(f"DeepSpeed config {path} sets {key}={cfg[key]!r} but the run config "
@@ -159,6 +185,20 @@ def load_ds_config(path: Path, dtype: str = "fp32", **fill) -> dict:
     cfg.setdefault("steps_per_print", 10**9)  # we log ourselves
     _fill_precision(cfg, path, dtype)
     return cfg
+
+
+def _refuse_hybrid_engine(cfg: dict, path: Path) -> None:
+    """DeepSpeed's hybrid engine cannot run with DeepSpeed 0.19 and transformers 5 (issue #14)."""
+    section = cfg.get("hybrid_engine", {})
+    if isinstance(section, dict) and section.get("enabled", False) in (False, "auto"):
+        return
+    raise UserError(f"DeepSpeed config {path} enables hybrid_engine, which this pipeline refuses: with "
+                    f"DeepSpeed 0.19 and transformers 5 DeepSpeed's hybrid engine does not run (its OPT "
+                    f"policy skips cache-based layers so generate raises, Llama-3 rope_type=llama3 raises at "
+                    f"initialisation, num_key_value_heads (GQA) is not sized, inference_tp_size > 1 does not "
+                    f"gather the attention mask). Generation already materialises the actor's weights "
+                    f"for fast decoding on every accelerator (pipeline/generation.py); remove the "
+                    f"hybrid_engine section from the DeepSpeed file or set \"enabled\": false.")
 
 
 # DeepSpeed's precision sections; "bfloat16" is its older name for "bf16" ("bf16" wins if both).
@@ -180,6 +220,34 @@ def _fill_precision(cfg: dict, path: Path, dtype: str) -> None:
     cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": dtype == "fp16"}
     if dtype == "fp16":
         cfg["fp16"].setdefault("loss_scale", 0)  # 0: DeepSpeed's dynamic loss scaling
+
+
+# ds_config / ds_inference_config "auto": one pair tuned for DeepSpeed's CPU accelerator (gloo: no
+# overlap, small buckets, unpinned offload), one for GPUs (overlap, larger buckets, pinned offload).
+AUTO_DS_CONFIGS = {"cpu": ("ds_configs/zero3_train.json", "ds_configs/zero3_offload_inference.json"),
+                   "gpu": ("ds_configs/zero3_train_gpu.json", "ds_configs/zero3_offload_inference_gpu.json")}
+
+
+def auto_dtype(accelerator=None) -> str:
+    """model.dtype "auto": bf16 on an accelerator other than the CPU that supports it, else fp32
+    (DeepSpeed's CPU accelerator answers bf16 support, but the CPU results must stay fp32)."""
+    acc = accelerator or get_accelerator()
+    return "bf16" if acc.device_name() != "cpu" and acc.is_bf16_supported() else "fp32"
+
+
+def resolve_auto(cfg: Config, accelerator=None) -> Config:
+    """`cfg` with every "auto" (model.dtype, ds_config, ds_inference_config) replaced by the choice
+    for `accelerator` (DeepSpeed's, or a stand-in answering device_name / is_bf16_supported);
+    `cfg` itself when nothing is auto. A DS file the user names is used as given."""
+    m = cfg.model
+    if AUTO not in (m.dtype, cfg.ds_config, cfg.ds_inference_config):
+        return cfg
+    acc = accelerator or get_accelerator()
+    train, inference = AUTO_DS_CONFIGS["cpu" if acc.device_name() == "cpu" else "gpu"]
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(m, dtype=auto_dtype(acc) if m.dtype == AUTO else m.dtype),
+        ds_config=train if cfg.ds_config == AUTO else cfg.ds_config,
+        ds_inference_config=inference if cfg.ds_inference_config == AUTO else cfg.ds_inference_config)
 
 
 def check_precision(dtype: str, accelerator=None) -> None:
@@ -465,14 +533,15 @@ def universal_loading(ds_config: dict) -> dict:
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 
-def to_universal(src: Path, dst: Path) -> None:
-    """Convert one engine's ZeRO checkpoint to DeepSpeed's rank-count-independent universal form."""
+def to_universal(src: Path, dst: Path, workers: int = 1) -> None:
+    """Convert one engine's ZeRO checkpoint to DeepSpeed's rank-count-independent universal form,
+    with `workers` processes extracting the shards (and half as many merging them)."""
     import subprocess
     import sys
 
     proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                           str(src), "--output_folder", str(dst), "--num_extract_workers", "1",
-                           "--num_merge_workers", "1", "--inject_missing_state"],
+                           str(src), "--output_folder", str(dst), "--num_extract_workers", str(max(1, workers)),
+                           "--num_merge_workers", str(max(1, workers // 2)), "--inject_missing_state"],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"converting {src} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")

@@ -4,13 +4,18 @@ Hugging Face `generate` on a ZeRO-3 module all-gathers every layer at every deco
 is an order of magnitude slower than a plain module (../shared/DESIGN.md). So for each
 generation phase the actor's full weights are materialised once into a plain module of the same
 architecture with no ZeRO hooks; each rank then decodes its own prompts with no collective calls,
-and the weights are freed afterwards. DeepSpeed's own hybrid engine is used instead where it can
-run (GPU, supported architecture, `hybrid_engine.enabled`): see `choose_backend`.
+and the weights are freed afterwards.
+
+The PPO stage sees a generation backend only through `GenerationBackend` and builds it with
+`make_backend`: another backend (an inference server such as vLLM) is one class and one entry in
+`BACKENDS`, with no change to the stage. DeepSpeed's own hybrid engine is refused
+(`engines.load_ds_config`): with DeepSpeed 0.19 and transformers 5 it does not run (issue #14).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -39,25 +44,6 @@ def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that start at 0 on the first real token (prompts are left-padded)."""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
-# Architectures DeepSpeed's own hybrid engine has inference containers for (GPU only).
-DS_HYBRID_MODEL_TYPES = ("opt", "llama", "bloom", "gptj", "gpt_neox")
-
-
-def choose_backend(actor_ds_config: dict, model_type: str, device_type: str,
-                   lora: bool = False) -> tuple[str, str]:
-    """("deepspeed" | "materialise", why). DeepSpeed's hybrid engine only where it can run."""
-    if not actor_ds_config.get("hybrid_engine", {}).get("enabled", False):
-        return "materialise", "hybrid_engine.enabled is off in the actor's DeepSpeed config"
-    if lora:  # it fuses only DeepSpeed-Chat's own LoRA layers
-        return "materialise", "DeepSpeed's hybrid engine does not know peft's LoRA layers (ppo.actor_lora_rank)"
-    if device_type == "cpu":
-        return "materialise", "DeepSpeed's hybrid engine has no CPU kernels"
-    if model_type not in DS_HYBRID_MODEL_TYPES:
-        return "materialise", (f"DeepSpeed's hybrid engine does not support model_type {model_type!r} "
-                               f"(it supports {', '.join(DS_HYBRID_MODEL_TYPES)})")
-    return "deepspeed", f"DeepSpeed's hybrid engine ({model_type} on {device_type})"
 
 
 def hf_generate(model, tokenizer, input_ids, attention_mask, params: SamplingParams, **extra_kw):
@@ -122,20 +108,37 @@ class HybridEngine:
                          synced_gpus=False)
 
 
-class DeepSpeedHybridGenerator:
-    """DeepSpeed's own hybrid engine (GPU, supported architectures): same interface."""
+class GenerationBackend(Protocol):
+    """What the PPO stage asks of a generation backend, once per generation phase:
 
-    def __init__(self, actor_engine, tokenizer):
-        self.engine, self.tokenizer = actor_engine, tokenizer
+        with backend.generation_mode() as model:   # 1. the actor's current weights, ready to decode
+            seq = backend.generate(ids, mask, params)  # 2. sample (inside the mode only)
+            logits = model(seq, ...)                   # 3. pi_old log-probs from the training weights
 
-    @contextmanager
-    def generation_mode(self):
-        self.engine.eval()  # the DS hybrid engine switches to its inference containers here
-        yield self.engine
+    1. `generation_mode()` makes the training engine's current weights available for decoding
+       (materialised into a plain module here; loaded into an inference engine by a server-based
+       backend) and releases them on exit. It yields a module whose forward gives the logits of
+       exactly those weights: pi_old is computed with it, so the ratio to the trained policy starts
+       at 1 (a backend whose decoder computes differently, e.g. vLLM's kernels, yields the ZeRO-3
+       engine itself here).
+    2. `generate(input_ids, attention_mask, params)`: left-padded prompts (B, P) on
+       `engines.device()` -> (B * params.num_samples, P + params.max_new_tokens) token ids on the
+       same device, right-padded with the pad id, prompt-major. Each rank decodes its own prompts.
+    """
 
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask, params: SamplingParams) -> torch.Tensor:
-        return hf_generate(self.engine, self.tokenizer, input_ids, attention_mask, params)
+    def generation_mode(self) -> AbstractContextManager[torch.nn.Module]: ...
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 params: SamplingParams) -> torch.Tensor: ...
+
+
+BACKENDS = {"materialise": HybridEngine}  # name -> class(actor_engine, tokenizer, gather_modules)
+
+
+def make_backend(actor_engine, tokenizer, gather_modules: int = 0, name: str = "materialise") -> GenerationBackend:
+    """The generation backend `name` for the actor's training engine."""
+    assert name in BACKENDS, name  # a user-facing choice must be validated against BACKENDS first
+    return BACKENDS[name](actor_engine, tokenizer, gather_modules)
 
 
 @torch.no_grad()

@@ -10,6 +10,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 
 def setup_logging(is_main: bool) -> None:
     """Rank 0 logs at INFO; other ranks only errors, so nothing is repeated per rank."""
@@ -84,17 +86,53 @@ class MetricLogger:
             self._jsonl.close()
 
 
-class PhaseTimer:
-    """Seconds per named phase: `with timer("generation"): ...`, then `timer.seconds`."""
+def device_accelerator():
+    """torch's accelerator (CUDA, XPU, ...) when one is in use, else None (CPU only).
 
-    def __init__(self):
+    `torch.accelerator` is what DeepSpeed's accelerator wraps on GPUs; it answers synchronize()
+    and the memory counters (memory_allocated, memory_reserved, max_memory_allocated, in bytes).
+    """
+    acc = getattr(torch, "accelerator", None)
+    return acc if acc is not None and acc.is_available() else None
+
+
+class PhaseTimer:
+    """Seconds per named phase: `with timer("generation"): ...`, then `timer.seconds`.
+
+    On an accelerator kernels run asynchronously, so the device is synchronised when a phase starts
+    and ends: its time is the time of its own kernels, not of the previous phase's still in flight.
+    Each phase's end also records the accelerator memory (`memory_metrics()`).
+    `accelerator`: anything answering synchronize() and the memory counters; None (the default):
+    `device_accelerator()`, which is None on CPU (no synchronisation, no memory figures).
+    """
+
+    def __init__(self, accelerator=None):
+        self.acc = accelerator if accelerator is not None else device_accelerator()
         self.seconds: dict[str, float] = {}
+        self.memory: dict[str, tuple[float, float]] = {}  # phase -> (allocated, reserved) GiB at its end
 
     @contextmanager
     def __call__(self, name: str):
+        if self.acc is not None:
+            self.acc.synchronize()
         start = time.perf_counter()
         yield
+        if self.acc is not None:
+            self.acc.synchronize()
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        if self.acc is not None:
+            self.memory[name] = (self.acc.memory_allocated() / 2**30, self.acc.memory_reserved() / 2**30)
+
+    def memory_metrics(self) -> dict[str, float]:
+        """`memory/accelerator_peak_gb` (peak allocated since the process started) and
+        `memory/<phase>_allocated_gb` / `_reserved_gb` at each phase's end; {} without an accelerator."""
+        if self.acc is None:
+            return {}
+        out = {"memory/accelerator_peak_gb": self.acc.max_memory_allocated() / 2**30}
+        for name, (allocated, reserved) in self.memory.items():
+            out[f"memory/{name}_allocated_gb"] = allocated
+            out[f"memory/{name}_reserved_gb"] = reserved
+        return out
 
 
 def peak_rss_gb() -> float:

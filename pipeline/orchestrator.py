@@ -245,6 +245,7 @@ def identity(stage: str, cfg: Config, inputs: dict[str, str], out: Path) -> dict
     """What a stage's result depends on, except the rank count: its config section, the seed,
     the data and model options, the DeepSpeed configs and the content of its inputs. A checkpoint
     records it; resuming needs the same."""
+    cfg = engines.resolve_auto(cfg)  # what "auto" means here is what the stage depends on
     section = dataclasses.asdict({"sft": cfg.sft, "reward": cfg.reward, "ppo": cfg.ppo}[base_stage(stage)])
     section.pop("ensemble_size", None)  # each member is a run of its own (stage reward_i, seed + i)
     return {
@@ -323,6 +324,13 @@ def _preflight_tokenizer(cache: dict, path: str, trust_remote_code: bool):
 def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
         stop: StopRequest | None = None) -> dict:
     """Run `stages` in order; returns the summary written to `<output_dir>/summary.json`."""
+    auto = engines.resolve_auto(cfg)
+    for name, before, after in (("model.dtype", cfg.model.dtype, auto.model.dtype),
+                                ("ds_config", cfg.ds_config, auto.ds_config),
+                                ("ds_inference_config", cfg.ds_inference_config, auto.ds_inference_config)):
+        if before != after:
+            log.info("%s auto: %s (chosen for this accelerator)", name, after)
+    cfg = auto
     engines.check_precision(cfg.model.dtype)  # before anything is written
     stop = stop or StopRequest()
     out = Path(cfg.output_dir)
@@ -405,7 +413,7 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
         cfg = parse_config(argv, description)
         stop = StopRequest()
         stop.install()  # before the process group: a signal during start-up is not lost
-        d = engines.init_distributed()
+        d = engines.init_distributed(cfg.dist_timeout_minutes)
         setup_logging(d.is_main)
         log.info("world size %d, accelerator %s, output %s", d.world_size, engines.device(),
                  cfg.output_dir)

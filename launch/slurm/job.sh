@@ -14,6 +14,8 @@
 #   RLHF_SLURM_REQUEUE   1 (default): requeue the job when the ranks stopped with a checkpoint
 #                        after a stop signal (exit 75); 0: just exit 75
 #   PYTHON               the interpreter with deepspeed and this package; default: python on PATH
+#   TORCH_NCCL_ASYNC_ERROR_HANDLING  default 1 (a failed collective aborts instead of hanging);
+#                        NCCL_* / GLOO_* settings (interfaces, IB adapters) pass through and are logged
 set -uo pipefail
 
 log() { echo "[rlhf-slurm $(date '+%F %T')] $*"; }
@@ -49,9 +51,14 @@ attempt=${SLURM_RESTART_COUNT:-0}
 log_dir=${RLHF_SLURM_LOG_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/logs/slurm}/$SLURM_JOB_ID
 mkdir -p "$log_dir"
 export RLHF_NODES=$nodes RLHF_PROCS_PER_NODE=$procs MASTER_ADDR MASTER_PORT
+# A failed or timed-out NCCL collective aborts its rank instead of hanging (a dead node then ends
+# the job after the launcher's --dist_timeout_minutes, not at the time limit). Yours wins if set.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+network=$(env | grep -E '^(NCCL|GLOO|TORCH_NCCL)_' | sort | paste -sd' ' -)
 
 log "job $SLURM_JOB_ID attempt $attempt: launch/$script on $nnodes node(s) ($nodes) x $procs rank(s);" \
     "rendezvous $MASTER_ADDR:$MASTER_PORT; per-node logs $log_dir/attempt$attempt-node*.log"
+log "network settings: ${network:-none} (see README, GPU clusters: NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...)"
 
 # ---- stop signals
 # SIGUSR1 to this shell (`#SBATCH --signal=B:USR1@N`, `scancel -b -s USR1`): forward it to every

@@ -34,6 +34,9 @@ class StageContext:
     stop: StopRequest = field(default_factory=StopRequest)
     identity: dict | None = None  # orchestrator.identity of the stage; None: tokenised examples are not cached
 
+    def __post_init__(self):
+        self.cfg = engines.resolve_auto(self.cfg)  # model.dtype and DS configs for this accelerator
+
     def examples(self, role: str, build: Callable[[], list[dict]]) -> list[dict]:
         """The tokenised examples of data role `role`, built by `build()` once per node (local rank
         0) and cached under <output_dir>/cache, keyed by the content hash of the data, the tokenizer
@@ -124,6 +127,7 @@ def ds_configs(cfg: Config, stage: str, world_size: int) -> dict[str, dict]:
     model. Every engine runs in `model.dtype`. Raises UserError for a missing or contradicting DS
     file, or PPO sizes that do not divide.
     """
+    cfg = engines.resolve_auto(cfg)
     dtype = cfg.model.dtype
     if stage in ("sft", "reward"):
         t: TrainConfig = getattr(cfg, stage)
@@ -132,13 +136,18 @@ def ds_configs(cfg: Config, stage: str, world_size: int) -> dict[str, dict]:
             gradient_accumulation_steps=t.gradient_accumulation_steps, gradient_clipping=t.gradient_clipping)}
     p = cfg.ppo
     sizes = ppo_sizes(p, world_size)
+    micro = sizes["micro_batch_size_per_gpu"]
+    if sizes["micro_clamped"]:
+        log.info("ppo.micro_batch_size_per_gpu=%d is more than a rank's share of a mini-batch "
+                 "(ppo.mini_batch_size %d / %d ranks): micro-batches of %d", p.micro_batch_size_per_gpu,
+                 p.mini_batch_size, world_size, micro)
     return {"train": engines.load_ds_config(
-                resolve_path(cfg.ds_config), dtype, train_micro_batch_size_per_gpu=p.micro_batch_size_per_gpu,
+                resolve_path(cfg.ds_config), dtype, train_micro_batch_size_per_gpu=micro,
                 gradient_accumulation_steps=sizes["gradient_accumulation_steps"],
                 gradient_clipping=p.gradient_clipping),
             "inference": engines.load_ds_config(
                 resolve_path(cfg.ds_inference_config), dtype,
-                train_micro_batch_size_per_gpu=p.micro_batch_size_per_gpu, gradient_accumulation_steps=1)}
+                train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1)}
 
 
 def train_loader(examples: list, collate: Callable, pad_id: int, micro_batch: int, seed: int,

@@ -22,9 +22,9 @@ import torch
 
 from pipeline import data, engines, ppo_math, reward_fns
 from pipeline.config import ppo_sizes
+from pipeline.dist_stats import global_mean as _global_mean, global_whiten as _global_whiten
 from pipeline.errors import TrainingHalted, UserError
-from pipeline.generation import (DeepSpeedHybridGenerator, HybridEngine, SamplingParams, choose_backend,
-                                 position_ids, response_mask)
+from pipeline.generation import SamplingParams, make_backend, position_ids, response_mask
 from pipeline.models import (add_lora, causal_lm_loss, check_vocab, disable_dropout, enable_gradient_checkpointing,
                              load_causal_lm, load_scalar_model, load_tokenizer, lora_merge, pooling_pad_id,
                              score_index, token_values)
@@ -55,22 +55,6 @@ class Experience:
     rewards: torch.Tensor | None = None  # (B, R) shaped: -beta KL_t, + score at the last token
     advantages: torch.Tensor | None = None  # (B, R)
     returns: torch.Tensor | None = None  # (B, R)
-
-
-def _global_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Whiten over the masked rollout of every rank (not per rank)."""
-    m = mask.float()
-    stats = engines.all_reduce_sum(torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]).double())
-    total, total_sq, n = stats.tolist()
-    mean = total / max(n, 1)
-    var = max(total_sq / max(n, 1) - mean * mean, 0.0) * n / max(n - 1, 1)
-    return ((x - mean) / math.sqrt(var + 1e-8)) * m
-
-
-def _global_mean(x: torch.Tensor) -> float:
-    s = engines.all_reduce_sum(torch.stack([x.sum().double(),
-                                            torch.tensor(float(x.numel()), dtype=torch.float64)]))
-    return (s[0] / s[1].clamp(min=1)).item()
 
 
 class PPOTrainer:
@@ -236,15 +220,9 @@ class PPOTrainer:
         train_ds, infer_ds = self.ds["train"], self.ds["inference"]
         steps = p.num_iterations * p.num_ppo_epochs * self.sizes["mini_batches_per_epoch"]
         warmup = p.warmup_iterations * p.num_ppo_epochs * self.sizes["mini_batches_per_epoch"]
-        backend, why = choose_backend(train_ds, actor.config.model_type, engines.device().type,
-                                      lora=p.actor_lora_rank > 0)
-        log.info("generation: %s", why if backend == "deepspeed" else
-                 f"our hybrid engine (materialised weights), because {why}")
-        critic_ds = {k: v for k, v in train_ds.items() if k != "hybrid_engine"}
-        actor_ds = train_ds if backend == "deepspeed" else critic_ds
-        self.actor = engines.train_engine(actor, ctx.engine_config(actor_ds, "deepspeed_actor"),
+        self.actor = engines.train_engine(actor, ctx.engine_config(train_ds, "deepspeed_actor"),
                                           p.actor_learning_rate, 0.0, "constant_with_warmup", warmup, steps)
-        self.critic = engines.train_engine(critic, ctx.engine_config(critic_ds, "deepspeed_critic"),
+        self.critic = engines.train_engine(critic, ctx.engine_config(train_ds, "deepspeed_critic"),
                                            p.critic_learning_rate, 0.0, "constant_with_warmup", warmup, steps)
         self.actor.eval()  # train mode only inside update()
         self.critic.eval()
@@ -254,12 +232,13 @@ class PPOTrainer:
             log.info("engine %s", engines.describe(getattr(self, name), name))
         for i, engine in enumerate(self.rewards):
             log.info("engine %s", engines.describe(engine, f"reward model {i} ({self.reward_paths[i]})"))
-        self.generator = (DeepSpeedHybridGenerator(self.actor, self.tokenizer) if backend == "deepspeed"
-                          else HybridEngine(self.actor, self.tokenizer, p.gather_modules))
+        self.generator = make_backend(self.actor, self.tokenizer, p.gather_modules)
+        log.info("generation: the actor's weights materialised into a plain module each phase "
+                 "(pipeline/generation.py)")
 
     # ------------------------------------------------------------ forward helpers
     def _micro(self, n: int):
-        mb = self.p.micro_batch_size_per_gpu
+        mb = self.sizes["micro_batch_size_per_gpu"]  # clamped to a rank's share of a mini-batch
         return [slice(i, i + mb) for i in range(0, n, mb)]
 
     def _logits_logprobs(self, model, seq, mask, width):
@@ -360,8 +339,8 @@ class PPOTrainer:
         evaluation) fixes each model's mean and std over every rank's rows. An ensemble's members
         need it to be compared (a pairwise loss leaves each model's offset and scale free)."""
         if self.member_norm is None:
-            everyone = torch.tensor([v for part in engines.all_gather_object(rm_scores.T.tolist()) for v in part],
-                                    dtype=torch.float64).T  # (K, rows of every rank), on the CPU
+            everyone = rm_scores.new_tensor([v for part in engines.all_gather_object(rm_scores.T.tolist())
+                                             for v in part], dtype=torch.float64).T  # (K, rows of every rank)
             self.member_norm = [[m, max(sd, 1e-6)] for m, sd in zip(everyone.mean(1).tolist(),
                                                                    everyone.std(1).tolist())]
             log.info("reward model scores normalised by (mean, std) %s of the SFT policy's held-out "
@@ -540,6 +519,7 @@ class PPOTrainer:
         tokens = engines.all_reduce_sum(exp.response_mask.sum().float()).item()
         metrics["perf/tokens_per_second"] = tokens / max(metrics["time/step"], 1e-9)
         metrics["memory/peak_rss_gb"] = peak_rss_gb()
+        metrics.update(timer.memory_metrics())  # accelerator memory per phase (none on CPU)
         return metrics
 
     def _kl_alarm(self, step: int, exp: Experience) -> dict:

@@ -385,13 +385,45 @@ def test_local_rank_from_the_launcher_is_accepted_and_dropped():
 # ---------------------------------------------------------------- derived sizes
 def test_ppo_sizes_divisible():
     p = PPOConfig(rollout_batch_size=32, mini_batch_size=16, micro_batch_size_per_gpu=8)
+    same = {"micro_batch_size_per_gpu": 8, "micro_clamped": False}
     assert ppo_sizes(p, 2) == {"rollout_per_rank": 16, "mini_per_rank": 8,
-                               "gradient_accumulation_steps": 1, "mini_batches_per_epoch": 2}
+                               "gradient_accumulation_steps": 1, "mini_batches_per_epoch": 2, **same}
     assert ppo_sizes(p, 1) == {"rollout_per_rank": 32, "mini_per_rank": 16,
-                               "gradient_accumulation_steps": 2, "mini_batches_per_epoch": 2}
+                               "gradient_accumulation_steps": 2, "mini_batches_per_epoch": 2, **same}
     p = PPOConfig(rollout_batch_size=64, mini_batch_size=32, micro_batch_size_per_gpu=2)
-    assert ppo_sizes(p, 4) == {"rollout_per_rank": 16, "mini_per_rank": 8,
-                               "gradient_accumulation_steps": 4, "mini_batches_per_epoch": 2}
+    assert ppo_sizes(p, 4) == {"rollout_per_rank": 16, "mini_per_rank": 8, "micro_batch_size_per_gpu": 2,
+                               "micro_clamped": False, "gradient_accumulation_steps": 4,
+                               "mini_batches_per_epoch": 2}
+
+
+def test_default_ppo_sizes_divide_on_1_2_4_and_8_ranks_and_keep_1_and_2_as_they_were():
+    p = Config().ppo
+    got = {w: ppo_sizes(p, w) for w in (1, 2, 4, 8)}
+    # 1 and 2 ranks: the configured micro-batch of 8 (the stored reference numbers depend on it)
+    assert [(got[w]["micro_batch_size_per_gpu"], got[w]["gradient_accumulation_steps"], got[w]["micro_clamped"])
+            for w in (1, 2)] == [(8, 2, False), (8, 1, False)]
+    # 4 and 8 ranks: a rank's share of the mini-batch (4, 2) is smaller than 8: micro clamped to it
+    assert [(got[w]["micro_batch_size_per_gpu"], got[w]["gradient_accumulation_steps"], got[w]["micro_clamped"])
+            for w in (4, 8)] == [(4, 1, True), (2, 1, True)]
+    for w, s in got.items():
+        assert s["micro_batch_size_per_gpu"] * s["gradient_accumulation_steps"] * w == p.mini_batch_size
+        assert s["rollout_per_rank"] * w == p.rollout_batch_size
+
+
+def test_a_clamped_micro_batch_reaches_the_deepspeed_config_with_a_log_line(caplog):
+    import logging
+
+    from pipeline.stages.common import ds_configs
+
+    with caplog.at_level(logging.INFO, logger="pipeline.stages.common"):
+        ds = ds_configs(Config(), "ppo", 8)
+    assert ds["train"]["train_micro_batch_size_per_gpu"] == 2 and ds["train"]["gradient_accumulation_steps"] == 1
+    assert ds["inference"]["train_micro_batch_size_per_gpu"] == 2
+    assert "ppo.micro_batch_size_per_gpu=8 is more than a rank's share of a mini-batch" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.stages.common"):
+        assert ds_configs(Config(), "ppo", 2)["train"]["train_micro_batch_size_per_gpu"] == 8
+    assert "more than a rank's share" not in caplog.text
 
 
 def test_ppo_sizes_defaults_work_on_one_and_two_ranks():
@@ -409,7 +441,7 @@ def test_ppo_sizes_defaults_work_on_one_and_two_ranks():
     (30, 16, 8, 2, "ppo.rollout_batch_size"),   # rollout not a multiple of mini
     (32, 16, 8, 3, "ppo.mini_batch_size"),      # mini not a multiple of the ranks
     (32, 16, 3, 2, "ppo.micro_batch_size_per_gpu"),  # mini / ranks not a multiple of micro
-    (32, 16, 16, 2, "ppo.micro_batch_size_per_gpu"),  # micro bigger than mini / ranks
+    (48, 24, 5, 1, "ppo.micro_batch_size_per_gpu"),  # 24 is not a multiple of 5 (a bigger micro clamps)
 ])
 def test_ppo_sizes_not_divisible(rollout, mini, micro, world, option):
     p = PPOConfig(rollout_batch_size=rollout, mini_batch_size=mini, micro_batch_size_per_gpu=micro)

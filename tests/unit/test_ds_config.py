@@ -198,3 +198,71 @@ def test_fingerprint_follows_dtype_but_not_gradient_checkpointing(tmp_path):
     assert all(a != b for a, b in zip(fps(dtype="bf16"), base))
     ident = identity("sft", Config(), {}, tmp_path)
     assert not {"dtype", "gradient_checkpointing"} & set(ident["model"])  # fp32 runs keep their identity
+
+
+# ---------------------------------------------------------------- per-accelerator defaults ("auto")
+CPU_FILES = {"ds_config": "ds_configs/zero3_train.json", "ds_inference_config": "ds_configs/zero3_offload_inference.json"}
+
+
+def _explicit_cpu() -> Config:
+    cfg = Config(**CPU_FILES)
+    cfg.model.dtype = "fp32"
+    return cfg
+
+
+@pytest.mark.parametrize("acc, dtype, kind", [(CPU, "fp32", "cpu"), (GPU, "bf16", "gpu"), (OLD_GPU, "fp32", "gpu")])
+def test_auto_resolves_dtype_and_ds_files_for_the_accelerator(acc, dtype, kind):
+    from pipeline.engines import AUTO_DS_CONFIGS, resolve_auto
+
+    cfg = resolve_auto(Config(), acc)
+    assert cfg.model.dtype == dtype  # bf16 only off the CPU and where supported; fp16-only GPUs: fp32
+    assert (cfg.ds_config, cfg.ds_inference_config) == AUTO_DS_CONFIGS[kind]
+    assert Config().model.dtype == "auto"  # the input is not changed
+
+
+def test_explicit_choices_win_over_auto():
+    from pipeline.engines import resolve_auto
+
+    cfg = Config(ds_config="mine.json")
+    cfg.model.dtype = "fp16"
+    got = resolve_auto(cfg, GPU)
+    assert (got.model.dtype, got.ds_config, got.ds_inference_config) == (
+        "fp16", "mine.json", "ds_configs/zero3_offload_inference_gpu.json")
+    assert resolve_auto(_explicit_cpu(), GPU) == _explicit_cpu()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_cpu_deepspeed_configs_are_byte_identical_to_the_explicit_ones(world):
+    from pipeline.engines import resolve_auto
+
+    for stage in ("sft", "reward", "ppo"):
+        auto = ds_configs(resolve_auto(Config(), CPU), stage, world)
+        assert json.dumps(auto, sort_keys=False) == json.dumps(ds_configs(_explicit_cpu(), stage, world))
+        # on this (CPU) machine the real accelerator resolves the same way
+        assert json.dumps(ds_configs(Config(), stage, world)) == json.dumps(auto)
+
+
+def test_cpu_identity_is_the_one_of_the_explicit_cpu_settings(tmp_path):
+    from pipeline.orchestrator import identity
+
+    for stage in ("sft", "reward", "ppo"):
+        assert identity(stage, Config(), {}, tmp_path) == identity(stage, _explicit_cpu(), {}, tmp_path)
+
+
+def test_the_cpu_and_gpu_files_say_what_they_are_for():
+    cpu = json.loads((REPO_ROOT / "ds_configs" / "zero3_train.json").read_text())["zero_optimization"]
+    gpu = json.loads((REPO_ROOT / "ds_configs" / "zero3_train_gpu.json").read_text())["zero_optimization"]
+    assert (cpu["overlap_comm"], cpu["reduce_bucket_size"]) == (False, 5e7)  # gloo: the CPU numbers rely on it
+    assert gpu["overlap_comm"] and gpu["reduce_bucket_size"] >= 2e8 and gpu["stage3_prefetch_bucket_size"] >= 2e8
+    inference = json.loads((REPO_ROOT / "ds_configs" / "zero3_offload_inference_gpu.json").read_text())
+    assert inference["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    for name in ("zero3_train_gpu.json", "zero3_offload_inference_gpu.json"):
+        load_ds_config(REPO_ROOT / "ds_configs" / name, "bf16", **FILL)  # accepted as shipped
+
+
+def test_a_stage_context_sees_the_resolved_config(tmp_path):
+    from pipeline import engines
+    from pipeline.stages.common import StageContext
+
+    ctx = StageContext(Config(), engines.Dist(0, 1, 0, 1), tmp_path)
+    assert (ctx.cfg.model.dtype, ctx.cfg.ds_config) == ("fp32", "ds_configs/zero3_train.json")

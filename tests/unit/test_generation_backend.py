@@ -1,28 +1,40 @@
-"""The decision between DeepSpeed's own hybrid engine (GPU only) and ours, and why."""
+"""The generation backend: one documented interface, and DeepSpeed's hybrid engine refused."""
+import inspect
+import json
+
 import pytest
 
-from pipeline.generation import DS_HYBRID_MODEL_TYPES, choose_backend
+from pipeline.engines import load_ds_config
+from pipeline.errors import UserError
+from pipeline.generation import BACKENDS, GenerationBackend, HybridEngine, make_backend
 
-ON = {"hybrid_engine": {"enabled": True}}
-
-
-def test_deepspeed_hybrid_engine_only_on_gpu_with_a_supported_architecture():
-    assert choose_backend(ON, "llama", "cuda")[0] == "deepspeed"
-    assert choose_backend(ON, "opt", "cuda")[0] == "deepspeed"
+ZERO3 = {"zero_optimization": {"stage": 3}}
 
 
-@pytest.mark.parametrize("ds,model_type,device,reason", [
-    ({}, "llama", "cuda", "hybrid_engine.enabled is off"),
-    ({"hybrid_engine": {"enabled": False}}, "llama", "cuda", "hybrid_engine.enabled is off"),
-    (ON, "llama", "cpu", "no CPU kernels"),
-    (ON, "qwen2", "cuda", "does not support model_type 'qwen2'"),
-    (ON, "mistral", "cuda", "does not support"),
-])
-def test_fallback_says_why(ds, model_type, device, reason):
-    backend, why = choose_backend(ds, model_type, device)
-    assert backend == "materialise"
-    assert reason in why
+@pytest.mark.parametrize("section", [{"enabled": True}, {"enabled": True, "inference_tp_size": 2}, True])
+def test_deepspeed_hybrid_engine_is_refused_naming_the_file_and_the_way_out(tmp_path, section):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**ZERO3, "hybrid_engine": section}))
+    with pytest.raises(UserError) as e:
+        load_ds_config(path)
+    message = str(e.value)
+    assert f"DeepSpeed config {path} enables hybrid_engine" in message
+    assert "remove the hybrid_engine section" in message and '"enabled": false' in message
+    assert "\n" not in message  # one paragraph
 
 
-def test_supported_list_is_what_deepspeed_documents():
-    assert set(DS_HYBRID_MODEL_TYPES) == {"opt", "llama", "bloom", "gptj", "gpt_neox"}
+def test_a_disabled_hybrid_engine_section_is_accepted(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**ZERO3, "hybrid_engine": {"enabled": False}}))
+    assert load_ds_config(path)["hybrid_engine"] == {"enabled": False}
+
+
+def test_every_backend_has_the_interface_the_stage_uses():
+    assert BACKENDS == {"materialise": HybridEngine}
+    for cls in BACKENDS.values():
+        for name in ("generation_mode", "generate"):
+            assert callable(getattr(cls, name)), (cls, name)
+        assert list(inspect.signature(cls).parameters)[:3] == ["actor_engine", "tokenizer", "gather_modules"]
+        got = list(inspect.signature(cls.generate).parameters)
+        assert got == list(inspect.signature(GenerationBackend.generate).parameters), got
+    assert make_backend.__annotations__["return"] in ("GenerationBackend", GenerationBackend)

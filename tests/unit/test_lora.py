@@ -8,7 +8,6 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 from pipeline.config import parse_config
 from pipeline.errors import UserError
-from pipeline.generation import choose_backend
 from pipeline.models import add_lora, lora_merge, token_values
 
 LLAMA = dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
@@ -144,10 +143,3 @@ def test_lora_options_parse():
 def test_bad_lora_options_are_refused(args, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
         parse_config(args)
-
-
-def test_lora_actor_generates_with_our_hybrid_engine():
-    on = {"hybrid_engine": {"enabled": True}}
-    assert choose_backend(on, "llama", "cuda")[0] == "deepspeed"
-    backend, why = choose_backend(on, "llama", "cuda", lora=True)
-    assert backend == "materialise" and "LoRA" in why

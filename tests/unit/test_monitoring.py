@@ -32,3 +32,50 @@ def test_overoptimisation_plot(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not overoptimisation_plot(rows[:1], tmp_path / "q.png")  # one point is no curve
     assert not (tmp_path / "q.png").exists()
+
+
+class FakeAccelerator:
+    """Counts synchronize() calls; memory grows by 1 GiB at each call of memory_allocated()."""
+
+    def __init__(self):
+        self.syncs, self.allocated = 0, 0
+
+    def synchronize(self):
+        self.syncs += 1
+
+    def memory_allocated(self):
+        self.allocated += 2**30
+        return self.allocated
+
+    def memory_reserved(self):
+        return 2 * self.allocated
+
+    def max_memory_allocated(self):
+        return 5 * 2**30
+
+
+def test_phase_timer_synchronises_the_accelerator_around_each_phase_and_records_memory():
+    from pipeline.monitoring import PhaseTimer
+
+    acc = FakeAccelerator()
+    timer = PhaseTimer(acc)
+    with timer("generation"):
+        assert acc.syncs == 1  # the previous phase's kernels are done before the clock starts
+    assert acc.syncs == 2  # ...and this phase's before it stops
+    with timer("training"):
+        pass
+    assert acc.syncs == 4 and set(timer.seconds) == {"generation", "training"}
+    assert timer.memory_metrics() == {
+        "memory/accelerator_peak_gb": 5.0,
+        "memory/generation_allocated_gb": 1.0, "memory/generation_reserved_gb": 2.0,
+        "memory/training_allocated_gb": 2.0, "memory/training_reserved_gb": 4.0}
+
+
+def test_on_cpu_there_is_nothing_to_synchronise_and_no_accelerator_memory():
+    from pipeline.monitoring import PhaseTimer, device_accelerator
+
+    assert device_accelerator() is None  # this machine: CPU only
+    timer = PhaseTimer()
+    with timer("generation"):
+        pass
+    assert timer.memory_metrics() == {} and timer.seconds["generation"] >= 0

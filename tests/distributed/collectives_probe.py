@@ -1,0 +1,77 @@
+"""Run under `deepspeed --num_gpus 2`: `verify <folder>` has both ranks find the newest intact
+checkpoint of a fake stage, each hashing a share of the files; `timeout <folder> <minutes>` has
+rank 1 arrive at a barrier late. Each rank writes <folder>/<mode>.rank<R> (JSON). Used by
+test_collectives_two_ranks.py."""
+import json
+import sys
+import time
+from pathlib import Path
+
+from pipeline import checkpoint, engines
+
+
+def fake_checkpoint(root: Path, step: int, identity: dict) -> None:
+    """A checkpoint folder with six files of different sizes and a manifest (rank 0 writes it)."""
+    folder = root / f"step_{step:08d}"
+    folder.mkdir(parents=True)
+    for i in range(5):
+        (folder / f"shard_{i}.bin").write_bytes(bytes([i]) * (1000 * (i + 1)))
+    (folder / "state.json").write_text(json.dumps({"step": step}))
+    files = {n: [(folder / n).stat().st_size, checkpoint._sha256(folder / n)] for n in checkpoint._files(folder)}
+    (folder / checkpoint.MANIFEST).write_text(json.dumps(
+        {"format": 1, "step": step, "world_size": 2, "identity": identity, "files": files}))
+    (root / "latest").write_text(folder.name)
+
+
+def verify_mode(d: engines.Dist, folder: Path) -> dict:
+    identity = {"probe": 1}
+    root = folder / "stage" / "checkpoints"
+    if d.is_main:
+        fake_checkpoint(root, 1, identity)
+        fake_checkpoint(root, 2, identity)
+    engines.barrier()
+    hashed = []
+    inner = checkpoint._sha256
+    checkpoint._sha256 = lambda p: hashed.append(f"{p.parent.name}/{p.name}") or inner(p)
+    ckpt = checkpoint.Checkpointer(folder / "stage", d, keep_last=2, identity=identity)
+    intact = ckpt.find()
+    hashed_intact = list(hashed)
+    # damage the file of step 2 that rank 1 verifies: both ranks must fall back to step 1
+    if d.is_main:
+        files = json.loads((root / "step_00000002" / checkpoint.MANIFEST).read_text())["files"]
+        victim = checkpoint.share(files, 1, 2)[0]
+        (root / "step_00000002" / victim).write_bytes(b"damaged")
+    engines.barrier()
+    hashed.clear()
+    fallback = ckpt.find()
+    return {"intact_step": intact.step, "hashed_intact": hashed_intact, "fallback_step": fallback.step,
+            "universal": intact.universal}
+
+
+def timeout_mode(d: engines.Dist, late_s: float) -> dict:
+    if d.rank == 1:
+        time.sleep(late_s)
+    start = time.monotonic()
+    try:
+        engines.barrier()
+        error = None
+    except Exception as e:  # noqa: BLE001 - what the timeout raises is torch's business
+        error = f"{type(e).__name__}: {e}"[:300]
+    return {"error": error, "waited_s": time.monotonic() - start}
+
+
+def main() -> None:
+    mode, folder, *rest = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    folder = Path(folder)
+    minutes = float(rest[0]) if rest else 120.0
+    d = engines.init_distributed(minutes)
+    out = verify_mode(d, folder) if mode == "verify" else timeout_mode(d, float(rest[1]))
+    (folder / f"{mode}.rank{d.rank}").write_text(json.dumps(out))
+    sys.stdout.flush()
+    import os
+
+    os._exit(0)  # a rank whose peer timed out must not wait for it in the process group's teardown
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Tier 2: on two ranks, checkpoint verification is shared out (each rank hashes its part, a
+damaged file found by either rank rejects the checkpoint on both), and the process-group timeout
+(option dist_timeout_minutes) turns a rank that never arrives into an error instead of a hang."""
+import json
+import subprocess
+
+from launch_util import REPO, free_port
+
+PROBE = REPO / "tests" / "distributed" / "collectives_probe.py"
+
+
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = ["deepspeed", "--master_port", str(free_port()), "--num_gpus", "2", str(PROBE), *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _reports(folder, mode):
+    return [json.loads((folder / f"{mode}.rank{r}").read_text()) for r in (0, 1)]
+
+
+def test_checkpoint_verification_is_shared_by_the_ranks(tmp_path):
+    proc = _run("verify", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = _reports(tmp_path, "verify")
+    assert r0["intact_step"] == r1["intact_step"] == 2 and not r0["universal"]
+    a, b = set(r0["hashed_intact"]), set(r1["hashed_intact"])
+    assert a and b and not a & b  # each file hashed once, by one rank
+    assert a | b == {f"step_00000002/{n}" for n in [f"shard_{i}.bin" for i in range(5)] + ["state.json"]}
+    assert r0["fallback_step"] == r1["fallback_step"] == 1  # rank 1 found the damage; both skip step 2
+
+
+def test_a_late_rank_fails_the_barrier_after_dist_timeout_minutes(tmp_path):
+    # timeout 3 s, rank 1 arrives after 20 s: rank 0 gives up after about 3 s
+    proc = _run("timeout", str(tmp_path), "0.05", "20")
+    r0 = json.loads((tmp_path / "timeout.rank0").read_text())
+    assert r0["error"] is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 2 <= r0["waited_s"] < 15, r0
+    # with a generous timeout the same lateness is waited out
+    proc = _run("timeout", str(tmp_path), "2", "5")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [r["error"] for r in _reports(tmp_path, "timeout")] == [None, None]

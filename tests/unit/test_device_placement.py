@@ -1,0 +1,155 @@
+"""Tensors built without the device they will meet: a static scan of pipeline/, and the collective
+helpers' devices.
+
+On CPU every tensor lives on one device, so `torch.stack([x.sum(), torch.tensor(n)])` passes every
+CPU test and crashes on CUDA (issue #14: PPO died at its step-0 evaluation). The scan finds every
+call of a torch factory (`torch.tensor`, `torch.zeros`, ...) in pipeline/ that names no `device=`.
+It passes only when the call is the direct argument of a helper that moves its input to
+`engines.device()` itself, or sits in a function of ALLOWED, each with the reason it is CPU-only.
+"""
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2] / "pipeline"
+FACTORIES = {"tensor", "as_tensor", "scalar_tensor", "zeros", "ones", "full", "empty", "arange", "linspace",
+             "logspace", "eye", "rand", "randn", "randint", "randperm", "Generator"}
+# Helpers that move their argument to engines.device() before it meets anything (engines.all_reduce_sum).
+MOVES_TO_DEVICE = {"all_reduce_sum"}
+ALLOWED = {  # (module, function): why its factory calls never meet a device tensor
+    ("data.py", "pad"): "collation: token ids built on CPU; callers move the batch to the device",
+    ("stages/common.py", "EpochSampler._mine"): "data order: a CPU generator's permutation, turned into a list",
+    ("stages/ppo.py", "PPOTrainer._epochs"): "mini-batch order from a CPU generator; the indices are moved to "
+                                             "the rollout's device (`.to(exp.sequences.device)`) before use",
+    ("stages/ppo.py", "PPOTrainer._check_finite"): "a Python bool as a tensor, handed only to all_reduce_sum",
+    ("stages/ppo.py", "PPOTrainer.evaluate"): "gold and baseline scores come from the Python gold scorer and meet "
+                                              "only each other; global_mean builds on its input's device",
+    ("stages/ppo.py", "PromptOrder.__init__"): "prompt order: a CPU generator",
+    ("stages/ppo.py", "PromptOrder.take"): "prompt order: a CPU generator's permutation, turned into a list",
+    ("stages/ppo.py", "PromptOrder.load_state_dict"): "RNG state of the CPU generator",
+    ("stages/sft.py", "run.<locals>.evaluate"): "CPU accumulator of Python floats (`.item()`), reduced by "
+                                                "all_reduce_sum",
+    ("stages/reward.py", "run.<locals>.evaluate"): "CPU accumulator of Python floats (`.item()`), reduced by "
+                                                   "all_reduce_sum",
+    ("bench.py", "per_rank"): "benchmark figures (Python floats) summed by all_reduce_sum",
+    ("bench.py", "plain_iteration"): "the single-process floor: mini-batch order from a CPU generator",
+    ("bench.py", "floors"): "the single-process CPU floor: the machine's CPU matmul speed, on purpose",
+}
+
+
+def _factory(call: ast.Call) -> str | None:
+    f = call.func
+    if isinstance(f, ast.Attribute) and f.attr in FACTORIES and isinstance(f.value, ast.Name) \
+            and f.value.id == "torch":
+        return f.attr
+    return None
+
+
+def _moves_to_device(call: ast.Call) -> bool:
+    f = call.func
+    name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+    return name in MOVES_TO_DEVICE
+
+
+def _unplaced(tree: ast.AST, module: str) -> list[tuple]:
+    """Every unplaced factory call as (module, qualname, line, source); nested functions are named
+    as Python names them (`run.<locals>.evaluate`)."""
+    found, exempt = [], set()
+
+    def visit(node, scope):
+        if isinstance(node, ast.Call):
+            if _moves_to_device(node):
+                exempt.update(id(a) for a in node.args)
+            if _factory(node) and id(node) not in exempt and not any(k.arg == "device" for k in node.keywords):
+                found.append((module, ".".join(scope), node.lineno, ast.unparse(node)[:80]))
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                nested = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                visit(child, [*scope, "<locals>", child.name] if nested else [*scope, child.name])
+            elif isinstance(child, ast.ClassDef):
+                visit(child, [*scope, child.name])
+            else:
+                visit(child, scope)
+
+    visit(tree, [])
+    return found
+
+
+def unplaced_factory_calls(root: Path = ROOT) -> list[tuple]:
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        module = str(path.relative_to(root))
+        out += _unplaced(ast.parse(path.read_text(encoding="utf-8")), module)
+    return out
+
+
+def test_every_tensor_built_on_ranks_names_its_device():
+    bad = [f"{m}:{line} in {fn or '<module>'}: {src}" for m, fn, line, src in unplaced_factory_calls()
+           if (m, fn) not in ALLOWED]
+    assert not bad, ("tensors built without device= (use x.new_tensor / device=x.device / engines.device(), "
+                     "or add the function to ALLOWED with the reason it is CPU-only):\n" + "\n".join(bad))
+
+
+def test_the_allowlist_has_no_stale_entries():
+    used = {(m, fn) for m, fn, *_ in unplaced_factory_calls()}
+    assert not set(ALLOWED) - used, f"ALLOWED entries without an unplaced call: {set(ALLOWED) - used}"
+
+
+def test_the_scan_finds_a_scalar_stacked_without_its_device(tmp_path):
+    (tmp_path / "m.py").write_text(
+        "import torch\n"
+        "def f(x):\n"
+        "    ok = x.new_tensor(1.0) + torch.zeros(2, device=x.device)\n"
+        "    moved = engines.all_reduce_sum(torch.tensor([1.0]))\n"
+        "    return torch.stack([x.sum(), torch.tensor(float(x.numel()))])\n"
+        "class C:\n"
+        "    def g(self):\n"
+        "        def h():\n"
+        "            return torch.ones(3)\n"
+        "        return h\n")
+    found = [(fn, line) for _, fn, line, _ in unplaced_factory_calls(tmp_path)]
+    assert found == [("f", 5), ("C.g.<locals>.h", 9)]
+
+
+# ---------------------------------------------------------------- the helpers' devices
+def test_local_statistics_are_built_on_the_input_device():
+    """On the meta device a CPU-built scalar cannot join the input: the helpers must use its device."""
+    from pipeline import dist_stats
+
+    x = torch.ones(3, 4, device="meta")
+    assert dist_stats.mean_sums(x).device.type == "meta"
+    assert dist_stats.whiten_sums(x, torch.ones(3, 4, device="meta")).device.type == "meta"
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A world-size-1 gloo group in this process (what init_distributed makes without a launcher)."""
+    import torch.distributed as dist
+
+    from pipeline import engines
+
+    created = not dist.is_initialized()
+    d = engines.init_distributed()
+    yield d
+    if created:
+        dist.destroy_process_group()
+
+
+def test_collective_helpers_return_on_the_engine_device(one_rank):
+    from pipeline import dist_stats, engines
+
+    dev = engines.device()
+    x = torch.arange(6.0, device=dev).reshape(2, 3)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], device=dev)
+    summed = engines.all_reduce_sum(x)
+    assert summed.device == dev and torch.equal(summed, x)
+    assert engines.all_reduce_sum(torch.tensor([1.0])).device == dev  # moved there by the helper
+    white = dist_stats.global_whiten(x, mask)
+    assert white.device == dev
+    assert white[mask.bool()].mean().abs() < 1e-6 and torch.all(white[~mask.bool()] == 0)
+    assert dist_stats.global_mean(x) == pytest.approx(2.5)
+    assert dist_stats.global_mean(torch.tensor([1.0, 2.0], dtype=torch.float64)) == pytest.approx(1.5)
+    assert engines.broadcast_object({"a": 1}) == {"a": 1}
+    assert engines.all_gather_object(3) == [3]

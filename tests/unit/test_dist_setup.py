@@ -1,0 +1,43 @@
+"""Process-group set-up: the timeout option, and a SLURM step that started ranks without a launcher."""
+import pytest
+
+from pipeline.config import Config, parse_config
+from pipeline.engines import check_slurm_world_size
+from pipeline.errors import UserError
+
+
+def test_srun_without_a_launcher_is_refused_naming_the_tasks_and_the_scripts():
+    env = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8"}
+    with pytest.raises(UserError) as e:
+        check_slurm_world_size(env, 1)
+    message = str(e.value)
+    assert "world size of 1" in message and "task 3 of 8" in message
+    assert "launch/slurm/ppo.sbatch" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("env", [
+    {},  # not under SLURM
+    {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"},  # srun --ntasks=1
+    {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"},  # the batch script itself (not an srun step)
+    {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "junk"},
+])
+def test_single_task_or_no_slurm_is_fine(env):
+    check_slurm_world_size(env, 1)
+
+
+def test_a_launched_world_as_big_as_the_step_is_fine():
+    check_slurm_world_size({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"}, 2)
+
+
+def test_dist_timeout_option():
+    assert Config().dist_timeout_minutes == 120.0  # DeepSpeed's default (10 min) is too short
+    assert parse_config(["--dist_timeout_minutes", "30"]).dist_timeout_minutes == 30.0
+    with pytest.raises(UserError, match=r"option dist_timeout_minutes=0.0 must be > 0"):
+        parse_config(["--dist_timeout_minutes", "0"])
+
+
+def test_the_timeout_is_not_part_of_a_stage_identity(tmp_path):
+    from pipeline.orchestrator import identity
+
+    a, b = Config(), Config(dist_timeout_minutes=5.0)
+    assert identity("ppo", a, {}, tmp_path) == identity("ppo", b, {}, tmp_path)
