@@ -125,7 +125,7 @@ def test_rows_are_well_formed(written):
 def test_sft_demonstrations_leave_room(written):
     module, _, _, rows = written
     g = module.gold([r["prompt"] for r in rows["sft"]], [r["response"] for r in rows["sft"]])
-    assert 0.3 <= statistics.mean(g) <= 0.6
+    assert 0.3 <= statistics.mean(g) <= 0.7  # the SFT policy itself lands lower (it also errs)
 
 
 def test_pair_labels(written):
