@@ -8,8 +8,8 @@ each once, then ` .`); otherwise 1 - normalised Kendall tau distance, i.e. the f
 n(n-1)/2 pairs of positions i < j that are in ascending order (sorted: 1, reversed: 0, a uniform
 shuffle: 0.5 on average).
 
-SFT demonstrations are noisy: with probability NEAR_SORTED = 0.5 the sorted list disturbed by 1-3
-random adjacent swaps, else a uniform shuffle; they average gold 0.67, and the SFT policy, which
+SFT demonstrations are noisy: with probability NEAR_SORTED = 0.25 the sorted list disturbed by 1-3
+random adjacent swaps, else a uniform shuffle; they average gold 0.59, and the SFT policy, which
 also writes malformed lists (a number dropped or repeated), sits well below 1. Preference pairs are two well-formed permutations of one prompt's numbers (never a
 malformed one), chosen = higher gold, pairs closer than MIN_GOLD_GAP skipped, labels flipped with
 probability `label_noise`; held-out pairs are noise-free.
@@ -37,8 +37,8 @@ except ImportError:  # run as a script, or loaded from its file path (--ppo.eval
 
 NUMBERS = [str(i) for i in range(20)]
 MIN_LEN, MAX_LEN = 4, 6
-NEAR_SORTED = 0.5  # share of SFT demonstrations that are sorted then disturbed by 1-3 adjacent swaps
-MIN_GOLD_GAP = 0.2  # preference pairs closer than this in gold are near-ties and are skipped
+NEAR_SORTED = 0.25  # share of SFT demonstrations that are sorted then disturbed by 1-3 adjacent swaps
+MIN_GOLD_GAP = 0.1  # preference pairs closer than this in gold are near-ties and are skipped
 WORDS = NUMBERS + ["sort", ":", "."]
 
 
