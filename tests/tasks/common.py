@@ -117,6 +117,8 @@ def write_task(folder: Path, seed: int, *, words, sample_prompt: Callable, demo:
         "prompts": [{"prompt": train_prompt()} for _ in range(num_prompts)],
         "prompts_eval": [{"prompt": p} for p in held],
     }
+    train_prompts = {r["prompt"] for name in ("sft", "pairs", "prompts") for r in rows[name]}
+    assert not train_prompts & held_set, "a held-out prompt leaked into the training rows"
     paths = {}
     for name in FILES:
         paths[name] = folder / f"{name}.jsonl"
