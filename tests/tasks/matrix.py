@@ -1,12 +1,13 @@
-"""Run the pipeline on several preference tasks and seeds, with the defaults and without the
-over-optimisation defences, and print what a user would see side by side.
+"""Run the pipeline on several preference tasks and seeds, with the over-optimisation defences
+and with the defaults, and print what a user would see side by side.
 
     python tests/tasks/matrix.py --out /work/runs/m --tasks default sort distinct --seeds 1 2 3
 
 Per (task, seed): the task's data are generated (the default task generates its own), then
-`deepspeed launch/ppo.py` runs with only the data and model flags (variant `defaults`); the
-variant `undefended` reuses its SFT and first reward model (copied, so those stages are skipped
-as up to date) and reruns PPO with the defences off (UNDEFENDED). Rows: reward-model held-out
+`deepspeed launch/ppo.py` runs with only the data and model flags plus DEFENDED (variant
+`defended`: a reward-model ensemble with its uncertainty penalty, adaptive KL, scores in SFT
+units); the variant `defaults` reuses its SFT and first reward model (copied, so those stages are
+skipped as up to date) and reruns PPO with the defaults alone. Rows: reward-model held-out
 accuracy, gold SFT -> PPO, win rate against the SFT policy, KL to the reference, ensemble
 disagreement, alarms, wall time. `--jobs 2` runs two (task, seed) cells at once (one thread each).
 """
@@ -25,9 +26,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 TASKS = {"sort": HERE / "sort_task.py", "distinct": HERE / "distinct_task.py"}
-# The defences off: one reward model, a fixed KL coefficient, raw scores (the defaults before #13).
-UNDEFENDED = ["--reward.ensemble_size", "1", "--ppo.ensemble_penalty", "0", "--ppo.adaptive_kl", "false",
-              "--ppo.kl_coef", "0.1", "--ppo.score_norm", "none", "--ppo.kl_alarm", "0"]
+# The defences: three reward models, reward = mean - std of their normalised scores (Coste et al.
+# 2023), the KL coefficient adapted towards 3 nats per response, scores in units of the SFT policy's.
+DEFENDED = ["--reward.ensemble_size", "3", "--ppo.ensemble_penalty", "1", "--ppo.adaptive_kl", "true",
+            "--ppo.target_kl", "3", "--ppo.kl_horizon", "128", "--ppo.score_norm", "sft"]
 
 
 def task_flags(task: str, seed: int, data: Path) -> list[str]:
@@ -72,17 +74,17 @@ def row(task: str, seed: int, variant: str, out: Path, wall: float) -> dict:
 def cell(task: str, seed: int, args) -> list[dict]:
     flags = task_flags(task, seed, args.out / "data")
     rows = []
-    defaults = args.out / "defaults" / f"{task}_s{seed}"
+    defended = args.out / "defended" / f"{task}_s{seed}"
+    if "defended" in args.variants:
+        wall = launch(defended, [*flags, *DEFENDED, *args.extra], seed, args.threads)
+        rows.append(row(task, seed, "defended", defended, wall))
     if "defaults" in args.variants:
-        wall = launch(defaults, [*flags, *args.extra], seed, args.threads)
-        rows.append(row(task, seed, "defaults", defaults, wall))
-    if "undefended" in args.variants:
-        bare = args.out / "undefended" / f"{task}_s{seed}"
+        bare = args.out / "defaults" / f"{task}_s{seed}"
         for stage in ("task", "sft", "reward"):  # same SFT and first reward model: skipped as up to date
-            if (defaults / stage).is_dir() and not (bare / stage).exists():
-                shutil.copytree(defaults / stage, bare / stage, ignore=shutil.ignore_patterns("checkpoints"))
-        wall = launch(bare, [*flags, *UNDEFENDED, *args.extra], seed, args.threads)
-        rows.append(row(task, seed, "undefended", bare, wall))
+            if (defended / stage).is_dir() and not (bare / stage).exists():
+                shutil.copytree(defended / stage, bare / stage, ignore=shutil.ignore_patterns("checkpoints"))
+        wall = launch(bare, [*flags, *args.extra], seed, args.threads)
+        rows.append(row(task, seed, "defaults", bare, wall))
     return rows
 
 
@@ -104,7 +106,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tasks", nargs="+", default=["default", "sort", "distinct"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    ap.add_argument("--variants", nargs="+", default=["defaults", "undefended"])
+    ap.add_argument("--variants", nargs="+", default=["defended", "defaults"])
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="threads per run (0: cores / jobs)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags added to every run")
