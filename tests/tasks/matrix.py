@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
@@ -45,11 +46,16 @@ def task_flags(task: str, seed: int, data: Path) -> list[str]:
     return [*module.flags(folder), "--ppo.eval_reward_fn", f"{TASKS[task]}:gold"]
 
 
-def launch(out: Path, flags: list[str], seed: int, threads: int) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+CORES: queue.Queue = queue.Queue()  # with --jobs N, each running cell is pinned to its own cores
+
+
+def launch(out: Path, flags: list[str], seed: int, cores: str) -> float:
+    """The pipeline on `cores` (taskset: the ranks size their thread pools to them)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(f"{out}.log", "w") as log:
-        proc = subprocess.run(["deepspeed", "--master_port", str(20000 + abs(hash(str(out))) % 20000),
+        proc = subprocess.run(["taskset", "-c", cores, "deepspeed", "--master_port", str(20000 + abs(hash(str(out))) % 20000),
                                str(REPO / "launch" / "ppo.py"), *flags, "--seed", str(seed), "--output_dir", str(out)],
                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
@@ -72,18 +78,26 @@ def row(task: str, seed: int, variant: str, out: Path, wall: float) -> dict:
 
 
 def cell(task: str, seed: int, args) -> list[dict]:
+    cores = CORES.get()
+    try:
+        return _cell(task, seed, args, cores)
+    finally:
+        CORES.put(cores)
+
+
+def _cell(task: str, seed: int, args, cores: str) -> list[dict]:
     flags = task_flags(task, seed, args.out / "data")
     rows = []
     defended = args.out / "defended" / f"{task}_s{seed}"
     if "defended" in args.variants:
-        wall = launch(defended, [*flags, *DEFENDED, *args.extra], seed, args.threads)
+        wall = launch(defended, [*flags, *DEFENDED, *args.extra], seed, cores)
         rows.append(row(task, seed, "defended", defended, wall))
     if "defaults" in args.variants:
         bare = args.out / "defaults" / f"{task}_s{seed}"
         for stage in ("task", "sft", "reward"):  # same SFT and first reward model: skipped as up to date
             if (defended / stage).is_dir() and not (bare / stage).exists():
                 shutil.copytree(defended / stage, bare / stage, ignore=shutil.ignore_patterns("checkpoints"))
-        wall = launch(bare, [*flags, *args.extra], seed, args.threads)
+        wall = launch(bare, [*flags, *args.extra], seed, cores)
         rows.append(row(task, seed, "defaults", bare, wall))
     return rows
 
@@ -108,10 +122,12 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--variants", nargs="+", default=["defended", "defaults"])
     ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=0, help="threads per run (0: cores / jobs)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags added to every run")
     args = ap.parse_args()
-    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    cpus = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cpus) // args.jobs)
+    for j in range(args.jobs):
+        CORES.put(",".join(map(str, cpus[j * share:(j + 1) * share] or cpus)))
     args.out.mkdir(parents=True, exist_ok=True)
     cells = [(t, s) for s in args.seeds for t in args.tasks]
     with ThreadPoolExecutor(args.jobs) as pool:
