@@ -28,9 +28,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 TASKS = {"sort": HERE / "sort_task.py", "distinct": HERE / "distinct_task.py"}
 # The defences: three reward models, reward = mean - std of their normalised scores (Coste et al.
-# 2023), the KL coefficient adapted towards 3 nats per response, scores in units of the SFT policy's.
+# 2023), the KL coefficient adapted towards 3 nats per response, scores in units of the SFT policy's,
+# PPO-ptx on the SFT rows (InstructGPT).
 DEFENDED = ["--reward.ensemble_size", "3", "--ppo.ensemble_penalty", "1", "--ppo.adaptive_kl", "true",
-            "--ppo.target_kl", "3", "--ppo.kl_horizon", "128", "--ppo.score_norm", "sft"]
+            "--ppo.target_kl", "3", "--ppo.kl_horizon", "128", "--ppo.score_norm", "sft", "--ppo.ptx_coef", "1"]
 
 
 def task_flags(task: str, seed: int, data: Path) -> list[str]:
