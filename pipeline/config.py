@@ -52,6 +52,8 @@ class ModelConfig:
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_NORMS = ("none", "sft", "running")
+EVAL_METRICS = ("eval/gold_score", "eval/win_rate_vs_sft", "eval/reward_score", "eval/reward_model_raw",
+                "eval/reward_lcb")  # ppo.select_best candidates (the stage checks which this run has)
 AUTO = "auto"  # model.dtype, ds_config, ds_inference_config: chosen for the accelerator (engines.resolve_auto)
 DATA_FORMATS = ("auto", "prompt_response", "prompt_chosen_rejected", "hh", "messages", "prompt")
 
@@ -332,6 +334,9 @@ def validate_rewards(cfg: Config) -> None:
         raise UserError(f"option reward.ensemble_size={cfg.reward.ensemble_size} trains an ensemble for PPO, but "
                         f"ppo.reward_model_path={p.reward_model_path!r} scores with one given model; drop one of "
                         f"the two.")
+    if p.select_best and p.select_best not in EVAL_METRICS:
+        raise UserError(f"option ppo.select_best={p.select_best!r}: expected an evaluation metric, one of "
+                        f"{', '.join(EVAL_METRICS)} (higher is better).")
     for option in ("reward_fn", "eval_reward_fn"):
         if getattr(p, option):
             from pipeline.reward_fns import split_spec

@@ -154,6 +154,8 @@ class PPOTrainer:
 
     def _eval_metric_names(self) -> set[str]:
         names = {"eval/reward_score", "eval/kl_to_ref", "eval/response_length_mean"}
+        if self.reward_paths:
+            names |= {"eval/reward_model_raw"}
         if self.gold:
             names |= {"eval/gold_score", "eval/win_rate_vs_sft"}
         if len(self.reward_paths) > 1:

@@ -139,6 +139,8 @@ def test_options_parse_and_default_off():
     (["--ppo.reward_fn_coef", "nan", "--ppo.reward_fn", "f.py:g"], "finite"),
     (["--ppo.kl_alarm", "-1"], "ppo.kl_alarm=-1.0 must be >= 0"),
     (["--task.num_eval", "600"], "task.num_eval=600 must be <= 576"),
+    (["--ppo.select_best", "gold"], "ppo.select_best='gold': expected an evaluation metric"),
+    (["--ppo.score_norm", "zscore"], "ppo.score_norm='zscore': expected one of none, sft, running"),
 ])
 def test_bad_reward_options_are_refused(argv, words):
     with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
