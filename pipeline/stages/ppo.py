@@ -153,7 +153,7 @@ class PPOTrainer:
         return " + ".join(parts)
 
     def _eval_metric_names(self) -> set[str]:
-        names = {"eval/reward_score", "eval/kl_to_ref", "eval/response_length_mean"}
+        names = {"eval/reward_score"}  # (the candidates of ppo.select_best: higher is better)
         if self.reward_paths:
             names |= {"eval/reward_model_raw"}
         if self.gold:
