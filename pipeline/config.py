@@ -136,8 +136,8 @@ class PPOConfig:
     kl_estimator: str = "k1"  # per-token KL penalty estimator: k1 (log-ratio), k2 or k3
     kl_coef: float = 0.1  # initial beta of the KL penalty
     adaptive_kl: bool = False  # adapt beta towards target_kl (Ziegler et al. 2019)
-    target_kl: float = 1.0  # adaptive controller target (sequence KL, nats)
-    kl_horizon: int = 10000  # adaptive controller horizon (samples)
+    target_kl: float = 3.0  # adaptive controller target (sequence KL, nats per response)
+    kl_horizon: int = 128  # adaptive controller horizon (samples): beta moves by up to 0.2 x min(rollout_batch_size / horizon, 1) per iteration (5% at 32 rollouts)
     kl_alarm: float = 0.0  # warn (alarm/kl_to_ref) when the rollout KL to the reference exceeds this many nats (0: 2 x target_kl with adaptive_kl, else off)
     score_clip: float = 5.0  # clip the reward-model score to +-score_clip (0: off)
     reward_model_coef: float = 1.0  # weight of the reward model's score in the reward; 0: no reward model (needs reward_fn), no reward stage, the critic starts from the policy with a fresh value head

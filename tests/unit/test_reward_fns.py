@@ -156,3 +156,35 @@ def test_help_lists_inherited_comments():
     section = text.split("--reward.epochs REWARD.EPOCHS\n", 1)[1].split("--reward.max_steps", 1)[0]
     assert "passes over the training set" in section
 
+
+
+# ---------------------------------------------------------------- which stages run, what PPO reads
+def test_reward_function_alone_needs_no_reward_stage(tmp_path):
+    from pipeline.orchestrator import STAGES, needed_stages, stage_inputs
+
+    fn = tmp_path / "f.py"
+    fn.write_text("def r(prompts, responses):\n    return [0.0] * len(prompts)\n")
+    cfg = parse_config(["--ppo.reward_fn", f"{fn}:r", "--ppo.reward_model_coef", "0",
+                        "--output_dir", str(tmp_path / "run")])
+    stages, not_run = needed_stages(cfg, STAGES)
+    assert stages == ("sft", "ppo") and "ppo.reward_fn alone" in not_run["reward"]
+    ppo = stage_inputs(cfg, tmp_path / "run", tmp_path / "task")["ppo"]
+    assert not any(k.startswith("reward_model") for k in ppo) and ppo["reward_fn"] == str(fn)
+
+
+def test_an_ensemble_is_one_stage_per_member_and_ppo_reads_them_all(tmp_path):
+    from pipeline.orchestrator import identity, reward_members, stage_config, stage_inputs
+
+    out = tmp_path / "run"
+    cfg = parse_config(["--reward.ensemble_size", "3", "--ppo.ensemble_penalty", "1", "--seed", "5"])
+    assert reward_members(cfg) == ("reward", "reward_1", "reward_2")
+    assert [stage_config(cfg, m).seed for m in reward_members(cfg)] == [5, 6, 7]
+    inputs = stage_inputs(cfg, out, tmp_path / "task")
+    assert {k: v for k, v in inputs["ppo"].items() if k.startswith("reward_model")} == {
+        "reward_model": str(out / "reward" / "model"), "reward_model_1": str(out / "reward_1" / "model"),
+        "reward_model_2": str(out / "reward_2" / "model")}
+    # Member 0 is the run of one reward model: an ensemble size does not change its identity.
+    single = parse_config(["--seed", "5"])
+    assert identity("reward", cfg, inputs["reward"], out) == identity("reward", single, inputs["reward"], out)
+    assert identity("reward_1", stage_config(cfg, "reward_1"), inputs["reward"], out) != identity(
+        "reward", cfg, inputs["reward"], out)
