@@ -232,8 +232,8 @@ class PPOTrainer:
         self.rewards = [engines.inference_engine(reward, infer_ds) for reward in rewards]
         for name in ("actor", "critic", "ref"):
             log.info("engine %s", engines.describe(getattr(self, name), name))
-        for i, engine in enumerate(self.rewards):
-            log.info("engine %s", engines.describe(engine, f"reward model {i} ({self.reward_paths[i]})"))
+        for i, engine in enumerate(self.rewards):  # "reward", or "reward 0", "reward 1", ... of an ensemble
+            log.info("engine %s", engines.describe(engine, "reward" if len(self.rewards) == 1 else f"reward {i}"))
         self.generator = make_backend(self.actor, self.tokenizer, p.gather_modules)
         log.info("generation: the actor's weights materialised into a plain module each phase "
                  "(pipeline/generation.py)")
