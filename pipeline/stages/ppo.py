@@ -113,9 +113,8 @@ class PPOTrainer:
         cfg, p = self.cfg, self.p
         self.tokenizer = load_tokenizer(ctx.inputs["tokenizer"], cfg.model.trust_remote_code)
         # The reward models: the stage's (one, or an ensemble's members), or none (reward_fn alone).
-        self.reward_paths = [ctx.inputs[k] for k in sorted((k for k in ctx.inputs if k.startswith("reward_model")),
-                                                           key=lambda k: int(k.rpartition("_")[2] or 0)
-                                                           if k != "reward_model" else 0)]
+        roles = ("reward_model", *(f"reward_model_{i}" for i in range(1, len(ctx.inputs))))
+        self.reward_paths = [ctx.inputs[role] for role in roles if role in ctx.inputs]
         self.reward_tokenizer = (load_tokenizer(self.reward_paths[0], cfg.model.trust_remote_code)
                                  if self.reward_paths else self.tokenizer)
         self.same_tokenizer = self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab()
