@@ -341,7 +341,7 @@ def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
     for stage, why in not_run.items():
         log.info("stage %s is not needed: %s.", stage, why)
     preflight(cfg, d, stages, out, task)
-    stages = tuple(run for stage in stages for run in (reward_members(cfg) if stage == "reward" else (stage,)))
+    stages = tuple(s for stage in stages for s in (reward_members(cfg) if stage == "reward" else (stage,)))
     for stage in stages:
         inputs = stage_inputs(cfg, out, task)[stage]
         stage_dir = out / stage
