@@ -71,7 +71,7 @@ def _check_model_path(path: str, what: str) -> None:
         raise UserError(f"{what} {path} is not a Hugging Face model folder (no config.json there).")
 
 
-def _has_weights(path: str) -> bool:
+def has_weights(path: str) -> bool:
     p = Path(path)
     return any(p.glob("*.safetensors")) or any(p.glob("*.bin"))
 
@@ -88,7 +88,7 @@ def load_causal_lm(path: str, trust_remote_code: bool = False, dtype: str = "fp3
 
     _check_model_path(path, "model")
     try:
-        if Path(path).is_dir() and not _has_weights(path):
+        if Path(path).is_dir() and not has_weights(path):
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
                                                     dtype=TORCH_DTYPES[dtype])
@@ -106,7 +106,7 @@ def load_scalar_model(path: str, trust_remote_code: bool = False, dtype: str = "
 
     _check_model_path(path, "model")
     try:
-        if Path(path).is_dir() and not _has_weights(path):
+        if Path(path).is_dir() and not has_weights(path):
             config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=trust_remote_code)
             model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code,
                                                                    dtype=TORCH_DTYPES[dtype])

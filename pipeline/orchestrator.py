@@ -177,9 +177,10 @@ def _reward_from_sft(cfg: Config) -> bool:
     both. A pretrained model keeps the SFT start."""
     if cfg.model.reward_model_name_or_path:  # a base model of its own
         return False
+    from pipeline.models import has_weights
+
     m = cfg.model.model_name_or_path
-    pretrained = bool(m) and not (Path(m).is_dir() and not any(Path(m).glob("*.safetensors"))
-                                  and not any(Path(m).glob("*.bin")))  # a config-only folder: from scratch
+    pretrained = bool(m) and not (Path(m).is_dir() and not has_weights(m))  # a config-only folder: from scratch
     return cfg.reward_init == "sft" or (cfg.reward_init == "auto" and pretrained)
 
 

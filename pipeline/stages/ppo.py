@@ -505,7 +505,8 @@ class PPOTrainer:
             if self.nonfinite_in_a_row >= self.p.max_nonfinite_skips:
                 raise TrainingHalted(f"PPO stopped: {self.nonfinite_in_a_row} iterations in a row had "
                                    f"non-finite rewards or advantages (see metrics.jsonl).")
-        metrics = {**self.rollout_metrics(exp), **train, **self._kl_alarm(step, exp)}
+        metrics = {**self.rollout_metrics(exp), **train}
+        metrics.update(self._kl_alarm(step, metrics["rollout/kl_to_ref"]))
         self.kl_ctl.update(metrics["rollout/kl_to_ref"], self.p.rollout_batch_size)
         metrics["ppo/kl_coef"] = self.kl_ctl.value
         metrics["ppo/actor_lr"] = self.actor.get_lr()[0]
@@ -523,12 +524,11 @@ class PPOTrainer:
         metrics.update(timer.memory_metrics())  # accelerator memory per phase (none on CPU)
         return metrics
 
-    def _kl_alarm(self, step: int, exp: Experience) -> dict:
-        """alarm/kl_to_ref: the rollout's KL to the reference above ppo.kl_alarm (or 2 x target_kl)."""
+    def _kl_alarm(self, step: int, kl: float) -> dict:
+        """alarm/kl_to_ref: the rollout's KL to the reference (rollout/kl_to_ref, k3 per response)
+        above ppo.kl_alarm (or 2 x target_kl)."""
         if not self.kl_alarm:
             return {}
-        m = exp.response_mask
-        kl = _global_mean((ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k3") * m).sum(1))
         on = kl > self.kl_alarm
         if on and not self.alarms["kl_on"]:
             log.warning("iteration %d: over-optimisation alarm: KL to the reference is %.2f nats, above %.2f "

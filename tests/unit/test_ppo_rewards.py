@@ -9,6 +9,7 @@ import torch
 
 from pipeline import engines
 from pipeline.errors import UserError
+from pipeline.ppo_math import kl_estimate
 from pipeline.reward_fns import ScoreFn
 from pipeline.stages.ppo import Experience, PPOTrainer
 
@@ -78,21 +79,26 @@ def test_no_ensemble_metrics_for_one_model():
     assert _trainer()._ensemble_metrics(_exp(rm=[[1.0, 2.0, 3.0, 4.0]]), "rollout") == {}
 
 
+def _seq_kl(exp: Experience) -> float:
+    """rollout/kl_to_ref of a one-rank rollout: the k3 estimate summed per response, averaged."""
+    return (kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k3") * exp.response_mask).sum(1).mean().item()
+
+
 def test_kl_alarm_turns_on_and_off_and_warns_once(caplog):
     t = _trainer(adaptive_kl=True, target_kl=1.0)  # alarm above 2 nats per response
     caplog.set_level(logging.WARNING)
     per_token = 1.0  # k3 of a log ratio of 1 nat: e^-1 - 1 + 1 = 0.368 per token, x3 tokens = 1.10
-    assert t._kl_alarm(1, _exp(logprob_gap=per_token)) == {"alarm/kl_to_ref": 0.0}
-    assert t._kl_alarm(2, _exp(logprob_gap=2.0)) == {"alarm/kl_to_ref": 1.0}  # 3 x 1.135 = 3.41
-    assert t._kl_alarm(3, _exp(logprob_gap=2.0)) == {"alarm/kl_to_ref": 1.0}
-    assert t._kl_alarm(4, _exp(logprob_gap=0.0)) == {"alarm/kl_to_ref": 0.0}
+    assert t._kl_alarm(1, _seq_kl(_exp(logprob_gap=per_token))) == {"alarm/kl_to_ref": 0.0}
+    assert t._kl_alarm(2, _seq_kl(_exp(logprob_gap=2.0))) == {"alarm/kl_to_ref": 1.0}  # 3 x 1.135 = 3.41
+    assert t._kl_alarm(3, _seq_kl(_exp(logprob_gap=2.0))) == {"alarm/kl_to_ref": 1.0}
+    assert t._kl_alarm(4, _seq_kl(_exp(logprob_gap=0.0))) == {"alarm/kl_to_ref": 0.0}
     assert t.alarms["kl_iterations"] == 2
     warnings = [r.getMessage() for r in caplog.records if "over-optimisation alarm" in r.getMessage()]
     assert len(warnings) == 1 and "iteration 2" in warnings[0]
 
 
 def test_no_kl_alarm_without_a_threshold():
-    assert _trainer()._kl_alarm(1, _exp(logprob_gap=5.0)) == {}
+    assert _trainer()._kl_alarm(1, _seq_kl(_exp(logprob_gap=5.0))) == {}
 
 
 def test_ensemble_alarm_counts_evaluations_past_twice_the_sft_disagreement(caplog):
