@@ -4,10 +4,9 @@ and with the defaults, and print what a user would see side by side.
     python tests/tasks/matrix.py --out /work/runs/m --tasks default sort distinct --seeds 1 2 3
 
 Per (task, seed): the task's data are generated (the default task generates its own), then
-`deepspeed launch/ppo.py` runs with only the data and model flags plus DEFENDED (variant
-`defended`: a reward-model ensemble with its uncertainty penalty, adaptive KL, scores in SFT
-units); the variant `defaults` reuses its SFT and first reward model (copied, so those stages are
-skipped as up to date) and reruns PPO with the defaults alone. Rows: reward-model held-out
+`deepspeed launch/ppo.py` runs with only the data and model flags plus each variant's (VARIANTS);
+the first variant trains the SFT and reward stages, the others reuse them (copied, so those stages
+are skipped as up to date) and rerun PPO. A cell with a finished summary is not rerun. Rows: reward-model held-out
 accuracy, gold SFT -> PPO, win rate against the SFT policy, KL to the reference, ensemble
 disagreement, alarms, wall time. `--jobs 2` runs two (task, seed) cells at once (one thread each).
 """
@@ -27,11 +26,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 TASKS = {"sort": HERE / "sort_task.py", "distinct": HERE / "distinct_task.py"}
-# The defences: three reward models, reward = mean - std of their normalised scores (Coste et al.
-# 2023), the KL coefficient adapted towards 3 nats per response, scores in units of the SFT policy's,
-# PPO-ptx on the SFT rows (InstructGPT).
-DEFENDED = ["--reward.ensemble_size", "3", "--ppo.ensemble_penalty", "1", "--ppo.adaptive_kl", "true",
-            "--ppo.target_kl", "3", "--ppo.kl_horizon", "128", "--ppo.score_norm", "sft", "--ppo.ptx_coef", "1"]
+# Each variant's flags on top of the task's data and model flags. `defaults` (first: it trains the
+# SFT and reward stages the others reuse) is what a user gets; `undefended` switches the
+# over-optimisation defences that are on by default off (a fixed beta, raw reward-model scores);
+# `ptx` and `ensemble` add the optional ones: PPO-ptx on the SFT rows (InstructGPT), three reward
+# models with reward = mean - std of their normalised scores (Coste et al. 2023).
+VARIANTS = {
+    "defaults": [],
+    "undefended": ["--ppo.adaptive_kl", "false", "--ppo.score_norm", "none"],
+    "ptx": ["--ppo.ptx_coef", "1"],
+    "ensemble": ["--reward.ensemble_size", "3", "--ppo.ensemble_penalty", "1"],
+}
 
 
 def task_flags(task: str, seed: int, data: Path) -> list[str]:
@@ -88,18 +93,18 @@ def cell(task: str, seed: int, args) -> list[dict]:
 
 def _cell(task: str, seed: int, args, cores: str) -> list[dict]:
     flags = task_flags(task, seed, args.out / "data")
-    rows = []
-    defended = args.out / "defended" / f"{task}_s{seed}"
-    if "defended" in args.variants:
-        wall = launch(defended, [*flags, *DEFENDED, *args.extra], seed, cores)
-        rows.append(row(task, seed, "defended", defended, wall))
-    if "defaults" in args.variants:
-        bare = args.out / "defaults" / f"{task}_s{seed}"
+    rows, first = [], args.out / args.variants[0] / f"{task}_s{seed}"
+    for variant in args.variants:
+        out = args.out / variant / f"{task}_s{seed}"
         for stage in ("task", "sft", "reward"):  # same SFT and first reward model: skipped as up to date
-            if (defended / stage).is_dir() and not (bare / stage).exists():
-                shutil.copytree(defended / stage, bare / stage, ignore=shutil.ignore_patterns("checkpoints"))
-        wall = launch(bare, [*flags, *args.extra], seed, cores)
-        rows.append(row(task, seed, "defaults", bare, wall))
+            if out != first and (first / stage).is_dir() and not (out / stage).exists():
+                shutil.copytree(first / stage, out / stage, ignore=shutil.ignore_patterns("checkpoints"))
+        if not (out / "summary.json").is_file() or "ppo" not in json.loads((out / "summary.json").read_text()):
+            wall = launch(out, [*flags, *VARIANTS[variant], *args.extra], seed, cores)
+        else:
+            wall = json.loads((out / "wall.json").read_text())["wall_s"]
+        (out / "wall.json").write_text(json.dumps({"wall_s": wall}))
+        rows.append(row(task, seed, variant, out, wall))
     return rows
 
 
@@ -121,7 +126,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tasks", nargs="+", default=["default", "sort", "distinct"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    ap.add_argument("--variants", nargs="+", default=["defended", "defaults"])
+    ap.add_argument("--variants", nargs="+", default=["defaults", "undefended"], choices=list(VARIANTS),
+                    help="the first trains the SFT and reward stages the others reuse")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags added to every run")
     args = ap.parse_args()
