@@ -35,6 +35,7 @@ VARIANTS = {
     "defaults": [],
     "undefended": ["--ppo.adaptive_kl", "false", "--ppo.score_norm", "none"],
     "ptx": ["--ppo.ptx_coef", "1"],
+    "ptx0.3": ["--ppo.ptx_coef", "0.3"],
     "ensemble": ["--reward.ensemble_size", "3", "--ppo.ensemble_penalty", "1"],
 }
 
