@@ -386,12 +386,13 @@ def test_local_rank_from_the_launcher_is_accepted_and_dropped():
 def test_ppo_sizes_divisible():
     p = PPOConfig(rollout_batch_size=32, mini_batch_size=16, micro_batch_size_per_gpu=8)
     same = {"micro_batch_size_per_gpu": 8, "micro_clamped": False}
-    assert ppo_sizes(p, 2) == {"rollout_per_rank": 16, "mini_per_rank": 8,
+    assert ppo_sizes(p, 2) == {"prompts_per_rank": 16, "rollout_per_rank": 16, "mini_per_rank": 8,
                                "gradient_accumulation_steps": 1, "mini_batches_per_epoch": 2, **same}
-    assert ppo_sizes(p, 1) == {"rollout_per_rank": 32, "mini_per_rank": 16,
+    assert ppo_sizes(p, 1) == {"prompts_per_rank": 32, "rollout_per_rank": 32, "mini_per_rank": 16,
                                "gradient_accumulation_steps": 2, "mini_batches_per_epoch": 2, **same}
     p = PPOConfig(rollout_batch_size=64, mini_batch_size=32, micro_batch_size_per_gpu=2)
-    assert ppo_sizes(p, 4) == {"rollout_per_rank": 16, "mini_per_rank": 8, "micro_batch_size_per_gpu": 2,
+    assert ppo_sizes(p, 4) == {"prompts_per_rank": 16, "rollout_per_rank": 16, "mini_per_rank": 8,
+                               "micro_batch_size_per_gpu": 2,
                                "micro_clamped": False, "gradient_accumulation_steps": 4,
                                "mini_batches_per_epoch": 2}
 
