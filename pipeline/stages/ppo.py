@@ -49,7 +49,7 @@ class Experience:
     old_logprobs: torch.Tensor  # (B, R) pi_old, recorded at generation
     prompt_width: int  # P
     prompts: list  # B prompt strings (for the gold scorer and samples)
-    group_ids: torch.Tensor  # (B,) long: the prompt's index in the global rollout, shared by its samples
+    group_ids: torch.Tensor | None = None  # (B,) long: the prompt's index on this rank, shared by its samples
     ref_logprobs: torch.Tensor | None = None  # (B, R)
     responses: list | None = None  # B decoded response strings (reward functions, gold, samples)
     rm_scores: torch.Tensor | None = None  # (K, B) raw score of each reward model of the ensemble
@@ -281,7 +281,7 @@ class PPOTrainer:
         width = ids.shape[1]
         n = params.num_samples  # rows come out prompt-major: a prompt's n samples are adjacent
         mask = prompt_mask.repeat_interleave(n, 0)
-        groups = (torch.arange(len(batch), device=ids.device) + self.d.rank * len(batch)).repeat_interleave(n)
+        groups = torch.arange(len(batch), device=ids.device).repeat_interleave(n)  # a group lives on one rank
         with self.generator.generation_mode() as model:
             torch.manual_seed(seed)
             seq = self.generator.generate(ids, prompt_mask, params)
@@ -292,7 +292,7 @@ class PPOTrainer:
         texts = [self.tokenizer.decode(seq[i, width:][resp_mask[i].bool()], skip_special_tokens=True)
                  for i in range(len(seq))]
         return Experience(seq, full_mask, resp_mask, old_logprobs * resp_mask, width,
-                          [x for x in prompts["prompts"] for _ in range(n)], groups, responses=texts)
+                          [x for x in prompts["prompts"] for _ in range(n)], group_ids=groups, responses=texts)
 
     # ------------------------------------------------------------ 2. scoring
     @torch.no_grad()
