@@ -192,7 +192,7 @@ class PPOTrainer:
             critic = (load_scalar_model(reward_path, m.trust_remote_code, m.dtype)
                       if self.estimator.needs_critic else None)
         actor, critic = self._add_lora(actor, critic, actor_path, reward_path)
-        for model in filter(None, (actor, critic)):  # see update() for why dropout goes
+        for model in [x for x in (actor, critic) if x is not None]:  # see update() for why dropout goes
             disable_dropout(model)
             if m.gradient_checkpointing:
                 enable_gradient_checkpointing(model)
@@ -236,7 +236,7 @@ class PPOTrainer:
         self.critic = None if critic is None else engines.train_engine(
             critic, ctx.engine_config(train_ds, "deepspeed_critic"), p.critic_learning_rate, 0.0,
             "constant_with_warmup", warmup, steps)
-        for engine in filter(None, (self.actor, self.critic)):
+        for engine in [e for e in (self.actor, self.critic) if e is not None]:
             engine.eval()  # train mode only inside update()
         self.ref = engines.inference_engine(ref, infer_ds)
         self.rewards = [engines.inference_engine(reward, infer_ds) for reward in rewards]
@@ -470,7 +470,7 @@ class PPOTrainer:
                 actor_loss = actor_loss + p.ptx_coef * ptx_loss
                 acc["ptx_loss"] += ptx_loss.item()
             v_loss, v_stats = self._value_loss(exp, rows, seq, mask, m, num_tokens)
-            self._check_finite(actor_loss, *filter(None, [v_loss]))
+            self._check_finite(actor_loss, *([] if v_loss is None else [v_loss]))
             # DeepSpeed averages gradients over ranks: x world turns that into the global sum.
             self.actor.backward(actor_loss * world, scale_wrt_gas=False)
             self.actor.step()
