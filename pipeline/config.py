@@ -109,8 +109,9 @@ class PPOConfig:
     actor_model_path: str = ""  # start from this policy folder; empty = the SFT stage's output
     reward_model_path: str = ""  # reward model folder; empty = the reward stage's output
     num_iterations: int = 60  # PPO iterations (rollout + update)
-    rollout_batch_size: int = 32  # prompts per iteration, over all ranks
-    mini_batch_size: int = 16  # rollout rows per optimizer step, over all ranks
+    rollout_batch_size: int = 32  # prompts per iteration, over all ranks (each sampled num_samples_per_prompt times: rollout_batch_size x num_samples_per_prompt rows)
+    num_samples_per_prompt: int = 1  # responses sampled for each prompt (a group); each rank samples the groups of its own prompts, so a group never spans ranks. The group estimators (grpo, dr_grpo, rloo, reinforce_pp_baseline) need >= 2
+    mini_batch_size: int = 16  # rollout rows (responses) per optimizer step, over all ranks
     micro_batch_size_per_gpu: int = 8  # rows per rank per forward/backward
     num_ppo_epochs: int = 1  # passes over each rollout
     actor_learning_rate: float = 2e-4  # actor peak learning rate
@@ -125,16 +126,21 @@ class PPOConfig:
     top_k: int = 0  # top-k sampling: only 0 (off), refused otherwise for the same reason as top_p
     min_new_tokens: int = 0  # EOS is suppressed until this many response tokens, in sampling and in every PPO log-prob alike
     gather_modules: int = 0  # hybrid engine: submodules gathered at a time to materialise (0: all)
-    clip_eps: float = 0.2  # PPO ratio clip
+    clip_eps: float = 0.2  # PPO ratio clip: the ratio is clipped to [1 - clip_eps_low, 1 + clip_eps_high], both clip_eps unless given
+    clip_eps_low: Optional[float] = None  # lower ratio clip (none: clip_eps)
+    clip_eps_high: Optional[float] = None  # upper ratio clip (none: clip_eps); above clip_eps_low is DAPO's clip-higher (0.28 with low 0.2), against entropy collapse
+    dual_clip: float = 0.0  # dual-clip PPO (Ye et al. 2020): the loss of a negative-advantage token is capped at -A x dual_clip (0: off; else > 1, e.g. 3)
+    loss_agg: str = "token_mean"  # how per-token losses (policy, entropy, KL loss) are averaged: token_mean (over the mini-batch's tokens, all ranks), seq_mean_token_mean (each response's token mean, then over responses: GRPO) or seq_mean_token_sum_norm (each response's token sum / data.max_response_len, then over responses: Dr. GRPO)
     value_clip: float = 0.2  # clip of V around old values (0: off)
     vf_coef: float = 0.5  # c1, critic loss weight
     entropy_coef: float = 0.0  # c2, entropy bonus weight
     gamma: float = 1.0  # GAE discount
     lam: float = 0.95  # GAE lambda
-    advantage_mode: str = "gae"  # gae (token-level) or sequence (A = R - V(prompt))
-    whiten_advantages: bool = True  # whiten advantages over the masked rollout
-    kl_estimator: str = "k1"  # per-token KL penalty estimator: k1 (log-ratio), k2 or k3
-    kl_coef: float = 0.1  # initial beta of the KL penalty
+    advantage_mode: str = "gae"  # the advantage estimator (pipeline/ppo_math.py ADVANTAGE_ESTIMATORS): gae (token-level GAE) or sequence (A = R - V(prompt)), both with a critic; critic-free (no critic engine at all): grpo, dr_grpo, rloo, reinforce_pp_baseline (groups: num_samples_per_prompt >= 2) and reinforce_pp
+    whiten_advantages: bool = True  # whiten advantages over the masked rollout of every rank (reinforce_pp and reinforce_pp_baseline always do)
+    kl_penalty: str = "reward"  # where the KL to the reference goes: reward (-beta KL_t in every token's reward: PPO, REINFORCE++) or loss (+ beta x KL of the current policy in the actor loss, aggregated like it: GRPO; needs kl_estimator k2 or k3)
+    kl_estimator: str = "k1"  # per-token KL estimator of the penalty: k1 (log-ratio), k2 or k3
+    kl_coef: float = 0.1  # initial beta of the KL penalty (in the reward or the loss, see kl_penalty)
     adaptive_kl: bool = True  # adapt beta towards target_kl (Ziegler et al. 2019); false: beta stays kl_coef
     target_kl: float = 3.0  # adaptive controller target (sequence KL, nats per response)
     kl_horizon: int = 128  # adaptive controller horizon (samples): beta moves by up to 0.2 x min(rollout_batch_size / horizon, 1) per iteration (5% at 32 rollouts)
@@ -201,23 +207,32 @@ def ppo_sizes(ppo: PPOConfig, world_size: int) -> dict:
         if not ok:
             raise UserError(f"option ppo: {msg} (world size {world_size}).")
 
-    need(ppo.rollout_batch_size % ppo.mini_batch_size == 0,
+    rows = ppo.rollout_batch_size * ppo.num_samples_per_prompt
+    need(rows % ppo.mini_batch_size == 0,
+         f"ppo.rollout_batch_size x ppo.num_samples_per_prompt = {ppo.rollout_batch_size} x "
+         f"{ppo.num_samples_per_prompt} = {rows} rollout rows must be a multiple of "
+         f"ppo.mini_batch_size={ppo.mini_batch_size}" if ppo.num_samples_per_prompt > 1 else
          f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of "
          f"ppo.mini_batch_size={ppo.mini_batch_size}")
     need(ppo.mini_batch_size % world_size == 0,
          f"ppo.mini_batch_size={ppo.mini_batch_size} must be a multiple of the number of ranks")
+    need(ppo.rollout_batch_size % world_size == 0,
+         f"ppo.rollout_batch_size={ppo.rollout_batch_size} (prompts) must be a multiple of the number of ranks: "
+         f"each rank samples ppo.num_samples_per_prompt responses to each of its own prompts, so that a "
+         f"group lives on one rank")
     per_rank_mini = ppo.mini_batch_size // world_size
     micro = min(ppo.micro_batch_size_per_gpu, per_rank_mini)
     need(per_rank_mini % micro == 0,
          f"ppo.mini_batch_size / ranks = {per_rank_mini} must be a multiple of "
          f"ppo.micro_batch_size_per_gpu={ppo.micro_batch_size_per_gpu}")
     return {
-        "rollout_per_rank": ppo.rollout_batch_size // world_size,
+        "prompts_per_rank": ppo.rollout_batch_size // world_size,
+        "rollout_per_rank": rows // world_size,  # rows: prompts_per_rank x num_samples_per_prompt
         "mini_per_rank": per_rank_mini,
         "micro_batch_size_per_gpu": micro,
         "micro_clamped": micro != ppo.micro_batch_size_per_gpu,
         "gradient_accumulation_steps": per_rank_mini // micro,
-        "mini_batches_per_epoch": ppo.rollout_batch_size // ppo.mini_batch_size,
+        "mini_batches_per_epoch": rows // ppo.mini_batch_size,
     }
 
 
@@ -272,12 +287,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"option reward_init=sft asks the reward model to start from the SFT policy, but "
                         f"model.reward_model_name_or_path={cfg.model.reward_model_name_or_path!r} gives it a "
                         f"base model of its own; drop one of the two.")
-    if p.advantage_mode not in ("gae", "sequence"):
-        raise UserError(f"option ppo.advantage_mode={p.advantage_mode!r}: expected 'gae' or 'sequence'.")
+    validate_estimator(p)
     if p.score_norm not in SCORE_NORMS:
         raise UserError(f"option ppo.score_norm={p.score_norm!r}: expected one of {', '.join(SCORE_NORMS)}.")
-    if p.kl_estimator not in ("k1", "k2", "k3"):
-        raise UserError(f"option ppo.kl_estimator={p.kl_estimator!r}: expected 'k1', 'k2' or 'k3'.")
     if not 0 <= p.ema_beta < 1:
         raise UserError(f"option ppo.ema_beta={p.ema_beta} must be in [0, 1) (0: no EMA of the actor; "
                         f"DeepSpeed-Chat uses 0.992).")
@@ -342,6 +354,49 @@ def validate_rewards(cfg: Config) -> None:
             from pipeline.reward_fns import split_spec
 
             split_spec(getattr(p, option), f"ppo.{option}")
+
+
+def validate_estimator(p: PPOConfig) -> None:
+    """The advantage estimator (a name of ppo_math's registry), groups, the KL placement and the
+    policy-loss variants."""
+    from pipeline.ppo_math import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES
+
+    name = p.advantage_mode
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise UserError(f"option ppo.advantage_mode={name!r}: expected one of {', '.join(ADVANTAGE_ESTIMATORS)}.")
+    est = ADVANTAGE_ESTIMATORS[name]
+    if not p.num_samples_per_prompt >= 1:
+        raise UserError(f"option ppo.num_samples_per_prompt={p.num_samples_per_prompt} must be >= 1.")
+    if est.needs_groups and p.num_samples_per_prompt < 2:
+        raise UserError(f"option ppo.num_samples_per_prompt={p.num_samples_per_prompt}: ppo.advantage_mode={name} "
+                        f"compares each response with the other responses to the same prompt, so it needs "
+                        f"ppo.num_samples_per_prompt >= 2 (e.g. 4).")
+    if est.whitens and not p.whiten_advantages:
+        raise UserError(f"option ppo.whiten_advantages=false: ppo.advantage_mode={name} (REINFORCE++) whitens its "
+                        f"advantages over the global rollout by definition; set whiten_advantages true or choose "
+                        f"another estimator.")
+    if not est.needs_critic and p.critic_lora_rank:
+        raise UserError(f"option ppo.critic_lora_rank={p.critic_lora_rank}: ppo.advantage_mode={name} uses no critic; "
+                        f"set critic_lora_rank 0.")
+    if p.kl_estimator not in KL_ESTIMATORS:
+        raise UserError(f"option ppo.kl_estimator={p.kl_estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}.")
+    if p.kl_penalty not in ("reward", "loss"):
+        raise UserError(f"option ppo.kl_penalty={p.kl_penalty!r}: expected 'reward' (in every token's reward) or "
+                        f"'loss' (a term of the actor loss).")
+    if p.kl_penalty == "loss" and p.kl_estimator == "k1":
+        raise UserError("option ppo.kl_estimator=k1 with ppo.kl_penalty=loss: the gradient of the k1 estimate (the "
+                        "log-ratio) is zero in expectation on the policy's own samples, so it would not pull towards "
+                        "the reference; use k3 (GRPO) or k2.")
+    if p.loss_agg not in LOSS_AGG_MODES:
+        raise UserError(f"option ppo.loss_agg={p.loss_agg!r}: expected one of {', '.join(LOSS_AGG_MODES)}.")
+    for option in ("clip_eps_low", "clip_eps_high"):
+        value = getattr(p, option)
+        if value is not None and not 0 < value < (1 if option == "clip_eps_low" else math.inf):
+            raise UserError(f"option ppo.{option}={value} must be "
+                            f"{'in (0, 1)' if option == 'clip_eps_low' else '> 0'} (none: ppo.clip_eps).")
+    if not (p.dual_clip == 0 or p.dual_clip > 1):
+        raise UserError(f"option ppo.dual_clip={p.dual_clip} must be 0 (off) or > 1: the loss of a negative-advantage "
+                        f"token is capped at -A x dual_clip, which must lie above the clipped PPO loss (e.g. 3).")
 
 
 def validate_sampling(p: PPOConfig) -> None:
@@ -530,7 +585,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False,
         formatter_class=_HelpFormatter)
-    parser.add_argument("--config", help="YAML or JSON file of options (command-line flags override it)")
+    parser.add_argument("--config", action="append", help="YAML or JSON file of options; may be given several times "
+                        "(e.g. a preset and a recipe: later files override earlier ones, command-line flags all)")
     parser.add_argument("--local_rank", type=int, help="set by the deepspeed launcher")
     for name, tp, default, comment in _flat_fields(Config):
         kw = {"metavar": "BOOL"} if tp is bool else {"nargs": "+"} if typing.get_origin(tp) is list else {}
@@ -550,12 +606,14 @@ def parse_config(argv: Optional[list[str]] = None, description: str = "RLHF pipe
     parser.__class__ = _Parser
     args = vars(parser.parse_args(argv))
     args.pop("local_rank", None)
-    path = args.pop("config", None)
-    data = load_file(path) if path else {}
-    try:  # the file alone first, so a mistake in it is reported as the file's
-        _from_dict(Config, copy.deepcopy(data), where="")
-    except UserError as e:
-        raise UserError(f"config file {path}: {e}") from None
+    data = {}
+    for path in args.pop("config", []):
+        layer = load_file(path)
+        try:  # each file alone first, so a mistake in it is reported as the file's
+            _from_dict(Config, copy.deepcopy(layer), where="")
+        except UserError as e:
+            raise UserError(f"config file {path}: {e}") from None
+        data = _merged(data, layer)
     for dotted, value in args.items():  # command line over file
         node = data
         *parents, leaf = dotted.split(".")
@@ -571,6 +629,14 @@ def parse_config(argv: Optional[list[str]] = None, description: str = "RLHF pipe
         raise UserError(f"command line: {e}") from None
     validate(cfg)
     return cfg
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, section by section (a later config file overrides single options)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def resolve_path(path: str) -> Path:

@@ -11,11 +11,14 @@ mini-batch add up to the full mini-batch loss. Advantage/return computations run
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
 def _m(mask: Tensor) -> Tensor:
@@ -185,6 +188,154 @@ def sequence_advantages(
     return torch.where(m, adv.unsqueeze(1), zero), torch.where(m, ret.unsqueeze(1), zero)
 
 
+# ------------------------------------------------------------------------------ advantage estimators
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """What an advantage estimator reads; the fields an estimator does not need may be None."""
+
+    rewards: Tensor  # (B, R) per-token rewards (shape_rewards): -beta KL_t if the KL is in the reward, + score at the last token
+    response_mask: Tensor  # (B, R)
+    values: Tensor | None = None  # (B, R) critic V(s_t) before each response token (gae)
+    prompt_values: Tensor | None = None  # (B,) critic V at the prompt's last token (sequence)
+    group_ids: Tensor | None = None  # (B,) long: rows sampled from one prompt share an id (group estimators)
+    gamma: float = 1.0  # discount (gae, reinforce_pp*)
+    lam: float = 0.95  # GAE lambda
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    fn: Callable[[AdvantageInputs], tuple[Tensor, Tensor]]  # inputs -> (advantages, returns), both (B, R)
+    needs_critic: bool  # reads values / prompt_values: PPO builds, scores with and trains a critic
+    needs_groups: bool  # compares the responses to one prompt: needs ppo.num_samples_per_prompt >= 2
+    whitens: bool  # whitened over the global rollout by definition (REINFORCE++), whatever ppo.whiten_advantages says
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}  # name -> estimator; the config validates against the keys
+
+
+def register_advantage_estimator(name: str, *, needs_critic: bool, needs_groups: bool = False, whitens: bool = False):
+    """Decorator: `fn(inputs: AdvantageInputs) -> (advantages, returns)` becomes estimator `name`
+    (verl's `register_adv_est`). Estimators never whiten themselves: `estimate_advantages` does."""
+    def register(fn):
+        assert name not in ADVANTAGE_ESTIMATORS, name
+        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(fn, needs_critic, needs_groups, whitens)
+        return fn
+    return register
+
+
+@torch.no_grad()
+def estimate_advantages(name: str, inputs: AdvantageInputs, whiten: bool,
+                        whiten_fn: Callable[[Tensor, Tensor], Tensor] = masked_whiten) -> tuple[Tensor, Tensor]:
+    """Estimator `name` on `inputs`, then `whiten_fn(advantages, mask)` when `whiten` or the estimator
+    whitens by definition. -> (advantages, returns), (B, R), 0 on padding. The PPO stage passes
+    `dist_stats.global_whiten` (statistics of every rank's rows); the default whitens locally."""
+    est = ADVANTAGE_ESTIMATORS[name]
+    adv, ret = est.fn(inputs)
+    if whiten or est.whitens:
+        adv = whiten_fn(adv, inputs.response_mask)
+    return adv, ret
+
+
+def group_stats(x: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Statistics of x (B,) per group of rows with the same id (group_ids (B,), rows in any order):
+    (group of each row (B,) long in 0..G-1, then per group (G,) in x's dtype: mean, unbiased std (0 for
+    a group of one), size)."""
+    _, group, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    n = counts.to(x.dtype)
+    mean = x.new_zeros(len(n)).index_add_(0, group, x) / n
+    std = (x.new_zeros(len(n)).index_add_(0, group, (x - mean[group]) ** 2) / (n - 1).clamp_min(1)).sqrt()
+    return group, mean, std, n
+
+
+def _broadcast(per_row: Tensor, mask: Tensor) -> Tensor:
+    """(B,) -> (B, R): the row's value on its masked tokens, 0 elsewhere."""
+    return torch.where(_m(mask), per_row.unsqueeze(1), per_row.new_zeros(()))
+
+
+def _sequence_return(x: AdvantageInputs) -> Tensor:
+    """(B,) sum of each row's masked rewards (float32 or wider): the score, minus beta x the summed
+    KL when the KL is in the reward."""
+    return masked_sum(x.rewards.to(torch.promote_types(x.rewards.dtype, torch.float32)), x.response_mask, dim=-1)
+
+
+@register_advantage_estimator("gae", needs_critic=True)
+def _gae(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    """Token-level GAE(gamma, lambda) with the critic's values (gae_advantages)."""
+    return gae_advantages(x.rewards, x.values, x.response_mask, x.gamma, x.lam)
+
+
+@register_advantage_estimator("sequence", needs_critic=True)
+def _sequence(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    """A = R - V(prompt), one value per response (sequence_advantages)."""
+    return sequence_advantages(x.rewards, x.prompt_values, x.response_mask)
+
+
+GRPO_EPS = 1e-6  # added to the group std (DeepSeekMath's GRPO, verl's default epsilon)
+
+
+@register_advantage_estimator("grpo", needs_critic=False, needs_groups=True)
+def _grpo(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    """GRPO (Shao et al. 2024, DeepSeekMath, sec. 4.1.2, outcome supervision): A_i = (R_i - mean_g R) /
+    (std_g R + 1e-6) over the responses g to the same prompt, broadcast over the response's tokens.
+    returns = R_i broadcast."""
+    ret = _sequence_return(x)
+    g, mean, std, _ = group_stats(ret, x.group_ids)
+    return _broadcast((ret - mean[g]) / (std[g] + GRPO_EPS), x.response_mask), _broadcast(ret, x.response_mask)
+
+
+@register_advantage_estimator("dr_grpo", needs_critic=False, needs_groups=True)
+def _dr_grpo(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): A_i = R_i - mean_g R, no
+    division by the group std (it over-weights prompts that are too easy or too hard). Its other
+    half, no per-response length normalisation, is the loss aggregation seq_mean_token_sum_norm."""
+    ret = _sequence_return(x)
+    g, mean, _, _ = group_stats(ret, x.group_ids)
+    return _broadcast(ret - mean[g], x.response_mask), _broadcast(ret, x.response_mask)
+
+
+@register_advantage_estimator("rloo", needs_critic=False, needs_groups=True)
+def _rloo(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024): A_i = R_i - mean of the OTHER responses' R in
+    the group = R_i - (sum_g R - R_i) / (n - 1), broadcast over the response's tokens."""
+    ret = _sequence_return(x)
+    g, mean, _, n = group_stats(ret, x.group_ids)
+    baseline = (mean[g] * n[g] - ret) / (n[g] - 1).clamp_min(1)
+    return _broadcast(ret - baseline, x.response_mask), _broadcast(ret, x.response_mask)
+
+
+def _returns_to_go(x: AdvantageInputs) -> Tensor:
+    # G_t = r_t + gamma G_{t+1} over real tokens: GAE with V = 0 and lambda = 1.
+    return gae_advantages(x.rewards, torch.zeros_like(x.rewards), x.response_mask, x.gamma, 1.0)[0]
+
+
+@register_advantage_estimator("reinforce_pp", needs_critic=False, whitens=True)
+def _reinforce_pp(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    """REINFORCE++ (Hu 2025): A_t = the discounted return-to-go of the per-token rewards (the KL
+    penalty at every token, the score at the last), whitened over the global rollout; no critic."""
+    g = _returns_to_go(x)
+    return g, g
+
+
+@register_advantage_estimator("reinforce_pp_baseline", needs_critic=False, needs_groups=True, whitens=True)
+def _reinforce_pp_baseline(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    """REINFORCE++-baseline (Hu 2025; OpenRLHF `reinforce_baseline`): the return-to-go minus the
+    group mean of the responses' sequence reward (their score when the KL is a loss term), then
+    whitened over the global rollout."""
+    ret_to_go = _returns_to_go(x)
+    g, mean, _, _ = group_stats(_sequence_return(x), x.group_ids)
+    baseline = mean[g].to(ret_to_go.dtype).unsqueeze(1)
+    return torch.where(_m(x.response_mask), ret_to_go - baseline, torch.zeros_like(ret_to_go)), ret_to_go
+
+
+def group_score_metrics(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Per group (G,): 1.0 where every response to the prompt got the same score (a group baseline
+    then gives it no learning signal), and the unbiased std of its scores. scores, group_ids: (B,)."""
+    g, _, std, n = group_stats(scores, group_ids)
+    hi = scores.new_full(n.shape, -math.inf).scatter_reduce(0, g, scores, "amax")
+    lo = scores.new_full(n.shape, math.inf).scatter_reduce(0, g, scores, "amin")
+    return (hi == lo).to(scores.dtype), std
+
+
 def _denom(num_tokens: float | Tensor) -> float | Tensor:
     # Global token count; clamped to >= 1 so an empty mini-batch gives loss 0 instead of NaN.
     return num_tokens.clamp_min(1) if isinstance(num_tokens, Tensor) else max(float(num_tokens), 1.0)
@@ -195,6 +346,23 @@ def masked_token_mean_global(x: Tensor, mask: Tensor, num_tokens: float | Tensor
     return masked_sum(x, mask) / _denom(num_tokens)
 
 
+def aggregate_loss(per_token: Tensor, mask: Tensor, num_tokens: float | Tensor, agg_mode: str = "token_mean",
+                   num_seqs: float | Tensor = 1.0, norm_const: float = 1.0) -> Tensor:
+    """A per-token loss (B, R) -> scalar, normalised by GLOBAL counts so that shards add up:
+    token_mean: masked sum / num_tokens (every token of the mini-batch weighs the same; PPO);
+    seq_mean_token_mean: sum over rows of each row's token mean / num_seqs (every response weighs
+    the same; GRPO as published); seq_mean_token_sum_norm: sum over rows of each row's token sum /
+    norm_const, / num_seqs (no per-response length normalisation, Dr. GRPO: norm_const = the
+    generation budget). num_tokens, num_seqs: response tokens and rows of the whole mini-batch."""
+    if agg_mode == "token_mean":
+        return masked_sum(per_token, mask) / _denom(num_tokens)
+    if agg_mode == "seq_mean_token_mean":
+        return masked_mean(per_token, mask, dim=-1).sum() / _denom(num_seqs)
+    if agg_mode == "seq_mean_token_sum_norm":
+        return masked_sum(per_token, mask, dim=-1).sum() / norm_const / _denom(num_seqs)
+    raise ValueError(f"aggregate_loss: unknown agg_mode {agg_mode!r}; allowed values: {', '.join(LOSS_AGG_MODES)}")
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -202,28 +370,58 @@ def policy_loss(
     response_mask: Tensor,
     clip_eps: float,
     num_tokens: float | Tensor,
+    *,
+    clip_eps_high: float | None = None,
+    dual_clip: float = 0.0,
+    agg_mode: str = "token_mean",
+    num_seqs: float | Tensor = 1.0,
+    norm_const: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7).
 
     All inputs (B, R). ratio = exp(logprobs - old_logprobs);
-    per-token loss = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)); loss = masked sum / num_tokens.
+    per-token loss = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high)), clip_eps_high
+    defaulting to clip_eps (a larger one is DAPO's clip-higher, Yu et al. 2025). dual_clip c > 1 (0: off)
+    caps the loss of negative-advantage tokens at -A * c, so a huge ratio cannot blow it up (dual-clip
+    PPO, Ye et al. 2020). Aggregated by `aggregate_loss` (default: masked sum / num_tokens).
     Stats (detached scalars): clip_fraction (masked tokens where the clipped branch is active),
-    approx_kl (masked mean of k3 = (ratio - 1) - log ratio, http://joschu.net/blog/kl-approx.html),
-    ratio_mean.
+    dual_clip_fraction (where the dual clip is), approx_kl (masked mean of k3 = (ratio - 1) - log ratio,
+    http://joschu.net/blog/kl-approx.html), ratio_mean.
     """
     # Zero the log ratio on padding so garbage there cannot overflow exp() and NaN the gradient.
     log_ratio = torch.where(_m(response_mask), logprobs - old_logprobs, torch.zeros_like(logprobs))
     ratio = torch.exp(log_ratio)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_sum(torch.maximum(unclipped, clipped), response_mask) / _denom(num_tokens)
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
+    per_token = torch.maximum(unclipped, clipped)
+    if dual_clip:
+        capped = torch.minimum(per_token, -advantages * dual_clip)
+        dual = (advantages < 0) & (capped < per_token)
+        per_token = torch.where(advantages < 0, capped, per_token)
+    loss = aggregate_loss(per_token, response_mask, num_tokens, agg_mode, num_seqs, norm_const)
     with torch.no_grad():
         stats = {
             "clip_fraction": masked_mean((clipped > unclipped).float(), response_mask),
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, response_mask),
             "ratio_mean": masked_mean(ratio, response_mask),
         }
+        if dual_clip:
+            stats["dual_clip_fraction"] = masked_mean(dual.float(), response_mask)
     return loss, {k: s.detach().float() for k, s in stats.items()}
+
+
+def kl_penalty_loss(logprobs: Tensor, ref_logprobs: Tensor, response_mask: Tensor, estimator: str,
+                    num_tokens: float | Tensor, agg_mode: str = "token_mean", num_seqs: float | Tensor = 1.0,
+                    norm_const: float = 1.0) -> Tensor:
+    """The KL to the reference as a loss term (GRPO, Shao et al. 2024, eq. 4, with k3): kl_estimate of
+    the CURRENT policy's log-probs (differentiable) against the reference's, (B, R) each, aggregated
+    like the policy loss. The caller multiplies it by beta. k1 is refused by the config: its
+    gradient is zero in expectation on samples of the policy."""
+    # Padding: log ratio 0 (so k = 0 and no exp() overflow whose 0 x inf gradient would be NaN).
+    lp = torch.where(_m(response_mask), logprobs, ref_logprobs.to(logprobs.dtype))
+    kl = kl_estimate(lp, ref_logprobs.to(logprobs.dtype), estimator)
+    return aggregate_loss(kl, response_mask, num_tokens, agg_mode, num_seqs, norm_const)
 
 
 def value_loss(

@@ -1,12 +1,16 @@
 """Stage 3, PPO: ZeRO-3 actor and critic, offloaded frozen reference and reward models.
 
 One iteration, one method per phase (see `PPOTrainer.iteration`):
-  1. generate    sample responses from the actor (eval mode); record pi_old log-probs
+  1. generate    sample num_samples_per_prompt responses per prompt from the actor (eval mode); pi_old
   2. score       reference log-probs, reward-model score at the last real token, critic values
-  3. advantages  per-token KL penalty + clipped score; GAE or sequence-level A = R - V(prompt)
-  4. update      num_ppo_epochs x mini-batches: clipped surrogate - c2 entropy (+ ptx_coef x LM loss
-                 on supervised rows: PPO-ptx); clipped value loss; EMA of the actor after each step
+  3. advantages  per-token KL penalty + clipped score; the estimator ppo.advantage_mode (GAE,
+                 A = R - V(prompt), or a critic-free one: ppo_math.ADVANTAGE_ESTIMATORS)
+  4. update      num_ppo_epochs x mini-batches: clipped surrogate - c2 entropy (+ beta x KL with
+                 kl_penalty loss; + ptx_coef x LM loss on supervised rows: PPO-ptx); clipped value
+                 loss (with a critic); EMA of the actor after each step
   5. bookkeeping KL controller, metrics, evaluation on held-out prompts
+The critic exists only when the estimator needs one: critic-free runs build, score with, train and
+checkpoint no critic at all.
 Shapes: B rollout rows on this rank, P prompt width (left-padded), R response width.
 """
 from __future__ import annotations
@@ -45,13 +49,14 @@ class Experience:
     old_logprobs: torch.Tensor  # (B, R) pi_old, recorded at generation
     prompt_width: int  # P
     prompts: list  # B prompt strings (for the gold scorer and samples)
+    group_ids: torch.Tensor | None = None  # (B,) long: the prompt's index on this rank, shared by its samples
     ref_logprobs: torch.Tensor | None = None  # (B, R)
     responses: list | None = None  # B decoded response strings (reward functions, gold, samples)
     rm_scores: torch.Tensor | None = None  # (K, B) raw score of each reward model of the ensemble
     fn_scores: torch.Tensor | None = None  # (B,) ppo.reward_fn
     scores: torch.Tensor | None = None  # (B,) the sequence reward: reward models and reward_fn combined
-    old_values: torch.Tensor | None = None  # (B, R) critic V(s_t) before each response token
-    prompt_values: torch.Tensor | None = None  # (B,) critic V at the prompt's last token
+    old_values: torch.Tensor | None = None  # (B, R) critic V(s_t) before each response token (None: no critic)
+    prompt_values: torch.Tensor | None = None  # (B,) critic V at the prompt's last token (None: no critic)
     rewards: torch.Tensor | None = None  # (B, R) shaped: -beta KL_t, + score at the last token
     advantages: torch.Tensor | None = None  # (B, R)
     returns: torch.Tensor | None = None  # (B, R)
@@ -64,6 +69,7 @@ class PPOTrainer:
         cfg, p, d = ctx.cfg, ctx.cfg.ppo, ctx.dist
         self.cfg, self.p, self.d, self.stage_dir = cfg, p, d, ctx.stage_dir
         self.sizes = ppo_sizes(p, d.world_size)
+        self.estimator = ppo_math.ADVANTAGE_ESTIMATORS[p.advantage_mode]
         self.ds = ds_configs(cfg, "ppo", d.world_size)
         self._load_inputs(ctx)
         engines.seed_everything(cfg.seed)
@@ -71,7 +77,8 @@ class PPOTrainer:
         self.logger = ctx.start()  # inputs are valid: from here on the stage folder is rewritten
         self._build_engines(ctx, *models)
         self.sampling = SamplingParams(cfg.data.max_response_len, p.temperature, p.top_p, p.top_k,
-                                       min_new_tokens=p.min_new_tokens)
+                                       min_new_tokens=p.min_new_tokens)  # evaluation: one response per prompt
+        self.rollout_sampling = dataclasses.replace(self.sampling, num_samples=p.num_samples_per_prompt)
         self.kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
                        if p.adaptive_kl else ppo_math.FixedKLController(p.kl_coef))
         self.score_moments = ppo_math.RunningMoments()
@@ -182,9 +189,10 @@ class PPOTrainer:
         reward_path = self.reward_paths[0] if self.reward_paths else actor_path
         with engines.zero3_construction(self.ds["train"]):
             actor = load_causal_lm(actor_path, m.trust_remote_code, m.dtype)
-            critic = load_scalar_model(reward_path, m.trust_remote_code, m.dtype)
+            critic = (load_scalar_model(reward_path, m.trust_remote_code, m.dtype)
+                      if self.estimator.needs_critic else None)
         actor, critic = self._add_lora(actor, critic, actor_path, reward_path)
-        for model in (actor, critic):  # see update() for why dropout goes
+        for model in [x for x in (actor, critic) if x is not None]:  # see update() for why dropout goes
             disable_dropout(model)
             if m.gradient_checkpointing:
                 enable_gradient_checkpointing(model)
@@ -195,6 +203,8 @@ class PPOTrainer:
         for path, reward in zip(self.reward_paths, rewards):
             check_vocab(reward, self.reward_tokenizer, f"reward model {path}")
         self.reward_pad_ids = [pooling_pad_id(r) for r in rewards]  # the score is read where HF's forward pools it
+        if critic is None:
+            return actor, critic, ref, rewards
         # The critic starts from the reward model but reads the actor's token ids.
         check_vocab(critic, self.tokenizer, f"critic (initialised from reward model {reward_path}, "
                                             f"reading the actor's tokens from {ctx.inputs['tokenizer']})")
@@ -210,7 +220,7 @@ class PPOTrainer:
         p = self.p
         if p.actor_lora_rank:
             actor = add_lora(actor, p.actor_lora_rank, p.lora_alpha, p.lora_target_modules, f"actor {actor_path}")
-        if p.critic_lora_rank:
+        if p.critic_lora_rank:  # (the config refuses it without a critic)
             critic = add_lora(critic, p.critic_lora_rank, p.lora_alpha, p.lora_target_modules,
                               f"critic (from reward model {reward_path})")
         return actor, critic
@@ -223,14 +233,19 @@ class PPOTrainer:
         warmup = p.warmup_iterations * p.num_ppo_epochs * self.sizes["mini_batches_per_epoch"]
         self.actor = engines.train_engine(actor, ctx.engine_config(train_ds, "deepspeed_actor"),
                                           p.actor_learning_rate, 0.0, "constant_with_warmup", warmup, steps)
-        self.critic = engines.train_engine(critic, ctx.engine_config(train_ds, "deepspeed_critic"),
-                                           p.critic_learning_rate, 0.0, "constant_with_warmup", warmup, steps)
-        self.actor.eval()  # train mode only inside update()
-        self.critic.eval()
+        self.critic = None if critic is None else engines.train_engine(
+            critic, ctx.engine_config(train_ds, "deepspeed_critic"), p.critic_learning_rate, 0.0,
+            "constant_with_warmup", warmup, steps)
+        for engine in [e for e in (self.actor, self.critic) if e is not None]:
+            engine.eval()  # train mode only inside update()
         self.ref = engines.inference_engine(ref, infer_ds)
         self.rewards = [engines.inference_engine(reward, infer_ds) for reward in rewards]
         for name in ("actor", "critic", "ref"):
-            log.info("engine %s", engines.describe(getattr(self, name), name))
+            if getattr(self, name) is not None:
+                log.info("engine %s", engines.describe(getattr(self, name), name))
+        if self.critic is None:
+            log.info("no critic: ppo.advantage_mode=%s needs none (no critic engine, optimizer, scoring, update "
+                     "or checkpoint)", p.advantage_mode)
         for i, engine in enumerate(self.rewards):  # "reward", or "reward 0", "reward 1", ... of an ensemble
             log.info("engine %s", engines.describe(engine, "reward" if len(self.rewards) == 1 else f"reward {i}"))
         self.generator = make_backend(self.actor, self.tokenizer, p.gather_modules)
@@ -262,19 +277,22 @@ class PPOTrainer:
     def generate(self, batch: list[dict], seed: int, params: SamplingParams) -> Experience:
         prompts = data.collate_prompts(batch, self.tokenizer.pad_token_id)
         ids = prompts["input_ids"].to(engines.device())
-        mask = prompts["attention_mask"].to(engines.device())
+        prompt_mask = prompts["attention_mask"].to(engines.device())
         width = ids.shape[1]
+        n = params.num_samples  # rows come out prompt-major: a prompt's n samples are adjacent
+        mask = prompt_mask.repeat_interleave(n, 0)
+        groups = torch.arange(len(batch), device=ids.device).repeat_interleave(n)  # a group lives on one rank
         with self.generator.generation_mode() as model:
             torch.manual_seed(seed)
-            seq = self.generator.generate(ids, mask, params)
+            seq = self.generator.generate(ids, prompt_mask, params)
             resp_mask = response_mask(seq[:, width:], self.tokenizer.eos_token_id)
             full_mask = torch.cat([mask, resp_mask], dim=1)
             old_logprobs = torch.cat([self._logits_logprobs(model, seq[s], full_mask[s], width)[1]
                                       for s in self._micro(len(seq))])
         texts = [self.tokenizer.decode(seq[i, width:][resp_mask[i].bool()], skip_special_tokens=True)
                  for i in range(len(seq))]
-        return Experience(seq, full_mask, resp_mask, old_logprobs * resp_mask, width, prompts["prompts"],
-                          responses=texts)
+        return Experience(seq, full_mask, resp_mask, old_logprobs * resp_mask, width,
+                          [x for x in prompts["prompts"] for _ in range(n)], group_ids=groups, responses=texts)
 
     # ------------------------------------------------------------ 2. scoring
     @torch.no_grad()
@@ -283,9 +301,10 @@ class PPOTrainer:
         ref_lp, values, prompt_values = [], [], []
         for s in self._micro(len(seq)):
             ref_lp.append(self._logits_logprobs(self.ref, seq[s], mask[s], w)[1])
-            v, v0 = self._values(self.critic, seq[s], mask[s], w)
-            values.append(v)
-            prompt_values.append(v0)
+            if self.critic is not None:
+                v, v0 = self._values(self.critic, seq[s], mask[s], w)
+                values.append(v)
+                prompt_values.append(v0)
         rm_scores = fn_scores = None
         if self.rewards:
             r_ids, r_mask = self._reward_inputs(exp)
@@ -294,9 +313,9 @@ class PPOTrainer:
         if self.reward_fn:
             fn_scores = seq.new_tensor(self._call(self.reward_fn, exp), dtype=torch.float32)
         m = exp.response_mask
-        exp = dataclasses.replace(exp, ref_logprobs=torch.cat(ref_lp) * m, rm_scores=rm_scores,
-                                  fn_scores=fn_scores, old_values=torch.cat(values) * m,
-                                  prompt_values=torch.cat(prompt_values))
+        exp = dataclasses.replace(exp, ref_logprobs=torch.cat(ref_lp) * m, rm_scores=rm_scores, fn_scores=fn_scores,
+                                  old_values=torch.cat(values) * m if values else None,
+                                  prompt_values=torch.cat(prompt_values) if values else None)
         return dataclasses.replace(exp, scores=self._combine(exp))
 
     def _rm_scores(self, engine, pad_id, r_ids: torch.Tensor, r_mask: torch.Tensor) -> torch.Tensor:
@@ -371,13 +390,11 @@ class PPOTrainer:
             self.score_moments.update(all_scores.flatten())
             scores = (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-6)
         kl = ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, p.kl_estimator) * m
-        rewards = ppo_math.shape_rewards(scores, kl, m, self.kl_ctl.value, p.score_clip or None)
-        if p.advantage_mode == "gae":
-            adv, ret = ppo_math.gae_advantages(rewards, exp.old_values, m, p.gamma, p.lam)
-        else:
-            adv, ret = ppo_math.sequence_advantages(rewards, exp.prompt_values, m)
-        if p.whiten_advantages:
-            adv = _global_whiten(adv, m)
+        beta = self.kl_ctl.value if p.kl_penalty == "reward" else 0.0  # else a term of the actor loss
+        rewards = ppo_math.shape_rewards(scores, kl, m, beta, p.score_clip or None)
+        inputs = ppo_math.AdvantageInputs(rewards, m, exp.old_values, exp.prompt_values, exp.group_ids, p.gamma, p.lam)
+        # A group lives on one rank (generate), so group baselines are local; whitening is global.
+        adv, ret = ppo_math.estimate_advantages(p.advantage_mode, inputs, p.whiten_advantages, _global_whiten)
         return dataclasses.replace(exp, rewards=rewards, advantages=adv, returns=ret)
 
     # ------------------------------------------------------------ 4. training
@@ -385,13 +402,14 @@ class PPOTrainer:
         # Dropout was disabled in actor and critic (as TRL and OpenRLHF do), so train mode computes
         # what eval mode does and the ratio is exactly 1 before the first step (pi_old was recorded
         # without dropout). Train mode is what HF gradient checkpointing needs to engage.
-        self.actor.train()
-        self.critic.train()
+        trained = [e for e in (self.actor, self.critic) if e is not None]
+        for engine in trained:
+            engine.train()
         try:
             return self._epochs(exp, seed)
         finally:
-            self.actor.eval()
-            self.critic.eval()
+            for engine in trained:
+                engine.eval()
 
     def _epochs(self, exp: Experience, seed: int) -> dict:
         p, sizes = self.p, self.sizes
@@ -418,8 +436,16 @@ class PPOTrainer:
         p, w, world = self.p, exp.prompt_width, self.d.world_size
         mb_mask = exp.response_mask[idx]
         num_tokens = engines.all_reduce_sum(mb_mask.sum().float()).clamp(min=1)
-        acc = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "clip_fraction": 0.0,
-               "approx_kl": 0.0, "value_clip_fraction": 0.0}
+        # Global denominators of ppo.loss_agg (so micro-batches and ranks add up to the mini-batch).
+        agg = {"num_tokens": num_tokens, "agg_mode": p.loss_agg, "num_seqs": float(p.mini_batch_size),
+               "norm_const": float(self.cfg.data.max_response_len)}
+        acc = {"policy_loss": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
+        if self.critic is not None:
+            acc.update(value_loss=0.0, value_clip_fraction=0.0)
+        if p.kl_penalty == "loss":
+            acc["kl_loss"] = 0.0
+        if p.dual_clip:
+            acc["dual_clip_fraction"] = 0.0
         if self.ptx:
             ptx_batches, ptx_tokens = self._ptx_micro_batches()
             acc["ptx_loss"] = 0.0
@@ -429,27 +455,30 @@ class PPOTrainer:
             seq, mask, m = exp.sequences[rows], exp.attention_mask[rows], exp.response_mask[rows]
             share = m.sum() / num_tokens  # this micro-batch's share of the global mini-batch tokens
             logits, logprobs = self._logits_logprobs(self.actor, seq, mask, w)
-            pg_loss, pg_stats = ppo_math.policy_loss(logprobs, exp.old_logprobs[rows], exp.advantages[rows],
-                                                     m, p.clip_eps, num_tokens)
-            entropy = ppo_math.entropy_from_logits(logits)
-            ent = ppo_math.masked_token_mean_global(entropy, m, num_tokens)
+            pg_loss, pg_stats = ppo_math.policy_loss(
+                logprobs, exp.old_logprobs[rows], exp.advantages[rows], m, p.clip_eps_low or p.clip_eps,
+                clip_eps_high=p.clip_eps_high or p.clip_eps, dual_clip=p.dual_clip, **agg)
+            ent = ppo_math.aggregate_loss(ppo_math.entropy_from_logits(logits), m, **agg)
             actor_loss = pg_loss - p.entropy_coef * ent
+            if p.kl_penalty == "loss":  # GRPO: beta x KL(pi || ref) of the current policy, in the loss
+                kl_loss = ppo_math.kl_penalty_loss(logprobs, exp.ref_logprobs[rows], m, p.kl_estimator, **agg)
+                actor_loss = actor_loss + self.kl_ctl.value * kl_loss
+                acc["kl_loss"] += kl_loss.item()
             if self.ptx:  # PPO-ptx (InstructGPT, eq. 2): + gamma x LM loss, normalised by the global count
                 b = ptx_batches[j]
                 ptx_loss = causal_lm_loss(self.actor, b["input_ids"], b["attention_mask"], b["labels"])[0] / ptx_tokens
                 actor_loss = actor_loss + p.ptx_coef * ptx_loss
                 acc["ptx_loss"] += ptx_loss.item()
-            values, _ = self._values(self.critic, seq, mask, w)
-            v_loss, v_stats = ppo_math.value_loss(values, exp.old_values[rows], exp.returns[rows], m,
-                                                  num_tokens, p.value_clip or None)
-            self._check_finite(actor_loss, v_loss)
+            v_loss, v_stats = self._value_loss(exp, rows, seq, mask, m, num_tokens)
+            self._check_finite(actor_loss, *([] if v_loss is None else [v_loss]))
             # DeepSpeed averages gradients over ranks: x world turns that into the global sum.
             self.actor.backward(actor_loss * world, scale_wrt_gas=False)
             self.actor.step()
-            self.critic.backward(p.vf_coef * v_loss * world, scale_wrt_gas=False)
-            self.critic.step()
+            if v_loss is not None:
+                self.critic.backward(p.vf_coef * v_loss * world, scale_wrt_gas=False)
+                self.critic.step()
+                acc["value_loss"] += v_loss.item()
             acc["policy_loss"] += pg_loss.item()
-            acc["value_loss"] += v_loss.item()
             acc["entropy"] += ent.item()
             for k, v in ((*pg_stats.items(), *v_stats.items())):
                 if k in acc:
@@ -459,6 +488,14 @@ class PPOTrainer:
             self.ema.update()
         summed = engines.all_reduce_sum(torch.tensor(list(acc.values()), dtype=torch.float64))
         return {k: float(v) for k, v in zip(acc, summed)}
+
+    def _value_loss(self, exp: Experience, rows, seq, mask, m, num_tokens) -> tuple:
+        """The critic's clipped value loss on a micro-batch and its stats; (None, {}) without a critic."""
+        if self.critic is None:
+            return None, {}
+        values, _ = self._values(self.critic, seq, mask, exp.prompt_width)
+        return ppo_math.value_loss(values, exp.old_values[rows], exp.returns[rows], m, num_tokens,
+                                   self.p.value_clip or None)
 
     def _ptx_micro_batches(self) -> tuple[list[dict], torch.Tensor]:
         """The next global mini-batch of PTX rows: this rank's share as micro-batches, and the
@@ -487,7 +524,7 @@ class PPOTrainer:
         timer = PhaseTimer()
         seed = self.cfg.seed * 100003 + step * self.d.world_size + self.d.rank
         with timer("generation"):
-            exp = self.generate(batch, seed, self.sampling)
+            exp = self.generate(batch, seed, self.rollout_sampling)
         with timer("scoring"):
             exp = self.score(exp)
         with timer("advantages"):
@@ -507,11 +544,12 @@ class PPOTrainer:
                                    f"non-finite rewards or advantages (see metrics.jsonl).")
         metrics = {**self.rollout_metrics(exp), **train}
         metrics.update(self._kl_alarm(step, metrics["rollout/kl_to_ref"]))
-        self.kl_ctl.update(metrics["rollout/kl_to_ref"], self.p.rollout_batch_size)
+        self.kl_ctl.update(metrics["rollout/kl_to_ref"], self.p.rollout_batch_size * self.p.num_samples_per_prompt)
         metrics["ppo/kl_coef"] = self.kl_ctl.value
-        metrics["ppo/actor_lr"] = self.actor.get_lr()[0]
-        metrics["ppo/critic_lr"] = self.critic.get_lr()[0]
         for name, engine in (("actor", self.actor), ("critic", self.critic)):
+            if engine is None:
+                continue
+            metrics[f"ppo/{name}_lr"] = engine.get_lr()[0]
             norm = engine.get_global_grad_norm()
             if norm is not None:
                 metrics[f"ppo/{name}_grad_norm"] = float(norm)
@@ -576,10 +614,15 @@ class PPOTrainer:
             "rollout/truncated_fraction": _global_mean(truncated.float()),
             "ppo/advantage_mean": _global_mean(ppo_math.masked_mean(exp.advantages, m, dim=1)),
             "ppo/return_mean": _global_mean(ppo_math.masked_mean(exp.returns, m, dim=1)),
-            "ppo/value_explained_variance": _global_mean(
-                ppo_math.explained_variance(exp.old_values, exp.returns, m)[None]),
             **self._ensemble_metrics(exp, "rollout"),
         }
+        if exp.old_values is not None:
+            out["ppo/value_explained_variance"] = _global_mean(
+                ppo_math.explained_variance(exp.old_values, exp.returns, m)[None])
+        if self.p.num_samples_per_prompt > 1:  # groups of responses to one prompt (each on one rank)
+            all_equal, std = ppo_math.group_score_metrics(exp.scores, exp.group_ids)
+            out["rollout/group_all_equal_fraction"] = _global_mean(all_equal)
+            out["rollout/group_score_std"] = _global_mean(std)
         if exp.fn_scores is not None and exp.rm_scores is not None:  # the two parts of the score
             out["rollout/reward_fn_mean"] = _global_mean(exp.fn_scores)
         return out
@@ -659,9 +702,9 @@ def run(ctx: StageContext) -> dict:
     p, d = ctx.cfg.ppo, ctx.dist
     trainer = PPOTrainer(ctx)
     logger = trainer.logger
-    per_rank = trainer.sizes["rollout_per_rank"]
+    per_rank = trainer.sizes["prompts_per_rank"]
     order = PromptOrder(len(trainer.prompts), ctx.cfg.seed)
-    models = {"actor": trainer.actor, "critic": trainer.critic}
+    models = {name: e for name, e in (("actor", trainer.actor), ("critic", trainer.critic)) if e is not None}
     if ctx.resume is None:
         start = 0
         first, first_samples = trainer.evaluate(0)

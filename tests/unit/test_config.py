@@ -386,12 +386,13 @@ def test_local_rank_from_the_launcher_is_accepted_and_dropped():
 def test_ppo_sizes_divisible():
     p = PPOConfig(rollout_batch_size=32, mini_batch_size=16, micro_batch_size_per_gpu=8)
     same = {"micro_batch_size_per_gpu": 8, "micro_clamped": False}
-    assert ppo_sizes(p, 2) == {"rollout_per_rank": 16, "mini_per_rank": 8,
+    assert ppo_sizes(p, 2) == {"prompts_per_rank": 16, "rollout_per_rank": 16, "mini_per_rank": 8,
                                "gradient_accumulation_steps": 1, "mini_batches_per_epoch": 2, **same}
-    assert ppo_sizes(p, 1) == {"rollout_per_rank": 32, "mini_per_rank": 16,
+    assert ppo_sizes(p, 1) == {"prompts_per_rank": 32, "rollout_per_rank": 32, "mini_per_rank": 16,
                                "gradient_accumulation_steps": 2, "mini_batches_per_epoch": 2, **same}
     p = PPOConfig(rollout_batch_size=64, mini_batch_size=32, micro_batch_size_per_gpu=2)
-    assert ppo_sizes(p, 4) == {"rollout_per_rank": 16, "mini_per_rank": 8, "micro_batch_size_per_gpu": 2,
+    assert ppo_sizes(p, 4) == {"prompts_per_rank": 16, "rollout_per_rank": 16, "mini_per_rank": 8,
+                               "micro_batch_size_per_gpu": 2,
                                "micro_clamped": False, "gradient_accumulation_steps": 4,
                                "mini_batches_per_epoch": 2}
 
@@ -566,3 +567,59 @@ def test_a_reward_model_with_a_base_model_of_its_own(tmp_path):
                          ("sft", "reward", "ppo"))[0] == ("reward", "ppo")
     with pytest.raises(UserError, match=r"reward_init=sft .* model.reward_model_name_or_path"):
         parse_config(["--model.reward_model_name_or_path", "r", "--reward_init", "sft"])
+
+
+# ---------------------------------------------------------------- estimators, groups, loss variants
+@pytest.mark.parametrize("flags, needles", [
+    (["--ppo.advantage_mode", "ppo2"], ["option ppo.advantage_mode='ppo2'", "gae, sequence, grpo, dr_grpo, rloo"]),
+    (["--ppo.advantage_mode", "grpo"], ["option ppo.num_samples_per_prompt=1", "advantage_mode=grpo", ">= 2"]),
+    (["--ppo.advantage_mode", "rloo", "--ppo.num_samples_per_prompt", "1"], ["ppo.num_samples_per_prompt=1"]),
+    (["--ppo.num_samples_per_prompt", "0"], ["option ppo.num_samples_per_prompt=0 must be >= 1"]),
+    (["--ppo.advantage_mode", "reinforce_pp", "--ppo.whiten_advantages", "false"],
+     ["option ppo.whiten_advantages=false", "reinforce_pp", "by definition"]),
+    (["--ppo.advantage_mode", "reinforce_pp", "--ppo.critic_lora_rank", "8"],
+     ["option ppo.critic_lora_rank=8", "uses no critic"]),
+    (["--ppo.kl_penalty", "advantage"], ["option ppo.kl_penalty='advantage'"]),
+    (["--ppo.kl_penalty", "loss"], ["option ppo.kl_estimator=k1 with ppo.kl_penalty=loss", "k3"]),
+    (["--ppo.loss_agg", "seq_mean"], ["option ppo.loss_agg='seq_mean'", "seq_mean_token_sum_norm"]),
+    (["--ppo.clip_eps_low", "1.0"], ["option ppo.clip_eps_low=1.0 must be in (0, 1)"]),
+    (["--ppo.clip_eps_high", "0"], ["option ppo.clip_eps_high=0.0 must be > 0"]),
+    (["--ppo.dual_clip", "0.5"], ["option ppo.dual_clip=0.5 must be 0 (off) or > 1"]),
+])
+def test_estimator_and_loss_options_are_checked_naming_the_option(flags, needles):
+    with pytest.raises(UserError) as e:
+        parse_config(flags)
+    assert all(n in str(e.value) for n in needles), str(e.value)
+    assert "\n" not in str(e.value)  # one paragraph
+
+
+def test_estimator_and_loss_options_that_are_accepted():
+    cfg = parse_config(["--ppo.advantage_mode", "dr_grpo", "--ppo.num_samples_per_prompt", "4",
+                        "--ppo.kl_penalty", "loss", "--ppo.kl_estimator", "k3", "--ppo.loss_agg",
+                        "seq_mean_token_sum_norm", "--ppo.clip_eps_low", "0.2", "--ppo.clip_eps_high", "0.28",
+                        "--ppo.dual_clip", "3"])
+    p = cfg.ppo
+    assert (p.advantage_mode, p.num_samples_per_prompt, p.clip_eps_high, p.dual_clip) == ("dr_grpo", 4, 0.28, 3.0)
+    assert parse_config(["--ppo.clip_eps_high", "none"]).ppo.clip_eps_high is None
+
+
+def test_group_sizes_count_rows_and_keep_each_group_on_one_rank():
+    p = PPOConfig(rollout_batch_size=8, num_samples_per_prompt=4, mini_batch_size=16, micro_batch_size_per_gpu=4)
+    s = ppo_sizes(p, 2)
+    assert (s["prompts_per_rank"], s["rollout_per_rank"], s["mini_per_rank"], s["mini_batches_per_epoch"]) == (4, 16, 8, 2)
+    with pytest.raises(UserError, match=r"8 x 4 = 32 rollout rows must be a multiple of ppo.mini_batch_size=12"):
+        ppo_sizes(dataclasses.replace(p, mini_batch_size=12), 1)
+    # 2 prompts x 4 samples = 8 rows would divide over 4 ranks, but a group would then span two ranks
+    with pytest.raises(UserError, match=r"ppo.rollout_batch_size=2 \(prompts\) must be a multiple of the number "
+                                        r"of ranks.*a group lives on one rank"):
+        ppo_sizes(PPOConfig(rollout_batch_size=2, num_samples_per_prompt=4, mini_batch_size=8), 4)
+
+
+def test_config_files_layer_in_order(tmp_path):
+    a = _write(tmp_path / "a.yaml", "seed: 3\nppo:\n  num_iterations: 7\n  kl_coef: 0.5\n")
+    b = _write(tmp_path / "b.yaml", "ppo:\n  kl_coef: 0.2\n")
+    cfg = parse_config(["--config", a, "--config", b, "--ppo.num_iterations", "9"])
+    assert (cfg.seed, cfg.ppo.num_iterations, cfg.ppo.kl_coef) == (3, 9, 0.2)
+    bad = _write(tmp_path / "bad.yaml", "ppo:\n  advantage_mod: grpo\n")
+    with pytest.raises(UserError, match=re.escape(f"config file {bad}: ") + r".*ppo\.advantage_mod"):
+        parse_config(["--config", a, "--config", bad])

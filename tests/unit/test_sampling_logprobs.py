@@ -109,3 +109,25 @@ def test_blocked_eos_gives_finite_gradients_of_logprobs_and_entropy():
     loss.backward()
     assert torch.isfinite(logits.grad).all()
     assert (logits.grad[:, :3, EOS] == 0).all() and (logits.grad[:, 3:, EOS] != 0).all()
+
+
+def test_several_samples_per_prompt_come_out_grouped_with_their_prompt():
+    """num_samples_per_prompt: each prompt's samples are adjacent rows with its own prompt, attention
+    mask and group id, and pi_old of each row is that row's (the rollout of a GRPO/RLOO group)."""
+    model = _tiny_lm()
+    params = SamplingParams(max_new_tokens=8, num_samples=3)
+    trainer = _trainer(model, params)
+    prompts = [[BOS, 3, 4, 5], [BOS, 7], [BOS, 5, 3]]
+    batch = [{"prompt_ids": p, "prompt": str(p)} for p in prompts]
+    exp = trainer.generate(batch, seed=5, params=params)
+    assert exp.group_ids.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert exp.prompts == [str(p) for p in prompts for _ in range(3)]
+    w = exp.prompt_width
+    for row in range(9):
+        ids = prompts[row // 3]
+        assert exp.sequences[row, w - len(ids):w].tolist() == ids  # left-padded prompt of its group
+        assert exp.attention_mask[row, :w].tolist() == [0] * (w - len(ids)) + [1] * len(ids)
+    responses = {tuple(exp.sequences[r, w:].tolist()) for r in range(3)}
+    assert len(responses) > 1  # a group's samples differ
+    _, lp = trainer._logits_logprobs(model, exp.sequences, exp.attention_mask, w)
+    torch.testing.assert_close(exp.old_logprobs, lp * exp.response_mask, atol=1e-5, rtol=0)
