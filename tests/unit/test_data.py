@@ -293,6 +293,17 @@ def test_long_prompt_is_cut_from_the_left_and_counted(task_tokenizer, caplog):
     assert not any("responses" in r.getMessage() for r in caplog.records)
 
 
+def test_a_32_token_prompt_is_not_cut_at_the_default_max_prompt_len(task_tokenizer, caplog):
+    from pipeline.config import Config
+
+    prompt = " ".join(["please review the movie for ben ."] * 5)[:-2]  # 30 words + BOS: over the old 24
+    assert len(task_tokenizer(prompt)["input_ids"]) > 24
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        (ex,) = prompt_examples([{"prompt": prompt}], task_tokenizer, Config().data.max_prompt_len)
+    assert ex["prompt_ids"] == task_tokenizer(prompt)["input_ids"]
+    assert not caplog.records
+
+
 def test_long_response_is_cut_to_max_response_len(task_tokenizer, caplog):
     tok = task_tokenizer
     rows = [{"prompt": PROMPT, "response": RESPONSE},              # 5 + EOS = 6 tokens
