@@ -512,7 +512,7 @@ def _flat_fields(cls, prefix: str = ""):
         name = f"{prefix}{f.name}"
         if _is_dataclass_type(tp):
             sub_default = getattr(default, f.name)
-            for n, t, d, c in _flat_fields(tp, f"{name}."):
+            for n, t, _, c in _flat_fields(tp, f"{name}."):
                 yield n, t, getattr(sub_default, n[len(name) + 1:]), c
         else:
             yield name, tp, getattr(default, f.name), comments.get(f.name, "")

@@ -713,8 +713,8 @@ def run(ctx: StageContext) -> dict:
             logger.text("samples", _samples_text(samples), step)
         bar.update(1)
         bar.set_postfix(score=f"{metrics['rollout/score_mean']:.3f}", kl=f"{metrics['rollout/kl_to_ref']:.3f}")
-        ctx.end_of_step(step, step == p.num_iterations, models, lambda: (
-            {"step": step, "first_eval": first, "last_eval": last_eval, "last_metrics": metrics,
+        ctx.end_of_step(step, step == p.num_iterations, models, lambda: (  # called within this iteration
+            {"step": step, "first_eval": first, "last_eval": last_eval, "last_metrics": metrics,  # noqa: B023
              "order": order.state_dict(), "trainer": trainer.state_dict()},
             {"ema": trainer.ema.state_dict()} if trainer.ema else {}))
     bar.close()

@@ -266,7 +266,7 @@ def test_sft_labels_mask_the_prompt_and_keep_response_and_eos(task_tokenizer):
         assert ex["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
         assert ex["labels"][n_prompt:] == response
         assert ex["input_ids"][n_prompt:] == response
-        labelled = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE_INDEX]
+        labelled = [i for i, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE_INDEX]
         assert tok.decode(labelled, skip_special_tokens=True) == row["response"]
 
 
