@@ -729,7 +729,8 @@ def run(ctx: StageContext) -> dict:
     logger.close()
     if d.is_main:
         rows = [json.loads(line) for line in (ctx.stage_dir / "metrics.jsonl").read_text().splitlines()]
-        overoptimisation_plot(rows, ctx.stage_dir / "overoptimisation.png")
+        if not overoptimisation_plot(rows, ctx.stage_dir / "overoptimisation.png"):  # e.g. evaluation off
+            (ctx.stage_dir / "overoptimisation.png").unlink(missing_ok=True)  # not an earlier run's plot
     evaluated = {"reward_score_sft": first["eval/reward_score"], "reward_score_final": last_eval["eval/reward_score"],
                  "kl_to_ref": last_eval["eval/kl_to_ref"]} if evaluating else {}
     result = {**evaluated, "iterations": p.num_iterations,
