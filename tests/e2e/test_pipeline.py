@@ -165,7 +165,9 @@ def test_evaluation_off_trains_the_same_and_leaves_out_the_eval_fields(pristine_
     assert rows and not any(k.startswith("eval/") for r in rows for k in r)
     with_eval = [{k: v for k, v in r.items() if not k.startswith(("eval/", "alarm/ensemble"))}
                  for r in _ppo_rows(pristine_run[0]) if "rollout/score_mean" in r]
-    assert rows == pytest.approx(with_eval)  # evaluation does not change training
+    assert [r["step"] for r in rows] == [r["step"] for r in with_eval] == [1, 2, 3, 4]
+    for row, expected in zip(rows, with_eval):  # evaluation does not change training
+        assert row == pytest.approx(expected), row["step"]
     s = summary(out)["ppo"]
     assert s["iterations"] == 4 and not s["skipped"]
     for key in ("reward_score_sft", "reward_score_final", "kl_to_ref", "gold_score_sft", "gold_score_final",
