@@ -234,7 +234,7 @@ def build_trainer(folder: Path, paths: dict[str, str], w: Workload, d) -> Any:
              "ppo.mini_batch_size": w.mini_batch, "ppo.num_ppo_epochs": 1,
              "ppo.micro_batch_size_per_gpu": max(1, min(w.micro_batch, w.mini_batch // d.world_size)),
              "ppo.num_iterations": w.warmup + w.repeats, "ppo.min_new_tokens": w.new_tokens,
-             "data.max_response_len": w.new_tokens, "data.max_prompt_len": w.prompt_len,
+             "ppo.max_new_tokens": w.new_tokens, "data.max_prompt_len": w.prompt_len,
              "ppo.actor_model_path": paths["policy"], "ppo.reward_model_path": paths["reward"],
              "data.prompt_data_path": paths["prompts"], "data.eval_prompt_data_path": paths["prompts"]}
     cfg = parse_config([s for k, v in flags.items() for s in (f"--{k}", str(v))])

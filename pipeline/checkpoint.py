@@ -154,9 +154,13 @@ def identity_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             out += identity_diff(a, b, f"{prefix}{key}.")
         elif a != b:
-            show = (lambda v: v if len(str(v)) <= 40 else str(v)[:12] + "...")
-            out.append(f"{prefix}{key}: {show(a)} -> {show(b)}")
+            out.append(f"{prefix}{key}: {_shortened(a)} -> {_shortened(b)}")
     return out
+
+
+def _shortened(value):
+    """A value as shown in an identity difference: long ones (hashes, file lists) cut to 12 characters."""
+    return value if len(str(value)) <= 40 else str(value)[:12] + "..."
 
 
 # ---------------------------------------------------------------- the checkpointer

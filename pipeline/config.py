@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import difflib
 import json
 import math
 import types
@@ -74,8 +75,8 @@ class DataConfig:
     reward_eval_data_path: str = ""  # held-out rows with `prompt`, `chosen`, `rejected`
     prompt_data_path: str = ""  # rows with `prompt` (PPO)
     eval_prompt_data_path: str = ""  # held-out rows with `prompt` (PPO evaluation)
-    max_prompt_len: int = 24  # tokens; longer prompts are truncated from the left, with a warning
-    max_response_len: int = 24  # tokens, EOS included; longer responses are truncated
+    max_prompt_len: int = 256  # tokens (the tokenizer's special tokens included); a longer prompt is cut from the left (its BOS kept), and each dataset says once how many it cut
+    max_response_len: int = 24  # tokens, EOS included: the longest dataset response (longer ones are cut, with a warning) and, unless ppo.max_new_tokens says otherwise, the length of PPO's sampled responses
 
 
 @dataclass
@@ -124,6 +125,7 @@ class PPOConfig:
     temperature: float = 1.0  # sampling temperature; every PPO log-prob (pi_old, pi, reference, KL, entropy) is of logits / temperature, the distribution sampled from
     top_p: float = 1.0  # nucleus sampling: only 1 (off); a truncated distribution makes the log-probs and KL disagree with the sampler, so other values are refused
     top_k: int = 0  # top-k sampling: only 0 (off), refused otherwise for the same reason as top_p
+    max_new_tokens: int = 0  # new tokens sampled per response (EOS included) in PPO rollouts and evaluation; 0: data.max_response_len, the length the SFT and reward-model data were cut to
     min_new_tokens: int = 0  # EOS is suppressed until this many response tokens, in sampling and in every PPO log-prob alike
     gather_modules: int = 0  # hybrid engine: submodules gathered at a time to materialise (0: all)
     clip_eps: float = 0.2  # PPO ratio clip: the ratio is clipped to [1 - clip_eps_low, 1 + clip_eps_high], both clip_eps unless given
@@ -156,7 +158,7 @@ class PPOConfig:
     early_stop_kl: float = 0.0  # stop the epoch loop when approx KL to pi_old exceeds this (0: off)
     max_nonfinite_skips: int = 3  # stop after this many non-finite updates in a row
     gradient_clipping: float = 1.0  # max global gradient norm for actor and critic
-    eval_steps: int = 10  # evaluate on held-out prompts every N iterations (and at 0 and the end)
+    eval_steps: int = 10  # evaluate on held-out prompts every N iterations (and at 0 and the end); 0: no evaluation (no eval/ metrics, no eval-based summary fields; select_best refused)
     logging_steps: int = 1  # log every N iterations
     ptx_coef: float = 0.0  # PPO-ptx (InstructGPT): weight of a supervised LM loss on ptx data added to the actor loss (0: off)
     ptx_data_path: str = ""  # PPO-ptx dataset in any SFT format (prompt/response, messages, hh, ...); empty = the SFT stage's training data
@@ -236,6 +238,11 @@ def ppo_sizes(ppo: PPOConfig, world_size: int) -> dict:
     }
 
 
+def max_new_tokens(cfg: Config) -> int:
+    """Tokens sampled per PPO response (EOS included): ppo.max_new_tokens, or data.max_response_len."""
+    return cfg.ppo.max_new_tokens or cfg.data.max_response_len
+
+
 LR_SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "constant", "polynomial",
                  "cosine_with_restarts", "inverse_sqrt")
 
@@ -271,11 +278,11 @@ def validate(cfg: Config) -> None:
     p = cfg.ppo
     for f in ("num_iterations", "rollout_batch_size", "mini_batch_size", "micro_batch_size_per_gpu",
               "num_ppo_epochs", "actor_learning_rate", "critic_learning_rate", "temperature",
-              "clip_eps", "eval_steps", "logging_steps", "target_kl", "kl_horizon", "max_nonfinite_skips"):
+              "clip_eps", "logging_steps", "target_kl", "kl_horizon", "max_nonfinite_skips"):
         positive(f"ppo.{f}", getattr(p, f))
     for f in ("warmup_iterations", "top_k", "min_new_tokens", "gather_modules", "value_clip", "vf_coef",
               "entropy_coef", "kl_coef", "score_clip", "early_stop_kl", "gradient_clipping", "ptx_coef",
-              "kl_alarm", "reward_model_coef", "ensemble_penalty"):
+              "kl_alarm", "reward_model_coef", "ensemble_penalty", "max_new_tokens", "eval_steps"):
         non_negative(f"ppo.{f}", getattr(p, f))
     validate_rewards(cfg)
     validate_lora(p)
@@ -349,6 +356,9 @@ def validate_rewards(cfg: Config) -> None:
     if p.select_best and p.select_best not in EVAL_METRICS:
         raise UserError(f"option ppo.select_best={p.select_best!r}: expected an evaluation metric, one of "
                         f"{', '.join(EVAL_METRICS)} (higher is better).")
+    if p.select_best and p.eval_steps == 0:
+        raise UserError(f"option ppo.select_best={p.select_best!r} keeps the policy with the best evaluation, but "
+                        f"ppo.eval_steps=0 turns evaluation off; give ppo.eval_steps > 0 or drop select_best.")
     for option in ("reward_fn", "eval_reward_fn"):
         if getattr(p, option):
             from pipeline.reward_fns import split_spec
@@ -522,7 +532,9 @@ def _from_dict(cls, data: dict, where: str, default=None):
         sub = f"{where}.{key}" if where else key
         if key not in hints:
             known = ", ".join(sorted(hints))
-            raise UserError(f"{where or 'config'}: unknown option {sub!r}. Known options here: {known}.")
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f" (did you mean {f'{where}.' if where else ''}{close[0]}?)" if close else ""
+            raise UserError(f"{where or 'config'}: unknown option {sub!r}{hint}. Known options here: {known}.")
         tp = hints[key]
         changes[key] = (_from_dict(tp, value, sub, getattr(default, key)) if _is_dataclass_type(tp)
                         else _coerce(value, tp, f"option {sub}"))
@@ -555,7 +567,7 @@ def _flat_fields(cls, prefix: str = ""):
         name = f"{prefix}{f.name}"
         if _is_dataclass_type(tp):
             sub_default = getattr(default, f.name)
-            for n, t, d, c in _flat_fields(tp, f"{name}."):
+            for n, t, _, c in _flat_fields(tp, f"{name}."):
                 yield n, t, getattr(sub_default, n[len(name) + 1:]), c
         else:
             yield name, tp, getattr(default, f.name), comments.get(f.name, "")
@@ -600,11 +612,54 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"command line: {message}. Run with --help to list the options.")
 
 
+def did_you_mean(flag: str, known: list[str]) -> list[str]:
+    """Options close to an unknown `--flag`, best first (at most 3). An option whose last
+    component is the flag's wins (`--model_name_or_path`, the Hugging Face / TRL spelling, finds
+    `model.model_name_or_path`); else the closest names by difflib's ratio (`--ppo.kl_coeff` finds
+    `ppo.kl_coef`), comparing last components too when the flag names no known section."""
+    name = flag.lstrip("-").split("=", 1)[0].replace("-", "_")  # also --model-name-or-path
+    section, _, leaf = name.rpartition(".")
+    sections = {k.rpartition(".")[0] for k in known}
+    exact = [k for k in known
+             if k == name or (k.rpartition(".")[2] == leaf and section in ("", k.rpartition(".")[0]))]
+    if exact:
+        return exact[:3]
+
+    def closest(candidates: list[str], leaves: bool) -> list[str]:
+        scores = {k: max(difflib.SequenceMatcher(None, name, k).ratio(),
+                         difflib.SequenceMatcher(None, leaf, k.rpartition(".")[2]).ratio() if leaves else 0.0)
+                  for k in candidates}
+        best = max(scores.values(), default=0.0)
+        return sorted((k for k, v in scores.items() if v >= max(0.75, best - 0.05)), key=lambda k: -scores[k])[:3]
+
+    if section and section in sections:  # a known section: its own options first
+        return closest([k for k in known if k.rpartition(".")[0] == section], False) or closest(known, False)
+    return closest(known, True)
+
+
+def _unknown_arguments(extra: list[str], known: list[str]) -> UserError:
+    """One paragraph for what argparse could not place: each unknown flag with its suggestions."""
+    flags = [x for x in extra if x.startswith("-")]
+    if not flags:
+        return UserError(f"command line: unexpected value(s) {' '.join(extra)} (each option takes the values "
+                         f"after it; list options take several). Run with --help to list the options.")
+    parts = []
+    for flag in flags:
+        close = did_you_mean(flag, known)
+        shown = flag.split("=", 1)[0]
+        parts.append(f"{shown} (did you mean {' or '.join(f'--{k}' for k in close)}?)" if close else shown)
+    return UserError(f"command line: unknown option{'s' if len(parts) > 1 else ''} {', '.join(parts)}. "
+                     f"Run with --help to list the options.")
+
+
 def parse_config(argv: Optional[list[str]] = None, description: str = "RLHF pipeline") -> Config:
     """Build the Config from defaults, `--config FILE` and command-line overrides."""
     parser = build_parser(description)
     parser.__class__ = _Parser
-    args = vars(parser.parse_args(argv))
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        raise _unknown_arguments(extra, ["config", *(name for name, *_ in _flat_fields(Config))])
+    args = vars(args)
     args.pop("local_rank", None)
     data = {}
     for path in args.pop("config", []):

@@ -502,24 +502,33 @@ def load_role(spec, role: str, tokenizer=None, tokenizer_name: str = "") -> list
 # ---------------------------------------------------------------- tokenisation
 @dataclass
 class Truncations:
-    """How many prompts/responses were cut to fit the limits (reported, never silent)."""
+    """How many prompts/responses were cut to fit the limits, of how many, and the longest
+    (reported once per dataset with the option to raise, never silent)."""
 
-    prompts: int = 0
-    responses: int = 0
+    prompts: int = 0  # cut
+    responses: int = 0  # cut
+    prompts_seen: int = 0
+    responses_seen: int = 0
+    longest_prompt: int = 0  # tokens, before cutting
+    longest_response: int = 0
 
     def report(self, what: str, max_prompt_len: int, max_response_len: int) -> None:
         if self.prompts:
-            log.warning("%s: %d prompts longer than max_prompt_len=%d were truncated from the left.",
-                        what, self.prompts, max_prompt_len)
+            log.warning("%s: %d of %d prompts were longer than max_prompt_len=%d tokens (the longest has %d) "
+                        "and were truncated from the left; raise --data.max_prompt_len to keep them whole.",
+                        what, self.prompts, self.prompts_seen, max_prompt_len, self.longest_prompt)
         if self.responses:
-            log.warning("%s: %d responses longer than max_response_len=%d were truncated.",
-                        what, self.responses, max_response_len)
+            log.warning("%s: %d of %d responses were longer than max_response_len=%d tokens, EOS included (the "
+                        "longest has %d), and were truncated; raise --data.max_response_len to keep them whole.",
+                        what, self.responses, self.responses_seen, max_response_len, self.longest_response)
 
 
 def encode_prompt(tokenizer, prompt: str, max_len: int, cuts: Truncations) -> list[int]:
     """Prompt ids with the tokenizer's own special tokens (e.g. BOS), cut from the left to fit
     (a leading BOS is kept: the model always saw one)."""
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    cuts.prompts_seen += 1
+    cuts.longest_prompt = max(cuts.longest_prompt, len(ids))
     if len(ids) > max_len:
         cuts.prompts += 1
         keep_bos = tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
@@ -530,6 +539,8 @@ def encode_prompt(tokenizer, prompt: str, max_len: int, cuts: Truncations) -> li
 def encode_response(tokenizer, response: str, max_len: int, cuts: Truncations) -> list[int]:
     """Response ids followed by EOS, cut to `max_len` (EOS included)."""
     ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    cuts.responses_seen += 1
+    cuts.longest_response = max(cuts.longest_response, len(ids))
     if len(ids) > max_len:
         cuts.responses += 1
         ids = ids[:max_len]
@@ -553,17 +564,27 @@ def examples_cache_file(cache_dir: str, stage: str, role: str, identity: dict) -
 
 def build_cached(path: Path, build) -> str | None:
     """Build examples and write them, with the warnings the build logged (truncations), to `path`
-    (atomically: several nodes may share the folder). Returns an error message, or None."""
+    (atomically: several nodes may share the folder). Returns an error message, or None.
+
+    The warnings are held back, not logged here: `read_cached` logs them, so every run, the one
+    that built the file included, says them once."""
     notes: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: notes.append(record.getMessage())
+    handler = logging.Handler()
+    handler.emit = lambda record: (notes.append(record.getMessage()) if record.levelno >= logging.WARNING
+                                   else log.parent.handle(record))
     log.addHandler(handler)
+    propagate, log.propagate = log.propagate, False
     try:
         rows = build()
     except UserError as e:
-        return str(e)
+        rows, error = None, str(e)
     finally:
         log.removeHandler(handler)
+        log.propagate = propagate
+    if rows is None:
+        for note in notes:  # what the build found before it failed
+            log.warning("%s", note)
+        return error
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

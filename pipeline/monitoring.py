@@ -42,15 +42,23 @@ def _row_step(line: str) -> int:
 
 
 class MetricLogger:
-    """Scalars to `<stage_dir>/tensorboard` and `<stage_dir>/metrics.jsonl`, on rank 0 only."""
+    """Scalars to `<stage_dir>/tensorboard` and `<stage_dir>/metrics.jsonl`, on rank 0 only.
 
-    def __init__(self, stage_dir: Path, enabled: bool, resume_step: int | None = None):
+    Each metrics.jsonl row is `{"step", "time", "elapsed_s", <tag>: value, ...}`: `time` is the
+    wall clock (UNIX seconds) when the row was written, `elapsed_s` the seconds since the stage
+    started logging, carried over a resume (the time between the interrupted attempt and its
+    resume is not counted). TensorBoard keeps its own wall time for every scalar.
+    """
+
+    def __init__(self, stage_dir: Path, enabled: bool, resume_step: int | None = None, clock=time.time):
         """`resume_step`: continuing a run from a checkpoint of that step. What the interrupted
         attempt logged after it is dropped: from metrics.jsonl here, and in TensorBoard through
-        its own purge_step mechanism, so the step axis stays monotonic."""
+        its own purge_step mechanism, so the step axis stays monotonic. `clock`: UNIX seconds."""
         self.enabled = enabled
         self._writer = None
         self._jsonl = None
+        self._clock = clock
+        self._start, self._elapsed_before = clock(), 0.0
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -59,6 +67,8 @@ class MetricLogger:
             if resume_step is not None and path.is_file():
                 kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                         if line.strip() and _row_step(line) <= resume_step]
+                if kept:
+                    self._elapsed_before = float(json.loads(kept[-1]).get("elapsed_s", 0.0))
                 tmp = path.with_name(path.name + ".tmp")
                 tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
                 tmp.replace(path)
@@ -72,7 +82,9 @@ class MetricLogger:
         clean = {k: float(v) for k, v in metrics.items()}
         for tag, value in clean.items():
             self._writer.add_scalar(tag, value, step)
-        row = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
+        now = self._clock()
+        row = {"step": step, "time": round(now, 3), "elapsed_s": round(now - self._start + self._elapsed_before, 3),
+               **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
 

@@ -12,12 +12,15 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from pipeline import default_task, engines, reward_fns
-from pipeline.config import Config, ModelConfig, parse_config, parse_split, resolve_path, save_config
+from pipeline.config import (AUTO, Config, ModelConfig, max_new_tokens, parse_config, parse_split, resolve_path,
+                             save_config)
 from pipeline.checkpoint import Checkpointer, StopRequest
 from pipeline.data import FIELDS, Source, file_digest, is_hub_name, load_role
 from pipeline.errors import PREEMPTED_EXIT_CODE, Preempted, TrainingHalted, UserError
@@ -64,7 +67,7 @@ def prepare_task(cfg: Config, d: engines.Dist, out: Path) -> Path:
     folder = out / "task"
     spec = {"version": default_task.VERSION, "seed": cfg.seed, "task": dataclasses.asdict(cfg.task),
             "model": {k: getattr(cfg.model, k) for k in SCRATCH_SHAPE},
-            "max_positions": cfg.data.max_prompt_len + cfg.data.max_response_len}
+            "max_positions": cfg.data.max_prompt_len + max(cfg.data.max_response_len, max_new_tokens(cfg))}
     marker = folder / "task.json"
     if d.is_main and not (marker.is_file() and json.loads(marker.read_text()) == spec):
         t = cfg.task
@@ -206,10 +209,48 @@ def needed_stages(cfg: Config, stages: tuple[str, ...]) -> tuple[tuple[str, ...]
     return tuple(keep), not_run
 
 
-def _needs_task(cfg: Config) -> bool:
-    """The default task is generated when a model is built from scratch or a stage reads its data."""
-    return not cfg.model.model_name_or_path or any(  # a plain path here is a default-task file
-        isinstance(v, str) for s in STAGES for v in data_sources(cfg, s, Path("task")).values())
+def _in_task(spec, task: Path) -> bool:
+    """Is this input the default task's (a file, its tokenizer or its from-scratch model)?"""
+    return isinstance(spec, str) and (Path(spec) == task or task in Path(spec).parents)
+
+
+def _needs_task(cfg: Config, stages: tuple[str, ...] = STAGES) -> bool:
+    """The default task is generated only when a stage that runs reads from it: its data, its
+    tokenizer or its from-scratch model. PPO from two given models on prompts of one's own does not."""
+    out = Path(cfg.output_dir)
+    inputs = stage_inputs(cfg, out, out / "task")
+    return any(_in_task(spec, out / "task") for stage in stages for spec in inputs[base_stage(stage)].values())
+
+
+# Every option that names a file or folder, and what it should name.
+_MODEL = "a local model folder or a hub model name"
+_DATASETS = "local json/jsonl/parquet/csv files or folders, or hub dataset names"
+PATH_OPTIONS = {
+    "model.model_name_or_path": _MODEL, "model.reward_model_name_or_path": _MODEL,
+    "data.tokenizer_path": "a local tokenizer folder or a hub name",
+    "ppo.actor_model_path": "a policy model folder, e.g. <output_dir>/sft/model of an earlier run",
+    "ppo.reward_model_path": "a reward model folder, e.g. <output_dir>/reward/model of an earlier run",
+    **{f"data.{role}_path": _DATASETS for roles in DATA_ROLES.values() for role in roles},
+    "data.data_path": _DATASETS, "ppo.ptx_data_path": _DATASETS,
+}
+
+
+def check_given_paths(cfg: Config) -> None:
+    """Every path the user gave exists (or is a hub name, checked when it is loaded), whether or
+    not the stages that run read it: a mistyped path is a mistake even where it is not needed."""
+    for option, kind in PATH_OPTIONS.items():
+        section, _, name = option.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        for path in value if isinstance(value, list) else [value] if value else []:
+            if not (Path(path).exists() or is_hub_name(path)):
+                raise UserError(f"option {option}: {path} does not exist (expected {kind}).")
+    for option in ("reward_fn", "eval_reward_fn"):
+        if getattr(cfg.ppo, option):
+            reward_fns.source_file(getattr(cfg.ppo, option), f"ppo.{option}")
+    for option in ("ds_config", "ds_inference_config"):
+        value = getattr(cfg, option)
+        if value != AUTO and not resolve_path(value).is_file():
+            raise UserError(f"option {option}: {value} does not exist (expected a DeepSpeed JSON file, or auto).")
 
 
 def _check_exists(stage: str, inputs: dict, out: Path) -> None:
@@ -293,9 +334,11 @@ def _up_to_date(stage_dir: Path, fp: str) -> dict | None:
 
 # ---------------------------------------------------------------- running
 def preflight(cfg: Config, d: engines.Dist, stages: tuple[str, ...], out: Path, task: Path) -> None:
-    """What can be checked without running earlier stages fails before the first stage runs:
-    input paths, DeepSpeed configs and sizes, and every row of every dataset (a bad prompt file
-    stops the run before SFT, not hours later at PPO). Each stage checks its own inputs again."""
+    """What can be checked without running earlier stages fails before the first stage runs, and
+    before anything is written (the default task included): input paths, DeepSpeed configs and
+    sizes, and every row of every dataset of the user's (a bad prompt file stops the run before
+    SFT, not hours later at PPO; the default task's files are generated valid). Each stage checks
+    its own inputs again."""
     tokenizers: dict = {}  # loaded once per preflight, only if chat rows need one
     for stage in stages:
         inputs = stage_inputs(cfg, out, task)[stage]
@@ -305,21 +348,41 @@ def preflight(cfg: Config, d: engines.Dist, stages: tuple[str, ...], out: Path, 
         # the one SFT starts from, which it saves unchanged), loaded only if a dataset needs it.
         tok_path = inputs["tokenizer"] if Path(inputs["tokenizer"]).exists() or out not in Path(
             inputs["tokenizer"]).parents else stage_inputs(cfg, out, task)["sft"]["tokenizer"]
-        tokenizer = functools.partial(_preflight_tokenizer, tokenizers, tok_path, cfg.model.trust_remote_code)
+        tokenizer = functools.partial(_preflight_tokenizer, tokenizers, tok_path, cfg.model.trust_remote_code,
+                                      task)
         for role, spec in inputs.items():
-            if role in FIELDS:
+            if role in FIELDS and not _in_task(spec, task):
                 load_role(spec, role, tokenizer, tok_path)
         for option in ("reward_fn", "eval_reward_fn"):  # importable, and naming a function
             if stage == "ppo" and getattr(cfg.ppo, option):
                 reward_fns.load(getattr(cfg.ppo, option), f"ppo.{option}")
 
 
-def _preflight_tokenizer(cache: dict, path: str, trust_remote_code: bool):
+def _preflight_tokenizer(cache: dict, path: str, trust_remote_code: bool, task: Path):
     from pipeline.models import load_tokenizer
 
+    if path not in cache and _in_task(path, task) and not Path(path).is_dir():  # not written yet
+        with tempfile.TemporaryDirectory() as tmp:  # the same tokenizer, built outside the run
+            default_task.build_tokenizer(Path(tmp))
+            cache[path] = load_tokenizer(tmp, trust_remote_code)
     if path not in cache:
         cache[path] = load_tokenizer(path, trust_remote_code)
     return cache[path]
+
+
+def _agreed(d: engines.Dist, check) -> None:
+    """`check()` on every rank; if it raised UserError on any, every rank raises the lowest failing
+    rank's, so rank 0 reports it once and no rank is left waiting for the others (a path may exist
+    on one node and not on another)."""
+    try:
+        check()
+        problem = None
+    except UserError as e:
+        problem = str(e)
+    problems = engines.all_gather_object(problem) if d.world_size > 1 else [problem]
+    for rank, message in enumerate(problems):
+        if message:
+            raise UserError(message if problems[0] else f"on rank {rank} ({node_name()}): {message}")
 
 
 def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
@@ -332,16 +395,23 @@ def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
         if before != after:
             log.info("%s auto: %s (chosen for this accelerator)", name, after)
     cfg = auto
-    engines.check_precision(cfg.model.dtype)  # before anything is written
     stop = stop or StopRequest()
     out = Path(cfg.output_dir)
-    task = prepare_task(cfg, d, out) if _needs_task(cfg) else out / "task"  # else: never read
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    task = out / "task"
     stages, not_run = needed_stages(cfg, stages)
     for stage, why in not_run.items():
         log.info("stage %s is not needed: %s.", stage, why)
-    preflight(cfg, d, stages, out, task)
+
+    def checks():  # everything that can be checked before the first stage, before anything is written
+        check_given_paths(cfg)
+        engines.check_precision(cfg.model.dtype)
+        preflight(cfg, d, stages, out, task)
+
+    _agreed(d, checks)
+    if _needs_task(cfg, stages):  # else nothing reads it, and it is not written
+        prepare_task(cfg, d, out)
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     stages = tuple(s for stage in stages for s in (reward_members(cfg) if stage == "reward" else (stage,)))
     for stage in stages:
         inputs = stage_inputs(cfg, out, task)[stage]
@@ -409,12 +479,22 @@ def placement(nodes: list[str]) -> str:
 
 
 def main(stages: tuple[str, ...], description: str, argv: list[str] | None = None) -> None:
-    """Entry point of the launchers: parse, run, turn user mistakes into one paragraph + exit 2."""
+    """Entry point of the launchers: parse, run, turn user mistakes into one paragraph + exit 2.
+
+    A mistake is reported by rank 0 alone; the other ranks exit with the same code without
+    repeating it. Every rank meets the same mistakes: the command line and config file are the same,
+    and the checks before the first stage agree over ranks (`_agreed`). Before the process group
+    exists a rank cannot know that rank 0 saw the same, so then the first rank of each other node
+    reports too (a config file may be missing on one node only)."""
+    stop = StopRequest()
+    stop.install()  # first: a signal during start-up is not lost, and the launcher's SIGTERM, sent
+    # when a quiet rank exits, does not cut rank 0 off before it has printed the error
+    rank = int(os.environ.get("RANK", "0"))  # the launcher's numbering, until the process group exists
+    reports = rank == 0 or os.environ.get("LOCAL_RANK", "0") == "0"
     try:
         cfg = parse_config(argv, description)
-        stop = StopRequest()
-        stop.install()  # before the process group: a signal during start-up is not lost
         d = engines.init_distributed(cfg.dist_timeout_minutes)
+        reports = d.is_main
         setup_logging(d.is_main)
         log.info("world size %d, accelerator %s, output %s", d.world_size, engines.device(),
                  cfg.output_dir)
@@ -424,7 +504,8 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
         print(f"\nstopped: {e}", file=sys.stderr, flush=True)  # (after a progress bar)
         sys.exit(PREEMPTED_EXIT_CODE)
     except UserError as e:
-        print(f"\nerror: {e}", file=sys.stderr, flush=True)
+        if reports:
+            print(f"\nerror: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except TrainingHalted as e:
         print(f"\nstopped: {e}", file=sys.stderr, flush=True)  # (after a progress bar)

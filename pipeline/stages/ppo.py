@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import data, engines, ppo_math, reward_fns
-from pipeline.config import ppo_sizes
+from pipeline.config import max_new_tokens, ppo_sizes
 from pipeline.dist_stats import global_mean as _global_mean, global_whiten as _global_whiten
 from pipeline.errors import TrainingHalted, UserError
 from pipeline.generation import SamplingParams, make_backend, position_ids, response_mask
@@ -76,7 +76,7 @@ class PPOTrainer:
         models = self._load_models(ctx)
         self.logger = ctx.start()  # inputs are valid: from here on the stage folder is rewritten
         self._build_engines(ctx, *models)
-        self.sampling = SamplingParams(cfg.data.max_response_len, p.temperature, p.top_p, p.top_k,
+        self.sampling = SamplingParams(max_new_tokens(cfg), p.temperature, p.top_p, p.top_k,
                                        min_new_tokens=p.min_new_tokens)  # evaluation: one response per prompt
         self.rollout_sampling = dataclasses.replace(self.sampling, num_samples=p.num_samples_per_prompt)
         self.kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
@@ -143,7 +143,8 @@ class PPOTrainer:
         spec = p.eval_reward_fn or (reward_fns.DEFAULT_TASK_GOLD if default else "")
         self.gold = reward_fns.load(spec, "ppo.eval_reward_fn") if spec else None
         log.info("stage ppo: reward = %s; evaluation gold: %s", self._reward_description(),
-                 spec or "none (give --ppo.eval_reward_fn FILE.py:NAME to log eval/gold_score)")
+                 (spec or "none (give --ppo.eval_reward_fn FILE.py:NAME to log eval/gold_score)")
+                 if p.eval_steps else "none, evaluation is off (ppo.eval_steps 0)")
         if p.select_best and p.select_best not in self._eval_metric_names():
             raise UserError(f"option ppo.select_best={p.select_best!r} is not an evaluation metric of this run; "
                             f"choose one of {', '.join(sorted(self._eval_metric_names()))}.")
@@ -375,7 +376,7 @@ class PPOTrainer:
         responses = [exp.sequences[i, exp.prompt_width:][exp.response_mask[i].bool()].tolist()
                      for i in range(len(exp.prompts))]  # token ids: re-encoded with the RM's tokenizer
         ids, mask = data.reencode(exp.prompts, responses, self.tokenizer, self.reward_tokenizer,
-                                  self.cfg.data.max_prompt_len, 4 * self.cfg.data.max_response_len)
+                                  self.cfg.data.max_prompt_len, 4 * self.sampling.max_new_tokens)
         return ids.to(engines.device()), mask.to(engines.device())
 
     # ------------------------------------------------------------ 3. rewards and advantages
@@ -638,13 +639,25 @@ class PPOTrainer:
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, step: int) -> tuple[dict, list]:
-        """Held-out prompts, fixed-seed sampling: gold and RM score, KL to reference, length."""
+    def _eval_rollout(self) -> tuple[list[int], Experience]:
+        """This rank's share of the held-out prompts (their indices), sampled with a fixed seed and scored."""
         idx = list(range(self.d.rank, len(self.eval_prompts), self.d.world_size))
         n = math.ceil(len(self.eval_prompts) / self.d.world_size)
         idx = idx + idx[:n - len(idx)]  # equal counts on every rank (ZeRO-3 forwards are collective)
         mine = [self.eval_prompts[i] for i in idx]
-        exp = self.score(self.generate(mine, self.cfg.seed + 7 + self.d.rank, self.sampling))
+        return idx, self.score(self.generate(mine, self.cfg.seed + 7 + self.d.rank, self.sampling))
+
+    def calibrate(self) -> None:
+        """Without evaluation (ppo.eval_steps 0): the step-0 pass over the held-out prompts that fixes
+        the reward models' scale (score_norm sft, an ensemble's members; see _normalised) still runs,
+        unlogged, so the rewards, and so training, are those of a run with evaluation."""
+        if self.rewards and (len(self.rewards) > 1 or self.p.score_norm == "sft"):
+            self._eval_rollout()
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> tuple[dict, list]:
+        """Held-out prompts, fixed-seed sampling: gold and RM score, KL to reference, length."""
+        idx, exp = self._eval_rollout()
         m = exp.response_mask
         seq_kl = (ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k3") * m).sum(1)
         metrics = {"eval/reward_score": _global_mean(exp.scores),
@@ -705,12 +718,16 @@ def run(ctx: StageContext) -> dict:
     per_rank = trainer.sizes["prompts_per_rank"]
     order = PromptOrder(len(trainer.prompts), ctx.cfg.seed)
     models = {name: e for name, e in (("actor", trainer.actor), ("critic", trainer.critic)) if e is not None}
+    evaluating = p.eval_steps > 0  # 0: no evaluation; `first` and `last_eval` stay empty
     if ctx.resume is None:
-        start = 0
-        first, first_samples = trainer.evaluate(0)
-        first.update(trainer.after_evaluation(0, first, first))
-        logger.log(0, first)
-        logger.text("samples", _samples_text(first_samples), 0)
+        start, first = 0, {}
+        if evaluating:
+            first, first_samples = trainer.evaluate(0)
+            first.update(trainer.after_evaluation(0, first, first))
+            logger.log(0, first)
+            logger.text("samples", _samples_text(first_samples), 0)
+        else:
+            trainer.calibrate()
         last_eval, metrics = first, {}
     else:
         local = ctx.checkpointer.load(ctx.resume, models)  # (random states: every draw in PPO is seeded)
@@ -732,15 +749,15 @@ def run(ctx: StageContext) -> dict:
         metrics = trainer.iteration(step, batch)
         if step % p.logging_steps == 0 or step == p.num_iterations:
             logger.log(step, metrics)
-        if step % p.eval_steps == 0 or step == p.num_iterations:
+        if evaluating and (step % p.eval_steps == 0 or step == p.num_iterations):
             last_eval, samples = trainer.evaluate(step)
             last_eval.update(trainer.after_evaluation(step, last_eval, first))
             logger.log(step, last_eval)
             logger.text("samples", _samples_text(samples), step)
         bar.update(1)
         bar.set_postfix(score=f"{metrics['rollout/score_mean']:.3f}", kl=f"{metrics['rollout/kl_to_ref']:.3f}")
-        ctx.end_of_step(step, step == p.num_iterations, models, lambda: (
-            {"step": step, "first_eval": first, "last_eval": last_eval, "last_metrics": metrics,
+        ctx.end_of_step(step, step == p.num_iterations, models, lambda: (  # called within this iteration
+            {"step": step, "first_eval": first, "last_eval": last_eval, "last_metrics": metrics,  # noqa: B023
              "order": order.state_dict(), "trainer": trainer.state_dict()},
             {"ema": trainer.ema.state_dict()} if trainer.ema else {}))
     bar.close()
@@ -755,10 +772,11 @@ def run(ctx: StageContext) -> dict:
     logger.close()
     if d.is_main:
         rows = [json.loads(line) for line in (ctx.stage_dir / "metrics.jsonl").read_text().splitlines()]
-        overoptimisation_plot(rows, ctx.stage_dir / "overoptimisation.png")
-    result = {"reward_score_sft": first["eval/reward_score"],
-              "reward_score_final": last_eval["eval/reward_score"],
-              "kl_to_ref": last_eval["eval/kl_to_ref"], "iterations": p.num_iterations,
+        if not overoptimisation_plot(rows, ctx.stage_dir / "overoptimisation.png"):  # e.g. evaluation off
+            (ctx.stage_dir / "overoptimisation.png").unlink(missing_ok=True)  # not an earlier run's plot
+    evaluated = {"reward_score_sft": first["eval/reward_score"], "reward_score_final": last_eval["eval/reward_score"],
+                 "kl_to_ref": last_eval["eval/kl_to_ref"]} if evaluating else {}
+    result = {**evaluated, "iterations": p.num_iterations,
               "seconds_per_iteration": metrics.get("time/step", float("nan")),
               **{f"time_{k.split('/')[1]}": v for k, v in metrics.items() if k.startswith("time/")}}
     if "eval/gold_score" in first:

@@ -79,7 +79,7 @@ def main() -> None:
     tb = data.collate_sft(train[d.rank * 2:(d.rank + 1) * 2], tok.pad_token_id)
     rss_cycles, drift, changed = [], [], []
     previous = None
-    for cycle in range(15):
+    for _ in range(15):
         with hybrid.generation_mode():
             hybrid.generate(ids, mask, SamplingParams(max_new_tokens=8))
             copy = {n: p.detach().clone() for n, p in hybrid.model.named_parameters()}

@@ -101,7 +101,7 @@ def test_ptx_off_and_ema_leave_the_policy_bitwise_unchanged_and_the_ema_is_exact
 
 
 def _metrics(run):
-    return [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "perf/", "memory/"))}
+    return [{k: v for k, v in json.loads(x).items() if not k.startswith(("time", "elapsed_s", "perf/", "memory/"))}
             for x in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
 
 

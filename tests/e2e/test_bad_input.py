@@ -129,12 +129,16 @@ def test_ds_config_that_contradicts_the_run_config(refused, tmp_path):
 
 
 # ---------------------------------------------------------------- files and rows
-def test_missing_files(refused, tmp_path):
+def test_missing_files(run, refused, tmp_path):
     missing = tmp_path / "nope.jsonl"
     refused("ppo.py", "--data.reward_data_path", str(missing),
-            needles=[f"stage reward: reward_data path {missing} does not exist"])
+            needles=[f"option data.reward_data_path: {missing} does not exist"])
     refused("ppo.py", "--ds_inference_config", str(tmp_path / "nope.json"),
-            needles=[f"DeepSpeed config {tmp_path / 'nope.json'} does not exist"])
+            needles=[f"option ds_inference_config: {tmp_path / 'nope.json'} does not exist"])
+    # a path no stage that runs reads is checked too (PPO from two given models ignores the tokenizer)
+    refused("ppo.py", "--ppo.actor_model_path", str(run[0] / "sft" / "model"),
+            "--ppo.reward_model_path", str(run[0] / "reward" / "model"), "--data.tokenizer_path", "/nonexistent",
+            needles=["option data.tokenizer_path: /nonexistent does not exist"])
 
 
 def test_row_with_a_missing_field(refused, tmp_path):

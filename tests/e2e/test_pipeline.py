@@ -148,3 +148,45 @@ def test_bad_data_leaves_earlier_outputs_untouched(finished, tmp_path):
             assert needle in line, (needle, line)
         assert _digest(out / "sft") == before
 
+
+
+def _ppo_rows(out) -> list[dict]:
+    """PPO's metrics.jsonl rows without the wall-clock readings."""
+    return [{k: v for k, v in json.loads(x).items() if not k.startswith(("time", "elapsed_s", "perf/", "memory/"))}
+            for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_evaluation_off_trains_the_same_and_leaves_out_the_eval_fields(pristine_run, run_copy):
+    out = run_copy
+    proc = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out), "--ppo.eval_steps", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage sft is up to date" in proc.stdout and "evaluation is off (ppo.eval_steps 0)" in proc.stdout
+    rows = _ppo_rows(out)
+    assert rows and not any(k.startswith("eval/") for r in rows for k in r)
+    with_eval = [{k: v for k, v in r.items() if not k.startswith(("eval/", "alarm/ensemble"))}
+                 for r in _ppo_rows(pristine_run[0]) if "rollout/score_mean" in r]
+    assert [r["step"] for r in rows] == [r["step"] for r in with_eval] == [1, 2, 3, 4]
+    for row, expected in zip(rows, with_eval):  # evaluation does not change training
+        assert row == pytest.approx(expected), row["step"]
+    s = summary(out)["ppo"]
+    assert s["iterations"] == 4 and not s["skipped"]
+    for key in ("reward_score_sft", "reward_score_final", "kl_to_ref", "gold_score_sft", "gold_score_final",
+                "gold_win_rate_vs_sft"):
+        assert key not in s, key
+    assert not (out / "ppo" / "overoptimisation.png").exists()  # the copied run's plot went with its metrics
+    for row in (json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()):
+        assert row["time"] > 1.7e9 and row["elapsed_s"] >= 0
+
+
+def test_max_new_tokens_bounds_rollouts_and_evaluation(pristine_run, run_copy):
+    longest = max(r["rollout/response_length_mean"] for r in _ppo_rows(pristine_run[0])
+                  if "rollout/response_length_mean" in r)
+    assert longest > 4  # at the default length, responses are longer than the bound below
+    out = run_copy
+    proc = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out), "--ppo.max_new_tokens", "4",
+                  "--ppo.num_iterations", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _ppo_rows(out)
+    assert [r["step"] for r in rows if "rollout/response_length_mean" in r] == [1]
+    for key in ("rollout/response_length_mean", "eval/response_length_mean"):
+        assert all(r[key] <= 4 for r in rows if key in r) and any(key in r for r in rows), key

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
-MAX_LEN = 24  # the pipeline's default max_prompt_len and max_response_len (EOS included)
+MAX_LEN = 24  # prompts and responses (EOS included) fit the default data.max_response_len and max_prompt_len
 MAX_POSITIONS = 48
 FILES = ("sft", "sft_eval", "pairs", "pairs_eval", "prompts", "prompts_eval")
 FLAG_OF = {"sft": "--data.sft_data_path", "sft_eval": "--data.sft_eval_data_path",

@@ -172,6 +172,71 @@ def test_unknown_command_line_flag():
         parse_config(["--bogus"])
 
 
+@pytest.mark.parametrize("argv, suggested", [
+    (["--model_name_or_path", "gpt2"], "--model.model_name_or_path"),  # HF / TRL / DeepSpeed-Chat spelling
+    (["--ppo.kl_coeff", "0.1"], "--ppo.kl_coef"),
+    (["--kl_coef", "0.1"], "--ppo.kl_coef"),
+    (["--model-name-or-path", "gpt2"], "--model.model_name_or_path"),
+    (["--sft.epoch", "1"], "--sft.epochs"),
+    (["--ppo.tokenizer_path", "t"], "--data.tokenizer_path"),  # another section's option
+    (["--confg", "run.yaml"], "--config"),
+    (["--ppo.kl_coeff=0.1"], "--ppo.kl_coef"),
+])
+def test_unknown_flag_gets_did_you_mean(argv, suggested):
+    with pytest.raises(UserError) as e:
+        parse_config(argv)
+    message = str(e.value)
+    flag = argv[0].split("=")[0]
+    assert message == (f"command line: unknown option {flag} (did you mean {suggested}?). "
+                       f"Run with --help to list the options.")
+
+
+def test_did_you_mean_lists_every_section_that_has_the_option_and_nothing_far_off():
+    from pipeline.config import _flat_fields, did_you_mean
+
+    known = [name for name, *_ in _flat_fields(Config)]
+    assert did_you_mean("--learning_rate", known) == ["sft.learning_rate", "reward.learning_rate"]
+    assert did_you_mean("--ppo.learning_rate", known) == ["ppo.actor_learning_rate", "ppo.critic_learning_rate"]
+    assert did_you_mean("--no_such_option", known) == []
+    assert did_you_mean("--max_new_tokens", known) == ["ppo.max_new_tokens"]
+
+
+def test_several_unknown_flags_are_reported_in_one_paragraph():
+    with pytest.raises(UserError) as e:
+        parse_config(["--seed", "1", "--kl_coeff", "0.1", "--bogus", "--output_dir", "x"])
+    assert str(e.value) == ("command line: unknown options --kl_coeff (did you mean --ppo.kl_coef?), --bogus. "
+                            "Run with --help to list the options.")
+    with pytest.raises(UserError, match=r"unexpected value\(s\) 2 "):
+        parse_config(["--seed", "1", "2"])
+
+
+def test_unknown_key_in_the_file_gets_did_you_mean(tmp_path):
+    path = _write(tmp_path / "run.yaml", "ppo:\n  kl_coeff: 0.1\n")
+    with pytest.raises(UserError, match=r"unknown option 'ppo\.kl_coeff' \(did you mean ppo\.kl_coef\?\)"):
+        parse_config(["--config", path])
+
+
+def test_max_new_tokens_defaults_to_the_dataset_response_length():
+    from pipeline.config import max_new_tokens
+
+    assert Config().ppo.max_new_tokens == 0
+    assert max_new_tokens(Config()) == Config().data.max_response_len == 24  # the default task's numbers
+    assert max_new_tokens(parse_config(["--data.max_response_len", "40"])) == 40
+    assert max_new_tokens(parse_config(["--data.max_response_len", "40", "--ppo.max_new_tokens", "64"])) == 64
+    with pytest.raises(UserError, match=r"option ppo\.max_new_tokens=-1 must be >= 0"):
+        parse_config(["--ppo.max_new_tokens", "-1"])
+
+
+def test_evaluation_can_be_turned_off_but_then_select_best_is_refused():
+    assert parse_config(["--ppo.eval_steps", "0"]).ppo.eval_steps == 0
+    with pytest.raises(UserError, match=r"option ppo\.eval_steps=-1 must be >= 0"):
+        parse_config(["--ppo.eval_steps", "-1"])
+    with pytest.raises(UserError) as e:
+        parse_config(["--ppo.eval_steps", "0", "--ppo.select_best", "eval/gold_score"])
+    assert "ppo.select_best='eval/gold_score'" in str(e.value) and "ppo.eval_steps=0" in str(e.value)
+    parse_config(["--ppo.eval_steps", "5", "--ppo.select_best", "eval/gold_score"])
+
+
 def test_misspelt_flag_that_is_a_prefix_of_an_option_is_rejected_like_in_the_file(tmp_path):
     # The file rejects `sft: {epoch: 1}` as unknown (test above); the command line must not
     # silently take `--sft.epoch` (or `--ppo.target`) as an abbreviation of another option.

@@ -266,7 +266,7 @@ def test_sft_labels_mask_the_prompt_and_keep_response_and_eos(task_tokenizer):
         assert ex["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
         assert ex["labels"][n_prompt:] == response
         assert ex["input_ids"][n_prompt:] == response
-        labelled = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE_INDEX]
+        labelled = [i for i, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE_INDEX]
         assert tok.decode(labelled, skip_special_tokens=True) == row["response"]
 
 
@@ -287,8 +287,21 @@ def test_long_prompt_is_cut_from_the_left_and_counted(task_tokenizer, caplog):
     assert out[2]["input_ids"][:4] == [tok.bos_token_id] + _ids(tok, "the pizza .")
     warnings = [r.getMessage() for r in caplog.records if "truncated from the left" in r.getMessage()]
     assert len(warnings) == 1
-    assert "sft-test" in warnings[0] and re.search(r"\b2 prompts\b", warnings[0])
+    # counts, the longest, and the option to raise (PROMPT is 10 tokens with BOS)
+    assert warnings[0] == ("sft-test: 2 of 3 prompts were longer than max_prompt_len=4 tokens (the longest has "
+                           "10) and were truncated from the left; raise --data.max_prompt_len to keep them whole.")
     assert not any("responses" in r.getMessage() for r in caplog.records)
+
+
+def test_a_32_token_prompt_is_not_cut_at_the_default_max_prompt_len(task_tokenizer, caplog):
+    from pipeline.config import Config
+
+    prompt = " ".join(["please review the movie for ben ."] * 5)[:-2]  # 30 words + BOS: over the old 24
+    assert len(task_tokenizer(prompt)["input_ids"]) > 24
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        (ex,) = prompt_examples([{"prompt": prompt}], task_tokenizer, Config().data.max_prompt_len)
+    assert ex["prompt_ids"] == task_tokenizer(prompt)["input_ids"]
+    assert not caplog.records
 
 
 def test_long_response_is_cut_to_max_response_len(task_tokenizer, caplog):
@@ -303,7 +316,8 @@ def test_long_response_is_cut_to_max_response_len(task_tokenizer, caplog):
     assert len(out[0]["input_ids"]) == 10 + 5
     assert out[1]["input_ids"][10:] == _ids(tok, "the pizza is .") + [tok.eos_token_id]
     msgs = [r.getMessage() for r in caplog.records]
-    assert any(re.search(r"\b1 responses\b.*max_response_len=5", m) for m in msgs), msgs
+    assert any(re.search(r"\b1 of 2 responses\b.*max_response_len=5 tokens, EOS included \(the longest has 6\)"
+                         r".*--data.max_response_len", m) for m in msgs), msgs
 
 
 def test_no_warning_when_everything_fits(task_tokenizer, caplog):
@@ -485,12 +499,14 @@ def test_cached_examples_come_back_with_the_warnings_of_their_build(tmp_path, ta
 
     rows = [{"prompt": "ana asks for a review of the pizza . " * 3, "response": "the pizza is good ."}] * 2
     path = tmp_path / "c" / "sft.json"
-    assert build_cached(path, lambda: sft_examples(rows, task_tokenizer, 8, 24, what="data.jsonl")) is None
+    with caplog.at_level("WARNING"):
+        assert build_cached(path, lambda: sft_examples(rows, task_tokenizer, 8, 24, what="data.jsonl")) is None
+    assert "truncated" not in caplog.text  # held back: read_cached says it, so the building rank says it once
     expected = sft_examples(rows, task_tokenizer, 8, 24)
     caplog.clear()
     with caplog.at_level("WARNING"):
         assert read_cached(path) == expected
-    assert "data.jsonl: 2 prompts longer than max_prompt_len=8 were truncated" in caplog.text
+    assert caplog.text.count("data.jsonl: 2 of 2 prompts were longer than max_prompt_len=8 tokens") == 1
     assert not list(path.parent.glob("*.tmp"))
 
 

@@ -1,6 +1,7 @@
 """Metric logger files and the over-optimisation plot."""
 import json
 import math
+import time
 
 from pipeline.monitoring import MetricLogger, overoptimisation_plot
 
@@ -12,9 +13,35 @@ def test_metric_logger_writes_jsonl_and_events(tmp_path):
     logger.text("samples", "| a | b |", 2)
     logger.close()
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0] == {"step": 1, "train/loss": 2.0, "train/lr": 1e-3}
+    assert {k: v for k, v in rows[0].items() if k not in ("time", "elapsed_s")} == {
+        "step": 1, "train/loss": 2.0, "train/lr": 1e-3}
+    assert list(rows[0])[:3] == ["step", "time", "elapsed_s"]
     assert rows[1]["train/loss"] == "nan"  # strict JSON; the value is still visible
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_metrics_rows_carry_the_wall_clock_and_the_elapsed_seconds_across_a_resume(tmp_path):
+    clock = iter([1000.0, 1005.5, 1010.0, 5000.0, 5002.25]).__next__  # two attempts, over an hour apart
+    logger = MetricLogger(tmp_path, enabled=True, clock=clock)  # starts at 1000
+    logger.log(1, {"x": 1.0})
+    logger.log(2, {"x": 2.0})
+    logger.close()
+    logger = MetricLogger(tmp_path, enabled=True, resume_step=2, clock=clock)  # resumed at 5000
+    logger.log(3, {"x": 3.0})
+    logger.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["time"], r["elapsed_s"]) for r in rows] == [
+        (1, 1005.5, 5.5), (2, 1010.0, 10.0), (3, 5002.25, 12.25)]  # the gap is not counted
+
+
+def test_metrics_rows_have_real_unix_timestamps(tmp_path):
+    before = time.time()
+    logger = MetricLogger(tmp_path, enabled=True)
+    logger.log(1, {"x": 1.0})
+    logger.close()
+    (row,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert before - 1 <= row["time"] <= time.time() + 1
+    assert 0 <= row["elapsed_s"] <= time.time() - before + 1
 
 
 def test_disabled_logger_writes_nothing(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline import data, ppo_math
+from pipeline import ppo_math
 from pipeline.generation import SamplingParams, hf_generate
 from pipeline.stages.ppo import PPOTrainer
 

@@ -103,7 +103,7 @@ def _scoring_trainer(tok, reward_tok, reward, same_tokenizer: bool) -> PPOTraine
     trainer.p = SimpleNamespace(micro_batch_size_per_gpu=2, reward_model_coef=1.0, score_norm="none")
     trainer.sizes = {"micro_batch_size_per_gpu": 2}
     trainer.cfg = SimpleNamespace(data=SimpleNamespace(max_prompt_len=24, max_response_len=24))
-    trainer.sampling = SimpleNamespace(temperature=1.0, min_new_tokens=0)
+    trainer.sampling = SimpleNamespace(temperature=1.0, min_new_tokens=0, max_new_tokens=24)
     trainer.ref, trainer.critic, trainer.rewards, trainer.reward_fn = _tiny_lm(len(tok)), reward, [reward], None
     trainer.reward_pad_ids = [reward.config.pad_token_id]  # what _load_models reads (models.pooling_pad_id)
     return trainer
