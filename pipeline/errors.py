@@ -8,6 +8,11 @@ class UserError(ValueError):
     """
 
 
+class SharedUserError(UserError):
+    """A UserError every rank raises alike (agreed over ranks by a collective): rank 0 alone prints
+    it. Any other UserError is printed by the rank that raised it, as only that rank may know."""
+
+
 class TrainingHalted(RuntimeError):
     """Training stopped itself to protect the weights (e.g. repeated non-finite rewards or losses).
 

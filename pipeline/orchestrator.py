@@ -23,7 +23,7 @@ from pipeline.config import (AUTO, Config, ModelConfig, max_new_tokens, parse_co
                              save_config)
 from pipeline.checkpoint import Checkpointer, StopRequest
 from pipeline.data import FIELDS, Source, file_digest, is_hub_name, load_role
-from pipeline.errors import PREEMPTED_EXIT_CODE, Preempted, TrainingHalted, UserError
+from pipeline.errors import PREEMPTED_EXIT_CODE, Preempted, SharedUserError, TrainingHalted, UserError
 from pipeline.monitoring import setup_logging
 from pipeline.stages.common import StageContext, ds_configs
 
@@ -382,7 +382,7 @@ def _agreed(d: engines.Dist, check) -> None:
     problems = engines.all_gather_object(problem) if d.world_size > 1 else [problem]
     for rank, message in enumerate(problems):
         if message:
-            raise UserError(message if problems[0] else f"on rank {rank} ({node_name()}): {message}")
+            raise SharedUserError(message if problems[0] else f"on rank {rank} ({node_name()}): {message}")
 
 
 def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
@@ -481,8 +481,9 @@ def placement(nodes: list[str]) -> str:
 def main(stages: tuple[str, ...], description: str, argv: list[str] | None = None) -> None:
     """Entry point of the launchers: parse, run, turn user mistakes into one paragraph + exit 2.
 
-    A mistake is reported by rank 0 alone; the other ranks exit with the same code without
-    repeating it. Every rank meets the same mistakes: the command line and config file are the same,
+    A mistake every rank meets (SharedUserError, or any before the process group exists) is reported
+    by rank 0 alone; the other ranks exit with the same code without repeating it; a mistake met by
+    one rank only is printed by that rank. Every rank meets the same mistakes: the command line and config file are the same,
     and the checks before the first stage agree over ranks (`_agreed`). Before the process group
     exists a rank cannot know that rank 0 saw the same, so then the first rank of each other node
     reports too (a config file may be missing on one node only)."""
@@ -491,10 +492,11 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
     # when a quiet rank exits, does not cut rank 0 off before it has printed the error
     rank = int(os.environ.get("RANK", "0"))  # the launcher's numbering, until the process group exists
     reports = rank == 0 or os.environ.get("LOCAL_RANK", "0") == "0"
+    pg_ready = False  # before the process group, every rank parsed the same command line
     try:
         cfg = parse_config(argv, description)
         d = engines.init_distributed(cfg.dist_timeout_minutes)
-        reports = d.is_main
+        reports, pg_ready = d.is_main, True
         setup_logging(d.is_main)
         log.info("world size %d, accelerator %s, output %s", d.world_size, engines.device(),
                  cfg.output_dir)
@@ -504,7 +506,7 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
         print(f"\nstopped: {e}", file=sys.stderr, flush=True)  # (after a progress bar)
         sys.exit(PREEMPTED_EXIT_CODE)
     except UserError as e:
-        if reports:
+        if reports or (pg_ready and not isinstance(e, SharedUserError)):  # only this rank may know
             print(f"\nerror: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except TrainingHalted as e:

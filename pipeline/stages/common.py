@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 from pipeline import data, engines
 from pipeline.checkpoint import Checkpointer, Resume, StopRequest
 from pipeline.config import Config, TrainConfig, global_batch, ppo_sizes, resolve_path
-from pipeline.errors import Preempted, UserError
+from pipeline.errors import Preempted, SharedUserError, UserError
 from pipeline.monitoring import MetricLogger, progress
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class StageContext:
         error = data.build_cached(path, build) if built else None
         errors = [e for e in engines.all_gather_object(error) if e]  # also the barrier before reading
         if errors:
-            raise UserError(errors[0])
+            raise SharedUserError(errors[0])
         log.info("stage %s: %s examples %s %s", self.stage_dir.name, role,
                  "tokenised and cached in" if built else "read from the cache", path)
         return data.read_cached(path)

@@ -27,7 +27,7 @@ import torch
 from pipeline import data, engines, ppo_math, reward_fns
 from pipeline.config import max_new_tokens, ppo_sizes
 from pipeline.dist_stats import global_mean as _global_mean, global_whiten as _global_whiten
-from pipeline.errors import TrainingHalted, UserError
+from pipeline.errors import SharedUserError, TrainingHalted, UserError
 from pipeline.generation import SamplingParams, make_backend, position_ids, response_mask
 from pipeline.models import (add_lora, causal_lm_loss, check_vocab, disable_dropout, enable_gradient_checkpointing,
                              load_causal_lm, load_scalar_model, load_tokenizer, lora_merge, pooling_pad_id,
@@ -335,7 +335,7 @@ class PPOTrainer:
             values, error = None, str(e)
         errors = [e for e in engines.all_gather_object(error) if e]
         if errors:
-            raise UserError(errors[0])
+            raise SharedUserError(errors[0])
         return values
 
     def _combine(self, exp: Experience) -> torch.Tensor:

@@ -36,6 +36,7 @@ VARIANTS = {
     "undefended": ["--ppo.adaptive_kl", "false", "--ppo.score_norm", "none"],
     "ptx": ["--ppo.ptx_coef", "1"],
     "ptx0.3": ["--ppo.ptx_coef", "0.3"],
+    "form_reward": ["--ppo.reward_fn", str(HERE / "sort_task.py") + ":form"],  # sort only: a format check
     "ensemble": ["--reward.ensemble_size", "3", "--ppo.ensemble_penalty", "1"],
 }
 

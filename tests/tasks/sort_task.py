@@ -65,6 +65,12 @@ def gold(prompts: list[str], responses: list[str]) -> list[float]:
     return [gold_one(p, r) for p, r in zip(prompts, responses, strict=True)]
 
 
+def form(prompts: list[str], responses: list[str]) -> list[float]:
+    """A rule-based format reward (`--ppo.reward_fn FILE.py:form`): 1 for a well-formed response,
+    else 0. What a user who knows the reward model's blind spot adds to its score."""
+    return [float(well_formed(p, r)) for p, r in zip(prompts, responses, strict=True)]
+
+
 def sample_prompt(rng: random.Random) -> str:
     xs = rng.sample(range(20), rng.randint(MIN_LEN, MAX_LEN))
     return "sort : " + " ".join(map(str, xs)) + " ."

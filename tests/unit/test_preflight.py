@@ -6,7 +6,7 @@ import pytest
 
 from pipeline import engines, orchestrator
 from pipeline.config import parse_config
-from pipeline.errors import UserError
+from pipeline.errors import SharedUserError, UserError
 
 ONE_RANK = engines.Dist(0, 1, 0, 1)
 
@@ -111,3 +111,19 @@ def test_a_check_that_fails_on_another_rank_only_is_raised_on_every_rank(monkeyp
     monkeypatch.setattr(engines, "all_gather_object", lambda obj: [obj, obj])
     with pytest.raises(UserError, match=r"^boom$"):
         orchestrator._agreed(engines.Dist(0, 2, 0, 2), lambda: (_ for _ in ()).throw(UserError("boom")))
+
+
+@pytest.mark.parametrize("error, printed", [(SharedUserError("agreed: every rank has it"), False),
+                                            (UserError("only rank 1 saw this row"), True)])
+def test_rank_1_prints_a_mistake_only_it_met_and_leaves_an_agreed_one_to_rank_0(monkeypatch, capsys, error, printed):
+    monkeypatch.setattr(engines, "init_distributed", lambda timeout: engines.Dist(1, 2, 1, 2))
+    monkeypatch.setattr(orchestrator, "setup_logging", lambda main: None)
+    monkeypatch.setattr(orchestrator, "placement", lambda names: "")
+    monkeypatch.setattr(engines, "all_gather_object", lambda obj: [obj, obj])
+    monkeypatch.setattr(orchestrator, "run", lambda *a: (_ for _ in ()).throw(error))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        orchestrator.main(orchestrator.STAGES, "test", [])
+    assert e.value.code == 2
+    assert (str(error) in capsys.readouterr().err) is printed
