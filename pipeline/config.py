@@ -143,7 +143,7 @@ class PPOConfig:
     kl_penalty: str = "reward"  # where the KL to the reference goes: reward (-beta KL_t in every token's reward: PPO, REINFORCE++) or loss (+ beta x KL of the current policy in the actor loss, aggregated like it: GRPO; needs kl_estimator k2 or k3)
     kl_estimator: str = "k1"  # per-token KL estimator of the penalty: k1 (log-ratio), k2 or k3
     kl_coef: float = 0.1  # initial beta of the KL penalty (in the reward or the loss, see kl_penalty)
-    adaptive_kl: bool = True  # adapt beta towards target_kl (Ziegler et al. 2019); false: beta stays kl_coef
+    adaptive_kl: bool = False  # adapt beta towards target_kl (Ziegler et al. 2019); false: beta stays kl_coef
     target_kl: float = 3.0  # adaptive controller target (sequence KL, nats per response)
     kl_horizon: int = 128  # adaptive controller horizon (samples): beta moves by up to 0.2 x min(rollout_batch_size / horizon, 1) per iteration (5% at 32 rollouts)
     kl_alarm: float = 0.0  # warn (alarm/kl_to_ref) when the rollout KL to the reference exceeds this many nats (0: 2 x target_kl with adaptive_kl, else off)
@@ -154,7 +154,7 @@ class PPOConfig:
     ensemble_penalty: float = 0.0  # with a reward-model ensemble (reward.ensemble_size > 1): reward = mean - ensemble_penalty x std over the members, each normalised on its held-out pairs (Coste et al. 2023)
     eval_reward_fn: str = ""  # FILE.py:NAME or module:NAME, f(prompts, responses) -> floats: your gold metric, logged as eval/gold_score (evaluation only); empty: the default task's gold on its own prompts, none otherwise
     select_best: str = ""  # also keep the policy with the best value of this evaluation metric (e.g. eval/gold_score) as <ppo>/model_best; empty: off
-    score_norm: str = "sft"  # the reward model's score before the KL penalty and score_clip: none, sft (fixed mean/std of the scores of the SFT policy's held-out responses at step 0; beta then means the same on every task) or running (running mean/std of every rollout's scores)
+    score_norm: str = "none"  # the reward model's score before the KL penalty and score_clip: none, sft (fixed mean/std of the scores of the SFT policy's held-out responses at step 0; beta then means the same on every task) or running (running mean/std of every rollout's scores)
     early_stop_kl: float = 0.0  # stop the epoch loop when approx KL to pi_old exceeds this (0: off)
     max_nonfinite_skips: int = 3  # stop after this many non-finite updates in a row
     gradient_clipping: float = 1.0  # max global gradient norm for actor and critic

@@ -26,17 +26,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 TASKS = {"sort": HERE / "sort_task.py", "distinct": HERE / "distinct_task.py"}
-# Each variant's flags on top of the task's data and model flags. `defaults` (first: it trains the
-# SFT and reward stages the others reuse) is what a user gets; `undefended` switches the
-# over-optimisation defences that are on by default off (a fixed beta, raw reward-model scores);
-# `ptx` and `ensemble` add the optional ones: PPO-ptx on the SFT rows (InstructGPT), three reward
-# models with reward = mean - std of their normalised scores (Coste et al. 2023).
+# Each variant's flags on top of the task's data and model flags. `defaults` is what a user gets;
+# the others add defences against over-optimisation: `adaptive_sft` the adaptive KL controller
+# (target 3 nats, horizon 128) with scores in units of the SFT policy's; `ptx` PPO-ptx on the SFT
+# rows (InstructGPT); `ensemble` three reward models with reward = mean - std of their normalised
+# scores (Coste et al. 2023); `form_reward` (sort only) a rule-based format check added to the
+# reward-model score, what a user who knows the reward model's blind spot would add.
 VARIANTS = {
     "defaults": [],
-    "undefended": ["--ppo.adaptive_kl", "false", "--ppo.score_norm", "none"],
+    "adaptive_sft": ["--ppo.adaptive_kl", "true", "--ppo.score_norm", "sft"],
     "ptx": ["--ppo.ptx_coef", "1"],
     "ptx0.3": ["--ppo.ptx_coef", "0.3"],
-    "form_reward": ["--ppo.reward_fn", str(HERE / "sort_task.py") + ":form"],  # sort only: a format check
+    "form_reward": ["--ppo.reward_fn", str(HERE / "sort_task.py") + ":form"],
     "ensemble": ["--reward.ensemble_size", "3", "--ppo.ensemble_penalty", "1"],
 }
 
@@ -120,6 +121,17 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['task']} | {r['seed']} | {r['variant']} | {f(r['rm_accuracy'])} | {f(r['gold_sft'])} -> "
                      f"{f(r['gold_ppo'])} | {f(r['win_rate'])} | {f(r['kl'], 2)} | {f(r['ensemble_std_sft'])} -> "
                      f"{f(r['ensemble_std_ppo'])} | {f(r['alarm_kl'])}, {f(r['alarm_ensemble'])} | {r['wall_s']} |")
+    lines += ["", "| task | variant | seeds | gold gain mean (min) | runs with gold >= SFT | win rate mean (min) | KL mean (max) |",
+              "|---|---|---|---|---|---|---|"]
+    for key in dict.fromkeys((r["task"], r["variant"]) for r in rows):
+        rs = [r for r in rows if (r["task"], r["variant"]) == key and r["gold_ppo"] is not None]
+        if not rs:
+            continue
+        gains, wins, kls = ([r["gold_ppo"] - r["gold_sft"] for r in rs], [r["win_rate"] for r in rs],
+                            [r["kl"] for r in rs])
+        lines.append(f"| {key[0]} | {key[1]} | {len(rs)} | {sum(gains) / len(rs):+.3f} ({min(gains):+.3f}) | "
+                     f"{sum(g >= 0 for g in gains)}/{len(rs)} | {sum(wins) / len(rs):.3f} ({min(wins):.3f}) | "
+                     f"{sum(kls) / len(rs):.2f} ({max(kls):.2f}) |")
     return "\n".join(lines)
 
 
@@ -128,15 +140,26 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tasks", nargs="+", default=["default", "sort", "distinct"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    ap.add_argument("--variants", nargs="+", default=["defaults", "undefended"], choices=list(VARIANTS),
+    ap.add_argument("--variants", nargs="+", default=["defaults", "adaptive_sft"], choices=list(VARIANTS),
                     help="the first trains the SFT and reward stages the others reuse")
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--report", action="store_true", help="only print the table of the finished cells (runs nothing)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags added to every run")
     args = ap.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     share = max(1, len(cpus) // args.jobs)
     for j in range(args.jobs):
         CORES.put(",".join(map(str, cpus[j * share:(j + 1) * share] or cpus)))
+    if args.report:
+        rows = []
+        for t in args.tasks:
+            for seed in args.seeds:
+                for v in args.variants:
+                    out = args.out / v / f"{t}_s{seed}"
+                    if (out / "wall.json").is_file():
+                        rows.append(row(t, seed, v, out, json.loads((out / "wall.json").read_text())["wall_s"]))
+        print(table(rows))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     cells = [(t, s) for s in args.seeds for t in args.tasks]
     with ThreadPoolExecutor(args.jobs) as pool:
