@@ -32,5 +32,15 @@ def launch(script: str, *args: str, num_gpus: int | None = None, timeout: int = 
     return proc
 
 
+# Wall-clock and machine readings differ between any two runs; everything else must not.
+VOLATILE = ("time", "elapsed_s", "perf/", "memory/")  # wall-clock readings: "time" also covers "time/..."
+
+
+def metric_rows(path: Path) -> list[dict]:
+    """A stage's metrics.jsonl without its VOLATILE readings: equal for two runs that trained alike."""
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(VOLATILE)}
+            for line in path.read_text().splitlines()]
+
+
 def summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "summary.json").read_text())

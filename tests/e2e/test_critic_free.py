@@ -1,22 +1,15 @@
 """Tier 3: a critic-free recipe (launch/configs/grpo.yaml) on the tiny preset: no critic engine is
 built, scored with, trained or checkpointed; the group metrics are logged; the run finishes; and a
 resume from its iteration-2 checkpoint ends exactly where the uninterrupted run ended."""
-import json
 import shutil
 
-from launch_util import REPO, TINY, launch
+from launch_util import REPO, TINY, launch, metric_rows
 
 GRPO = REPO / "launch" / "configs" / "grpo.yaml"
 # 4 prompts x 4 samples = 16 rows per iteration, the tiny preset's 16; checkpoint at iteration 2 of 4
 ARGS = ("--config", str(TINY), "--config", str(GRPO), "--ppo.rollout_batch_size", "4", "--save_steps", "2")
 CRITIC_KEYS = ("ppo/value_loss", "ppo/value_clip_fraction", "ppo/value_explained_variance", "ppo/critic_lr",
                "ppo/critic_grad_norm")
-VOLATILE = ("time/", "perf/", "memory/")
-
-
-def _rows(path):
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith(VOLATILE)}
-            for line in path.read_text().splitlines()]
 
 
 def test_grpo_runs_without_a_critic_and_resumes_exactly(pristine_run, tmp_path):
@@ -29,7 +22,7 @@ def test_grpo_runs_without_a_critic_and_resumes_exactly(pristine_run, tmp_path):
     assert "engine actor" in log and "engine critic" not in log
     assert "stage sft" in log and "stage ppo" in log
     ppo = out / "ppo"
-    rows = _rows(ppo / "metrics.jsonl")
+    rows = metric_rows(ppo / "metrics.jsonl")
     train = [r for r in rows if "ppo/policy_loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for r in train:
@@ -47,5 +40,5 @@ def test_grpo_runs_without_a_critic_and_resumes_exactly(pristine_run, tmp_path):
     resumed = launch("ppo.py", *ARGS, "--output_dir", str(out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "stage ppo: resuming from iteration 2" in resumed.stdout + resumed.stderr
-    assert _rows(ppo / "metrics.jsonl") == expected_rows
+    assert metric_rows(ppo / "metrics.jsonl") == expected_rows
     assert (ppo / "model" / "model.safetensors").read_bytes() == expected_model

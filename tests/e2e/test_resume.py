@@ -12,17 +12,10 @@ import time
 
 import psutil
 import pytest
-from launch_util import REPO, TINY, free_port, launch
+from launch_util import REPO, TINY, free_port, launch, metric_rows
 
 from pipeline.checkpoint import verify
 
-# Wall-clock and machine readings differ between any two runs; everything else must not.
-VOLATILE = ("time", "elapsed_s", "perf/", "memory/")  # wall-clock readings: "time" also covers "time/..."
-
-
-def _rows(path):
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith(VOLATILE)}
-            for line in path.read_text().splitlines()]
 
 
 def _bytes(path):
@@ -103,7 +96,7 @@ def test_sft_sigkill_then_resume_is_exact(sft_killed_and_resumed):
     assert "stage sft: resuming from step" in resumed.stdout
     # Bitwise: same CPU, same threads, same order of every reduction; nothing else is tolerated.
     assert _bytes(out / "sft" / "model" / "model.safetensors") == _bytes(ref / "sft" / "model" / "model.safetensors")
-    assert _rows(out / "sft" / "metrics.jsonl") == _rows(ref / "sft" / "metrics.jsonl")
+    assert metric_rows(out / "sft" / "metrics.jsonl") == metric_rows(ref / "sft" / "metrics.jsonl")
 
 
 def test_damaged_checkpoint_falls_back_to_the_previous_one(sft_killed_and_resumed, tmp_path):
@@ -183,7 +176,7 @@ def test_ppo_sigkill_then_resume_is_exact(ppo_killed_and_resumed):
     assert "stage sft is up to date" in resumed.stdout and "stage reward is up to date" in resumed.stdout
     assert "stage ppo: resuming from step" in resumed.stdout
     assert _bytes(out / "ppo" / "model" / "model.safetensors") == _bytes(ref / "ppo" / "model" / "model.safetensors")
-    assert _rows(out / "ppo" / "metrics.jsonl") == _rows(ref / "ppo" / "metrics.jsonl")
+    assert metric_rows(out / "ppo" / "metrics.jsonl") == metric_rows(ref / "ppo" / "metrics.jsonl")
     for key in ("gold_score_final", "gold_win_rate_vs_sft", "kl_to_ref", "reward_score_final"):
         a = json.loads((out / "summary.json").read_text())["ppo"][key]
         b = json.loads((ref / "summary.json").read_text())["ppo"][key]
