@@ -24,6 +24,8 @@ from pathlib import Path
 PACKAGES = ("slurm-wlm", "munge")
 BINARIES = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel")
 NODES = {"node1": "127.0.0.2", "node2": "127.0.0.3"}
+LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE",
+                 "LOCAL_WORLD_SIZE", "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK")
 
 
 class Unavailable(RuntimeError):
@@ -124,8 +126,15 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
         out.close()
 
     def env(self) -> dict[str, str]:
-        """The environment for SLURM commands (sbatch, squeue, ...) against this cluster."""
-        return {**os.environ, "SLURM_CONF": str(self.conf)}
+        """The environment for SLURM commands (sbatch, squeue, ...) against this cluster.
+
+        Without the rendezvous and rank variables a process of ours may carry (an in-process
+        test's `init_distributed` sets MASTER_ADDR=127.0.0.1, MASTER_PORT, RANK, WORLD_SIZE in
+        os.environ): sbatch exports its environment to the job, and job.sh takes a MASTER_ADDR it
+        finds as the user's override of the first node's address.
+        """
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+        return {**env, "SLURM_CONF": str(self.conf)}
 
     def start(self, timeout: float = 60) -> None:
         if os.geteuid() != 0:
