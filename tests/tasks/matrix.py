@@ -40,6 +40,10 @@ VARIANTS = {
     "form_reward": ["--ppo.reward_fn", str(HERE / "sort_task.py") + ":form"],
     "ensemble": ["--reward.ensemble_size", "3", "--ppo.ensemble_penalty", "1"],
 }
+# The estimator recipes of launch/configs/ (`defaults` is the PPO-GAE recipe): compared with
+# `--iterations VARIANT=N` giving each the iterations of one wall-time budget.
+RECIPES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+VARIANTS.update({r: ["--config", str(REPO / "launch" / "configs" / f"{r}.yaml")] for r in RECIPES})
 
 
 def task_flags(task: str, seed: int, data: Path) -> list[str]:
@@ -83,7 +87,14 @@ def row(task: str, seed: int, variant: str, out: Path, wall: float) -> dict:
             "ensemble_std_sft": ppo.get("ensemble_std_sft"), "ensemble_std_ppo": ppo.get("ensemble_std_final"),
             "alarm_kl": ppo.get("alarm_kl_iterations"), "alarm_ensemble": ppo.get("alarm_ensemble_evaluations"),
             "best_iteration": ppo.get("best_iteration"), "ppo_s_per_iter": ppo["seconds_per_iteration"],
+            "iterations": ppo["iterations"], "peak_rss_gb": _peak_rss(out / "ppo" / "metrics.jsonl"),
             "stage_wall_s": {k: round(v["wall_s"]) for k, v in s.items() if not v.get("skipped")}, "wall_s": round(wall)}
+
+
+def _peak_rss(metrics: Path) -> float | None:
+    """The PPO process's peak resident memory (GB, per rank: every rank logs its own; rank 0's here)."""
+    peaks = [json.loads(x).get("memory/peak_rss_gb") for x in metrics.read_text().splitlines()]
+    return max((p for p in peaks if p is not None), default=None)
 
 
 def cell(task: str, seed: int, args) -> list[dict]:
@@ -103,7 +114,8 @@ def _cell(task: str, seed: int, args, cores: str) -> list[dict]:
             if out != first and (first / stage).is_dir() and not (out / stage).exists():
                 shutil.copytree(first / stage, out / stage, ignore=shutil.ignore_patterns("checkpoints"))
         if not (out / "summary.json").is_file() or "ppo" not in json.loads((out / "summary.json").read_text()):
-            wall = launch(out, [*flags, *VARIANTS[variant], *args.extra], seed, cores)
+            iters = ["--ppo.num_iterations", str(args.iterations[variant])] if variant in args.iterations else []
+            wall = launch(out, [*flags, *VARIANTS[variant], *iters, *args.extra], seed, cores)
         else:
             wall = json.loads((out / "wall.json").read_text())["wall_s"]
         (out / "wall.json").write_text(json.dumps({"wall_s": wall}))
@@ -132,6 +144,18 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {key[0]} | {key[1]} | {len(rs)} | {sum(gains) / len(rs):+.3f} ({min(gains):+.3f}) | "
                      f"{sum(g >= 0 for g in gains)}/{len(rs)} | {sum(wins) / len(rs):.3f} ({min(wins):.3f}) | "
                      f"{sum(kls) / len(rs):.2f} ({max(kls):.2f}) |")
+    lines += ["", "| task | variant | seeds | iterations | gold PPO mean (min) | win rate mean (min) | KL mean (max) | "
+              "PPO s/iteration | PPO wall s | peak RSS GB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key in dict.fromkeys((r["task"], r["variant"]) for r in rows):
+        rs = [r for r in rows if (r["task"], r["variant"]) == key and r["gold_ppo"] is not None]
+        if not rs:
+            continue
+        mean = lambda k, rs=rs: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+        lines.append(f"| {key[0]} | {key[1]} | {len(rs)} | {rs[0]['iterations']} | {mean('gold_ppo'):.3f} "
+                     f"({min(r['gold_ppo'] for r in rs):.3f}) | {mean('win_rate'):.3f} ({min(r['win_rate'] for r in rs):.3f}) | "
+                     f"{mean('kl'):.2f} ({max(r['kl'] for r in rs):.2f}) | {mean('ppo_s_per_iter'):.2f} | "
+                     f"{sum(r['stage_wall_s'].get('ppo', 0) for r in rs) / len(rs):.0f} | "
+                     f"{f(max((r['peak_rss_gb'] or 0) for r in rs), 2)} |")
     return "\n".join(lines)
 
 
@@ -144,8 +168,11 @@ def main() -> None:
                     help="the first trains the SFT and reward stages the others reuse")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="only print the table of the finished cells (runs nothing)")
+    ap.add_argument("--iterations", nargs="+", default=[], metavar="VARIANT=N",
+                    help="PPO iterations of a variant (e.g. the same wall-time budget for each estimator recipe)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags added to every run")
     args = ap.parse_args()
+    args.iterations = {k: int(v) for k, v in (x.split("=", 1) for x in args.iterations)}
     cpus = sorted(os.sched_getaffinity(0))
     share = max(1, len(cpus) // args.jobs)
     for j in range(args.jobs):
