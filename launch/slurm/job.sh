@@ -58,7 +58,7 @@ network=$(env | grep -E '^(NCCL|GLOO|TORCH_NCCL)_' | sort | paste -sd' ' -)
 
 log "job $SLURM_JOB_ID attempt $attempt: launch/$script on $nnodes node(s) ($nodes) x $procs rank(s);" \
     "rendezvous $MASTER_ADDR:$MASTER_PORT; per-node logs $log_dir/attempt$attempt-node*.log"
-log "network settings: ${network:-none} (see README, GPU clusters: NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...)"
+log "network settings: ${network:-none} (see docs/slurm.md, GPU clusters (NCCL): NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...)"
 
 # ---- stop signals
 # SIGUSR1 to this shell (`#SBATCH --signal=B:USR1@N`, `scancel -b -s USR1`): forward it to every

@@ -20,7 +20,7 @@ chosen = higher gold, labels flipped with probability `label_noise`; held-out pa
 The hack it invites: the reward model never sees a repeated word, so repeating the member word it
 likes best (`apple apple apple apple .`) may score high under the reward model while its gold is 0.
 Nor does it see a list of another length: an empty or one-word answer is another way out (the one
-PPO took in the first baseline run, see README.md here).
+PPO took in the first baseline run, see tests/tasks/README.md).
 """
 from __future__ import annotations
 
