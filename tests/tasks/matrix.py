@@ -82,8 +82,8 @@ def row(task: str, seed: int, variant: str, out: Path, wall: float) -> dict:
     members = [v["eval_accuracy"] for k, v in s.items() if k.startswith("reward")]
     return {"task": task, "seed": seed, "variant": variant, "rm_accuracy": members[0] if members else None,
             "rm_members": len(members), "gold_sft": ppo.get("gold_score_sft"), "gold_ppo": ppo.get("gold_score_final"),
-            "win_rate": ppo.get("gold_win_rate_vs_sft"), "kl": ppo["kl_to_ref"],
-            "reward_sft": ppo["reward_score_sft"], "reward_ppo": ppo["reward_score_final"],
+            "win_rate": ppo.get("gold_win_rate_vs_sft"), "kl": ppo.get("kl_to_ref"),
+            "reward_sft": ppo.get("reward_score_sft"), "reward_ppo": ppo.get("reward_score_final"),
             "ensemble_std_sft": ppo.get("ensemble_std_sft"), "ensemble_std_ppo": ppo.get("ensemble_std_final"),
             "alarm_kl": ppo.get("alarm_kl_iterations"), "alarm_ensemble": ppo.get("alarm_ensemble_evaluations"),
             "best_iteration": ppo.get("best_iteration"), "ppo_s_per_iter": ppo["seconds_per_iteration"],
