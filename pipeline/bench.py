@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from pipeline import data, engines, ppo_math
+from pipeline import data, engines, estimators, ppo_math
 from pipeline.config import parse_config
 from pipeline.errors import UserError
 from pipeline.generation import hf_generate, naive_generate, position_ids, response_mask
@@ -290,7 +290,7 @@ def _logprobs(model, seq: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, w
 
 def plain_iteration(m: dict[str, Any], tok, batch: list[dict], p, params, w: Workload,
                     seed: int) -> dict[str, float]:
-    """One PPO iteration without DeepSpeed on the whole batch, with the stage's math (`ppo_math`):
+    """One PPO iteration without DeepSpeed on the whole batch, with the stage's math (`ppo_math`, `estimators`):
     generate, score, KL-shaped rewards, GAE, whitening, `num_ppo_epochs` passes of mini-batches
     with AdamW on actor and critic. Returns seconds per phase."""
     timer, prompts = PhaseTimer(), data.collate_prompts(batch, tok.pad_token_id)
@@ -312,7 +312,7 @@ def plain_iteration(m: dict[str, Any], tok, batch: list[dict], p, params, w: Wor
     with timer("advantages"):
         kl = ppo_math.kl_estimate(old_lp, ref_lp, p.kl_estimator) * rmask
         rewards = ppo_math.shape_rewards(score, kl, rmask, p.kl_coef, p.score_clip or None)
-        adv, ret = ppo_math.gae_advantages(rewards, old_v, rmask, p.gamma, p.lam)
+        adv, ret = estimators.gae_advantages(rewards, old_v, rmask, p.gamma, p.lam)
         adv = ppo_math.masked_whiten(adv, rmask)
     with timer("training"):
         g = torch.Generator().manual_seed(seed)

@@ -138,7 +138,7 @@ class PPOConfig:
     entropy_coef: float = 0.0  # c2, entropy bonus weight
     gamma: float = 1.0  # GAE discount
     lam: float = 0.95  # GAE lambda
-    advantage_mode: str = "gae"  # the advantage estimator (pipeline/ppo_math.py ADVANTAGE_ESTIMATORS): gae (token-level GAE) or sequence (A = R - V(prompt)), both with a critic; critic-free (no critic engine at all): grpo, dr_grpo, rloo, reinforce_pp_baseline (groups: num_samples_per_prompt >= 2) and reinforce_pp
+    advantage_mode: str = "gae"  # the advantage estimator (pipeline/estimators.py ADVANTAGE_ESTIMATORS): gae (token-level GAE) or sequence (A = R - V(prompt)), both with a critic; critic-free (no critic engine at all): grpo, dr_grpo, rloo, reinforce_pp_baseline (groups: num_samples_per_prompt >= 2) and reinforce_pp
     whiten_advantages: bool = True  # whiten advantages over the masked rollout of every rank (reinforce_pp and reinforce_pp_baseline always do)
     kl_penalty: str = "reward"  # where the KL to the reference goes: reward (-beta KL_t in every token's reward: PPO, REINFORCE++) or loss (+ beta x KL of the current policy in the actor loss, aggregated like it: GRPO; needs kl_estimator k2 or k3)
     kl_estimator: str = "k1"  # per-token KL estimator of the penalty: k1 (log-ratio), k2 or k3
@@ -367,9 +367,10 @@ def validate_rewards(cfg: Config) -> None:
 
 
 def validate_estimator(p: PPOConfig) -> None:
-    """The advantage estimator (a name of ppo_math's registry), groups, the KL placement and the
+    """The advantage estimator (a name of the registry in pipeline/estimators.py), groups, the KL placement and the
     policy-loss variants."""
-    from pipeline.ppo_math import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES
+    from pipeline.estimators import ADVANTAGE_ESTIMATORS
+    from pipeline.ppo_math import KL_ESTIMATORS, LOSS_AGG_MODES
 
     name = p.advantage_mode
     if name not in ADVANTAGE_ESTIMATORS:

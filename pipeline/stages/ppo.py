@@ -4,7 +4,7 @@ One iteration, one method per phase (see `PPOTrainer.iteration`):
   1. generate    sample num_samples_per_prompt responses per prompt from the actor (eval mode); pi_old
   2. score       reference log-probs, reward-model score at the last real token, critic values
   3. advantages  per-token KL penalty + clipped score; the estimator ppo.advantage_mode (GAE,
-                 A = R - V(prompt), or a critic-free one: ppo_math.ADVANTAGE_ESTIMATORS)
+                 A = R - V(prompt), or a critic-free one: estimators.ADVANTAGE_ESTIMATORS)
   4. update      num_ppo_epochs x mini-batches: clipped surrogate - c2 entropy (+ beta x KL with
                  kl_penalty loss; + ptx_coef x LM loss on supervised rows: PPO-ptx); clipped value
                  loss (with a critic); EMA of the actor after each step
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import data, engines, ppo_math, reward_fns
+from pipeline import data, engines, estimators, ppo_math, reward_fns
 from pipeline.config import max_new_tokens, ppo_sizes
 from pipeline.dist_stats import global_mean as _global_mean, global_whiten as _global_whiten
 from pipeline.errors import SharedUserError, TrainingHalted, UserError
@@ -69,7 +69,7 @@ class PPOTrainer:
         cfg, p, d = ctx.cfg, ctx.cfg.ppo, ctx.dist
         self.cfg, self.p, self.d, self.stage_dir = cfg, p, d, ctx.stage_dir
         self.sizes = ppo_sizes(p, d.world_size)
-        self.estimator = ppo_math.ADVANTAGE_ESTIMATORS[p.advantage_mode]
+        self.estimator = estimators.ADVANTAGE_ESTIMATORS[p.advantage_mode]
         self.ds = ds_configs(cfg, "ppo", d.world_size)
         self._load_inputs(ctx)
         engines.seed_everything(cfg.seed)
@@ -393,9 +393,9 @@ class PPOTrainer:
         kl = ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, p.kl_estimator) * m
         beta = self.kl_ctl.value if p.kl_penalty == "reward" else 0.0  # else a term of the actor loss
         rewards = ppo_math.shape_rewards(scores, kl, m, beta, p.score_clip or None)
-        inputs = ppo_math.AdvantageInputs(rewards, m, exp.old_values, exp.prompt_values, exp.group_ids, p.gamma, p.lam)
+        inputs = estimators.AdvantageInputs(rewards, m, exp.old_values, exp.prompt_values, exp.group_ids, p.gamma, p.lam)
         # A group lives on one rank (generate), so group baselines are local; whitening is global.
-        adv, ret = ppo_math.estimate_advantages(p.advantage_mode, inputs, p.whiten_advantages, _global_whiten)
+        adv, ret = estimators.estimate_advantages(p.advantage_mode, inputs, p.whiten_advantages, _global_whiten)
         return dataclasses.replace(exp, rewards=rewards, advantages=adv, returns=ret)
 
     # ------------------------------------------------------------ 4. training
@@ -621,7 +621,7 @@ class PPOTrainer:
             out["ppo/value_explained_variance"] = _global_mean(
                 ppo_math.explained_variance(exp.old_values, exp.returns, m)[None])
         if self.p.num_samples_per_prompt > 1:  # groups of responses to one prompt (each on one rank)
-            all_equal, std = ppo_math.group_score_metrics(exp.scores, exp.group_ids)
+            all_equal, std = estimators.group_score_metrics(exp.scores, exp.group_ids)
             out["rollout/group_all_equal_fraction"] = _global_mean(all_equal)
             out["rollout/group_score_std"] = _global_mean(std)
         if exp.fn_scores is not None and exp.rm_scores is not None:  # the two parts of the score

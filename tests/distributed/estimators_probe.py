@@ -1,5 +1,5 @@
 """Run under `deepspeed --num_gpus 2` (or in-process with one rank): the advantages of every group
-estimator for one fixed rollout, computed as the PPO stage computes them (`ppo_math.estimate_advantages`
+estimator for one fixed rollout, computed as the PPO stage computes them (`estimators.estimate_advantages`
 with the all-rank `dist_stats.global_whiten`), from this rank's share of the rows. Used by
 test_estimators_two_ranks.py; writes <folder>/estimators.rank<R> (JSON).
 
@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline import dist_stats, engines, ppo_math
+from pipeline import dist_stats, engines, estimators
 
 PROMPTS, SAMPLES, WIDTH = 4, 4, 5
 NAMES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae")
 
 
-def rollout() -> ppo_math.AdvantageInputs:
+def rollout() -> estimators.AdvantageInputs:
     """PROMPTS x SAMPLES rows, prompt-major (row = prompt * SAMPLES + sample), seeded; float64."""
     g = torch.Generator().manual_seed(0)
     rows = PROMPTS * SAMPLES
@@ -28,7 +28,7 @@ def rollout() -> ppo_math.AdvantageInputs:
     rewards[torch.arange(rows), lengths - 1] += score
     values = torch.randn(rows, WIDTH, generator=g, dtype=torch.float64)
     groups = torch.arange(PROMPTS).repeat_interleave(SAMPLES)
-    return ppo_math.AdvantageInputs(rewards * mask, mask, values=values, group_ids=groups, gamma=1.0, lam=0.95)
+    return estimators.AdvantageInputs(rewards * mask, mask, values=values, group_ids=groups, gamma=1.0, lam=0.95)
 
 
 def rows_of(rank: int, world: int, layout: str) -> torch.Tensor:
@@ -43,12 +43,12 @@ def advantages(rank: int, world: int, layout: str) -> dict:
     """{estimator: [[row, advantages...], ...]} of this rank's rows (whitening on, as by default)."""
     full, idx = rollout(), rows_of(rank, world, layout)
     dev = engines.device()
-    mine = ppo_math.AdvantageInputs(full.rewards[idx].to(dev), full.response_mask[idx].to(dev),
+    mine = estimators.AdvantageInputs(full.rewards[idx].to(dev), full.response_mask[idx].to(dev),
                                     values=full.values[idx].to(dev), group_ids=full.group_ids[idx].to(dev),
                                     gamma=full.gamma, lam=full.lam)
     out = {}
     for name in NAMES:
-        adv, _ = ppo_math.estimate_advantages(name, mine, True, dist_stats.global_whiten)
+        adv, _ = estimators.estimate_advantages(name, mine, True, dist_stats.global_whiten)
         out[name] = [[int(r), *a] for r, a in zip(idx.tolist(), adv.cpu().tolist())]
     return out
 

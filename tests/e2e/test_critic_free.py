@@ -1,6 +1,8 @@
 """Tier 3: a critic-free recipe (launch/configs/grpo.yaml) on the tiny preset: no critic engine is
 built, scored with, trained or checkpointed; the group metrics are logged; the run finishes; and a
-resume from its iteration-2 checkpoint ends exactly where the uninterrupted run ended."""
+resume from its iteration-2 checkpoint ends exactly where the uninterrupted run ended. The same
+recipe with a reward function instead of a reward model (`--ppo.reward_model_coef 0 --ppo.reward_fn`)
+trains no reward model and scores with the function alone."""
 import shutil
 
 from launch_util import REPO, TINY, launch, metric_rows
@@ -42,3 +44,39 @@ def test_grpo_runs_without_a_critic_and_resumes_exactly(pristine_run, tmp_path):
     assert "stage ppo: resuming from iteration 2" in resumed.stdout + resumed.stderr
     assert metric_rows(ppo / "metrics.jsonl") == expected_rows
     assert (ppo / "model" / "model.safetensors").read_bytes() == expected_model
+
+
+# The default task's gold shifted by 100: scores no reward model gives, so the metrics show whose
+# scores they are (GRPO's group normalisation ignores the shift).
+SHIFTED_GOLD = """from pipeline.default_task import gold
+
+
+def shifted_gold(prompts, responses):
+    return [100.0 + g for g in gold(prompts, responses)]
+"""
+
+
+def test_grpo_with_a_reward_function_instead_of_a_reward_model(tmp_path):
+    fn = tmp_path / "my_reward.py"
+    fn.write_text(SHIFTED_GOLD)
+    out = tmp_path / "run"
+    proc = launch("ppo.py", *ARGS, "--ppo.reward_model_coef", "0", "--ppo.reward_fn", f"{fn}:shifted_gold",
+                  "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "stage sft: starting" in log and "stage ppo: starting" in log and "stage reward: starting" not in log
+    assert "stage reward is not needed: PPO's reward is ppo.reward_fn alone" in log
+    assert not (out / "reward").exists()  # no reward model trained
+    assert f"reward = 1 x {fn}:shifted_gold;" in log
+    assert "engine actor" in log and "engine reward" not in log and "engine critic" not in log
+    rows = metric_rows(out / "ppo" / "metrics.jsonl")
+    train = [r for r in rows if "ppo/policy_loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for r in train:  # the training rollouts are scored by the function (gold is in [-2.25, 1])
+        assert 97.75 <= r["rollout/score_mean"] <= 101, r
+        assert 0 <= r["rollout/group_all_equal_fraction"] <= 1 and r["rollout/group_score_std"] >= 0
+    evals = [r for r in rows if "eval/reward_score" in r]
+    assert evals
+    for r in evals:  # the same held-out responses: the function's score is the gold + 100
+        assert abs(r["eval/reward_score"] - (r["eval/gold_score"] + 100)) < 1e-3, r
+    assert (out / "ppo" / "model" / "model.safetensors").is_file()

@@ -1,22 +1,21 @@
-"""Unit tests for the advantage-estimator registry and the policy-loss variants of pipeline/ppo_math.py,
-against numbers worked out by hand (as test_ppo_math.py does for GAE and the clipped surrogate)."""
+"""Unit tests for pipeline/estimators.py: the advantage-estimator registry, GAE and the sequence
+advantages against naive per-row loops, the group estimators against numbers worked out by hand."""
 
 import math
 
 import pytest
 import torch
 
-from pipeline.ppo_math import (
+from pipeline.estimators import (
     ADVANTAGE_ESTIMATORS,
     AdvantageInputs,
-    aggregate_loss,
     estimate_advantages,
+    gae_advantages,
     group_score_metrics,
     group_stats,
-    kl_penalty_loss,
-    masked_whiten,
-    policy_loss,
+    sequence_advantages,
 )
+from pipeline.ppo_math import masked_whiten
 
 
 def close(a, b, tol=1e-6):
@@ -110,8 +109,102 @@ def test_reinforce_pp_baseline_subtracts_the_group_mean_then_whitens():
     close(white, masked_whiten(adv, MASK))
 
 
+# ---------------------------------------------------------------------------------------------- GAE
+
+
+def naive_gae(rewards, values, mask, gamma, lam):
+    """Per-row Python loop over the real tokens of each row (in order); value after the last is 0."""
+    B, R = len(rewards), len(rewards[0])
+    adv = [[0.0] * R for _ in range(B)]
+    ret = [[0.0] * R for _ in range(B)]
+    for b in range(B):
+        idx = [t for t in range(R) if mask[b][t]]
+        last_gae, next_v = 0.0, 0.0
+        for t in reversed(idx):
+            delta = float(rewards[b][t]) + gamma * next_v - float(values[b][t])
+            last_gae = delta + gamma * lam * last_gae
+            adv[b][t] = last_gae
+            ret[b][t] = last_gae + float(values[b][t])
+            next_v = float(values[b][t])
+    return torch.tensor(adv, dtype=torch.float64), torch.tensor(ret, dtype=torch.float64)
+
+
+def test_gae_hand_worked_gamma1_lam1():
+    # gamma = lam = 1: A_t = (sum of rewards from t on) - V_t = 1 - V_t; returns = 1
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7]])
+    adv, ret = gae_advantages(rewards, values, torch.ones(1, 3), gamma=1.0, lam=1.0)
+    close(adv, [[0.5, 0.4, 0.3]])
+    close(ret, [[1.0, 1.0, 1.0]])
+
+
+def test_gae_hand_worked_gamma09_lam095():
+    # delta_2 = 1 + 0 - 0.7 = 0.3 ; delta_1 = 0 + 0.9*0.7 - 0.6 = 0.03 ; delta_0 = 0 + 0.9*0.6 - 0.5 = 0.04
+    # gamma*lam = 0.855: A_2 = 0.3 ; A_1 = 0.03 + 0.855*0.3 = 0.2865 ; A_0 = 0.04 + 0.855*0.2865 = 0.2849575
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7, 5.0, -9.0]])  # last two positions are padding
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    adv, ret = gae_advantages(rewards, values, mask, gamma=0.9, lam=0.95)
+    close(adv, [[0.2849575, 0.2865, 0.3, 0.0, 0.0]])
+    close(ret, [[0.7849575, 0.8865, 1.0, 0.0, 0.0]])
+
+
+def test_gae_matches_naive_loop_under_masks():
+    g = torch.Generator().manual_seed(4)
+    mask = torch.tensor(
+        [
+            [1, 1, 1, 1, 1, 1],  # full length
+            [1, 1, 1, 0, 0, 0],  # right-padded
+            [1, 1, 1, 1, 1, 0],
+            [1, 0, 0, 0, 0, 0],  # single token
+            [0, 0, 0, 0, 0, 0],  # empty
+            [0, 0, 1, 1, 1, 1],  # left-padded response tensor
+        ],
+        dtype=torch.float32,
+    )
+    rewards = torch.randn(6, 6, generator=g)
+    values = torch.randn(6, 6, generator=g)
+    for gamma, lam in ((1.0, 1.0), (0.99, 0.95), (0.5, 0.0)):
+        adv, ret = gae_advantages(rewards, values, mask, gamma, lam)
+        ref_adv, ref_ret = naive_gae(rewards.tolist(), values.tolist(), mask.tolist(), gamma, lam)
+        close(adv, ref_adv, tol=1e-5)
+        close(ret, ref_ret, tol=1e-5)
+        assert torch.all(adv[mask == 0] == 0) and torch.all(ret[mask == 0] == 0)
+        # padding values must not leak into real positions
+        r2, v2 = rewards.clone(), values.clone()
+        r2[mask == 0], v2[mask == 0] = 123.0, -77.0
+        adv2, ret2 = gae_advantages(r2, v2, mask.bool(), gamma, lam)
+        assert torch.equal(adv2, adv) and torch.equal(ret2, ret)
+    # single-token row by hand: A = r - V (value after it is 0)
+    close(adv[3, 0], rewards[3, 0] - values[3, 0])
+
+
+def test_sequence_advantages():
+    rewards = torch.tensor([[0.5, 0.25, 1.0], [2.0, 8.0, 8.0], [1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    pv = torch.tensor([0.25, 1.0, 3.0])
+    adv, ret = sequence_advantages(rewards, pv, mask)
+    # R = [0.75, 2.0, 0]; A = R - V = [0.5, 1.0, -] broadcast over the mask (exactly representable)
+    assert torch.equal(adv, torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert torch.equal(ret, torch.tensor([[0.75, 0.75, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    # random case vs per-row loop
+    g = torch.Generator().manual_seed(5)
+    rewards = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    pv = torch.randn(4, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]])
+    adv, ret = sequence_advantages(rewards, pv, mask)
+    for b in range(4):
+        R = sum(rewards[b, t].item() for t in range(5) if mask[b, t])
+        for t in range(5):
+            assert adv[b, t].item() == pytest.approx((R - pv[b].item()) if mask[b, t] else 0.0, abs=1e-12)
+            assert ret[b, t].item() == pytest.approx(R if mask[b, t] else 0.0, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- through the registry
+
+
 def test_critic_estimators_through_the_registry():
-    # the GAE example of test_ppo_math.py: gamma 0.9, lambda 0.95
+    # the GAE example above: gamma 0.9, lambda 0.95
     x = AdvantageInputs(torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0]]), torch.tensor([[1, 1, 1, 0, 0]]),
                         values=torch.tensor([[0.5, 0.6, 0.7, 5.0, -9.0]]), gamma=0.9, lam=0.95)
     adv, ret = estimate_advantages("gae", x, whiten=False)
@@ -146,93 +239,3 @@ def test_group_score_metrics():
     all_equal, std = group_score_metrics(torch.tensor(SEQ_REWARD), GROUP_IDS)
     close(all_equal, [0.0, 1.0])  # group 5 varies, group 9 does not
     close(std, [math.sqrt(7.0), 0.0], tol=1e-5)
-
-
-# ------------------------------------------------------------------------------------------- losses
-PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0], [4.0, 50.0, -50.0]], dtype=torch.float64)
-LOSS_MASK = torch.tensor([[1, 1, 1], [1, 0, 0]])
-
-
-def test_loss_aggregation_modes_hand_worked():
-    close(aggregate_loss(PER_TOKEN, LOSS_MASK, num_tokens=4), (1 + 2 + 3 + 4) / 4)  # 2.5
-    # token means 2 and 4, over 2 responses
-    close(aggregate_loss(PER_TOKEN, LOSS_MASK, 4, "seq_mean_token_mean", num_seqs=2), 3.0)
-    # token sums 6 and 4, each / 3 (the generation budget), over 2 responses
-    close(aggregate_loss(PER_TOKEN, LOSS_MASK, 4, "seq_mean_token_sum_norm", num_seqs=2, norm_const=3.0), 5 / 3)
-    with pytest.raises(ValueError, match="seq_mean"):
-        aggregate_loss(PER_TOKEN, LOSS_MASK, 4, "sum")
-
-
-@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
-def test_loss_aggregation_shards_add_up_with_global_counts(mode):
-    x = PER_TOKEN.clone().requires_grad_(True)
-    whole = aggregate_loss(x, LOSS_MASK, 4, mode, num_seqs=2, norm_const=3.0)
-    parts = [aggregate_loss(x[r], LOSS_MASK[r], 4, mode, num_seqs=2, norm_const=3.0) for r in (slice(0, 1), slice(1, 2))]
-    close(sum(parts), whole, tol=1e-12)
-    whole.backward()
-    per_token_weight = {"token_mean": [[1 / 4] * 3, [1 / 4, 0, 0]],
-                        "seq_mean_token_mean": [[1 / 6] * 3, [1 / 2, 0, 0]],  # a short response's tokens weigh more
-                        "seq_mean_token_sum_norm": [[1 / 6] * 3, [1 / 6, 0, 0]]}[mode]  # every token the same
-    close(x.grad, per_token_weight, tol=1e-12)
-
-
-def _ratios_loss(ratios, advantages, **kw):
-    old = torch.full((1, len(ratios)), -1.0, dtype=torch.float64)
-    lp = (old + torch.tensor([ratios], dtype=torch.float64).log()).requires_grad_(True)
-    loss, stats = policy_loss(lp, old, torch.tensor([advantages], dtype=torch.float64), torch.ones(1, len(ratios)),
-                              num_tokens=len(ratios), **kw)
-    loss.backward()
-    return loss, stats, lp.grad[0]
-
-
-def test_asymmetric_clipping_clip_higher():
-    # token 0: ratio 1.25, A = +1 ; token 1: ratio 0.75, A = -1 ; token 2: ratio 0.75, A = +1
-    # symmetric eps 0.2: max(-1.25, -1.2) = -1.2 (clipped), max(0.75, 0.8) = 0.8 (clipped), max(-0.75, -0.8) = -0.75
-    loss, stats, grad = _ratios_loss([1.25, 0.75, 0.75], [1.0, -1.0, 1.0], clip_eps=0.2)
-    close(loss, (-1.2 + 0.8 - 0.75) / 3)
-    close(stats["clip_fraction"], 2 / 3)
-    # clip-higher 0.28: token 0 is inside [0.8, 1.28] now: -1.25, with gradient -A * ratio / 3
-    loss, stats, grad = _ratios_loss([1.25, 0.75, 0.75], [1.0, -1.0, 1.0], clip_eps=0.2, clip_eps_high=0.28)
-    close(loss, (-1.25 + 0.8 - 0.75) / 3)
-    close(stats["clip_fraction"], 1 / 3)
-    close(grad, [-1.25 / 3, 0.0, -0.75 / 3])
-    # a lower bound of its own: eps_low 0.3 lets token 1 down to 0.7, inside now
-    loss, _, _ = _ratios_loss([1.25, 0.75, 0.75], [1.0, -1.0, 1.0], clip_eps=0.3, clip_eps_high=0.2)
-    close(loss, (-1.2 + 0.75 - 0.75) / 3)
-
-
-def test_dual_clip_caps_the_loss_of_negative_advantages():
-    # token 0: ratio 5, A = -1: max(5, 1.2) = 5, capped at -A * 3 = 3 (no gradient)
-    # token 1: ratio 2, A = -1: max(2, 1.2) = 2 < 3: unchanged ; token 2: ratio 5, A = +1: max(-5, -1.2) = -1.2
-    loss, stats, grad = _ratios_loss([5.0, 2.0, 5.0], [-1.0, -1.0, 1.0], clip_eps=0.2)
-    close(loss, (5 + 2 - 1.2) / 3)
-    assert "dual_clip_fraction" not in stats
-    loss, stats, grad = _ratios_loss([5.0, 2.0, 5.0], [-1.0, -1.0, 1.0], clip_eps=0.2, dual_clip=3.0)
-    close(loss, (3 + 2 - 1.2) / 3)
-    close(stats["dual_clip_fraction"], 1 / 3)
-    close(grad, [0.0, 2.0 / 3, 0.0])
-
-
-def test_policy_loss_aggregation_mode_is_passed_through():
-    # two responses of 1 and 3 tokens, ratio 1 everywhere: per-token loss = -A
-    old = torch.zeros(2, 3)
-    A = torch.tensor([[4.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
-    mask = torch.tensor([[1, 0, 0], [1, 1, 1]])
-    loss, _ = policy_loss(old, old, A, mask, 0.2, 4, agg_mode="seq_mean_token_mean", num_seqs=2)
-    close(loss, -(4 + 2) / 2)
-    loss, _ = policy_loss(old, old, A, mask, 0.2, 4)
-    close(loss, -10 / 4)
-
-
-def test_kl_penalty_loss_k3_hand_worked_and_padding_safe():
-    # token 0: pi = 0.5, ref = 0.25: k3 = (r - 1) - log r with r = 0.5: log 2 - 0.5; d/d log pi = 1 - r = 0.5
-    # token 1: pi = ref: 0 ; token 2: padding with a log ratio of 150 (exp would overflow)
-    ref = torch.tensor([[math.log(0.25), -2.0, -100.0]])
-    lp = torch.tensor([[math.log(0.5), -2.0, 50.0]], requires_grad=True)
-    mask = torch.tensor([[1, 1, 0]])
-    loss = kl_penalty_loss(lp, ref, mask, "k3", num_tokens=2)
-    close(loss, (math.log(2) - 0.5) / 2)
-    loss.backward()
-    assert torch.isfinite(lp.grad).all()
-    close(lp.grad, [[0.25, 0.0, 0.0]])
-    close(kl_penalty_loss(lp, ref, mask, "k2", num_tokens=2), 0.5 * math.log(2) ** 2 / 2)

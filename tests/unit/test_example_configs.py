@@ -31,7 +31,7 @@ def test_the_ppo_recipe_is_the_defaults():
 @pytest.mark.parametrize("name", sorted(RECIPES))
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_a_recipe_on_the_tiny_preset_and_with_a_reward_function(name, world_size):
-    from pipeline.ppo_math import ADVANTAGE_ESTIMATORS
+    from pipeline.estimators import ADVANTAGE_ESTIMATORS
 
     configs = REPO / "launch" / "configs"
     tiny, recipe = ["--config", str(configs / "tiny.yaml")], ["--config", str(configs / name)]

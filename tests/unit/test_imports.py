@@ -5,7 +5,7 @@ import sys
 
 def test_light_modules_import_without_deepspeed():
     code = ("import sys\n"
-            "import pipeline.config, pipeline.data, pipeline.ppo_math, pipeline.monitoring, "
+            "import pipeline.config, pipeline.data, pipeline.ppo_math, pipeline.estimators, pipeline.monitoring, "
             "pipeline.default_task, pipeline.errors, pipeline.models\n"
             "heavy = [m for m in ('deepspeed',) if m in sys.modules]\n"
             "print(heavy)\n")
