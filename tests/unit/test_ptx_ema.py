@@ -72,7 +72,7 @@ def _jsonl(path, rows):
 
 
 def test_ptx_rows_come_from_the_option_else_the_sft_training_rows(tmp_path):
-    from pipeline.data import Source
+    from pipeline.data.sources import Source
     from pipeline.orchestrator import stage_inputs
 
     out, task = tmp_path / "run", tmp_path / "task"
