@@ -1,4 +1,4 @@
-"""Unit tests for pipeline/data.py (loading, checks, tokenisation, collation) and the pure mask
+"""Unit tests for pipeline/data/ (loading, checks, tokenisation, collation) and the pure mask
 helpers of pipeline/generation.py and pipeline/models.py."""
 
 import json

@@ -1,7 +1,7 @@
-"""Unit tests for the dataset formats of pipeline/data.py (detection, conversion of each format to
+"""Unit tests for the dataset formats of pipeline/data/ (detection, conversion of each format to
 every stage's rows, chat-template rendering, malformed rows), the seeded data_split shares, held-out
-eval slices and weighted mixing, the data options of pipeline/config.py, and how the orchestrator
-turns them into per-stage sources (fingerprints, preflight)."""
+eval slices and weighted mixing, the data options of pipeline/config.py and config_checks.py, and
+how the orchestrator turns them into per-stage sources (fingerprints, preflight)."""
 
 import json
 import logging
@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from pipeline.config import parse_config
+from pipeline.cli import parse_config
 from pipeline.data.formats import detect_format
 from pipeline.data.sources import Source, holdout_indices, load_role, mix, split_indices
 from pipeline.data.tokenize import pair_examples, prompt_examples, sft_examples

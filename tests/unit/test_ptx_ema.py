@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline import ppo_math
-from pipeline.config import parse_config
+from pipeline.cli import parse_config
 from pipeline.errors import UserError
 
 
