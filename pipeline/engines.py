@@ -287,7 +287,7 @@ def train_engine(model: torch.nn.Module, ds_config: dict, learning_rate: float, 
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=learning_rate, betas=(0.9, 0.95))
-    assert scheduler in LR_SCHEDULERS, scheduler  # config_checks.validate refused the others
+    assert scheduler in LR_SCHEDULERS, scheduler  # config.validate refused the others
 
     def lr_scheduler(wrapped_optimizer):  # built on DeepSpeed's wrapped optimizer, stepped by it
         return get_scheduler(scheduler, wrapped_optimizer, num_warmup_steps=warmup_steps,
