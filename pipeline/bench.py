@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from pipeline import data, engines, estimators, ppo_math
-from pipeline.config import parse_config
+from pipeline.cli import parse_config
 from pipeline.errors import UserError
 from pipeline.generation import hf_generate, naive_generate, position_ids, response_mask
 from pipeline.models import load_causal_lm, load_scalar_model, pooling_pad_id, score_index, token_values

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from pipeline import default_task, engines, reward_fns
-from pipeline.config import (AUTO, Config, ModelConfig, max_new_tokens, parse_config, parse_split, resolve_path,
-                             save_config)
 from pipeline.checkpoint import Checkpointer, StopRequest
+from pipeline.cli import parse_config
+from pipeline.config import AUTO, Config, ModelConfig, max_new_tokens, parse_split, resolve_path, save_config
 from pipeline.data import FIELDS, Source, file_digest, is_hub_name, load_role
 from pipeline.errors import PREEMPTED_EXIT_CODE, Preempted, SharedUserError, TrainingHalted, UserError
 from pipeline.monitoring import setup_logging

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from pipeline import default_task, engines, orchestrator
-from pipeline.config import REPO_ROOT, parse_config
+from pipeline.cli import parse_config
+from pipeline.config import REPO_ROOT
 from pipeline.monitoring import setup_logging
 
 SIZES = ["--task.num_sft", "16", "--task.num_pairs", "16", "--task.num_prompts", "32", "--task.num_eval", "8",

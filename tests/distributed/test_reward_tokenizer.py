@@ -69,7 +69,7 @@ def _logged_samples(tb_dir):
 def test_ppo_with_a_reward_model_that_has_its_own_tokenizer(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipeline.data import Truncations, encode_prompt, encode_response
+    from pipeline.data.tokenize import Truncations, encode_prompt, encode_response
 
     actor, reward = _models(tmp_path)
     out = tmp_path / "run"

@@ -1,4 +1,5 @@
-"""Unit tests for pipeline/config.py: defaults, files, command-line overrides, checks, sizes, help."""
+"""Unit tests for pipeline/config.py, config_checks.py and cli.py: defaults, files, command-line
+overrides, checks, sizes, help."""
 
 import dataclasses
 import json
@@ -6,17 +7,9 @@ import re
 
 import pytest
 
-from pipeline.config import (
-    Config,
-    PPOConfig,
-    TrainConfig,
-    build_parser,
-    global_batch,
-    load_file,
-    parse_config,
-    ppo_sizes,
-    validate,
-)
+from pipeline.cli import build_parser, load_file, parse_config
+from pipeline.config import Config, PPOConfig, TrainConfig, global_batch, ppo_sizes
+from pipeline.config_checks import validate
 from pipeline.errors import UserError
 
 
@@ -192,7 +185,7 @@ def test_unknown_flag_gets_did_you_mean(argv, suggested):
 
 
 def test_did_you_mean_lists_every_section_that_has_the_option_and_nothing_far_off():
-    from pipeline.config import _flat_fields, did_you_mean
+    from pipeline.cli import _flat_fields, did_you_mean
 
     known = [name for name, *_ in _flat_fields(Config)]
     assert did_you_mean("--learning_rate", known) == ["sft.learning_rate", "reward.learning_rate"]

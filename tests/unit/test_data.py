@@ -1,4 +1,4 @@
-"""Unit tests for pipeline/data.py (loading, checks, tokenisation, collation) and the pure mask
+"""Unit tests for pipeline/data/ (loading, checks, tokenisation, collation) and the pure mask
 helpers of pipeline/generation.py and pipeline/models.py."""
 
 import json
@@ -9,18 +9,9 @@ import datasets
 import pytest
 import torch
 
-from pipeline.data import (
-    IGNORE_INDEX,
-    collate_pairs,
-    collate_prompts,
-    collate_sft,
-    file_digest,
-    load_rows,
-    pad,
-    pair_examples,
-    prompt_examples,
-    sft_examples,
-)
+from pipeline.data.collate import IGNORE_INDEX, collate_pairs, collate_prompts, collate_sft, pad
+from pipeline.data.sources import file_digest, load_rows
+from pipeline.data.tokenize import pair_examples, prompt_examples, sft_examples
 from pipeline.errors import UserError
 
 SFT = ("prompt", "response")
@@ -456,7 +447,7 @@ def test_reencode_for_a_reward_model_with_another_tokenizer(task_tokenizer, tmp_
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from pipeline.data import reencode
+    from pipeline.data.tokenize import reencode
     from pipeline.default_task import vocabulary
 
     # Same words, reversed ids, different special-token spelling: every id differs.
@@ -485,7 +476,7 @@ def _identity(data_digest="d1", tokenizer="t1", max_prompt_len=24):
 
 
 def test_the_cache_key_follows_data_tokenizer_and_options_only(tmp_path):
-    from pipeline.data import examples_cache_file
+    from pipeline.data.cache import examples_cache_file
 
     path = examples_cache_file(str(tmp_path), "sft", "sft_data", _identity())
     assert path.parent == tmp_path / "tokenized" and path.name.startswith("sft-sft_data-")
@@ -495,7 +486,7 @@ def test_the_cache_key_follows_data_tokenizer_and_options_only(tmp_path):
 
 
 def test_cached_examples_come_back_with_the_warnings_of_their_build(tmp_path, task_tokenizer, caplog):
-    from pipeline.data import build_cached, read_cached, sft_examples
+    from pipeline.data.cache import build_cached, read_cached
 
     rows = [{"prompt": "ana asks for a review of the pizza . " * 3, "response": "the pizza is good ."}] * 2
     path = tmp_path / "c" / "sft.json"
@@ -511,7 +502,7 @@ def test_cached_examples_come_back_with_the_warnings_of_their_build(tmp_path, ta
 
 
 def test_a_failed_build_writes_nothing_and_says_why(tmp_path):
-    from pipeline.data import build_cached
+    from pipeline.data.cache import build_cached
 
     def bad():
         raise UserError("dataset x.jsonl, row 3: field 'prompt' is empty")

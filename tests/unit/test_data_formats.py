@@ -1,7 +1,7 @@
-"""Unit tests for the dataset formats of pipeline/data.py (detection, conversion of each format to
+"""Unit tests for the dataset formats of pipeline/data/ (detection, conversion of each format to
 every stage's rows, chat-template rendering, malformed rows), the seeded data_split shares, held-out
-eval slices and weighted mixing, the data options of pipeline/config.py, and how the orchestrator
-turns them into per-stage sources (fingerprints, preflight)."""
+eval slices and weighted mixing, the data options of pipeline/config.py and config_checks.py, and
+how the orchestrator turns them into per-stage sources (fingerprints, preflight)."""
 
 import json
 import logging
@@ -11,9 +11,10 @@ import types
 
 import pytest
 
-from pipeline.config import parse_config
-from pipeline.data import (Source, detect_format, holdout_indices, load_role, mix, pair_examples,
-                           prompt_examples, sft_examples, split_indices)
+from pipeline.cli import parse_config
+from pipeline.data.formats import detect_format
+from pipeline.data.sources import Source, holdout_indices, load_role, mix, split_indices
+from pipeline.data.tokenize import pair_examples, prompt_examples, sft_examples
 from pipeline.errors import UserError
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
@@ -424,7 +425,7 @@ def test_preflight_checks_every_share_and_renders_chat_rows(tmp_path, task_token
 @pytest.mark.parametrize("path, hub", [("Dahoas/rm-static", True), ("imdb", True), ("./data/prefs", False),
                                        ("/abs/prefs", False), ("prefs.jsonl", False), ("a/b/c", False)])
 def test_hub_names_are_told_from_local_paths(path, hub):
-    from pipeline.data import is_hub_name
+    from pipeline.data.sources import is_hub_name
 
     assert is_hub_name(path) is hub
 
@@ -443,7 +444,7 @@ def test_a_hub_dataset_is_read_through_datasets_train_split(monkeypatch):
     rows = load_role(Source(("someorg/prefs",)), "reward_data")
     assert calls[0] == ("someorg/prefs", "train", {})
     assert rows[3] == {"prompt": "p3", "chosen": "good", "rejected": "bad"}
-    from pipeline.data import file_digest
+    from pipeline.data.sources import file_digest
 
     assert file_digest("someorg/prefs").startswith("hub:someorg/prefs:")
 
@@ -452,7 +453,7 @@ def test_an_unreachable_hub_dataset_is_one_paragraph_naming_it(tmp_path):
     import subprocess
     import sys
 
-    code = ("from pipeline.data import load_role, Source\n"
+    code = ("from pipeline.data.sources import load_role, Source\n"
             "from pipeline.errors import UserError\n"
             "try:\n    load_role(Source(('someorg/no-such-prefs',)), 'reward_data')\n"
             "except UserError as e:\n    print('USERERROR', e)\n")

@@ -19,7 +19,7 @@ FACTORIES = {"tensor", "as_tensor", "scalar_tensor", "zeros", "ones", "full", "e
 # Helpers that move their argument to engines.device() before it meets anything (engines.all_reduce_sum).
 MOVES_TO_DEVICE = {"all_reduce_sum"}
 ALLOWED = {  # (module, function): why its factory calls never meet a device tensor
-    ("data.py", "pad"): "collation: token ids built on CPU; callers move the batch to the device",
+    ("data/collate.py", "pad"): "collation: token ids built on CPU; callers move the batch to the device",
     ("stages/common.py", "EpochSampler._mine"): "data order: a CPU generator's permutation, turned into a list",
     ("stages/ppo.py", "PPOTrainer._epochs"): "mini-batch order from a CPU generator; the indices are moved to "
                                              "the rollout's device (`.to(exp.sequences.device)`) before use",

@@ -1,7 +1,8 @@
 """Process-group set-up: the timeout option, and a SLURM step that started ranks without a launcher."""
 import pytest
 
-from pipeline.config import Config, parse_config
+from pipeline.cli import parse_config
+from pipeline.config import Config
 from pipeline.engines import check_slurm_world_size
 from pipeline.errors import UserError
 

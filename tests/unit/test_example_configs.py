@@ -2,7 +2,8 @@
 recipes (ppo, grpo, dr_grpo, rloo, reinforce_pp) alone, on top of the tiny preset, and with a reward function."""
 import pytest
 
-from pipeline.config import parse_config, ppo_sizes
+from pipeline.cli import parse_config
+from pipeline.config import ppo_sizes
 from pipeline.orchestrator import needed_stages
 from launch_util import REPO
 

@@ -164,7 +164,7 @@ def test_tokenizer_round_trips_every_row_within_24_tokens(written):
 
 
 def test_model_config_and_flags(written):
-    from pipeline.config import parse_config
+    from pipeline.cli import parse_config
 
     module, folder, _, _ = written
     cfg = json.loads((folder / "model" / "config.json").read_text())

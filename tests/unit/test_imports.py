@@ -1,12 +1,12 @@
-"""Only the engine layer imports DeepSpeed: config, data, math, monitoring and the task do not."""
+"""Only the engine layer imports DeepSpeed: config, command line, data, math, monitoring and the task do not."""
 import subprocess
 import sys
 
 
 def test_light_modules_import_without_deepspeed():
     code = ("import sys\n"
-            "import pipeline.config, pipeline.data, pipeline.ppo_math, pipeline.estimators, pipeline.monitoring, "
-            "pipeline.default_task, pipeline.errors, pipeline.models\n"
+            "import pipeline.config, pipeline.config_checks, pipeline.cli, pipeline.data, pipeline.ppo_math, pipeline.estimators, "
+            "pipeline.monitoring, pipeline.default_task, pipeline.errors, pipeline.models\n"
             "heavy = [m for m in ('deepspeed',) if m in sys.modules]\n"
             "print(heavy)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

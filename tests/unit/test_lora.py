@@ -6,7 +6,7 @@ import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                           LlamaForSequenceClassification)
 
-from pipeline.config import parse_config
+from pipeline.cli import parse_config
 from pipeline.errors import UserError
 from pipeline.models import add_lora, lora_merge, token_values
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pipeline import engines, orchestrator
-from pipeline.config import parse_config
+from pipeline.cli import parse_config
 from pipeline.errors import SharedUserError, UserError
 
 ONE_RANK = engines.Dist(0, 1, 0, 1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline import ppo_math
-from pipeline.config import parse_config
+from pipeline.cli import parse_config
 from pipeline.errors import UserError
 
 
@@ -72,7 +72,7 @@ def _jsonl(path, rows):
 
 
 def test_ptx_rows_come_from_the_option_else_the_sft_training_rows(tmp_path):
-    from pipeline.data import Source
+    from pipeline.data.sources import Source
     from pipeline.orchestrator import stage_inputs
 
     out, task = tmp_path / "run", tmp_path / "task"

@@ -2,7 +2,7 @@
 import pytest
 
 from pipeline import reward_fns
-from pipeline.config import parse_config
+from pipeline.cli import parse_config
 from pipeline.errors import UserError
 
 FUNCS = '''
@@ -148,7 +148,7 @@ def test_bad_reward_options_are_refused(argv, words):
 
 
 def test_help_lists_inherited_comments():
-    from pipeline.config import build_parser
+    from pipeline.cli import build_parser
 
     text = build_parser("x").format_help()
     assert "--reward.ensemble_size" in text and "reward models trained" in text
