@@ -157,7 +157,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", type=int, help="set by the deepspeed launcher")
     for name, tp, default, comment in _flat_fields(Config):
         kw = {"metavar": "BOOL"} if tp is bool else {"nargs": "+"} if typing.get_origin(tp) is list else {}
-        parser.add_argument(f"--{name}", dest=name, help=f"{comment} (default: {default!r})",
+        parser.add_argument(f"--{name}", dest=name, help=f"{comment} (default: {default!r})".replace("%", "%%"),
                             **({"nargs": "?", "const": "true"} if tp is bool else {}), **kw)
     return parser
 

@@ -554,6 +554,10 @@ def test_help_lists_every_leaf_option_with_its_default():
     assert f"(default: {Config().ppo.kl_coef!r})" in entries["--ppo.kl_coef"]
     assert f"(default: {Config().task.num_sft!r})" in entries["--task.num_sft"]
     assert "--config" in entries
+    # a comment with "%" is printed as written (argparse would read it as a format code)
+    assert " ".join(entries["--ppo.kl_horizon"].split()).endswith("(5% at 32 rollouts) (default: 128)"), \
+        entries["--ppo.kl_horizon"]
+    assert "argparse" not in text
     # every option has a description besides its default
     for name in leaves:
         assert len(entries[f"--{name}"].split("(default:")[0].strip()) > 3, name
