@@ -8,7 +8,7 @@ import shutil
 from launch_util import REPO, TINY, launch, metric_rows
 
 GRPO = REPO / "launch" / "configs" / "grpo.yaml"
-# 4 prompts x 4 samples = 16 rows per iteration, the tiny preset's 16; checkpoint at iteration 2 of 4
+# 4 prompts x 4 samples = 16 rows per iteration, the tiny preset's 16; checkpoint at iteration 2 of 5
 ARGS = ("--config", str(TINY), "--config", str(GRPO), "--ppo.rollout_batch_size", "4", "--save_steps", "2")
 CRITIC_KEYS = ("ppo/value_loss", "ppo/value_clip_fraction", "ppo/value_explained_variance", "ppo/critic_lr",
                "ppo/critic_grad_norm")
@@ -26,7 +26,7 @@ def test_grpo_runs_without_a_critic_and_resumes_exactly(pristine_run, tmp_path):
     ppo = out / "ppo"
     rows = metric_rows(ppo / "metrics.jsonl")
     train = [r for r in rows if "ppo/policy_loss" in r]
-    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
     for r in train:
         assert not [k for k in r if k in CRITIC_KEYS or "critic" in k], r
         assert 0 <= r["rollout/group_all_equal_fraction"] <= 1 and r["rollout/group_score_std"] >= 0
@@ -71,7 +71,7 @@ def test_grpo_with_a_reward_function_instead_of_a_reward_model(tmp_path):
     assert "engine actor" in log and "engine reward" not in log and "engine critic" not in log
     rows = metric_rows(out / "ppo" / "metrics.jsonl")
     train = [r for r in rows if "ppo/policy_loss" in r]
-    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
     for r in train:  # the training rollouts are scored by the function (gold is in [-2.25, 1])
         assert 97.75 <= r["rollout/score_mean"] <= 101, r
         assert 0 <= r["rollout/group_all_equal_fraction"] <= 1 and r["rollout/group_score_std"] >= 0

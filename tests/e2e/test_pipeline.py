@@ -79,7 +79,7 @@ def test_tensorboard_has_every_documented_tag(finished):
     acc = EventAccumulator(str(out / "ppo" / "tensorboard"), size_guidance={"tensors": 0})
     acc.Reload()
     samples = acc.Tensors("samples/text_summary")
-    assert {s.step for s in samples} >= {0, 4}  # step-0 baseline and the last evaluation
+    assert {s.step for s in samples} >= {0, 5}  # step-0 baseline and the last evaluation
     assert "| prompt | response |" in samples[-1].tensor_proto.string_val[0].decode()
     assert (out / "ppo" / "overoptimisation.png").stat().st_size > 1000
 
@@ -165,11 +165,11 @@ def test_evaluation_off_trains_the_same_and_leaves_out_the_eval_fields(pristine_
     assert rows and not any(k.startswith("eval/") for r in rows for k in r)
     with_eval = [{k: v for k, v in r.items() if not k.startswith(("eval/", "alarm/ensemble"))}
                  for r in _ppo_rows(pristine_run[0]) if "rollout/score_mean" in r]
-    assert [r["step"] for r in rows] == [r["step"] for r in with_eval] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [r["step"] for r in with_eval] == [1, 2, 3, 4, 5]
     for row, expected in zip(rows, with_eval):  # evaluation does not change training
         assert row == pytest.approx(expected), row["step"]
     s = summary(out)["ppo"]
-    assert s["iterations"] == 4 and not s["skipped"]
+    assert s["iterations"] == 5 and not s["skipped"]
     for key in ("reward_score_sft", "reward_score_final", "kl_to_ref", "gold_score_sft", "gold_score_final",
                 "gold_win_rate_vs_sft"):
         assert key not in s, key

@@ -218,10 +218,10 @@ def test_stop_signal_checkpoints_and_a_different_rank_count_resumes(pristine_run
 
     resumed = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out), "--save_steps", "1")  # 1 rank
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from iteration {stopped_at} of 4" in resumed.stdout and "written by 2 rank(s)" in resumed.stdout
+    assert f"resuming from iteration {stopped_at} of 5" in resumed.stdout and "written by 2 rank(s)" in resumed.stdout
     rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in rows if "ppo/policy_loss" in r]
-    assert train_steps == [1, 2, 3, 4]
+    assert train_steps == [1, 2, 3, 4, 5]
     assert all(math.isfinite(r["ppo/policy_loss"]) for r in rows if "ppo/policy_loss" in r)
     scalars, _ = _tensorboard_steps(out / "ppo" / "tensorboard")
     for tag, steps in scalars.items():

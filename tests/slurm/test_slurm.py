@@ -109,7 +109,7 @@ def test_pipeline_on_two_nodes(two_node_run):
     for stage in ("sft", "reward", "ppo"):
         assert (out / stage / "model" / "model.safetensors").is_file(), stage
         assert list((out / stage / "tensorboard").rglob("events.out.tfevents.*")), stage
-    assert json.loads((out / "summary.json").read_text())["ppo"]["iterations"] == 4
+    assert json.loads((out / "summary.json").read_text())["ppo"]["iterations"] == 5
     batch = (sub / f"slurm-rlhf-ppo-{job_id}.out").read_text()
     assert "on 2 node(s) (node1,node2) x 1 rank(s)" in batch and "finished with exit code 0" in batch
 

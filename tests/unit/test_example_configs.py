@@ -39,7 +39,7 @@ def test_a_recipe_on_the_tiny_preset_and_with_a_reward_function(name, world_size
     cfg = parse_config(tiny + recipe)
     estimator, critic = RECIPES[name]
     assert cfg.ppo.advantage_mode == estimator and ADVANTAGE_ESTIMATORS[estimator].needs_critic == critic
-    assert cfg.task.num_prompts == 256 and cfg.ppo.num_iterations == 4  # the preset's options survive the recipe
+    assert cfg.task.num_prompts == 256 and cfg.ppo.num_iterations == 5  # the preset's options survive the recipe
     ppo_sizes(cfg.ppo, world_size)
     assert parse_config(tiny + recipe + ["--ppo.advantage_mode", "gae"]).ppo.advantage_mode == "gae"  # flags win
     fn = parse_config(tiny + recipe + ["--ppo.reward_model_coef", "0", "--ppo.reward_fn", "pipeline.default_task:gold"])
