@@ -479,7 +479,7 @@ def test_default_ppo_sizes_divide_on_1_2_4_and_8_ranks_and_keep_1_and_2_as_they_
 def test_a_clamped_micro_batch_reaches_the_deepspeed_config_with_a_log_line(caplog):
     import logging
 
-    from pipeline.stages.common import ds_configs
+    from pipeline.distributed.ds_config import ds_configs
 
     with caplog.at_level(logging.INFO, logger="pipeline.stages.common"):
         ds = ds_configs(Config(), "ppo", 8)

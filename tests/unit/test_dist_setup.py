@@ -2,7 +2,7 @@
 import pytest
 
 from pipeline.config import Config, parse_config
-from pipeline.engines import check_slurm_world_size
+from pipeline.distributed.collectives import check_slurm_world_size
 from pipeline.errors import UserError
 
 
