@@ -29,8 +29,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from pipeline import data, engines, estimators, ppo_math
+from pipeline import data, estimators, ppo_math
 from pipeline.cli import parse_config
+from pipeline.distributed import collectives, engines
 from pipeline.errors import UserError
 from pipeline.generation import hf_generate, naive_generate, position_ids, response_mask
 from pipeline.models import load_causal_lm, load_scalar_model, pooling_pad_id, score_index, token_values
@@ -157,7 +158,7 @@ def timed(fn: Callable[[], Any], warmup: int, repeats: int, sync: bool = True) -
     out = []
     for i in range(warmup + repeats):
         if sync:
-            engines.barrier()
+            collectives.barrier()
         start = time.perf_counter()
         fn()
         if i >= warmup:
@@ -169,7 +170,7 @@ def per_rank(values: Sequence[float], d) -> list[list[float]]:
     """Every rank's `values` (same length everywhere), indexed [rank][i]."""
     box = torch.zeros(d.world_size, len(values), dtype=torch.float64)
     box[d.rank] = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    return engines.all_reduce_sum(box).cpu().tolist()
+    return collectives.all_reduce_sum(box).cpu().tolist()
 
 
 def slowest(values: Sequence[float], d) -> float:
@@ -186,7 +187,7 @@ def on_rank0(fn: Callable[[], Any], d, threads: int) -> Any:
             result = fn()
     finally:
         torch.set_num_threads(before)
-        engines.barrier()
+        collectives.barrier()
     return result
 
 
@@ -265,7 +266,7 @@ def measure(trainer, w: Workload, d) -> dict[str, Any]:
     out = {"iteration_s": slowest(walls, d),
            "phases_s": {k[5:]: slowest([r[k] for r in runs], d) for k in runs[0] if k.startswith("time/")}}
     prompts = data.collate_prompts(batch, tok.pad_token_id)
-    ids, mask = prompts["input_ids"].to(engines.device()), prompts["attention_mask"].to(engines.device())
+    ids, mask = prompts["input_ids"].to(collectives.device()), prompts["attention_mask"].to(collectives.device())
     naive = timed(lambda: full_length(naive_generate(trainer.actor, tok, ids, mask, params), ids.shape[1], w,
                                       tok.eos_token_id), w.warmup, w.repeats)
     out["naive_s"], out["hybrid_s"] = slowest(naive, d), slowest(timed(hybrid, w.warmup, w.repeats), d)
@@ -419,12 +420,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     w = SMOKE if args.smoke else Workload()
     w = dataclasses.replace(w, **{k: v for k in ("repeats", "warmup") if (v := getattr(args, k)) is not None})
-    d = engines.init_distributed()
+    d = collectives.init_distributed()
     setup_logging(d.is_main)
     threads = torch.get_num_threads()
-    folder = Path(engines.broadcast_object(tempfile.mkdtemp(prefix="bench-") if d.is_main else None))
+    folder = Path(collectives.broadcast_object(tempfile.mkdtemp(prefix="bench-") if d.is_main else None))
     try:
-        paths = engines.broadcast_object(write_fixtures(folder, w) if d.is_main else None)
+        paths = collectives.broadcast_object(write_fixtures(folder, w) if d.is_main else None)
         trainer = build_trainer(folder, paths, w, d)
         real = measure(trainer, w, d)
         floor = on_rank0(lambda: floors(paths, trainer, w), d, threads * d.local_world_size)

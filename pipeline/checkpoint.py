@@ -17,6 +17,9 @@ Saving writes into the temporary folder, verifies it against the manifest, renam
 then updates `latest`; a crash at any moment leaves the previous checkpoint usable. Loading checks
 the manifest (sizes, checksums) and that every pickle holds only tensors and DeepSpeed's known
 types, and falls back to an older checkpoint when the newest is damaged.
+
+No DeepSpeed here: each engine's own files are written, read and converted by
+pipeline/distributed/checkpoint.py, and every collective comes from pipeline/distributed/collectives.py.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import engines
+from pipeline.distributed import collectives
+from pipeline.distributed.checkpoint import load_engine, safe_globals, save_engine, to_universal
 from pipeline.errors import CheckpointError, UserError
 
 log = logging.getLogger(__name__)
@@ -58,7 +62,7 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": [version, list(internal), gauss],
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(), "accelerator": engines.accelerator_rng_state()}
+            "torch": torch.get_rng_state(), "accelerator": collectives.accelerator_rng_state()}
 
 
 def set_rng_state(s: dict) -> None:
@@ -67,7 +71,7 @@ def set_rng_state(s: dict) -> None:
     kind, keys, pos, has_gauss, cached = s["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
-    engines.set_accelerator_rng_state(s["accelerator"])
+    collectives.set_accelerator_rng_state(s["accelerator"])
 
 
 # ---------------------------------------------------------------- files
@@ -99,7 +103,7 @@ def check_pickle(path: Path) -> None:
     memory-mapped so it reads little) runs on every file first, so no arbitrary object from a
     checkpoint folder is ever unpickled.
     """
-    with torch.serialization.safe_globals(engines.safe_globals()):
+    with torch.serialization.safe_globals(safe_globals()):
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
@@ -167,7 +171,7 @@ def _shortened(value):
 class Checkpointer:
     """Saves and finds the checkpoints of one stage. Every method is called on every rank."""
 
-    def __init__(self, stage_dir: Path, d: engines.Dist, keep_last: int, identity: dict):
+    def __init__(self, stage_dir: Path, d: collectives.Dist, keep_last: int, identity: dict):
         self.root = stage_dir / "checkpoints"
         self.d = d
         self.keep_last = keep_last
@@ -181,14 +185,14 @@ class Checkpointer:
         rank 0 alone would take longer than a collective may wait). Raises UserError when it was
         written by a run with a different model, data or config.
         """
-        candidates = engines.broadcast_object(self._candidates() if self.d.is_main else None)
+        candidates = collectives.broadcast_object(self._candidates() if self.d.is_main else None)
         for folder in map(Path, candidates):
-            problems = engines.all_gather_object(verify(folder, self.d.rank, self.d.world_size))
+            problems = collectives.all_gather_object(verify(folder, self.d.rank, self.d.world_size))
             problem = next((p for p in problems if p), None)
             if problem:
                 log.warning("checkpoint %s is damaged and will not be used: %s", folder, problem)
                 continue
-            found = engines.broadcast_object(self._read(folder) if self.d.is_main else None)
+            found = collectives.broadcast_object(self._read(folder) if self.d.is_main else None)
             if isinstance(found, str):
                 raise UserError(found)
             path, step, world, state = found
@@ -224,7 +228,7 @@ class Checkpointer:
         """Delete every checkpoint of the stage (starting over)."""
         if self.d.is_main:
             shutil.rmtree(self.root, ignore_errors=True)
-        engines.barrier()
+        collectives.barrier()
 
     # ------------------------------------------------------------ loading
     def load(self, resume: Resume, models: dict) -> dict | None:
@@ -238,7 +242,7 @@ class Checkpointer:
         if resume.universal:  # converted afresh from the verified checkpoint every time
             folder = self._convert(resume, list(models))
         for tag, engine in models.items():
-            engines.load_engine(engine, folder, tag)
+            load_engine(engine, folder, tag)
         if resume.universal:
             return None
         own = torch.load(resume.path / f"rank_{self.d.rank:05d}.pt", map_location="cpu", weights_only=True)
@@ -252,11 +256,11 @@ class Checkpointer:
         folder = self.root / f"universal_{resume.path.name}"
         if self.d.is_main:
             shutil.rmtree(folder, ignore_errors=True)
-        engines.barrier()
+        collectives.barrier()
         errors = []
         for tag in tags[self.d.rank::self.d.world_size]:
             try:
-                engines.to_universal(resume.path / tag, folder / tag, workers=torch.get_num_threads())
+                to_universal(resume.path / tag, folder / tag, workers=torch.get_num_threads())
             except RuntimeError as e:
                 errors.append(str(e))
         errors = self._agree(errors)
@@ -289,7 +293,7 @@ class Checkpointer:
         errors = self._agree(errors)
         if not errors:
             for tag, engine in models.items():
-                errors += engines.save_engine(engine, tmp, tag)
+                errors += save_engine(engine, tmp, tag)
             try:
                 torch.save({"rng": rng_state(), "local": local or {}}, tmp / f"rank_{self.d.rank:05d}.pt")
                 if self.d.is_main:
@@ -300,7 +304,7 @@ class Checkpointer:
         if not errors:  # every rank hashes a share of the files
             names = _files(tmp)
             mine = {n: [(tmp / n).stat().st_size, _sha256(tmp / n)] for n in names[self.d.rank::self.d.world_size]}
-            files = {k: v for part in engines.all_gather_object(mine) for k, v in part.items()}
+            files = {k: v for part in collectives.all_gather_object(mine) for k, v in part.items()}
             if self.d.is_main:
                 try:
                     self._commit(tmp, final, step, files)
@@ -310,7 +314,7 @@ class Checkpointer:
         if errors:
             if self.d.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            engines.barrier()
+            collectives.barrier()
             previous = self._latest_name()
             free = shutil.disk_usage(self.root).free / 2**30
             raise CheckpointError(
@@ -349,7 +353,7 @@ class Checkpointer:
 
     def _agree(self, errors: list[str]) -> list[str]:
         """Every rank's errors, on every rank (so all ranks take the same branch)."""
-        return [e for part in engines.all_gather_object(errors) for e in part]
+        return [e for part in collectives.all_gather_object(errors) for e in part]
 
 
 # ---------------------------------------------------------------- stop signals
@@ -378,4 +382,4 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
 
     def requested(self) -> bool:
-        return engines.all_reduce_sum(torch.tensor(float(self.signal is not None))).item() > 0
+        return collectives.all_reduce_sum(torch.tensor(float(self.signal is not None))).item() > 0

@@ -49,7 +49,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_NORMS = ("none", "sft", "running")
 EVAL_METRICS = ("eval/gold_score", "eval/win_rate_vs_sft", "eval/reward_score", "eval/reward_model_raw",
                 "eval/reward_lcb")  # ppo.select_best candidates (the stage checks which this run has)
-AUTO = "auto"  # model.dtype, ds_config, ds_inference_config: chosen for the accelerator (engines.resolve_auto)
+AUTO = "auto"  # model.dtype, ds_config, ds_inference_config: chosen for the accelerator (distributed.ds_config.resolve_auto)
 DATA_FORMATS = ("auto", "prompt_response", "prompt_chosen_rejected", "hh", "messages", "prompt")
 LR_SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "constant", "polynomial",
                  "cosine_with_restarts", "inverse_sqrt")

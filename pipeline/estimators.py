@@ -110,7 +110,7 @@ def estimate_advantages(name: str, inputs: AdvantageInputs, whiten: bool,
                         whiten_fn: Callable[[Tensor, Tensor], Tensor] = masked_whiten) -> tuple[Tensor, Tensor]:
     """Estimator `name` on `inputs`, then `whiten_fn(advantages, mask)` when `whiten` or the estimator
     whitens by definition. -> (advantages, returns), (B, R), 0 on padding. The PPO stage passes
-    `dist_stats.global_whiten` (statistics of every rank's rows); the default whitens locally."""
+    `distributed.collectives.global_whiten` (statistics of every rank's rows); the default whitens locally."""
     est = ADVANTAGE_ESTIMATORS[name]
     adv, ret = est.fn(inputs)
     if whiten or est.whitens:

@@ -9,7 +9,7 @@ and the weights are freed afterwards.
 The PPO stage sees a generation backend only through `GenerationBackend` and builds it with
 `make_backend`: another backend (an inference server such as vLLM) is one class and one entry in
 `BACKENDS`, with no change to the stage. DeepSpeed's own hybrid engine is refused
-(`engines.load_ds_config`): with DeepSpeed 0.19 and transformers 5 it does not run (issue #14).
+(`pipeline.distributed.ds_config.load_ds_config`): with DeepSpeed 0.19 and transformers 5 it does not run (issue #14).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from pipeline import engines
+from pipeline.distributed import collectives, engines, zero3
 from pipeline.models import lora_merge
 
 
@@ -86,12 +86,12 @@ class HybridEngine:
     @contextmanager
     def generation_mode(self):
         """Inside: `self.model` holds the actor's current full weights. Freed on exit."""
-        self.model.to_empty(device=engines.device())
+        self.model.to_empty(device=collectives.device())
         self.model.tie_weights()  # to_empty gives tied parameters separate storage; share it again
         buffers = dict(self.engine.module.named_buffers())  # not partitioned by ZeRO (e.g. rotary)
         for name, buf in self.model.named_buffers():
             buf.data.copy_(buffers[name].data)
-        engines.copy_gathered(self.engine.module, self.model, self.gather_modules, self.merge)
+        zero3.copy_gathered(self.engine.module, self.model, self.gather_modules, self.merge)
         self.materialised = True
         try:
             yield self.model
@@ -122,7 +122,7 @@ class GenerationBackend(Protocol):
        at 1 (a backend whose decoder computes differently, e.g. vLLM's kernels, yields the ZeRO-3
        engine itself here).
     2. `generate(input_ids, attention_mask, params)`: left-padded prompts (B, P) on
-       `engines.device()` -> (B * params.num_samples, P + params.max_new_tokens) token ids on the
+       `collectives.device()` -> (B * params.num_samples, P + params.max_new_tokens) token ids on the
        same device, right-padded with the pad id, prompt-major. Each rank decodes its own prompts.
     """
 

@@ -18,14 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import default_task, engines, reward_fns
+from pipeline import default_task, reward_fns
 from pipeline.checkpoint import Checkpointer, StopRequest
 from pipeline.cli import parse_config
 from pipeline.config import AUTO, Config, ModelConfig, max_new_tokens, parse_split, resolve_path, save_config
 from pipeline.data import FIELDS, Source, file_digest, is_hub_name, load_role
+from pipeline.distributed import collectives, ds_config
 from pipeline.errors import PREEMPTED_EXIT_CODE, Preempted, SharedUserError, TrainingHalted, UserError
 from pipeline.monitoring import setup_logging
-from pipeline.stages.common import StageContext, ds_configs
+from pipeline.stages.common import StageContext
 
 log = logging.getLogger("pipeline")
 STAGES = ("sft", "reward", "ppo")
@@ -62,7 +63,7 @@ def _uses_reward_model(cfg: Config) -> bool:
 SCRATCH_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
-def prepare_task(cfg: Config, d: engines.Dist, out: Path) -> Path:
+def prepare_task(cfg: Config, d: collectives.Dist, out: Path) -> Path:
     """Generate the embedded default task under `<output_dir>/task` (rank 0, once per config)."""
     folder = out / "task"
     spec = {"version": default_task.VERSION, "seed": cfg.seed, "task": dataclasses.asdict(cfg.task),
@@ -82,7 +83,7 @@ def prepare_task(cfg: Config, d: engines.Dist, out: Path) -> Path:
         (folder / "model" / "config.json").write_text(json.dumps(config, indent=2))
         marker.write_text(json.dumps(spec))
         log.info("default task written to %s", folder)
-    engines.barrier()
+    collectives.barrier()
     return folder
 
 
@@ -287,7 +288,7 @@ def identity(stage: str, cfg: Config, inputs: dict[str, str], out: Path) -> dict
     """What a stage's result depends on, except the rank count: its config section, the seed,
     the data and model options, the DeepSpeed configs and the content of its inputs. A checkpoint
     records it; resuming needs the same."""
-    cfg = engines.resolve_auto(cfg)  # what "auto" means here is what the stage depends on
+    cfg = ds_config.resolve_auto(cfg)  # what "auto" means here is what the stage depends on
     section = dataclasses.asdict({"sft": cfg.sft, "reward": cfg.reward, "ppo": cfg.ppo}[base_stage(stage)])
     section.pop("ensemble_size", None)  # each member is a run of its own (stage reward_i, seed + i)
     return {
@@ -333,7 +334,7 @@ def _up_to_date(stage_dir: Path, fp: str) -> dict | None:
 
 
 # ---------------------------------------------------------------- running
-def preflight(cfg: Config, d: engines.Dist, stages: tuple[str, ...], out: Path, task: Path) -> None:
+def preflight(cfg: Config, d: collectives.Dist, stages: tuple[str, ...], out: Path, task: Path) -> None:
     """What can be checked without running earlier stages fails before the first stage runs, and
     before anything is written (the default task included): input paths, DeepSpeed configs and
     sizes, and every row of every dataset of the user's (a bad prompt file stops the run before
@@ -343,7 +344,7 @@ def preflight(cfg: Config, d: engines.Dist, stages: tuple[str, ...], out: Path, 
     for stage in stages:
         inputs = stage_inputs(cfg, out, task)[stage]
         _check_exists(stage, inputs, out)
-        ds_configs(cfg, stage, d.world_size)
+        ds_config.ds_configs(cfg, stage, d.world_size)
         # Chat messages are rendered with the stage's tokenizer (before SFT has written its own:
         # the one SFT starts from, which it saves unchanged), loaded only if a dataset needs it.
         tok_path = inputs["tokenizer"] if Path(inputs["tokenizer"]).exists() or out not in Path(
@@ -370,7 +371,7 @@ def _preflight_tokenizer(cache: dict, path: str, trust_remote_code: bool, task: 
     return cache[path]
 
 
-def _agreed(d: engines.Dist, check) -> None:
+def _agreed(d: collectives.Dist, check) -> None:
     """`check()` on every rank; if it raised UserError on any, every rank raises the lowest failing
     rank's, so rank 0 reports it once and no rank is left waiting for the others (a path may exist
     on one node and not on another)."""
@@ -379,16 +380,16 @@ def _agreed(d: engines.Dist, check) -> None:
         problem = None
     except UserError as e:
         problem = str(e)
-    problems = engines.all_gather_object(problem) if d.world_size > 1 else [problem]
+    problems = collectives.all_gather_object(problem) if d.world_size > 1 else [problem]
     for rank, message in enumerate(problems):
         if message:
             raise SharedUserError(message if problems[0] else f"on rank {rank} ({node_name()}): {message}")
 
 
-def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
+def run(cfg: Config, d: collectives.Dist, stages: tuple[str, ...] = STAGES,
         stop: StopRequest | None = None) -> dict:
     """Run `stages` in order; returns the summary written to `<output_dir>/summary.json`."""
-    auto = engines.resolve_auto(cfg)
+    auto = ds_config.resolve_auto(cfg)
     for name, before, after in (("model.dtype", cfg.model.dtype, auto.model.dtype),
                                 ("ds_config", cfg.ds_config, auto.ds_config),
                                 ("ds_inference_config", cfg.ds_inference_config, auto.ds_inference_config)):
@@ -404,7 +405,7 @@ def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
 
     def checks():  # everything that can be checked before the first stage, before anything is written
         check_given_paths(cfg)
-        engines.check_precision(cfg.model.dtype)
+        ds_config.check_precision(cfg.model.dtype)
         preflight(cfg, d, stages, out, task)
 
     _agreed(d, checks)
@@ -432,7 +433,7 @@ def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
                  f"resuming from step {resume.step}" if resume else "starting", stage_dir)
         if d.is_main:
             stage_dir.mkdir(parents=True, exist_ok=True)
-        engines.barrier()
+        collectives.barrier()
         start = time.time()
         results = _stage_fn(stage)(StageContext(run_cfg, d, stage_dir, inputs, checkpointer, resume, stop,
                                                 ident))
@@ -445,7 +446,7 @@ def run(cfg: Config, d: engines.Dist, stages: tuple[str, ...] = STAGES,
         summary[stage] = {**results, "wall_s": wall, "skipped": False}
         if d.is_main:
             summary_path.write_text(json.dumps(summary, indent=2))
-        engines.barrier()
+        collectives.barrier()
     if d.is_main:  # written only after success: a failed run leaves the last good ones in place
         save_config(cfg, out / "config.yaml")
         summary_path.write_text(json.dumps(summary, indent=2))
@@ -495,12 +496,12 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
     pg_ready = False  # before the process group, every rank parsed the same command line
     try:
         cfg = parse_config(argv, description)
-        d = engines.init_distributed(cfg.dist_timeout_minutes)
+        d = collectives.init_distributed(cfg.dist_timeout_minutes)
         reports, pg_ready = d.is_main, True
         setup_logging(d.is_main)
-        log.info("world size %d, accelerator %s, output %s", d.world_size, engines.device(),
+        log.info("world size %d, accelerator %s, output %s", d.world_size, collectives.device(),
                  cfg.output_dir)
-        log.info("ranks by node: %s", placement(engines.all_gather_object(node_name())))
+        log.info("ranks by node: %s", placement(collectives.all_gather_object(node_name())))
         run(cfg, d, stages, stop)
     except Preempted as e:
         print(f"\nstopped: {e}", file=sys.stderr, flush=True)  # (after a progress bar)

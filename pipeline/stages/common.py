@@ -12,9 +12,10 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from pipeline import data, engines
+from pipeline import data
 from pipeline.checkpoint import Checkpointer, Resume, StopRequest
-from pipeline.config import Config, TrainConfig, global_batch, ppo_sizes, resolve_path
+from pipeline.config import Config, TrainConfig, global_batch
+from pipeline.distributed import collectives, ds_config, engines
 from pipeline.errors import Preempted, SharedUserError, UserError
 from pipeline.monitoring import MetricLogger, progress
 
@@ -26,7 +27,7 @@ class StageContext:
     """What the orchestrator hands a stage: the config, the process group, where to read and write."""
 
     cfg: Config
-    dist: engines.Dist
+    dist: collectives.Dist
     stage_dir: Path
     inputs: dict = field(default_factory=dict)  # role -> resolved path, or data.Source of a dataset role
     checkpointer: Checkpointer | None = None  # None: this stage never checkpoints (tests)
@@ -35,7 +36,7 @@ class StageContext:
     identity: dict | None = None  # orchestrator.identity of the stage; None: tokenised examples are not cached
 
     def __post_init__(self):
-        self.cfg = engines.resolve_auto(self.cfg)  # model.dtype and DS configs for this accelerator
+        self.cfg = ds_config.resolve_auto(self.cfg)  # model.dtype and DS configs for this accelerator
 
     def examples(self, role: str, build: Callable[[], list[dict]]) -> list[dict]:
         """The tokenised examples of data role `role`, built by `build()` once per node (local rank
@@ -46,22 +47,19 @@ class StageContext:
         path = data.examples_cache_file(self.cfg.cache_dir, self.stage_dir.name, role, self.identity)
         built = self.dist.local_rank == 0 and not path.is_file()
         error = data.build_cached(path, build) if built else None
-        errors = [e for e in engines.all_gather_object(error) if e]  # also the barrier before reading
+        errors = [e for e in collectives.all_gather_object(error) if e]  # also the barrier before reading
         if errors:
             raise SharedUserError(errors[0])
         log.info("stage %s: %s examples %s %s", self.stage_dir.name, role,
                  "tokenised and cached in" if built else "read from the cache", path)
         return data.read_cached(path)
 
-    def engine_config(self, ds_config: dict, job: str) -> dict:
+    def engine_config(self, ds: dict, job: str) -> dict:
         """The DS config of a trained engine: DeepSpeed's own TensorBoard monitor on when the run
         asks for it; universal-checkpoint loading when resuming on another rank count."""
-        if self.resume is not None and self.resume.universal:
-            ds_config = engines.universal_loading(ds_config)
-        if not self.cfg.deepspeed_monitor:
-            return ds_config
-        return {**ds_config, "tensorboard": {"enabled": True, "job_name": job,
-                                             "output_path": str(self.stage_dir / "tensorboard")}}
+        return ds_config.engine_config(
+            ds, job, universal=self.resume is not None and self.resume.universal,
+            tensorboard=self.stage_dir / "tensorboard" if self.cfg.deepspeed_monitor else None)
 
     def start(self) -> MetricLogger:
         """Called once inputs are validated. Starting over: clear the previous attempt's logs and
@@ -73,7 +71,7 @@ class StageContext:
                 shutil.rmtree(self.stage_dir / "tensorboard", ignore_errors=True)
         if self.resume is None and self.checkpointer is not None:
             self.checkpointer.clear()
-        engines.barrier()
+        collectives.barrier()
         return MetricLogger(self.stage_dir, enabled=self.dist.is_main,
                             resume_step=self.resume.step if self.resume else None)
 
@@ -100,7 +98,7 @@ class EpochSampler(Sampler):
     precisely the samples already trained on.
     """
 
-    def __init__(self, n: int, seed: int, d: engines.Dist):
+    def __init__(self, n: int, seed: int, d: collectives.Dist):
         self.n, self.seed, self.d = n, seed, d
         self.epoch, self.skip = 0, 0
 
@@ -120,44 +118,14 @@ class EpochSampler(Sampler):
         return len(self._mine())
 
 
-def ds_configs(cfg: Config, stage: str, world_size: int) -> dict[str, dict]:
-    """The DeepSpeed configs of a stage, batch sizes filled in from the run config.
-
-    "train" for the trained engines; PPO also has "inference" for the frozen reference and reward
-    model. Every engine runs in `model.dtype`. Raises UserError for a missing or contradicting DS
-    file, or PPO sizes that do not divide.
-    """
-    cfg = engines.resolve_auto(cfg)
-    dtype = cfg.model.dtype
-    if stage in ("sft", "reward"):
-        t: TrainConfig = getattr(cfg, stage)
-        return {"train": engines.load_ds_config(
-            resolve_path(cfg.ds_config), dtype, train_micro_batch_size_per_gpu=t.micro_batch_size_per_gpu,
-            gradient_accumulation_steps=t.gradient_accumulation_steps, gradient_clipping=t.gradient_clipping)}
-    p = cfg.ppo
-    sizes = ppo_sizes(p, world_size)
-    micro = sizes["micro_batch_size_per_gpu"]
-    if sizes["micro_clamped"]:
-        log.info("ppo.micro_batch_size_per_gpu=%d is more than a rank's share of a mini-batch "
-                 "(ppo.mini_batch_size %d / %d ranks): micro-batches of %d", p.micro_batch_size_per_gpu,
-                 p.mini_batch_size, world_size, micro)
-    return {"train": engines.load_ds_config(
-                resolve_path(cfg.ds_config), dtype, train_micro_batch_size_per_gpu=micro,
-                gradient_accumulation_steps=sizes["gradient_accumulation_steps"],
-                gradient_clipping=p.gradient_clipping),
-            "inference": engines.load_ds_config(
-                resolve_path(cfg.ds_inference_config), dtype,
-                train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1)}
-
-
 def train_loader(examples: list, collate: Callable, pad_id: int, micro_batch: int, seed: int,
-                 d: engines.Dist) -> DataLoader:
+                 d: collectives.Dist) -> DataLoader:
     """Shuffled, sharded over ranks, equal batches on every rank (the remainder is dropped)."""
     return DataLoader(examples, batch_size=micro_batch, sampler=EpochSampler(len(examples), seed, d),
                       drop_last=True, collate_fn=partial(collate, pad_id=pad_id))
 
 
-def eval_batches(examples: list, collate: Callable, pad_id: int, micro_batch: int, d: engines.Dist):
+def eval_batches(examples: list, collate: Callable, pad_id: int, micro_batch: int, d: collectives.Dist):
     """This rank's strided share of the evaluation set as (batch, real) pairs.
 
     Every rank yields the same number of batches (ZeRO-3 forwards are collective); a rank whose
@@ -171,12 +139,12 @@ def eval_batches(examples: list, collate: Callable, pad_id: int, micro_batch: in
 
 
 def to_device(batch: dict) -> dict:
-    dev = engines.device()
+    dev = collectives.device()
     return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def schedule(t: TrainConfig, loader: DataLoader, stage: str, rows: int,
-             d: engines.Dist) -> tuple[int, int]:
+             d: collectives.Dist) -> tuple[int, int]:
     """(total optimizer steps, warmup steps) of a supervised stage."""
     per_epoch = len(loader) // t.gradient_accumulation_steps
     if per_epoch == 0:
@@ -207,7 +175,7 @@ def supervised_loop(ctx: StageContext, engine, loader: DataLoader, t: TrainConfi
         epoch, consumed, final_eval = s["epoch"], s["consumed"], s["final_eval"]
         step = epoch * per_epoch + consumed // global_rows  # == s["step"] on the same rank count
         if local is None:  # another rank count: same samples skipped, schedule re-positioned
-            engines.seed_everything(ctx.cfg.seed + step)
+            collectives.seed_everything(ctx.cfg.seed + step)
             engines.set_schedule_step(engine, step)
         else:
             window = local["window"]
@@ -240,7 +208,7 @@ def supervised_loop(ctx: StageContext, engine, loader: DataLoader, t: TrainConfi
             bar.update(1)
             if step % t.logging_steps == 0 or step == total_steps:
                 means = {k: sum(v) / len(v) for k, v in window.items()}
-                summed = engines.all_reduce_sum(torch.tensor(list(means.values()), dtype=torch.float64))
+                summed = collectives.all_reduce_sum(torch.tensor(list(means.values()), dtype=torch.float64))
                 metrics = {f"train/{k}": float(v) / d.world_size for k, v in zip(means, summed)}
                 metrics["train/lr"] = engine.get_lr()[0]
                 norm = engine.get_global_grad_norm()

@@ -24,16 +24,18 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline import data, engines, estimators, ppo_math, reward_fns
+from pipeline import data, estimators, ppo_math, reward_fns
 from pipeline.config import max_new_tokens, ppo_sizes
-from pipeline.dist_stats import global_mean as _global_mean, global_whiten as _global_whiten
+from pipeline.distributed import collectives, engines, zero3
+from pipeline.distributed.collectives import global_mean as _global_mean, global_whiten as _global_whiten
+from pipeline.distributed.ds_config import ds_configs
 from pipeline.errors import SharedUserError, TrainingHalted, UserError
 from pipeline.generation import SamplingParams, make_backend, position_ids, response_mask
 from pipeline.models import (add_lora, causal_lm_loss, check_vocab, disable_dropout, enable_gradient_checkpointing,
                              load_causal_lm, load_scalar_model, load_tokenizer, lora_merge, pooling_pad_id,
                              score_index, token_values)
 from pipeline.monitoring import PhaseTimer, overoptimisation_plot, peak_rss_gb, progress
-from pipeline.stages.common import StageContext, ds_configs, to_device
+from pipeline.stages.common import StageContext, to_device
 
 log = logging.getLogger(__name__)
 ENSEMBLE_ALARM_RATIO = 2.0  # alarm when the ensemble disagrees this many times as much as on the SFT policy
@@ -72,7 +74,7 @@ class PPOTrainer:
         self.estimator = estimators.ADVANTAGE_ESTIMATORS[p.advantage_mode]
         self.ds = ds_configs(cfg, "ppo", d.world_size)
         self._load_inputs(ctx)
-        engines.seed_everything(cfg.seed)
+        collectives.seed_everything(cfg.seed)
         models = self._load_models(ctx)
         self.logger = ctx.start()  # inputs are valid: from here on the stage folder is rewritten
         self._build_engines(ctx, *models)
@@ -277,8 +279,8 @@ class PPOTrainer:
     @torch.no_grad()
     def generate(self, batch: list[dict], seed: int, params: SamplingParams) -> Experience:
         prompts = data.collate_prompts(batch, self.tokenizer.pad_token_id)
-        ids = prompts["input_ids"].to(engines.device())
-        prompt_mask = prompts["attention_mask"].to(engines.device())
+        ids = prompts["input_ids"].to(collectives.device())
+        prompt_mask = prompts["attention_mask"].to(collectives.device())
         width = ids.shape[1]
         n = params.num_samples  # rows come out prompt-major: a prompt's n samples are adjacent
         mask = prompt_mask.repeat_interleave(n, 0)
@@ -333,7 +335,7 @@ class PPOTrainer:
             values, error = fn(exp.prompts, exp.responses), None
         except UserError as e:
             values, error = None, str(e)
-        errors = [e for e in engines.all_gather_object(error) if e]
+        errors = [e for e in collectives.all_gather_object(error) if e]
         if errors:
             raise SharedUserError(errors[0])
         return values
@@ -360,7 +362,7 @@ class PPOTrainer:
         evaluation) fixes each model's mean and std over every rank's rows. An ensemble's members
         need it to be compared (a pairwise loss leaves each model's offset and scale free)."""
         if self.member_norm is None:
-            everyone = rm_scores.new_tensor([v for part in engines.all_gather_object(rm_scores.T.tolist())
+            everyone = rm_scores.new_tensor([v for part in collectives.all_gather_object(rm_scores.T.tolist())
                                              for v in part], dtype=torch.float64).T  # (K, rows of every rank)
             self.member_norm = [[m, max(sd, 1e-6)] for m, sd in zip(everyone.mean(1).tolist(),
                                                                    everyone.std(1).tolist())]
@@ -377,7 +379,7 @@ class PPOTrainer:
                      for i in range(len(exp.prompts))]  # token ids: re-encoded with the RM's tokenizer
         ids, mask = data.reencode(exp.prompts, responses, self.tokenizer, self.reward_tokenizer,
                                   self.cfg.data.max_prompt_len, 4 * self.sampling.max_new_tokens)
-        return ids.to(engines.device()), mask.to(engines.device())
+        return ids.to(collectives.device()), mask.to(collectives.device())
 
     # ------------------------------------------------------------ 3. rewards and advantages
     @torch.no_grad()
@@ -385,7 +387,7 @@ class PPOTrainer:
         p, m = self.p, exp.response_mask
         scores = exp.scores
         if p.score_norm == "running":
-            all_scores = engines.all_reduce_sum(torch.zeros(self.d.world_size, len(scores), device=scores.device)
+            all_scores = collectives.all_reduce_sum(torch.zeros(self.d.world_size, len(scores), device=scores.device)
                                                 .index_copy(0, torch.tensor([self.d.rank], device=scores.device),
                                                             scores[None]))
             self.score_moments.update(all_scores.flatten())
@@ -436,7 +438,7 @@ class PPOTrainer:
     def _mini_batch(self, exp: Experience, idx: torch.Tensor) -> dict:
         p, w, world = self.p, exp.prompt_width, self.d.world_size
         mb_mask = exp.response_mask[idx]
-        num_tokens = engines.all_reduce_sum(mb_mask.sum().float()).clamp(min=1)
+        num_tokens = collectives.all_reduce_sum(mb_mask.sum().float()).clamp(min=1)
         # Global denominators of ppo.loss_agg (so micro-batches and ranks add up to the mini-batch).
         agg = {"num_tokens": num_tokens, "agg_mode": p.loss_agg, "num_seqs": float(p.mini_batch_size),
                "norm_const": float(self.cfg.data.max_response_len)}
@@ -487,7 +489,7 @@ class PPOTrainer:
         if self.ema is not None:
             assert self.actor.global_steps == steps_before + 1, "a mini-batch is one optimizer step"
             self.ema.update()
-        summed = engines.all_reduce_sum(torch.tensor(list(acc.values()), dtype=torch.float64))
+        summed = collectives.all_reduce_sum(torch.tensor(list(acc.values()), dtype=torch.float64))
         return {k: float(v) for k, v in zip(acc, summed)}
 
     def _value_loss(self, exp: Experience, rows, seq, mask, m, num_tokens) -> tuple:
@@ -506,7 +508,7 @@ class PPOTrainer:
         rows = [self.ptx[i] for i in chosen]
         batches = [to_device(data.collate_sft(rows[s], self.tokenizer.pad_token_id)) for s in self._micro(len(rows))]
         tokens = sum((b["labels"][:, 1:] != data.IGNORE_INDEX).sum() for b in batches)
-        return batches, engines.all_reduce_sum(tokens.float()).clamp(min=1)
+        return batches, collectives.all_reduce_sum(tokens.float()).clamp(min=1)
 
     def _check_finite(self, *losses: torch.Tensor) -> None:
         """Stop before a non-finite loss reaches the weights (every rank stops together).
@@ -515,7 +517,7 @@ class PPOTrainer:
         itself produced inf/NaN; stepping on would only spread it.
         """
         bad = torch.tensor(float(not all(torch.isfinite(x).all() for x in losses)))
-        if engines.all_reduce_sum(bad).item() > 0:
+        if collectives.all_reduce_sum(bad).item() > 0:
             raise TrainingHalted("PPO stopped: a non-finite loss in the update (the model produced "
                                "inf/NaN; lower ppo.actor_learning_rate or check the reward scale). "
                                "Weights were not updated with it.")
@@ -531,7 +533,7 @@ class PPOTrainer:
         with timer("advantages"):
             exp = self.advantages(exp)
         finite = torch.isfinite(exp.advantages).all() & torch.isfinite(exp.returns).all()
-        finite = engines.all_reduce_sum(finite.float()).item() == self.d.world_size
+        finite = collectives.all_reduce_sum(finite.float()).item() == self.d.world_size
         if finite:
             with timer("training"):
                 train = {f"ppo/{k}": v for k, v in self.update(exp, seed).items()}
@@ -557,7 +559,7 @@ class PPOTrainer:
         for k, v in timer.seconds.items():
             metrics[f"time/{k}"] = v
         metrics["time/step"] = sum(timer.seconds.values())
-        tokens = engines.all_reduce_sum(exp.response_mask.sum().float()).item()
+        tokens = collectives.all_reduce_sum(exp.response_mask.sum().float()).item()
         metrics["perf/tokens_per_second"] = tokens / max(metrics["time/step"], 1e-9)
         metrics["memory/peak_rss_gb"] = peak_rss_gb()
         metrics.update(timer.memory_metrics())  # accelerator memory per phase (none on CPU)
@@ -593,7 +595,7 @@ class PPOTrainer:
         if metric and (self.best is None or metrics[metric] > self.best["value"]):
             self.best = {"iteration": step, "metric": metric, "value": metrics[metric]}
             folder = self.stage_dir / "model_best"
-            engines.save_hf(self.actor.module, self.tokenizer, folder, self.d.rank,
+            zero3.save_hf(self.actor.module, self.tokenizer, folder, self.d.rank,
                             merge=lora_merge(self.actor.module))
             if self.d.is_main:
                 (folder / "best.json").write_text(json.dumps(self.best, indent=2))
@@ -672,7 +674,7 @@ class PPOTrainer:
             metrics["eval/gold_score"] = _global_mean(gold)
             if self.sft_eval is None:  # step 0: the SFT policy's gold score per held-out prompt
                 self.sft_eval = [0.0] * len(self.eval_prompts)
-                for part in engines.all_gather_object(list(zip(idx, gold.tolist()))):
+                for part in collectives.all_gather_object(list(zip(idx, gold.tolist()))):
                     for i, g in part:
                         self.sft_eval[i] = g
             baseline = torch.tensor([self.sft_eval[i] for i in idx], dtype=torch.float64)
@@ -763,9 +765,9 @@ def run(ctx: StageContext) -> dict:
     bar.close()
     # LoRA adapters are merged: the policy is a plain model of the base architecture.
     merge = lora_merge(trainer.actor.module)
-    engines.save_hf(trainer.actor.module, trainer.tokenizer, ctx.stage_dir / "model", d.rank, merge=merge)
+    zero3.save_hf(trainer.actor.module, trainer.tokenizer, ctx.stage_dir / "model", d.rank, merge=merge)
     if trainer.ema is not None:
-        engines.save_hf(trainer.actor.module, trainer.tokenizer, ctx.stage_dir / "model_ema", d.rank, ema=trainer.ema,
+        zero3.save_hf(trainer.actor.module, trainer.tokenizer, ctx.stage_dir / "model_ema", d.rank, ema=trainer.ema,
                         merge=merge)
     elif d.is_main:  # not a stale EMA from an earlier run next to this run's model
         shutil.rmtree(ctx.stage_dir / "model_ema", ignore_errors=True)

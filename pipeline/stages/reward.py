@@ -6,11 +6,12 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from pipeline import data, engines
+from pipeline import data
+from pipeline.distributed import collectives, engines, zero3
+from pipeline.distributed.ds_config import ds_configs
 from pipeline.models import (check_vocab, enable_gradient_checkpointing, load_scalar_model, load_tokenizer,
                              sequence_scores)
-from pipeline.stages.common import (StageContext, ds_configs, eval_batches, schedule,
-                                    supervised_loop, train_loader)
+from pipeline.stages.common import StageContext, eval_batches, schedule, supervised_loop, train_loader
 
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def run(ctx: StageContext) -> dict:
                           t.micro_batch_size_per_gpu, cfg.seed, d)
     total_steps, warmup = schedule(t, loader, "reward", len(train), d)
 
-    engines.seed_everything(cfg.seed)
+    collectives.seed_everything(cfg.seed)
     with engines.zero3_construction(ds_config):
         model = load_scalar_model(ctx.inputs["model"], cfg.model.trust_remote_code, cfg.model.dtype)
     check_vocab(model, tokenizer, f"model {ctx.inputs['model']}")
@@ -69,11 +70,11 @@ def run(ctx: StageContext) -> dict:
             loss, acc, margin = pairwise(engine, batch, tokenizer.pad_token_id)
             totals += real * torch.tensor([loss.sum().item(), acc.sum().item(), margin.sum().item(),
                                            len(loss)], dtype=torch.float64)
-        loss, correct, margin, n = engines.all_reduce_sum(totals).tolist()
+        loss, correct, margin, n = collectives.all_reduce_sum(totals).tolist()
         return {"loss": loss / n, "accuracy": correct / n, "reward_margin": margin / n}
 
     result = supervised_loop(ctx, engine, loader, t, total_steps, loss_fn, evaluate, logger)
-    engines.save_hf(engine.module, tokenizer, ctx.stage_dir / "model", d.rank)
+    zero3.save_hf(engine.module, tokenizer, ctx.stage_dir / "model", d.rank)
     logger.close()
     return {"eval_accuracy": result["accuracy"], "eval_loss": result["loss"],
             "eval_reward_margin": result["reward_margin"], "steps": result["steps"]}

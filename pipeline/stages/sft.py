@@ -6,11 +6,12 @@ import math
 
 import torch
 
-from pipeline import data, engines
+from pipeline import data
+from pipeline.distributed import collectives, engines, zero3
+from pipeline.distributed.ds_config import ds_configs
 from pipeline.models import (causal_lm_loss, check_vocab, enable_gradient_checkpointing, load_causal_lm,
                              load_tokenizer)
-from pipeline.stages.common import (StageContext, ds_configs, eval_batches, schedule,
-                                    supervised_loop, train_loader)
+from pipeline.stages.common import StageContext, eval_batches, schedule, supervised_loop, train_loader
 
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def run(ctx: StageContext) -> dict:
                           cfg.seed, d)
     total_steps, warmup = schedule(t, loader, "sft", len(train), d)
 
-    engines.seed_everything(cfg.seed)
+    collectives.seed_everything(cfg.seed)
     with engines.zero3_construction(ds_config):
         model = load_causal_lm(ctx.inputs["model"], cfg.model.trust_remote_code, cfg.model.dtype)
     check_vocab(model, tokenizer, f"model {ctx.inputs['model']}")
@@ -48,7 +49,7 @@ def run(ctx: StageContext) -> dict:
                                             batch["labels"])
         # Normalise by the global token count of this micro-step so every token weighs the same on
         # every rank; x world because DeepSpeed averages gradients over ranks.
-        global_tokens = engines.all_reduce_sum(n_tokens.float()).clamp(min=1)
+        global_tokens = collectives.all_reduce_sum(n_tokens.float()).clamp(min=1)
         loss = loss_sum / global_tokens * d.world_size
         return loss, {"loss": loss_sum.detach() / n_tokens.clamp(min=1)}
 
@@ -61,12 +62,12 @@ def run(ctx: StageContext) -> dict:
             loss_sum, n = causal_lm_loss(engine, batch["input_ids"], batch["attention_mask"],
                                          batch["labels"])
             totals += real * torch.tensor([loss_sum.item(), n.item()], dtype=torch.float64)
-        loss_sum, n = engines.all_reduce_sum(totals).tolist()
+        loss_sum, n = collectives.all_reduce_sum(totals).tolist()
         loss = loss_sum / max(n, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
     result = supervised_loop(ctx, engine, loader, t, total_steps, loss_fn, evaluate, logger)
-    engines.save_hf(engine.module, tokenizer, ctx.stage_dir / "model", d.rank)
+    zero3.save_hf(engine.module, tokenizer, ctx.stage_dir / "model", d.rank)
     logger.close()
     return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
             "steps": result["steps"], "params": engines.num_params(engine.module)}

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import default_task, engines
+from pipeline import default_task
+from pipeline.distributed import collectives, ds_config, engines, zero3
 from pipeline.checkpoint import Checkpointer
 from pipeline.models import load_causal_lm
 
@@ -20,7 +21,7 @@ GLOBAL_BATCH = 4
 EMA_BETA = 0.5
 
 
-def batch(step: int, d: engines.Dist) -> torch.Tensor:
+def batch(step: int, d: collectives.Dist) -> torch.Tensor:
     g = torch.Generator().manual_seed(step)
     rows = torch.randint(3, 40, (GLOBAL_BATCH, 12), generator=g)
     return rows[d.rank::d.world_size]  # this rank's share of the global batch
@@ -29,26 +30,26 @@ def batch(step: int, d: engines.Dist) -> torch.Tensor:
 def main() -> None:
     mode, folder = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     folder = Path(folder)
-    d = engines.init_distributed()
-    engines.seed_everything(0)
+    d = collectives.init_distributed()
+    collectives.seed_everything(0)
     ckpt = Checkpointer(folder / "stage", d, keep_last=2, identity={"probe": 1})
     resume = ckpt.find() if mode == "load" else None
-    ds = engines.load_ds_config(Path(__file__).parents[2] / "ds_configs" / "zero3_train.json",
+    ds = ds_config.load_ds_config(Path(__file__).parents[2] / "ds_configs" / "zero3_train.json",
                                 train_micro_batch_size_per_gpu=GLOBAL_BATCH // d.world_size,
                                 gradient_accumulation_steps=1, gradient_clipping=1.0)
     if resume is not None and resume.universal:
-        ds = engines.universal_loading(ds)
+        ds = ds_config.universal_loading(ds)
     model_dir = folder / "model"
     if d.is_main and not model_dir.is_dir():
         model_dir.mkdir(parents=True)
         config = default_task.model_config(len(default_task.vocabulary()), 32, 2, 2, 64, 64)
         (model_dir / "config.json").write_text(json.dumps(config))
-    engines.barrier()
+    collectives.barrier()
     with engines.zero3_construction(ds):
         model = load_causal_lm(str(model_dir), False)
     engine = engines.train_engine(model, ds, 1e-2, 0.1, "cosine", 2, 20)
     ema = engines.ShardEMA(engine.module, EMA_BETA)
-    hand = engines.full_state_dict(engine.module, d.rank)  # rank 0: the EMA on full weights
+    hand = zero3.full_state_dict(engine.module, d.rank)  # rank 0: the EMA on full weights
 
     def train_step(step: int) -> None:
         ids = batch(step, d)
@@ -58,14 +59,14 @@ def main() -> None:
         ema.update()
 
     def dump(name: str, ema_of=None) -> None:  # the weights, or those of an EMA (collective)
-        state = engines.full_state_dict(engine.module, d.rank, ema_of)
+        state = zero3.full_state_dict(engine.module, d.rank, ema_of)
         if d.is_main:
             torch.save(state, folder / f"{name}.pt")
 
     if mode == "save":
         for step in range(1, 4):
             train_step(step)
-            full = engines.full_state_dict(engine.module, d.rank)
+            full = zero3.full_state_dict(engine.module, d.rank)
             if d.is_main:
                 hand = {k: EMA_BETA * hand[k] + (1 - EMA_BETA) * full[k] for k in hand}
         ckpt.save(3, {"model": engine}, {"step": 3}, {"note": "rank-local", "ema": ema.state_dict()})

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import default_task, engines, orchestrator
+from pipeline import default_task, orchestrator
 from pipeline.cli import parse_config
 from pipeline.config import REPO_ROOT
+from pipeline.distributed import collectives
 from pipeline.monitoring import setup_logging
 
 SIZES = ["--task.num_sft", "16", "--task.num_pairs", "16", "--task.num_prompts", "32", "--task.num_eval", "8",
@@ -28,12 +29,12 @@ def model_folder(folder: Path) -> None:
 
 def main() -> None:
     work = Path([a for a in sys.argv[1:] if not a.startswith("--local_rank")][0])  # launcher adds --local_rank
-    d = engines.init_distributed()
+    d = collectives.init_distributed()
     setup_logging(d.is_main)
     if d.is_main:
         for name in ("actor", "reward"):
             model_folder(work / name)
-    engines.barrier()
+    collectives.barrier()
     calls = []
 
     def count(module, _args):

@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import checkpoint, engines
+from pipeline import checkpoint
+from pipeline.distributed import collectives
 
 
 def fake_checkpoint(root: Path, step: int, identity: dict) -> None:
@@ -23,13 +24,13 @@ def fake_checkpoint(root: Path, step: int, identity: dict) -> None:
     (root / "latest").write_text(folder.name)
 
 
-def verify_mode(d: engines.Dist, folder: Path) -> dict:
+def verify_mode(d: collectives.Dist, folder: Path) -> dict:
     identity = {"probe": 1}
     root = folder / "stage" / "checkpoints"
     if d.is_main:
         fake_checkpoint(root, 1, identity)
         fake_checkpoint(root, 2, identity)
-    engines.barrier()
+    collectives.barrier()
     hashed = []
     inner = checkpoint._sha256
     checkpoint._sha256 = lambda p: hashed.append(f"{p.parent.name}/{p.name}") or inner(p)
@@ -41,19 +42,19 @@ def verify_mode(d: engines.Dist, folder: Path) -> dict:
         files = json.loads((root / "step_00000002" / checkpoint.MANIFEST).read_text())["files"]
         victim = checkpoint.share(files, 1, 2)[0]
         (root / "step_00000002" / victim).write_bytes(b"damaged")
-    engines.barrier()
+    collectives.barrier()
     hashed.clear()
     fallback = ckpt.find()
     return {"intact_step": intact.step, "hashed_intact": hashed_intact, "fallback_step": fallback.step,
             "universal": intact.universal}
 
 
-def timeout_mode(d: engines.Dist, late_s: float) -> dict:
+def timeout_mode(d: collectives.Dist, late_s: float) -> dict:
     if d.rank == 1:
         time.sleep(late_s)
     start = time.monotonic()
     try:
-        engines.barrier()
+        collectives.barrier()
         error = None
     except Exception as e:  # noqa: BLE001 - what the timeout raises is torch's business
         error = f"{type(e).__name__}: {e}"[:300]
@@ -64,7 +65,7 @@ def main() -> None:
     mode, folder, *rest = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     folder = Path(folder)
     minutes = float(rest[0]) if rest else 120.0
-    d = engines.init_distributed(minutes)
+    d = collectives.init_distributed(minutes)
     out = verify_mode(d, folder) if mode == "verify" else timeout_mode(d, float(rest[1]))
     (folder / f"{mode}.rank{d.rank}").write_text(json.dumps(out))
     sys.stdout.flush()

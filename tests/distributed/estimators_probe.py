@@ -1,6 +1,6 @@
 """Run under `deepspeed --num_gpus 2` (or in-process with one rank): the advantages of every group
 estimator for one fixed rollout, computed as the PPO stage computes them (`estimators.estimate_advantages`
-with the all-rank `dist_stats.global_whiten`), from this rank's share of the rows. Used by
+with the all-rank `collectives.global_whiten`), from this rank's share of the rows. Used by
 test_estimators_two_ranks.py; writes <folder>/estimators.rank<R> (JSON).
 
 `grouped`: rank r holds prompts r*P..(r+1)*P-1 and all their samples (as the stage's generate() does);
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import dist_stats, engines, estimators
+from pipeline import estimators
+from pipeline.distributed import collectives
 
 PROMPTS, SAMPLES, WIDTH = 4, 4, 5
 NAMES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae")
@@ -42,20 +43,20 @@ def rows_of(rank: int, world: int, layout: str) -> torch.Tensor:
 def advantages(rank: int, world: int, layout: str) -> dict:
     """{estimator: [[row, advantages...], ...]} of this rank's rows (whitening on, as by default)."""
     full, idx = rollout(), rows_of(rank, world, layout)
-    dev = engines.device()
+    dev = collectives.device()
     mine = estimators.AdvantageInputs(full.rewards[idx].to(dev), full.response_mask[idx].to(dev),
                                     values=full.values[idx].to(dev), group_ids=full.group_ids[idx].to(dev),
                                     gamma=full.gamma, lam=full.lam)
     out = {}
     for name in NAMES:
-        adv, _ = estimators.estimate_advantages(name, mine, True, dist_stats.global_whiten)
+        adv, _ = estimators.estimate_advantages(name, mine, True, collectives.global_whiten)
         out[name] = [[int(r), *a] for r, a in zip(idx.tolist(), adv.cpu().tolist())]
     return out
 
 
 def main() -> None:
     folder = Path([a for a in sys.argv[1:] if not a.startswith("--local_rank")][0])
-    d = engines.init_distributed()
+    d = collectives.init_distributed()
     report = {layout: advantages(d.rank, d.world_size, layout) for layout in ("grouped", "split")}
     (folder / f"estimators.rank{d.rank}").write_text(json.dumps(report))
 

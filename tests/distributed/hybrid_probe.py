@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import data, default_task, engines
+from pipeline import data, default_task
+from pipeline.distributed import collectives, ds_config, engines, zero3
 from pipeline.config import REPO_ROOT
 from pipeline.generation import HybridEngine, SamplingParams, naive_generate, response_mask
 from pipeline.models import causal_lm_loss, load_causal_lm, load_tokenizer
@@ -23,18 +24,18 @@ def materialised_bytes(model) -> int:
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # added by the launcher
     out, work = Path(args[0]), Path(args[1])
-    d = engines.init_distributed()
+    d = collectives.init_distributed()
     if d.is_main:
         default_task.build_tokenizer(work / "model")
         config = default_task.model_config(len(default_task.vocabulary()), 128, 3, 4, 256, 64)
         (work / "model" / "config.json").write_text(json.dumps(config))
-    engines.barrier()
+    collectives.barrier()
     tok = load_tokenizer(str(work / "model"))
-    ds = engines.load_ds_config(REPO_ROOT / "ds_configs" / "zero3_train.json",
+    ds = ds_config.load_ds_config(REPO_ROOT / "ds_configs" / "zero3_train.json",
                                 train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1,
                                 gradient_clipping=1.0)
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    engines.seed_everything(0)
+    collectives.seed_everything(0)
     with engines.zero3_construction(ds):
         model = load_causal_lm(str(work / "model"))
     engine = engines.train_engine(model, ds, 1e-2, 0.0, "constant", 0, 100)
@@ -83,8 +84,8 @@ def main() -> None:
         with hybrid.generation_mode():
             hybrid.generate(ids, mask, SamplingParams(max_new_tokens=8))
             copy = {n: p.detach().clone() for n, p in hybrid.model.named_parameters()}
-        full = engines.full_state_dict(engine.module, d.rank)
-        full = engines.broadcast_object(full)
+        full = zero3.full_state_dict(engine.module, d.rank)
+        full = collectives.broadcast_object(full)
         drift.append(max((copy[n] - full[n]).abs().max().item() for n in copy))
         if previous is not None:
             changed.append(max((copy[n] - previous[n]).abs().max().item() for n in copy))

@@ -9,20 +9,21 @@ from pathlib import Path
 
 import torch
 
-from pipeline import default_task, engines
+from pipeline import default_task
+from pipeline.distributed import collectives, ds_config, engines, zero3
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import REPO_ROOT
 from pipeline.generation import HybridEngine
 from pipeline.models import add_lora, load_causal_lm, load_scalar_model, load_tokenizer, lora_merge, token_values
 
 
-def batch(step: int, d: engines.Dist) -> torch.Tensor:
+def batch(step: int, d: collectives.Dist) -> torch.Tensor:
     rows = torch.randint(3, 40, (4, 12), generator=torch.Generator().manual_seed(step))
-    return rows[d.rank::d.world_size].to(engines.device())
+    return rows[d.rank::d.world_size].to(collectives.device())
 
 
 def build(folder: Path, ds: dict) -> tuple:
-    engines.seed_everything(0)
+    collectives.seed_everything(0)
     with engines.zero3_construction(ds):
         actor = load_causal_lm(str(folder))
         critic = load_scalar_model(str(folder))
@@ -32,7 +33,7 @@ def build(folder: Path, ds: dict) -> tuple:
             engines.train_engine(critic, ds, 1e-2, 0.0, "constant", 0, 100))
 
 
-def train_step(actor, critic, step: int, d: engines.Dist) -> None:
+def train_step(actor, critic, step: int, d: collectives.Dist) -> None:
     ids = batch(step, d)
     actor.backward(actor(input_ids=ids, labels=ids).loss)
     actor.step()
@@ -53,8 +54,8 @@ def structure(engine) -> dict:
             "trained": engines.num_params(engine.module, trainable=True), "total": engines.num_params(engine.module)}
 
 
-def full(engine, d: engines.Dist) -> dict:
-    return engines.broadcast_object(engines.full_state_dict(engine.module, d.rank))
+def full(engine, d: collectives.Dist) -> dict:
+    return collectives.broadcast_object(zero3.full_state_dict(engine.module, d.rank))
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -64,15 +65,15 @@ def max_diff(a: dict, b: dict) -> float:
 
 def main() -> None:
     out, work = [Path(a) for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    d = engines.init_distributed()
+    d = collectives.init_distributed()
     model_dir = work / "model"
     if d.is_main:
         default_task.build_tokenizer(model_dir)
         config = default_task.model_config(len(default_task.vocabulary()), 32, 2, 2, 64, 64)
         (model_dir / "config.json").write_text(json.dumps(config))
-    engines.barrier()
+    collectives.barrier()
     tok = load_tokenizer(str(model_dir))
-    ds = engines.load_ds_config(REPO_ROOT / "ds_configs" / "zero3_train.json", train_micro_batch_size_per_gpu=2,
+    ds = ds_config.load_ds_config(REPO_ROOT / "ds_configs" / "zero3_train.json", train_micro_batch_size_per_gpu=2,
                                 gradient_accumulation_steps=1, gradient_clipping=1.0)
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny tensors
     actor, critic = build(model_dir, ds)
@@ -96,7 +97,7 @@ def main() -> None:
     report["adapters_moved"] = max(saved[k].abs().max().item() for k in saved if ".lora_B." in k)
 
     # Export: merged, plain keys, loadable without peft.
-    engines.save_hf(actor.module, tok, work / "export", d.rank, merge=lora_merge(actor.module))
+    zero3.save_hf(actor.module, tok, work / "export", d.rank, merge=lora_merge(actor.module))
     from transformers import AutoModelForCausalLM
 
     with engines.plain_construction():  # (a live ZeRO-3 config would partition it)

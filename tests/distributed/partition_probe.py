@@ -4,8 +4,8 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline import engines
 from pipeline.cli import parse_config
+from pipeline.distributed import collectives
 from pipeline.orchestrator import stage_inputs
 from pipeline.stages.common import StageContext
 from pipeline.stages.ppo import PPOTrainer
@@ -20,7 +20,7 @@ def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # added by the launcher
     out_file = Path(args[0])
     cfg = parse_config(args[1:])
-    d = engines.init_distributed()
+    d = collectives.init_distributed()
     out = Path(cfg.output_dir)
     ctx = StageContext(cfg, d, out / "probe", stage_inputs(cfg, out, out / "task")["ppo"])
     trainer = PPOTrainer(ctx)

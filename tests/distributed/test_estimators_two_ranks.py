@@ -2,7 +2,7 @@
 
 The stage keeps each prompt's samples on one rank (each rank samples num_samples_per_prompt responses
 to each of its own prompts), so the group baselines are local and only the whitening is a collective
-(`dist_stats.global_whiten`). The probe computes every estimator the way the stage does from each
+(`collectives.global_whiten`). The probe computes every estimator the way the stage does from each
 rank's share of one fixed rollout; the 1-rank reference is the same code in this process on a
 one-rank gloo group. Cutting the groups across ranks instead gives different advantages: the layout
 the stage keeps is what makes them agree."""
@@ -43,13 +43,13 @@ def two_ranks(tmp_path_factory):
 def one_rank():
     import torch.distributed as dist
 
-    from pipeline import engines
+    from pipeline.distributed import collectives
 
     sys.path.insert(0, str(PROBE.parent))
     import estimators_probe
 
     created = not dist.is_initialized()
-    engines.init_distributed()
+    collectives.init_distributed()
     yield {layout: estimators_probe.advantages(0, 1, layout) for layout in ("grouped", "split")}
     if created:
         dist.destroy_process_group()

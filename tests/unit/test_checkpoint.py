@@ -8,7 +8,7 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.checkpoint import identity_diff, rng_state, set_rng_state, verify
-from pipeline.engines import Dist
+from pipeline.distributed.collectives import Dist
 from pipeline.monitoring import MetricLogger
 from pipeline.stages.common import EpochSampler
 from pipeline.stages.ppo import PromptOrder

@@ -472,15 +472,15 @@ def test_default_ppo_sizes_divide_on_1_2_4_and_8_ranks_and_keep_1_and_2_as_they_
 def test_a_clamped_micro_batch_reaches_the_deepspeed_config_with_a_log_line(caplog):
     import logging
 
-    from pipeline.stages.common import ds_configs
+    from pipeline.distributed.ds_config import ds_configs
 
-    with caplog.at_level(logging.INFO, logger="pipeline.stages.common"):
+    with caplog.at_level(logging.INFO, logger="pipeline.distributed.ds_config"):
         ds = ds_configs(Config(), "ppo", 8)
     assert ds["train"]["train_micro_batch_size_per_gpu"] == 2 and ds["train"]["gradient_accumulation_steps"] == 1
     assert ds["inference"]["train_micro_batch_size_per_gpu"] == 2
     assert "ppo.micro_batch_size_per_gpu=8 is more than a rank's share of a mini-batch" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.stages.common"):
+    with caplog.at_level(logging.INFO, logger="pipeline.distributed.ds_config"):
         assert ds_configs(Config(), "ppo", 2)["train"]["train_micro_batch_size_per_gpu"] == 8
     assert "more than a rank's share" not in caplog.text
 

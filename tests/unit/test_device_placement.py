@@ -5,7 +5,7 @@ On CPU every tensor lives on one device, so `torch.stack([x.sum(), torch.tensor(
 CPU test and crashes on CUDA (issue #14: PPO died at its step-0 evaluation). The scan finds every
 call of a torch factory (`torch.tensor`, `torch.zeros`, ...) in pipeline/ that names no `device=`.
 It passes only when the call is the direct argument of a helper that moves its input to
-`engines.device()` itself, or sits in a function of ALLOWED, each with the reason it is CPU-only.
+`collectives.device()` itself, or sits in a function of ALLOWED, each with the reason it is CPU-only.
 """
 import ast
 from pathlib import Path
@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2] / "pipeline"
 FACTORIES = {"tensor", "as_tensor", "scalar_tensor", "zeros", "ones", "full", "empty", "arange", "linspace",
              "logspace", "eye", "rand", "randn", "randint", "randperm", "Generator"}
-# Helpers that move their argument to engines.device() before it meets anything (engines.all_reduce_sum).
+# Helpers that move their argument to collectives.device() before it meets anything (collectives.all_reduce_sum).
 MOVES_TO_DEVICE = {"all_reduce_sum"}
 ALLOWED = {  # (module, function): why its factory calls never meet a device tensor
     ("data/collate.py", "pad"): "collation: token ids built on CPU; callers move the batch to the device",
@@ -88,7 +88,7 @@ def unplaced_factory_calls(root: Path = ROOT) -> list[tuple]:
 def test_every_tensor_built_on_ranks_names_its_device():
     bad = [f"{m}:{line} in {fn or '<module>'}: {src}" for m, fn, line, src in unplaced_factory_calls()
            if (m, fn) not in ALLOWED]
-    assert not bad, ("tensors built without device= (use x.new_tensor / device=x.device / engines.device(), "
+    assert not bad, ("tensors built without device= (use x.new_tensor / device=x.device / collectives.device(), "
                      "or add the function to ALLOWED with the reason it is CPU-only):\n" + "\n".join(bad))
 
 
@@ -102,7 +102,7 @@ def test_the_scan_finds_a_scalar_stacked_without_its_device(tmp_path):
         "import torch\n"
         "def f(x):\n"
         "    ok = x.new_tensor(1.0) + torch.zeros(2, device=x.device)\n"
-        "    moved = engines.all_reduce_sum(torch.tensor([1.0]))\n"
+        "    moved = collectives.all_reduce_sum(torch.tensor([1.0]))\n"
         "    return torch.stack([x.sum(), torch.tensor(float(x.numel()))])\n"
         "class C:\n"
         "    def g(self):\n"
@@ -116,11 +116,11 @@ def test_the_scan_finds_a_scalar_stacked_without_its_device(tmp_path):
 # ---------------------------------------------------------------- the helpers' devices
 def test_local_statistics_are_built_on_the_input_device():
     """On the meta device a CPU-built scalar cannot join the input: the helpers must use its device."""
-    from pipeline import dist_stats
+    from pipeline.distributed import collectives
 
     x = torch.ones(3, 4, device="meta")
-    assert dist_stats.mean_sums(x).device.type == "meta"
-    assert dist_stats.whiten_sums(x, torch.ones(3, 4, device="meta")).device.type == "meta"
+    assert collectives.mean_sums(x).device.type == "meta"
+    assert collectives.whiten_sums(x, torch.ones(3, 4, device="meta")).device.type == "meta"
 
 
 @pytest.fixture(scope="module")
@@ -128,28 +128,28 @@ def one_rank():
     """A world-size-1 gloo group in this process (what init_distributed makes without a launcher)."""
     import torch.distributed as dist
 
-    from pipeline import engines
+    from pipeline.distributed import collectives
 
     created = not dist.is_initialized()
-    d = engines.init_distributed()
+    d = collectives.init_distributed()
     yield d
     if created:
         dist.destroy_process_group()
 
 
 def test_collective_helpers_return_on_the_engine_device(one_rank):
-    from pipeline import dist_stats, engines
+    from pipeline.distributed import collectives
 
-    dev = engines.device()
+    dev = collectives.device()
     x = torch.arange(6.0, device=dev).reshape(2, 3)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]], device=dev)
-    summed = engines.all_reduce_sum(x)
+    summed = collectives.all_reduce_sum(x)
     assert summed.device == dev and torch.equal(summed, x)
-    assert engines.all_reduce_sum(torch.tensor([1.0])).device == dev  # moved there by the helper
-    white = dist_stats.global_whiten(x, mask)
+    assert collectives.all_reduce_sum(torch.tensor([1.0])).device == dev  # moved there by the helper
+    white = collectives.global_whiten(x, mask)
     assert white.device == dev
     assert white[mask.bool()].mean().abs() < 1e-6 and torch.all(white[~mask.bool()] == 0)
-    assert dist_stats.global_mean(x) == pytest.approx(2.5)
-    assert dist_stats.global_mean(torch.tensor([1.0, 2.0], dtype=torch.float64)) == pytest.approx(1.5)
-    assert engines.broadcast_object({"a": 1}) == {"a": 1}
-    assert engines.all_gather_object(3) == [3]
+    assert collectives.global_mean(x) == pytest.approx(2.5)
+    assert collectives.global_mean(torch.tensor([1.0, 2.0], dtype=torch.float64)) == pytest.approx(1.5)
+    assert collectives.broadcast_object({"a": 1}) == {"a": 1}
+    assert collectives.all_gather_object(3) == [3]

@@ -3,7 +3,7 @@ import pytest
 
 from pipeline.cli import parse_config
 from pipeline.config import Config
-from pipeline.engines import check_slurm_world_size
+from pipeline.distributed.collectives import check_slurm_world_size
 from pipeline.errors import UserError
 
 

@@ -5,9 +5,9 @@ import re
 import pytest
 
 from pipeline.config import REPO_ROOT, Config, PPOConfig
-from pipeline.engines import check_precision, load_ds_config
+from pipeline.distributed import collectives
+from pipeline.distributed.ds_config import check_precision, ds_configs, load_ds_config
 from pipeline.errors import UserError
-from pipeline.stages.common import ds_configs
 
 ZERO3 = {"zero_optimization": {"stage": 3}}
 FILL = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0}
@@ -172,13 +172,14 @@ def test_fp16_on_an_accelerator_without_it_is_refused_naming_the_option_and_the_
 
 
 def test_unsupported_precision_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-    from pipeline import engines, orchestrator
+    from pipeline import orchestrator
+    from pipeline.distributed import ds_config
 
-    monkeypatch.setattr(engines, "get_accelerator", lambda: CPU)
+    monkeypatch.setattr(ds_config, "get_accelerator", lambda: CPU)
     cfg = Config(output_dir=str(tmp_path / "run"))
     cfg.model.dtype = "fp16"
     with pytest.raises(UserError, match=re.escape("option model.dtype=fp16")):
-        orchestrator.run(cfg, engines.Dist(0, 1, 0, 1))
+        orchestrator.run(cfg, collectives.Dist(0, 1, 0, 1))
     assert not (tmp_path / "run").exists()
 
 
@@ -212,7 +213,7 @@ def _explicit_cpu() -> Config:
 
 @pytest.mark.parametrize("acc, dtype, kind", [(CPU, "fp32", "cpu"), (GPU, "bf16", "gpu"), (OLD_GPU, "fp32", "gpu")])
 def test_auto_resolves_dtype_and_ds_files_for_the_accelerator(acc, dtype, kind):
-    from pipeline.engines import AUTO_DS_CONFIGS, resolve_auto
+    from pipeline.distributed.ds_config import AUTO_DS_CONFIGS, resolve_auto
 
     cfg = resolve_auto(Config(), acc)
     assert cfg.model.dtype == dtype  # bf16 only off the CPU and where supported; fp16-only GPUs: fp32
@@ -221,7 +222,7 @@ def test_auto_resolves_dtype_and_ds_files_for_the_accelerator(acc, dtype, kind):
 
 
 def test_explicit_choices_win_over_auto():
-    from pipeline.engines import resolve_auto
+    from pipeline.distributed.ds_config import resolve_auto
 
     cfg = Config(ds_config="mine.json")
     cfg.model.dtype = "fp16"
@@ -233,7 +234,7 @@ def test_explicit_choices_win_over_auto():
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_cpu_deepspeed_configs_are_byte_identical_to_the_explicit_ones(world):
-    from pipeline.engines import resolve_auto
+    from pipeline.distributed.ds_config import resolve_auto
 
     for stage in ("sft", "reward", "ppo"):
         auto = ds_configs(resolve_auto(Config(), CPU), stage, world)
@@ -261,8 +262,7 @@ def test_the_cpu_and_gpu_files_say_what_they_are_for():
 
 
 def test_a_stage_context_sees_the_resolved_config(tmp_path):
-    from pipeline import engines
     from pipeline.stages.common import StageContext
 
-    ctx = StageContext(Config(), engines.Dist(0, 1, 0, 1), tmp_path)
+    ctx = StageContext(Config(), collectives.Dist(0, 1, 0, 1), tmp_path)
     assert (ctx.cfg.model.dtype, ctx.cfg.ds_config) == ("fp32", "ds_configs/zero3_train.json")

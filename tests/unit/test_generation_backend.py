@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.engines import load_ds_config
+from pipeline.distributed.ds_config import load_ds_config
 from pipeline.errors import UserError
 from pipeline.generation import BACKENDS, GenerationBackend, HybridEngine, make_backend
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline import engines
+from pipeline.distributed import collectives
 from pipeline.errors import UserError
 from pipeline.ppo_math import kl_estimate
 from pipeline.reward_fns import ScoreFn
@@ -16,7 +16,7 @@ from pipeline.stages.ppo import Experience, PPOTrainer
 
 @pytest.fixture(scope="module", autouse=True)
 def one_rank():
-    engines.init_distributed()
+    collectives.init_distributed()
 
 
 def _trainer(**ppo) -> PPOTrainer:

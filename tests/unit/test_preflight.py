@@ -4,11 +4,12 @@ import json
 
 import pytest
 
-from pipeline import engines, orchestrator
+from pipeline import orchestrator
 from pipeline.cli import parse_config
+from pipeline.distributed import collectives
 from pipeline.errors import SharedUserError, UserError
 
-ONE_RANK = engines.Dist(0, 1, 0, 1)
+ONE_RANK = collectives.Dist(0, 1, 0, 1)
 
 
 @pytest.fixture
@@ -95,7 +96,7 @@ def test_the_default_task_is_generated_only_when_a_stage_that_runs_reads_it(tmp_
 def test_ppo_from_two_given_models_on_own_prompts_writes_no_default_task(tmp_path, models, prompts, monkeypatch):
     ran = []
     monkeypatch.setattr(orchestrator, "_stage_fn", lambda name: lambda ctx: ran.append(name) or {"done": 1})
-    monkeypatch.setattr(engines, "barrier", lambda: None)  # one rank, no process group
+    monkeypatch.setattr(collectives, "barrier", lambda: None)  # one rank, no process group
     cfg = parse_config(["--output_dir", str(tmp_path / "run"), *models, "--data.prompt_data_path", prompts,
                         "--resume", "false"])
     summary = orchestrator.run(cfg, ONE_RANK)
@@ -104,22 +105,22 @@ def test_ppo_from_two_given_models_on_own_prompts_writes_no_default_task(tmp_pat
 
 
 def test_a_check_that_fails_on_another_rank_only_is_raised_on_every_rank(monkeypatch):
-    monkeypatch.setattr(engines, "all_gather_object", lambda obj: [None, "option x: /p does not exist."])
+    monkeypatch.setattr(collectives, "all_gather_object", lambda obj: [None, "option x: /p does not exist."])
     monkeypatch.setattr(orchestrator, "node_name", lambda: "node2")
     with pytest.raises(UserError, match=r"^on rank 1 \(node2\): option x: /p does not exist\.$"):
-        orchestrator._agreed(engines.Dist(0, 2, 0, 2), lambda: None)
-    monkeypatch.setattr(engines, "all_gather_object", lambda obj: [obj, obj])
+        orchestrator._agreed(collectives.Dist(0, 2, 0, 2), lambda: None)
+    monkeypatch.setattr(collectives, "all_gather_object", lambda obj: [obj, obj])
     with pytest.raises(UserError, match=r"^boom$"):
-        orchestrator._agreed(engines.Dist(0, 2, 0, 2), lambda: (_ for _ in ()).throw(UserError("boom")))
+        orchestrator._agreed(collectives.Dist(0, 2, 0, 2), lambda: (_ for _ in ()).throw(UserError("boom")))
 
 
 @pytest.mark.parametrize("error, printed", [(SharedUserError("agreed: every rank has it"), False),
                                             (UserError("only rank 1 saw this row"), True)])
 def test_rank_1_prints_a_mistake_only_it_met_and_leaves_an_agreed_one_to_rank_0(monkeypatch, capsys, error, printed):
-    monkeypatch.setattr(engines, "init_distributed", lambda timeout: engines.Dist(1, 2, 1, 2))
+    monkeypatch.setattr(collectives, "init_distributed", lambda timeout: collectives.Dist(1, 2, 1, 2))
     monkeypatch.setattr(orchestrator, "setup_logging", lambda main: None)
     monkeypatch.setattr(orchestrator, "placement", lambda names: "")
-    monkeypatch.setattr(engines, "all_gather_object", lambda obj: [obj, obj])
+    monkeypatch.setattr(collectives, "all_gather_object", lambda obj: [obj, obj])
     monkeypatch.setattr(orchestrator, "run", lambda *a: (_ for _ in ()).throw(error))
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")

@@ -38,7 +38,7 @@ def test_ema_of_bf16_weights_stays_float32():
 
 @pytest.mark.parametrize("numel, old_world, new_world", [(10, 2, 3), (7, 3, 2), (5, 2, 1), (1, 4, 2), (12, 4, 4)])
 def test_zero3_partitions_recut_for_another_rank_count(numel, old_world, new_world):
-    from pipeline.engines import recut, zero3_partition
+    from pipeline.distributed.zero3 import recut, zero3_partition
 
     flat = torch.arange(1.0, numel + 1)
     old = [zero3_partition(flat, old_world, r) for r in range(old_world)]
