@@ -20,7 +20,7 @@ def test_every_example_config_is_listed():
 def test_example_config_is_valid_for_its_world_size(name, world_size):
     cfg = parse_config(["--config", str(REPO / "launch" / "configs" / name)])
     sizes = ppo_sizes(cfg.ppo, world_size)  # raises if the batch sizes do not divide
-    assert sizes["rollout_per_rank"] * world_size == cfg.ppo.rollout_batch_size * cfg.ppo.num_samples_per_prompt
+    assert sizes.rollout_per_rank * world_size == cfg.ppo.rollout_batch_size * cfg.ppo.num_samples_per_prompt
     assert needed_stages(cfg, ("sft", "reward", "ppo"))[0] == ("sft", "reward", "ppo")
 
 
