@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline import engines
 from pipeline.config import parse_config
-from pipeline.orchestrator import stage_inputs
+from pipeline.inputs import stage_inputs
 from pipeline.stages.common import StageContext
 from pipeline.stages.ppo import PPOTrainer
 

@@ -576,7 +576,7 @@ def test_help_flag_prints_and_exits(capsys):
 
 # ---------------------------------------------------------------- reward model initialisation
 def test_reward_init_auto_starts_a_from_scratch_model_from_the_base(tmp_path):
-    from pipeline.orchestrator import stage_inputs
+    from pipeline.inputs import stage_inputs
 
     out, task = tmp_path / "run", tmp_path / "run" / "task"
     (out / "sft" / "model").mkdir(parents=True)
@@ -610,7 +610,7 @@ def test_reward_init_rejects_unknown_values():
     (["--ppo.reward_model_path", "r"], ("sft", "reward"), ("sft", "reward")),
 ])
 def test_stages_whose_model_nothing_reads_are_not_run(flags, stages, expected):
-    from pipeline.orchestrator import needed_stages
+    from pipeline.inputs import needed_stages
 
     run, not_run = needed_stages(parse_config(flags), stages)
     assert run == expected
@@ -619,7 +619,7 @@ def test_stages_whose_model_nothing_reads_are_not_run(flags, stages, expected):
 
 
 def test_a_reward_model_with_a_base_model_of_its_own(tmp_path):
-    from pipeline.orchestrator import needed_stages, stage_inputs
+    from pipeline.inputs import needed_stages, stage_inputs
 
     out, task = tmp_path / "run", tmp_path / "run" / "task"
     (out / "sft" / "model").mkdir(parents=True)

@@ -3,7 +3,7 @@ recipes (ppo, grpo, dr_grpo, rloo, reinforce_pp) alone, on top of the tiny prese
 import pytest
 
 from pipeline.config import parse_config, ppo_sizes
-from pipeline.orchestrator import needed_stages
+from pipeline.inputs import needed_stages
 from launch_util import REPO
 
 EXAMPLES = {"tiny.yaml": 1, "opt-1.3b-rm-350m-1node.yaml": 8, "opt-1.3b-rm-350m-4nodes.yaml": 32,
