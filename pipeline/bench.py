@@ -246,7 +246,7 @@ def build_trainer(folder: Path, paths: dict[str, str], w: Workload, d) -> Any:
 
 def measure(trainer, w: Workload, d) -> dict[str, Any]:
     """Real iterations, then naive and hybrid generation of this rank's prompts; per-rank memory."""
-    n, tok, gen, params = trainer.sizes["rollout_per_rank"], trainer.tokenizer, trainer.generator, trainer.sampling
+    n, tok, gen, params = trainer.sizes.rollout_per_rank, trainer.tokenizer, trainer.generator, trainer.sampling
     batch, metrics, rss = trainer.prompts[d.rank * n:(d.rank + 1) * n], [], {}
 
     def iteration() -> None:

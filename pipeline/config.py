@@ -194,7 +194,20 @@ def global_batch(micro_batch_size_per_gpu: int, gradient_accumulation_steps: int
     return micro_batch_size_per_gpu * gradient_accumulation_steps * world_size
 
 
-def ppo_sizes(ppo: PPOConfig, world_size: int) -> dict:
+@dataclass(frozen=True)
+class PPOSizes:
+    """Per-rank PPO sizes, derived from the ppo section and the rank count by `ppo_sizes`."""
+
+    prompts_per_rank: int  # ppo.rollout_batch_size / ranks: prompts each rank samples
+    rollout_per_rank: int  # rollout rows: prompts_per_rank x num_samples_per_prompt
+    mini_per_rank: int  # ppo.mini_batch_size / ranks: rows of each optimizer step on a rank
+    micro_batch_size_per_gpu: int  # ppo.micro_batch_size_per_gpu, clamped to mini_per_rank
+    micro_clamped: bool  # whether that clamp applied
+    gradient_accumulation_steps: int  # mini_per_rank / micro_batch_size_per_gpu
+    mini_batches_per_epoch: int  # optimizer steps per PPO epoch
+
+
+def ppo_sizes(ppo: PPOConfig, world_size: int) -> PPOSizes:
     """Per-rank PPO sizes; raise UserError when they do not divide.
 
     A micro-batch larger than a rank's share of the mini-batch is clamped to that share
@@ -223,15 +236,15 @@ def ppo_sizes(ppo: PPOConfig, world_size: int) -> dict:
     need(per_rank_mini % micro == 0,
          f"ppo.mini_batch_size / ranks = {per_rank_mini} must be a multiple of "
          f"ppo.micro_batch_size_per_gpu={ppo.micro_batch_size_per_gpu}")
-    return {
-        "prompts_per_rank": ppo.rollout_batch_size // world_size,
-        "rollout_per_rank": rows // world_size,  # rows: prompts_per_rank x num_samples_per_prompt
-        "mini_per_rank": per_rank_mini,
-        "micro_batch_size_per_gpu": micro,
-        "micro_clamped": micro != ppo.micro_batch_size_per_gpu,
-        "gradient_accumulation_steps": per_rank_mini // micro,
-        "mini_batches_per_epoch": rows // ppo.mini_batch_size,
-    }
+    return PPOSizes(
+        prompts_per_rank=ppo.rollout_batch_size // world_size,
+        rollout_per_rank=rows // world_size,
+        mini_per_rank=per_rank_mini,
+        micro_batch_size_per_gpu=micro,
+        micro_clamped=micro != ppo.micro_batch_size_per_gpu,
+        gradient_accumulation_steps=per_rank_mini // micro,
+        mini_batches_per_epoch=rows // ppo.mini_batch_size,
+    )
 
 
 def max_new_tokens(cfg: Config) -> int:

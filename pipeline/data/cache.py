@@ -19,7 +19,7 @@ log = logging.getLogger(__package__)  # "pipeline.data": build_cached holds back
 
 def examples_cache_file(cache_dir: str, stage: str, role: str, identity: dict) -> Path:
     """Where the examples of a stage's data role are cached: keyed by the content hash of the data
-    and the tokenizer (from the stage's identity, see orchestrator.identity) and the data options."""
+    and the tokenizer (from the stage's identity, see inputs.identity) and the data options."""
     key = hashlib.sha256(json.dumps(
         {"role": role, "data": identity["inputs"][role], "tokenizer": identity["inputs"]["tokenizer"],
          "options": identity["data"], "trust_remote_code": identity["model"]["trust_remote_code"],

@@ -156,14 +156,14 @@ def ds_configs(cfg: Config, stage: str, world_size: int) -> dict[str, dict]:
             gradient_accumulation_steps=t.gradient_accumulation_steps, gradient_clipping=t.gradient_clipping)}
     p = cfg.ppo
     sizes = ppo_sizes(p, world_size)
-    micro = sizes["micro_batch_size_per_gpu"]
-    if sizes["micro_clamped"]:
+    micro = sizes.micro_batch_size_per_gpu
+    if sizes.micro_clamped:
         log.info("ppo.micro_batch_size_per_gpu=%d is more than a rank's share of a mini-batch "
                  "(ppo.mini_batch_size %d / %d ranks): micro-batches of %d", p.micro_batch_size_per_gpu,
                  p.mini_batch_size, world_size, micro)
     return {"train": load_ds_config(
                 resolve_path(cfg.ds_config), dtype, train_micro_batch_size_per_gpu=micro,
-                gradient_accumulation_steps=sizes["gradient_accumulation_steps"],
+                gradient_accumulation_steps=sizes.gradient_accumulation_steps,
                 gradient_clipping=p.gradient_clipping),
             "inference": load_ds_config(
                 resolve_path(cfg.ds_inference_config), dtype,

@@ -33,7 +33,7 @@ class StageContext:
     checkpointer: Checkpointer | None = None  # None: this stage never checkpoints (tests)
     resume: Resume | None = None  # the checkpoint this attempt resumes from
     stop: StopRequest = field(default_factory=StopRequest)
-    identity: dict | None = None  # orchestrator.identity of the stage; None: tokenised examples are not cached
+    identity: dict | None = None  # inputs.identity of the stage; None: tokenised examples are not cached
 
     def __post_init__(self):
         self.cfg = ds_config.resolve_auto(self.cfg)  # model.dtype and DS configs for this accelerator

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline.cli import parse_config
 from pipeline.distributed import collectives
-from pipeline.orchestrator import stage_inputs
+from pipeline.inputs import stage_inputs
 from pipeline.stages.common import StageContext
 from pipeline.stages.ppo import PPOTrainer
 

@@ -11,7 +11,7 @@ from pipeline.checkpoint import identity_diff, rng_state, set_rng_state, verify
 from pipeline.distributed.collectives import Dist
 from pipeline.monitoring import MetricLogger
 from pipeline.stages.common import EpochSampler
-from pipeline.stages.ppo import PromptOrder
+from pipeline.stages.ppo_setup import PromptOrder
 
 
 def _checkpoint(folder):

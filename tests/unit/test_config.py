@@ -8,7 +8,7 @@ import re
 import pytest
 
 from pipeline.cli import build_parser, load_file, parse_config
-from pipeline.config import Config, PPOConfig, TrainConfig, global_batch, ppo_sizes
+from pipeline.config import Config, PPOConfig, PPOSizes, TrainConfig, global_batch, ppo_sizes
 from pipeline.config_checks import validate
 from pipeline.errors import UserError
 
@@ -444,29 +444,28 @@ def test_local_rank_from_the_launcher_is_accepted_and_dropped():
 def test_ppo_sizes_divisible():
     p = PPOConfig(rollout_batch_size=32, mini_batch_size=16, micro_batch_size_per_gpu=8)
     same = {"micro_batch_size_per_gpu": 8, "micro_clamped": False}
-    assert ppo_sizes(p, 2) == {"prompts_per_rank": 16, "rollout_per_rank": 16, "mini_per_rank": 8,
-                               "gradient_accumulation_steps": 1, "mini_batches_per_epoch": 2, **same}
-    assert ppo_sizes(p, 1) == {"prompts_per_rank": 32, "rollout_per_rank": 32, "mini_per_rank": 16,
-                               "gradient_accumulation_steps": 2, "mini_batches_per_epoch": 2, **same}
+    assert ppo_sizes(p, 2) == PPOSizes(prompts_per_rank=16, rollout_per_rank=16, mini_per_rank=8,
+                                       gradient_accumulation_steps=1, mini_batches_per_epoch=2, **same)
+    assert ppo_sizes(p, 1) == PPOSizes(prompts_per_rank=32, rollout_per_rank=32, mini_per_rank=16,
+                                       gradient_accumulation_steps=2, mini_batches_per_epoch=2, **same)
     p = PPOConfig(rollout_batch_size=64, mini_batch_size=32, micro_batch_size_per_gpu=2)
-    assert ppo_sizes(p, 4) == {"prompts_per_rank": 16, "rollout_per_rank": 16, "mini_per_rank": 8,
-                               "micro_batch_size_per_gpu": 2,
-                               "micro_clamped": False, "gradient_accumulation_steps": 4,
-                               "mini_batches_per_epoch": 2}
+    assert ppo_sizes(p, 4) == PPOSizes(prompts_per_rank=16, rollout_per_rank=16, mini_per_rank=8,
+                                       micro_batch_size_per_gpu=2, micro_clamped=False,
+                                       gradient_accumulation_steps=4, mini_batches_per_epoch=2)
 
 
 def test_default_ppo_sizes_divide_on_1_2_4_and_8_ranks_and_keep_1_and_2_as_they_were():
     p = Config().ppo
     got = {w: ppo_sizes(p, w) for w in (1, 2, 4, 8)}
     # 1 and 2 ranks: the configured micro-batch of 8 (the stored reference numbers depend on it)
-    assert [(got[w]["micro_batch_size_per_gpu"], got[w]["gradient_accumulation_steps"], got[w]["micro_clamped"])
+    assert [(got[w].micro_batch_size_per_gpu, got[w].gradient_accumulation_steps, got[w].micro_clamped)
             for w in (1, 2)] == [(8, 2, False), (8, 1, False)]
     # 4 and 8 ranks: a rank's share of the mini-batch (4, 2) is smaller than 8: micro clamped to it
-    assert [(got[w]["micro_batch_size_per_gpu"], got[w]["gradient_accumulation_steps"], got[w]["micro_clamped"])
+    assert [(got[w].micro_batch_size_per_gpu, got[w].gradient_accumulation_steps, got[w].micro_clamped)
             for w in (4, 8)] == [(4, 1, True), (2, 1, True)]
     for w, s in got.items():
-        assert s["micro_batch_size_per_gpu"] * s["gradient_accumulation_steps"] * w == p.mini_batch_size
-        assert s["rollout_per_rank"] * w == p.rollout_batch_size
+        assert s.micro_batch_size_per_gpu * s.gradient_accumulation_steps * w == p.mini_batch_size
+        assert s.rollout_per_rank * w == p.rollout_batch_size
 
 
 def test_a_clamped_micro_batch_reaches_the_deepspeed_config_with_a_log_line(caplog):
@@ -490,10 +489,10 @@ def test_ppo_sizes_defaults_work_on_one_and_two_ranks():
         s = ppo_sizes(Config().ppo, world)
         p = Config().ppo
         # the sizes multiply back to the configured global sizes
-        assert s["mini_per_rank"] * world == p.mini_batch_size
-        assert s["gradient_accumulation_steps"] * p.micro_batch_size_per_gpu == s["mini_per_rank"]
-        assert s["mini_batches_per_epoch"] * p.mini_batch_size == p.rollout_batch_size
-        assert s["rollout_per_rank"] * world == p.rollout_batch_size
+        assert s.mini_per_rank * world == p.mini_batch_size
+        assert s.gradient_accumulation_steps * p.micro_batch_size_per_gpu == s.mini_per_rank
+        assert s.mini_batches_per_epoch * p.mini_batch_size == p.rollout_batch_size
+        assert s.rollout_per_rank * world == p.rollout_batch_size
 
 
 @pytest.mark.parametrize("rollout, mini, micro, world, option", [
@@ -573,7 +572,7 @@ def test_help_flag_prints_and_exits(capsys):
 
 # ---------------------------------------------------------------- reward model initialisation
 def test_reward_init_auto_starts_a_from_scratch_model_from_the_base(tmp_path):
-    from pipeline.orchestrator import stage_inputs
+    from pipeline.inputs import stage_inputs
 
     out, task = tmp_path / "run", tmp_path / "run" / "task"
     (out / "sft" / "model").mkdir(parents=True)
@@ -607,7 +606,7 @@ def test_reward_init_rejects_unknown_values():
     (["--ppo.reward_model_path", "r"], ("sft", "reward"), ("sft", "reward")),
 ])
 def test_stages_whose_model_nothing_reads_are_not_run(flags, stages, expected):
-    from pipeline.orchestrator import needed_stages
+    from pipeline.inputs import needed_stages
 
     run, not_run = needed_stages(parse_config(flags), stages)
     assert run == expected
@@ -616,7 +615,7 @@ def test_stages_whose_model_nothing_reads_are_not_run(flags, stages, expected):
 
 
 def test_a_reward_model_with_a_base_model_of_its_own(tmp_path):
-    from pipeline.orchestrator import needed_stages, stage_inputs
+    from pipeline.inputs import needed_stages, stage_inputs
 
     out, task = tmp_path / "run", tmp_path / "run" / "task"
     (out / "sft" / "model").mkdir(parents=True)
@@ -668,7 +667,7 @@ def test_estimator_and_loss_options_that_are_accepted():
 def test_group_sizes_count_rows_and_keep_each_group_on_one_rank():
     p = PPOConfig(rollout_batch_size=8, num_samples_per_prompt=4, mini_batch_size=16, micro_batch_size_per_gpu=4)
     s = ppo_sizes(p, 2)
-    assert (s["prompts_per_rank"], s["rollout_per_rank"], s["mini_per_rank"], s["mini_batches_per_epoch"]) == (4, 16, 8, 2)
+    assert (s.prompts_per_rank, s.rollout_per_rank, s.mini_per_rank, s.mini_batches_per_epoch) == (4, 16, 8, 2)
     with pytest.raises(UserError, match=r"8 x 4 = 32 rollout rows must be a multiple of ppo.mini_batch_size=12"):
         ppo_sizes(dataclasses.replace(p, mini_batch_size=12), 1)
     # 2 prompts x 4 samples = 8 rows would divide over 4 ranks, but a group would then span two ranks

@@ -347,7 +347,7 @@ def _cfg(tmp_path, *args):
 
 
 def test_stage_sources_own_path_then_data_path_then_default_task(tmp_path):
-    from pipeline.orchestrator import _needs_task, stage_inputs
+    from pipeline.inputs import needs_task, stage_inputs
 
     cfg = _cfg(tmp_path, "--data.data_path", "a.jsonl", "b.jsonl", "--data.sft_data_path", "s.jsonl",
                "--data.eval_prompt_data_path", "e.jsonl", "--model.model_name_or_path", "m")
@@ -358,13 +358,13 @@ def test_stage_sources_own_path_then_data_path_then_default_task(tmp_path):
                                                      holdout="train", seed=42)
     assert inputs["ppo"]["prompt_data"] == Source(("a.jsonl", "b.jsonl"), split=(2, 4, 4), part=2, seed=42)
     assert inputs["ppo"]["eval_prompt_data"] == Source(("e.jsonl",), seed=42)
-    assert not _needs_task(cfg)
+    assert not needs_task(cfg)
     default = stage_inputs(_cfg(tmp_path), tmp_path / "run", tmp_path / "task")
     assert default["reward"]["reward_eval_data"] == str(tmp_path / "task" / "pairs_eval.jsonl")
 
 
 def test_fingerprints_follow_split_and_format_only_where_they_apply(tmp_path):
-    from pipeline.orchestrator import fingerprint, identity, stage_inputs
+    from pipeline.inputs import fingerprint, identity, stage_inputs
 
     data = _jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(30)])
     own = _jsonl(tmp_path / "s.jsonl", [{"prompt": "p", "response": "r"}] * 4)
@@ -389,7 +389,7 @@ def test_fingerprints_follow_split_and_format_only_where_they_apply(tmp_path):
 
 def test_default_run_fingerprint_ignores_the_new_options(tmp_path):
     """A default run's stages keep the identity they had before these options existed."""
-    from pipeline.orchestrator import identity, stage_inputs
+    from pipeline.inputs import identity, stage_inputs
 
     cfg = _cfg(tmp_path)
     ident = identity("sft", cfg, stage_inputs(cfg, tmp_path / "run", tmp_path / "task")["sft"], tmp_path / "run")
@@ -464,10 +464,10 @@ def test_an_unreachable_hub_dataset_is_one_paragraph_naming_it(tmp_path):
 
 
 def test_missing_local_inputs_are_refused_but_hub_names_pass_to_loading(tmp_path):
-    from pipeline.orchestrator import _check_exists
+    from pipeline.inputs import check_exists
 
-    _check_exists("reward", {"reward_data": Source(("someorg/prefs",)), "model": "facebook/opt-350m"}, tmp_path)
+    check_exists("reward", {"reward_data": Source(("someorg/prefs",)), "model": "facebook/opt-350m"}, tmp_path)
     with pytest.raises(UserError, match=r"reward_data path ./nope does not exist .*hub dataset names"):
-        _check_exists("reward", {"reward_data": Source(("./nope",))}, tmp_path)
+        check_exists("reward", {"reward_data": Source(("./nope",))}, tmp_path)
     with pytest.raises(UserError, match=r"model path /no/model does not exist"):
-        _check_exists("reward", {"model": "/no/model"}, tmp_path)
+        check_exists("reward", {"model": "/no/model"}, tmp_path)

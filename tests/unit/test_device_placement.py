@@ -24,11 +24,11 @@ ALLOWED = {  # (module, function): why its factory calls never meet a device ten
     ("stages/ppo.py", "PPOTrainer._epochs"): "mini-batch order from a CPU generator; the indices are moved to "
                                              "the rollout's device (`.to(exp.sequences.device)`) before use",
     ("stages/ppo.py", "PPOTrainer._check_finite"): "a Python bool as a tensor, handed only to all_reduce_sum",
-    ("stages/ppo.py", "PPOTrainer.evaluate"): "gold and baseline scores come from the Python gold scorer and meet "
+    ("stages/ppo_eval.py", "evaluate"): "gold and baseline scores come from the Python gold scorer and meet "
                                               "only each other; global_mean builds on its input's device",
-    ("stages/ppo.py", "PromptOrder.__init__"): "prompt order: a CPU generator",
-    ("stages/ppo.py", "PromptOrder.take"): "prompt order: a CPU generator's permutation, turned into a list",
-    ("stages/ppo.py", "PromptOrder.load_state_dict"): "RNG state of the CPU generator",
+    ("stages/ppo_setup.py", "PromptOrder.__init__"): "prompt order: a CPU generator",
+    ("stages/ppo_setup.py", "PromptOrder.take"): "prompt order: a CPU generator's permutation, turned into a list",
+    ("stages/ppo_setup.py", "PromptOrder.load_state_dict"): "RNG state of the CPU generator",
     ("stages/sft.py", "run.<locals>.evaluate"): "CPU accumulator of Python floats (`.item()`), reduced by "
                                                 "all_reduce_sum",
     ("stages/reward.py", "run.<locals>.evaluate"): "CPU accumulator of Python floats (`.item()`), reduced by "

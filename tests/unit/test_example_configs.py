@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.cli import parse_config
 from pipeline.config import ppo_sizes
-from pipeline.orchestrator import needed_stages
+from pipeline.inputs import needed_stages
 from launch_util import REPO
 
 EXAMPLES = {"tiny.yaml": 1, "opt-1.3b-rm-350m-1node.yaml": 8, "opt-1.3b-rm-350m-4nodes.yaml": 32,
@@ -21,7 +21,7 @@ def test_every_example_config_is_listed():
 def test_example_config_is_valid_for_its_world_size(name, world_size):
     cfg = parse_config(["--config", str(REPO / "launch" / "configs" / name)])
     sizes = ppo_sizes(cfg.ppo, world_size)  # raises if the batch sizes do not divide
-    assert sizes["rollout_per_rank"] * world_size == cfg.ppo.rollout_batch_size * cfg.ppo.num_samples_per_prompt
+    assert sizes.rollout_per_rank * world_size == cfg.ppo.rollout_batch_size * cfg.ppo.num_samples_per_prompt
     assert needed_stages(cfg, ("sft", "reward", "ppo"))[0] == ("sft", "reward", "ppo")
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline import orchestrator
+from pipeline import inputs, orchestrator
 from pipeline.cli import parse_config
 from pipeline.distributed import collectives
 from pipeline.errors import SharedUserError, UserError
@@ -28,7 +28,7 @@ def prompts(tmp_path):
     return str(path)
 
 
-def _refused(tmp_path, argv, stages=orchestrator.STAGES) -> str:
+def _refused(tmp_path, argv, stages=inputs.STAGES) -> str:
     cfg = parse_config(["--output_dir", str(tmp_path / "run"), *argv])
     with pytest.raises(UserError) as e:
         orchestrator.run(cfg, ONE_RANK, stages)
@@ -85,12 +85,12 @@ def test_chat_rows_for_the_default_tokenizer_are_checked_before_it_is_written(tm
 
 def test_the_default_task_is_generated_only_when_a_stage_that_runs_reads_it(tmp_path, models, prompts):
     out = ["--output_dir", str(tmp_path / "run")]
-    assert orchestrator._needs_task(parse_config(out))  # the default run
-    assert orchestrator._needs_task(parse_config([*out, *models]), ("ppo",))  # the task's prompts
+    assert inputs.needs_task(parse_config(out))  # the default run
+    assert inputs.needs_task(parse_config([*out, *models]), ("ppo",))  # the task's prompts
     own = parse_config([*out, *models, "--data.prompt_data_path", prompts])
-    stages, _ = orchestrator.needed_stages(own, orchestrator.STAGES)
-    assert stages == ("ppo",) and not orchestrator._needs_task(own, stages)
-    assert orchestrator._needs_task(own)  # SFT would read the task's model, were it run
+    stages, _ = inputs.needed_stages(own, inputs.STAGES)
+    assert stages == ("ppo",) and not inputs.needs_task(own, stages)
+    assert inputs.needs_task(own)  # SFT would read the task's model, were it run
 
 
 def test_ppo_from_two_given_models_on_own_prompts_writes_no_default_task(tmp_path, models, prompts, monkeypatch):
@@ -125,6 +125,6 @@ def test_rank_1_prints_a_mistake_only_it_met_and_leaves_an_agreed_one_to_rank_0(
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(SystemExit) as e:
-        orchestrator.main(orchestrator.STAGES, "test", [])
+        orchestrator.main(inputs.STAGES, "test", [])
     assert e.value.code == 2
     assert (str(error) in capsys.readouterr().err) is printed

@@ -73,7 +73,7 @@ def _jsonl(path, rows):
 
 def test_ptx_rows_come_from_the_option_else_the_sft_training_rows(tmp_path):
     from pipeline.data.sources import Source
-    from pipeline.orchestrator import stage_inputs
+    from pipeline.inputs import stage_inputs
 
     out, task = tmp_path / "run", tmp_path / "task"
     ppo = lambda *a: stage_inputs(parse_config(["--output_dir", str(out), *a]), out, task)["ppo"]  # noqa: E731
@@ -90,7 +90,8 @@ def test_ptx_rows_come_from_the_option_else_the_sft_training_rows(tmp_path):
 
 
 def test_ptx_data_is_fingerprinted_and_preflighted(tmp_path, task_tokenizer):
-    from pipeline.orchestrator import fingerprint, identity, preflight, stage_inputs
+    from pipeline.inputs import fingerprint, identity, stage_inputs
+    from pipeline.orchestrator import preflight
 
     out, task = tmp_path / "run", tmp_path / "task"
     tok = tmp_path / "tok"

@@ -160,7 +160,7 @@ def test_help_lists_inherited_comments():
 
 # ---------------------------------------------------------------- which stages run, what PPO reads
 def test_reward_function_alone_needs_no_reward_stage(tmp_path):
-    from pipeline.orchestrator import STAGES, needed_stages, stage_inputs
+    from pipeline.inputs import STAGES, needed_stages, stage_inputs
 
     fn = tmp_path / "f.py"
     fn.write_text("def r(prompts, responses):\n    return [0.0] * len(prompts)\n")
@@ -173,7 +173,7 @@ def test_reward_function_alone_needs_no_reward_stage(tmp_path):
 
 
 def test_an_ensemble_is_one_stage_per_member_and_ppo_reads_them_all(tmp_path):
-    from pipeline.orchestrator import identity, reward_members, stage_config, stage_inputs
+    from pipeline.inputs import identity, reward_members, stage_config, stage_inputs
 
     out = tmp_path / "run"
     cfg = parse_config(["--reward.ensemble_size", "3", "--ppo.ensemble_penalty", "1", "--seed", "5"])

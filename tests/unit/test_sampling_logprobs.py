@@ -45,7 +45,7 @@ def _trainer(model, params: SamplingParams) -> PPOTrainer:
     trainer.tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS,  # generate() decodes the responses
                                         decode=lambda ids, skip_special_tokens: " ".join(map(str, ids.tolist())))
     trainer.p = SimpleNamespace(micro_batch_size_per_gpu=3)
-    trainer.sizes = {"micro_batch_size_per_gpu": 3}
+    trainer.sizes = SimpleNamespace(micro_batch_size_per_gpu=3)
     trainer.sampling = params
     trainer.generator = _PlainGenerator(model, trainer.tokenizer)
     return trainer

@@ -15,7 +15,9 @@ from transformers import (AutoModelForSequenceClassification, LlamaConfig, Llama
 from pipeline import data
 from pipeline.generation import position_ids, response_mask
 from pipeline.models import last_real_index, load_tokenizer, score_index, sequence_scores
-from pipeline.stages.ppo import Experience, PPOTrainer
+from pipeline.stages import ppo_reward
+from pipeline.stages.ppo import PPOTrainer
+from pipeline.stages.ppo_types import Experience
 from pipeline.stages.reward import pairwise
 
 PROMPTS = ["ana asks for a review of the pizza .", "the hotel .", "emma asks for a review of the museum ."]
@@ -101,11 +103,11 @@ def _scoring_trainer(tok, reward_tok, reward, same_tokenizer: bool) -> PPOTraine
     trainer = object.__new__(PPOTrainer)
     trainer.tokenizer, trainer.reward_tokenizer, trainer.same_tokenizer = tok, reward_tok, same_tokenizer
     trainer.p = SimpleNamespace(micro_batch_size_per_gpu=2, reward_model_coef=1.0, score_norm="none")
-    trainer.sizes = {"micro_batch_size_per_gpu": 2}
+    trainer.sizes = SimpleNamespace(micro_batch_size_per_gpu=2)
     trainer.cfg = SimpleNamespace(data=SimpleNamespace(max_prompt_len=24, max_response_len=24))
     trainer.sampling = SimpleNamespace(temperature=1.0, min_new_tokens=0, max_new_tokens=24)
     trainer.ref, trainer.critic, trainer.rewards, trainer.reward_fn = _tiny_lm(len(tok)), reward, [reward], None
-    trainer.reward_pad_ids = [reward.config.pad_token_id]  # what _load_models reads (models.pooling_pad_id)
+    trainer.reward_pad_ids = [reward.config.pad_token_id]  # what ppo_setup.build_engines reads (models.pooling_pad_id)
     return trainer
 
 
@@ -131,7 +133,7 @@ def test_ppo_scores_re_encoded_rows_where_the_exported_model_reads_them(tmp_path
     exp = _rollout(task_tokenizer)  # the actor has a pad token of its own
     trainer = _scoring_trainer(task_tokenizer, reward_tok, model, same_tokenizer=False)
     scores = trainer.score(exp).scores
-    ids, mask = trainer._reward_inputs(exp)  # decoded and re-encoded, right-padded with EOS
+    ids, mask = ppo_reward.reward_inputs(trainer, exp)  # decoded and re-encoded, right-padded with EOS
     assert mask[:, 0].all() and not mask[:, -1].all()  # no left padding now; right padding in play
     expected = hf(input_ids=ids, attention_mask=mask).logits[:, 0]
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
