@@ -212,3 +212,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.json:
         write_json(args.json, results)
     return results
+
+
+if __name__ == "__main__":
+    main()
