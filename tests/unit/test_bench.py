@@ -1,11 +1,16 @@
-"""Unit tests for the pure parts of pipeline/bench.py: FLOP counting, median, targets, table, JSON."""
+"""Unit tests for the benchmark's pure parts (launch/bench_lib.py): FLOP counting, median, targets,
+table, JSON. The benchmark is a launcher script, not part of the package: launch/ is put on
+sys.path as `deepspeed launch/bench.py` puts it."""
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
-from pipeline.bench import (TARGETS, Workload, body_params, check, format_table, forward_flops,
-                            iteration_flops, median, write_json)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
+from bench_lib import (TARGETS, Workload, body_params, check, format_table, forward_flops,  # noqa: E402
+                       iteration_flops, median, write_json)
 
 TINY = Workload(layers=1, hidden=2, intermediate=3, heads=1, vocab=5, prompts=2, prompt_len=2, new_tokens=2)
 

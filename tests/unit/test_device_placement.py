@@ -1,10 +1,10 @@
-"""Tensors built without the device they will meet: a static scan of pipeline/, and the collective
-helpers' devices.
+"""Tensors built without the device they will meet: a static scan of pipeline/ and launch/ (the
+benchmark runs on ranks too), and the collective helpers' devices.
 
 On CPU every tensor lives on one device, so `torch.stack([x.sum(), torch.tensor(n)])` passes every
 CPU test and crashes on CUDA (issue #14: PPO died at its step-0 evaluation). The scan finds every
-call of a torch factory (`torch.tensor`, `torch.zeros`, ...) in pipeline/ that names no `device=`.
-It passes only when the call is the direct argument of a helper that moves its input to
+call of a torch factory (`torch.tensor`, `torch.zeros`, ...) in pipeline/ or launch/ that names no
+`device=`. It passes only when the call is the direct argument of a helper that moves its input to
 `collectives.device()` itself, or sits in a function of ALLOWED, each with the reason it is CPU-only.
 """
 import ast
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2] / "pipeline"
+LAUNCH = ROOT.parent / "launch"  # its modules are named launch/..., pipeline/'s from pipeline/
 FACTORIES = {"tensor", "as_tensor", "scalar_tensor", "zeros", "ones", "full", "empty", "arange", "linspace",
              "logspace", "eye", "rand", "randn", "randint", "randperm", "Generator"}
 # Helpers that move their argument to collectives.device() before it meets anything (collectives.all_reduce_sum).
@@ -33,9 +34,11 @@ ALLOWED = {  # (module, function): why its factory calls never meet a device ten
                                                 "all_reduce_sum",
     ("stages/reward.py", "run.<locals>.evaluate"): "CPU accumulator of Python floats (`.item()`), reduced by "
                                                    "all_reduce_sum",
-    ("bench.py", "per_rank"): "benchmark figures (Python floats) summed by all_reduce_sum",
-    ("bench.py", "plain_iteration"): "the single-process floor: mini-batch order from a CPU generator",
-    ("bench.py", "floors"): "the single-process CPU floor: the machine's CPU matmul speed, on purpose",
+    ("launch/bench_floor.py", "per_rank"): "benchmark figures (Python floats) summed by all_reduce_sum",
+    ("launch/bench_floor.py", "plain_iteration"): "the single-process floor: mini-batch order from a CPU "
+                                                  "generator",
+    ("launch/bench_floor.py", "floors"): "the single-process CPU floor: the machine's CPU matmul speed, on "
+                                         "purpose",
 }
 
 
@@ -85,15 +88,20 @@ def unplaced_factory_calls(root: Path = ROOT) -> list[tuple]:
     return out
 
 
+def scanned() -> list[tuple]:
+    """The unplaced calls of pipeline/ and of launch/ (the benchmark's modules)."""
+    return unplaced_factory_calls() + [("launch/" + m, *rest) for m, *rest in unplaced_factory_calls(LAUNCH)]
+
+
 def test_every_tensor_built_on_ranks_names_its_device():
-    bad = [f"{m}:{line} in {fn or '<module>'}: {src}" for m, fn, line, src in unplaced_factory_calls()
+    bad = [f"{m}:{line} in {fn or '<module>'}: {src}" for m, fn, line, src in scanned()
            if (m, fn) not in ALLOWED]
     assert not bad, ("tensors built without device= (use x.new_tensor / device=x.device / collectives.device(), "
                      "or add the function to ALLOWED with the reason it is CPU-only):\n" + "\n".join(bad))
 
 
 def test_the_allowlist_has_no_stale_entries():
-    used = {(m, fn) for m, fn, *_ in unplaced_factory_calls()}
+    used = {(m, fn) for m, fn, *_ in scanned()}
     assert not set(ALLOWED) - used, f"ALLOWED entries without an unplaced call: {set(ALLOWED) - used}"
 
 

@@ -1,0 +1,150 @@
+"""The benchmark's measuring helpers (timing, per-rank figures, resident memory) and its floor: one
+PPO iteration in plain single-process PyTorch (no DeepSpeed) with the stage's math, on rank 0.
+
+The pure parts (workload, FLOPs, targets, table) are in bench_lib.py; the real stage, the report
+and the command line in bench.py.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from pipeline import data, estimators, ppo_math
+from pipeline.distributed import collectives, engines
+from pipeline.generation import hf_generate, position_ids, response_mask
+from pipeline.models import load_causal_lm, load_scalar_model, pooling_pad_id, score_index, token_values
+from pipeline.monitoring import PhaseTimer
+
+from bench_lib import Workload, median
+
+
+# ---------------------------------------------------------------- measuring helpers
+def current_rss() -> int:
+    """Resident bytes now (not the peak), from /proc/self/statm."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def timed(fn: Callable[[], Any], warmup: int, repeats: int, sync: bool = True) -> list[float]:
+    """Wall seconds of `repeats` calls of `fn` after `warmup` calls; `sync`: ranks start each together."""
+    out = []
+    for i in range(warmup + repeats):
+        if sync:
+            collectives.barrier()
+        start = time.perf_counter()
+        fn()
+        if i >= warmup:
+            out.append(time.perf_counter() - start)
+    return out
+
+
+def per_rank(values: Sequence[float], d) -> list[list[float]]:
+    """Every rank's `values` (same length everywhere), indexed [rank][i]."""
+    box = torch.zeros(d.world_size, len(values), dtype=torch.float64)
+    box[d.rank] = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return collectives.all_reduce_sum(box).cpu().tolist()
+
+
+def slowest(values: Sequence[float], d) -> float:
+    """Median over calls of the slowest rank's seconds."""
+    return median([max(call) for call in zip(*per_rank(values, d))])
+
+
+def on_rank0(fn: Callable[[], Any], d, threads: int) -> Any:
+    """`fn()` on rank 0 with `threads` threads (restored after); the other ranks wait at a barrier."""
+    before, result = torch.get_num_threads(), None
+    try:
+        if d.is_main:
+            torch.set_num_threads(threads)
+            result = fn()
+    finally:
+        torch.set_num_threads(before)
+        collectives.barrier()
+    return result
+
+
+def full_length(seq: torch.Tensor, width: int, w: Workload, eos: int) -> torch.Tensor:
+    """`seq`; raises unless every row has exactly `new_tokens` response tokens (no early end)."""
+    rows = seq.shape[0]
+    if seq.shape[1] != width + w.new_tokens or response_mask(seq[:, width:], eos).sum() != rows * w.new_tokens:
+        raise RuntimeError(f"generation ended early: {tuple(seq.shape)}, wanted {w.new_tokens} new tokens a row")
+    return seq
+
+
+# ---------------------------------------------------------------- the floor: plain PyTorch, one process
+def _logprobs(model, seq: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, width: int, params, eos: int):
+    """(response logits, response log-probs) as the stage computes them (of the sampling distribution)."""
+    logits = model(input_ids=seq, attention_mask=mask, position_ids=pos).logits[:, width - 1:-1]
+    logits = ppo_math.sampling_logits(logits, params.temperature, eos, params.min_new_tokens)
+    return logits, ppo_math.logprobs_from_logits(logits, seq[:, width:])
+
+
+def plain_iteration(m: dict[str, Any], tok, batch: list[dict], p, params, w: Workload,
+                    seed: int) -> dict[str, float]:
+    """One PPO iteration without DeepSpeed on the whole batch, with the stage's math (`ppo_math`, `estimators`):
+    generate, score, KL-shaped rewards, GAE, whitening, `num_ppo_epochs` passes of mini-batches
+    with AdamW on actor and critic. Returns seconds per phase."""
+    timer, prompts = PhaseTimer(), data.collate_prompts(batch, tok.pad_token_id)
+    ids, mask, P = prompts["input_ids"], prompts["attention_mask"], prompts["input_ids"].shape[1]
+    with timer("generation"), torch.no_grad():
+        torch.manual_seed(seed)
+        with timer("sampling"):  # synced_gpus=False: transformers turns it on whenever ZeRO-3 is configured
+            seq = full_length(hf_generate(m["actor"], tok, ids, mask, params, synced_gpus=False), P, w,
+                              tok.eos_token_id)
+        rmask = response_mask(seq[:, P:], tok.eos_token_id)
+        full = torch.cat([mask, rmask], dim=1)
+        pos = position_ids(full)
+        old_lp = _logprobs(m["actor"], seq, full, pos, P, params, tok.eos_token_id)[1] * rmask
+    with timer("scoring"), torch.no_grad():
+        ref_lp = _logprobs(m["ref"], seq, full, pos, P, params, tok.eos_token_id)[1] * rmask
+        old_v = token_values(m["critic"], seq, full, pos)[:, P - 1:-1] * rmask
+        index = score_index(seq, full, pooling_pad_id(m["reward"]))
+        score = token_values(m["reward"], seq, full, pos).gather(1, index[:, None]).squeeze(1)
+    with timer("advantages"):
+        kl = ppo_math.kl_estimate(old_lp, ref_lp, p.kl_estimator) * rmask
+        rewards = ppo_math.shape_rewards(score, kl, rmask, p.kl_coef, p.score_clip or None)
+        adv, ret = estimators.gae_advantages(rewards, old_v, rmask, p.gamma, p.lam)
+        adv = ppo_math.masked_whiten(adv, rmask)
+    with timer("training"):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(p.num_ppo_epochs):
+            for i in torch.randperm(len(seq), generator=g).split(p.mini_batch_size):
+                s, fm, rm, ps, n = seq[i], full[i], rmask[i], pos[i], rmask[i].sum()
+                logits, lp = _logprobs(m["actor"], s, fm, ps, P, params, tok.eos_token_id)
+                pg, _ = ppo_math.policy_loss(lp, old_lp[i], adv[i], rm, p.clip_eps, n)
+                ent = ppo_math.masked_token_mean_global(ppo_math.entropy_from_logits(logits), rm, n)
+                values = token_values(m["critic"], s, fm, ps)[:, P - 1:-1]
+                vl, _ = ppo_math.value_loss(values, old_v[i], ret[i], rm, n, p.value_clip or None)
+                for name, loss in (("actor", pg - p.entropy_coef * ent), ("critic", p.vf_coef * vl)):
+                    m[name + "_opt"].zero_grad(set_to_none=True)
+                    loss.backward()
+                    if p.gradient_clipping:
+                        torch.nn.utils.clip_grad_norm_(m[name].parameters(), p.gradient_clipping)
+                    m[name + "_opt"].step()
+    return timer.seconds
+
+
+def floors(paths: dict[str, str], trainer, w: Workload) -> dict[str, Any]:
+    """Rank 0 (under `on_rank0`): matmul FLOP/s, and plain iterations of the whole batch (their
+    sampling is the generation floor) on unpartitioned models from the same folders, in eval mode
+    as in the stage, AdamW configured as the stage's."""
+    a, b = torch.randn(w.matmul_n, w.matmul_n), torch.randn(w.matmul_n, w.matmul_n)
+    matmul_s = median(timed(lambda: torch.mm(a, b), 1, w.repeats, sync=False))
+    p, tok, batch = trainer.p, trainer.tokenizer, trainer.prompts[:w.prompts]
+    with engines.plain_construction():
+        m = {"actor": load_causal_lm(paths["policy"]), "ref": load_causal_lm(paths["policy"]),
+             "critic": load_scalar_model(paths["reward"]), "reward": load_scalar_model(paths["reward"])}
+    for name, model in m.items():
+        model.eval().requires_grad_(name in ("actor", "critic"))
+    for name, lr in (("actor", p.actor_learning_rate), ("critic", p.critic_learning_rate)):
+        m[name + "_opt"] = torch.optim.AdamW(m[name].parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    phases: list[dict] = []
+    walls = timed(lambda: phases.append(plain_iteration(m, tok, batch, p, trainer.sampling, w, len(phases))),
+                  w.warmup, w.repeats, sync=False)
+    runs = phases[w.warmup:]
+    return {"matmul_flops": 2 * w.matmul_n ** 3 / matmul_s, "iteration_s": median(walls),
+            "phases_s": {k: median([r[k] for r in runs]) for k in runs[0]}}
+

@@ -1,0 +1,120 @@
+"""The benchmark's pure parts (tests/unit/test_bench.py): the workload's shape (`Workload`, `SMOKE`),
+FLOP counting, the targets and their checks, the markdown table and the strict JSON; `median` for
+timings. No torch, no ranks: measuring and the plain-PyTorch floor are in bench_floor.py, the real
+stage, the report and the command line in bench.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median as median  # raises StatisticsError (a ValueError) when empty
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Shape of all four models (Llama, untied embeddings) and the PPO batch."""
+
+    layers: int = 6
+    hidden: int = 384
+    intermediate: int = 1024
+    heads: int = 6
+    vocab: int = 8000
+    prompts: int = 16  # per iteration, over all ranks
+    prompt_len: int = 32  # tokens, BOS included
+    new_tokens: int = 64  # exactly: min_new_tokens = max_new_tokens
+    mini_batch: int = 8  # rows per optimizer step, over all ranks
+    micro_batch: int = 4  # rows per rank per forward (lowered when a rank's mini-batch is smaller)
+    warmup: int = 1
+    repeats: int = 5
+    matmul_n: int = 2048  # side of the fp32 matrices timed for the machine's matmul FLOP/s
+
+
+SMOKE = Workload(layers=2, hidden=64, intermediate=128, heads=2, vocab=512, prompts=4, prompt_len=8,
+                 new_tokens=8, mini_batch=2, micro_batch=1, warmup=1, repeats=3, matmul_n=256)
+TARGETS = {"hybrid/floor generation": ("<=", 1.3), "naive/hybrid generation": (">=", 5.0),
+           "iteration/floor": ("<=", 1.5), "RSS after/before generation": ("within", 0.1)}
+
+
+# ---------------------------------------------------------------- FLOP counting
+def body_params(w: Workload) -> int:
+    """Weights of the transformer blocks, each used once per position: q, k, v, o (h x h each, as
+    many KV heads as heads) and the gated MLP (3 x h x I). Embedding lookups cost no FLOPs."""
+    return w.layers * (4 * w.hidden ** 2 + 3 * w.hidden * w.intermediate)
+
+
+def forward_flops(w: Workload, positions: int, pairs: int, head_positions: int, head_width: int) -> int:
+    """FLOPs of one forward of one sequence:
+
+        2 * body_params * positions                  one multiply-add per weight and position
+      + 4 * layers * hidden * pairs                  attention QK^T and A.V: a multiply-add each per
+                                                     attended (query, key) pair and hidden unit
+      + 2 * hidden * head_width * head_positions     output head, vocab wide (LM) or 1 (scalar)
+    Norms, softmax, rotary embeddings and optimizer updates are elementwise and not counted.
+    """
+    return (2 * body_params(w) * positions + 4 * w.layers * w.hidden * pairs
+            + 2 * w.hidden * head_width * head_positions)
+
+
+def iteration_flops(w: Workload, epochs: int = 1) -> dict[str, int]:
+    """FLOPs of one PPO iteration on the whole batch, per phase and in total.
+
+    T = prompt_len + new_tokens; a causal pass over n positions attends n(n+1)/2 pairs. Generation
+    decodes with a KV cache (T - 1 positions, logits for the new_tokens sampled) and re-reads the
+    rollout for pi_old (actor over T); scoring is the reference (LM head) plus critic and reward
+    model (scalar heads) over T; training is, per epoch, actor and critic forward + backward over T,
+    counted as 3 x the forward.
+    """
+    T, pairs = w.prompt_len + w.new_tokens, lambda n: n * (n + 1) // 2
+    lm = forward_flops(w, T, pairs(T), T, w.vocab)
+    scalar = forward_flops(w, T, pairs(T), T, 1)
+    decode = forward_flops(w, T - 1, pairs(T - 1), w.new_tokens, w.vocab)
+    row = {"generation": decode + lm, "scoring": lm + 2 * scalar, "training": epochs * 3 * (lm + scalar)}
+    out = {k: v * w.prompts for k, v in row.items()}
+    return {**out, "total": sum(out.values())}
+
+
+def check(name: str, value: float) -> dict:
+    """A compared figure, its target (TARGETS: <=, >= or "within" x of 1) and whether it is met."""
+    op, bound = TARGETS[name]
+    met = math.isfinite(value) and {"<=": value <= bound, ">=": value >= bound,
+                                    "within": abs(value - 1) <= bound}[op]
+    target = f"within {bound:.0%} of 1" if op == "within" else f"{op} {bound:g}"
+    return {"figure": name, "value": value, "target": target, "met": met}
+
+
+def _fmt(v: Any) -> str:
+    """A table cell: 3 significant digits (exponent from 1e4), lists comma-separated, yes/**no**."""
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v)
+    if isinstance(v, bool):
+        return "yes" if v else "**no**"
+    return (f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}") if isinstance(v, float) else str(v)
+
+
+def format_table(results: dict) -> str:
+    """Markdown: a line of context (date, machine, versions, ranks), then figure | value | target | met."""
+    m = results["machine"]
+    lines = [f"Benchmark {results['date']}{' (SMOKE workload)' if results['smoke'] else ''}: {m['platform']}, "
+             f"{m['cores']} cores ({m['cpu']}), torch {m['torch']}, deepspeed {m['deepspeed']}, transformers "
+             f"{m['transformers']}; {results['world_size']} rank(s) x {results['threads_per_rank']} thread(s)",
+             "", "| figure | value | target | met |", "|---|---|---|---|"]
+    lines += [f"| {c['figure']} | {_fmt(c['value'])} | {c['target']} | {_fmt(c['met'])} |"
+              for c in results["checks"]]
+    lines += [f"| {name} | {_fmt(value)} | | |" for name, value in results["figures"].items()]
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, results: dict) -> None:
+    """The results as strict JSON (non-finite numbers become null)."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return None if isinstance(x, float) and not math.isfinite(x) else x
+
+    Path(path).write_text(json.dumps(clean(results), indent=2, allow_nan=False) + "\n")
+
