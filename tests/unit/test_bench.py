@@ -1,11 +1,10 @@
-"""Unit tests for the pure parts of pipeline/bench.py: FLOP counting, median, targets, table, JSON."""
+"""Unit tests for the pure parts of pipeline/bench.py: FLOP counting, targets, table, JSON."""
 import json
 import math
 
-import pytest
 
 from pipeline.bench import (TARGETS, Workload, body_params, check, format_table, forward_flops,
-                            iteration_flops, median, write_json)
+                            iteration_flops, write_json)
 
 TINY = Workload(layers=1, hidden=2, intermediate=3, heads=1, vocab=5, prompts=2, prompt_len=2, new_tokens=2)
 
@@ -39,14 +38,6 @@ def test_training_flops_follow_the_6_params_tokens_rule():
     tokens = w.prompts * (w.prompt_len + w.new_tokens)
     rule = 6 * (2 * body_params(w) + w.hidden * w.vocab + w.hidden) * tokens
     assert 1.0 < iteration_flops(w)["training"] / rule < 1.05
-
-
-def test_median():
-    assert median([3.0]) == 3.0
-    assert median([5.0, 1.0, 3.0]) == 3.0
-    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5
-    with pytest.raises(ValueError):
-        median([])
 
 
 def test_check_against_targets():
