@@ -57,7 +57,7 @@ def count_collectives():
         real = getattr(owner, name, None)
         if real is None or not callable(real):
             return
-        if method:  # an unbound method of the pybind class: keep `self`
+        if method:  # a method of the pybind class (getattr gives its unbound function): keep `self`
             def counting(self, *args, **kwargs):
                 counts[key] += 1
                 return real(self, *args, **kwargs)
@@ -65,8 +65,9 @@ def count_collectives():
             def counting(*args, **kwargs):
                 counts[key] += 1
                 return real(*args, **kwargs)
+        own = vars(owner)  # restored as it was: the class's own descriptor, or no instance attribute
+        patched.append((owner, name, own[name] if name in own else None, name in own))
         setattr(owner, name, counting)
-        patched.append((owner, name, real))
 
     c10d = torch.distributed.distributed_c10d
     for name in TORCH_COLLECTIVES:
@@ -81,8 +82,11 @@ def count_collectives():
     try:
         yield counts
     finally:
-        for owner, name, real in reversed(patched):
-            setattr(owner, name, real)
+        for owner, name, raw, had in reversed(patched):
+            if had:
+                setattr(owner, name, raw)
+            else:
+                delattr(owner, name)
 
 
 def main() -> None:
