@@ -1,10 +1,14 @@
 """Run under `deepspeed --num_gpus 2`: the hybrid engine against naive ZeRO-3 generation, its
 memory, and many mode switches with training steps in between. Writes <out>.rank<N> as JSON."""
+import collections
+import contextlib
 import json
 import sys
 from pathlib import Path
 
+import deepspeed.comm
 import torch
+import torch.distributed
 
 from pipeline import data, default_task
 from pipeline.distributed import collectives, ds_config, engines, zero3
@@ -19,6 +23,71 @@ def rss_bytes() -> int:
 
 def materialised_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+
+
+# Every collective a decode could reach, at three layers: the Python API of torch.distributed and
+# of deepspeed.comm (module functions and its backend object, which binds some torch functions
+# at start-up), and the methods of torch's ProcessGroup that every torch collective ends in.
+TORCH_COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "_all_gather_base",
+                     "all_gather_coalesced", "all_gather_object", "reduce_scatter", "reduce_scatter_tensor",
+                     "_reduce_scatter_base", "broadcast", "broadcast_object_list", "reduce", "all_to_all",
+                     "all_to_all_single", "gather", "gather_object", "scatter", "scatter_object_list", "barrier",
+                     "monitored_barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv")
+DS_COLLECTIVES = ("all_reduce", "inference_all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor",
+                  "allgather_fn", "all_gather_coalesced", "all_gather_object", "all_gather_base", "reduce_scatter",
+                  "reduce_scatter_fn", "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "reduce",
+                  "all_to_all", "all_to_all_single", "gather", "scatter", "barrier", "monitored_barrier", "send",
+                  "recv", "isend", "irecv", "batch_isend_irecv", "all_gather_function", "reduce_scatter_function")
+PROCESS_GROUP_COLLECTIVES = ("allreduce", "allreduce_coalesced", "allgather", "allgather_coalesced",
+                             "allgather_into_tensor_coalesced", "_allgather_base", "all_gather_single",
+                             "all_gather_single_coalesced", "reduce_scatter", "_reduce_scatter_base",
+                             "reduce_scatter_single", "reduce_scatter_single_coalesced",
+                             "reduce_scatter_tensor_coalesced", "broadcast", "reduce", "alltoall", "alltoall_base",
+                             "all_to_all_single", "gather", "scatter", "barrier", "monitored_barrier", "send", "recv",
+                             "recv_anysource")
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """Inside: a Counter of the collective calls made, keyed "layer.name" (a call that passes
+    through several layers counts once in each)."""
+    counts = collections.Counter()
+    patched = []
+
+    def wrap(owner, name, key, method=False):
+        real = getattr(owner, name, None)
+        if real is None or not callable(real):
+            return
+        if method:  # a method of the pybind class (getattr gives its unbound function): keep `self`
+            def counting(self, *args, **kwargs):
+                counts[key] += 1
+                return real(self, *args, **kwargs)
+        else:
+            def counting(*args, **kwargs):
+                counts[key] += 1
+                return real(*args, **kwargs)
+        own = vars(owner)  # restored as it was: the class's own descriptor, or no instance attribute
+        patched.append((owner, name, own[name] if name in own else None, name in own))
+        setattr(owner, name, counting)
+
+    c10d = torch.distributed.distributed_c10d
+    for name in TORCH_COLLECTIVES:
+        wrap(torch.distributed, name, f"torch.{name}")
+        wrap(c10d, name, f"c10d.{name}")
+    for name in DS_COLLECTIVES:
+        wrap(deepspeed.comm, name, f"deepspeed.comm.{name}")
+        wrap(deepspeed.comm.comm, name, f"deepspeed.comm.comm.{name}")
+        wrap(deepspeed.comm.comm.cdb, name, f"deepspeed.cdb.{name}")
+    for name in PROCESS_GROUP_COLLECTIVES:
+        wrap(torch._C._distributed_c10d.ProcessGroup, name, f"ProcessGroup.{name}", method=True)
+    try:
+        yield counts
+    finally:
+        for owner, name, raw, had in reversed(patched):
+            if had:
+                setattr(owner, name, raw)
+            else:
+                delattr(owner, name)
 
 
 def main() -> None:
@@ -49,21 +118,21 @@ def main() -> None:
     greedy = SamplingParams(max_new_tokens=12, do_sample=False)
     report = {}
 
-    naive = naive_generate(engine, tok, ids, mask, greedy)
+    with count_collectives() as counts:  # the counter's positive control: ZeRO-3 gathers while decoding
+        naive = naive_generate(engine, tok, ids, mask, greedy)
+    report["naive_collectives"] = dict(counts)
     before = rss_bytes()
-    with hybrid.generation_mode():
+    with count_collectives() as around, hybrid.generation_mode():  # entering gathers the weights, by design
         inside = rss_bytes()
         inside_bytes = materialised_bytes(hybrid.model)
-        calls = []
-        real_all_reduce = torch.distributed.all_reduce
-        torch.distributed.all_reduce = lambda *a, **k: calls.append(1) or real_all_reduce(*a, **k)
-        try:  # count collectives while decoding: each rank must decode alone
+        with count_collectives() as counts:  # decoding: each rank alone, no collective at all
             fast = hybrid.generate(ids, mask, greedy)
-        finally:
-            torch.distributed.all_reduce = real_all_reduce
-        report["collectives_while_decoding"] = len(calls)
-        sampled = hybrid.generate(ids, mask, SamplingParams(max_new_tokens=10, min_new_tokens=6,
-                                                            num_samples=2, temperature=1.5))
+        report["collectives_while_decoding"] = dict(counts)
+        with count_collectives() as counts:
+            sampled = hybrid.generate(ids, mask, SamplingParams(max_new_tokens=10, min_new_tokens=6,
+                                                                num_samples=2, temperature=1.5))
+        report["collectives_while_sampling"] = dict(counts)
+    report["generation_mode_collectives"] = dict(around)
     after = rss_bytes()
     report["greedy_equal"] = torch.equal(naive, fast)
     report["greedy_shape"] = list(fast.shape)

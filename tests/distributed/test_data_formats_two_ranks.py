@@ -70,7 +70,10 @@ def test_every_format_and_a_mix_on_two_ranks(files, tmp_path):
             f"(share 3 of data_split 2,4,4); 40 eval prompts from {f['prompt']}") in log
     s = summary(out)
     assert s["sft"]["steps"] == 3 and s["reward"]["steps"] == 3
-    assert 0 <= s["reward"]["eval_accuracy"] <= 1
+    accuracy = s["reward"]["eval_accuracy"]  # of the last evaluation, on the 8 held-out pairs
+    rows = [json.loads(x) for x in (out / "reward" / "metrics.jsonl").read_text().splitlines()]
+    assert accuracy == [r for r in rows if "eval/accuracy" in r][-1]["eval/accuracy"]
+    assert accuracy * 8 == round(accuracy * 8)
     assert "gold_score_final" not in s["ppo"]  # the gold scorer is for the default task's prompts only
     from transformers import AutoTokenizer
 

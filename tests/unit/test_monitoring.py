@@ -98,11 +98,16 @@ def test_phase_timer_synchronises_the_accelerator_around_each_phase_and_records_
         "memory/training_allocated_gb": 2.0, "memory/training_reserved_gb": 4.0}
 
 
-def test_on_cpu_there_is_nothing_to_synchronise_and_no_accelerator_memory():
+def test_on_cpu_there_is_nothing_to_synchronise_and_no_accelerator_memory(monkeypatch):
+    from pipeline import monitoring
     from pipeline.monitoring import PhaseTimer, device_accelerator
 
     assert device_accelerator() is None  # this machine: CPU only
     timer = PhaseTimer()
-    with timer("generation"):
-        pass
-    assert timer.memory_metrics() == {} and timer.seconds["generation"] >= 0
+    ticks = iter([10.0, 10.25, 20.0, 20.5, 30.0, 31.0])  # perf_counter at each phase's start and end
+    monkeypatch.setattr(monitoring.time, "perf_counter", lambda: next(ticks))
+    for name in ("generation", "training", "generation"):
+        with timer(name):
+            pass
+    assert timer.memory_metrics() == {}
+    assert timer.seconds == {"generation": 0.25 + 1.0, "training": 0.5}  # a phase's calls add up

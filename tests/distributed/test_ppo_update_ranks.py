@@ -1,0 +1,119 @@
+"""Tier 2: a PPO update on two ranks equals the update on one rank of the same global rollout.
+
+`PPOTrainer._mini_batch` normalises every loss by the global mini-batch token count (an all-reduce)
+and backpropagates `loss * world`, because DeepSpeed averages gradients over ranks: the gradient
+of an optimizer step is then the gradient of the whole mini-batch's loss, whatever the rank count
+and the micro-batching. ppo_update_probe.py builds the real trainer (`PPOTrainer(ctx)`) and runs
+`update` on one fixed rollout of 8 rows with one rank (all rows, gradient accumulation 4) and with
+two ranks (4 rows each, accumulation 2): two optimizer steps each (two epochs of one mini-batch).
+
+What is compared, and why the gradients too: AdamW's step is nearly invariant to a constant scale
+of the gradient (m / sqrt(v)), and gradient clipping rescales it anyway, so a wrong `* world`
+(removed or doubled: gradients x 0.5 or x 2 on two ranks) barely moves the weights. The gathered
+gradient of each step and DeepSpeed's global gradient norm do change by that factor; the weights
+after the update check everything else (clipping, the optimizer, the second epoch).
+
+The actor agrees. The critic does not, for a reason unrelated to the rank count (see CRITIC_BUG
+below): its test is a strict xfail, so it turns into a failure to remove once that is fixed.
+
+A constant factor that does not depend on the rank count (say `* 2 * world`) is the same on both
+runs and is not what this test catches; a factor of the wrong power of `world` is.
+
+Tolerances (fp32): the two runs add the same per-token terms in a different order (other
+micro-batches, a cross-rank sum), a relative difference of a few 1e-7. Gradients: rtol 1e-5 with
+atol 1e-5 x the largest gradient entry of the step (entries that cancel to ~0 carry only rounding).
+Weights: rtol 1e-5, atol 1e-6, against updates of about the learning rate (1e-3).
+"""
+import json
+
+import pytest
+import torch
+from launch_util import launch
+
+PROMPTS = ["ana asks for a review of the pizza .", "please review the sofa for leo .",
+           "grace wants to know about the camera .", "hugo asks for a review of the book .",
+           "emma wants to know about the car .", "please review the lamp for ana ."]
+
+
+def _write_inputs(work):
+    """A tiny policy and reward model with weights on disk, so both runs start from the same ones."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from pipeline import default_task
+
+    config = LlamaConfig(**default_task.model_config(len(default_task.vocabulary()), 32, 2, 2, 64, 64))
+    for name, cls, extra in (("policy", LlamaForCausalLM, {}), ("reward", LlamaForSequenceClassification,
+                                                                  {"num_labels": 1})):
+        torch.manual_seed(1 if name == "policy" else 2)
+        model = cls(LlamaConfig(**{**config.to_dict(), **extra}))
+        model.save_pretrained(work / name)
+        default_task.build_tokenizer(work / name)
+    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+
+
+def _run(work, ranks):
+    out = work / f"update.{ranks}.pt"
+    proc = launch("../tests/distributed/ppo_update_probe.py", str(out), str(work / f"w{ranks}"), num_gpus=ranks,
+                  timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = torch.load(out, weights_only=False)
+    assert report["world_size"] == ranks
+    return report
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ppo_update")
+    _write_inputs(work)
+    for ranks in (1, 2):  # each run writes its own stage folder next to the shared inputs
+        (work / f"w{ranks}").mkdir()
+        for name in ("policy", "reward", "prompts.jsonl"):
+            (work / f"w{ranks}" / name).symlink_to(work / name)
+    return _run(work, 1), _run(work, 2)
+
+
+ACTOR_STATS = ("policy_loss", "entropy", "clip_fraction", "approx_kl")
+CRITIC_STATS = ("value_loss", "value_clip_fraction")
+# DeepSpeed 0.19 ZeRO-3 accumulates gradients over micro-steps only when the forward goes through
+# DeepSpeedEngine.forward (it advances the optimizer's micro_step_id there; at micro_step_id 0 a
+# gradient is copied, not added). The critic's forward is models.token_values, which calls the
+# engine's base_model and score head directly: each micro-step's gradient replaces the previous
+# one, so with gradient accumulation > 1 (mini_batch_size / ranks > micro_batch_size_per_gpu) the
+# critic steps on its last micro-batch alone. This test runs accumulation 4 and 2: it fails until
+# that is fixed.
+CRITIC_BUG = pytest.mark.xfail(strict=True, reason="ZeRO-3 drops all but the last micro-step's gradient when "
+                               "the forward bypasses the engine (models.token_values): the critic")
+
+
+def _compare(one, two, engine):
+    for k, w in one["before"][engine].items():  # the same start (both load the same weights)
+        assert torch.equal(w, two["before"][engine][k]), (engine, k)
+    steps1, steps2 = one["steps"][engine], two["steps"][engine]
+    assert len(steps1["grads"]) == len(steps2["grads"]) == 2  # two epochs, one mini-batch each
+    for step, (g1, g2) in enumerate(zip(steps1["grads"], steps2["grads"])):
+        scale = max(g.abs().max().item() for g in g1.values())
+        assert scale > 1e-4, (engine, step)
+        for k in g1:
+            torch.testing.assert_close(g2[k], g1[k], rtol=1e-5, atol=1e-5 * scale, msg=f"{engine} step {step} {k}")
+    torch.testing.assert_close(torch.tensor(steps2["grad_norms"]), torch.tensor(steps1["grad_norms"]),
+                               rtol=1e-5, atol=0)
+    moved = max((one["after"][engine][k] - w).abs().max().item() for k, w in one["before"][engine].items())
+    assert moved > 1e-4, engine  # the update did something
+    for k, w in one["after"][engine].items():
+        torch.testing.assert_close(two["after"][engine][k], w, rtol=1e-5, atol=1e-6, msg=f"{engine} {k}")
+    names = ACTOR_STATS if engine == "actor" else CRITIC_STATS
+    for k in names:
+        assert two["stats"][k] == pytest.approx(one["stats"][k], rel=1e-5, abs=1e-7), k
+    # the fixed pi_old and value offsets put rows outside the clip range: clipped terms are compared too
+    assert one["stats"]["clip_fraction" if engine == "actor" else "value_clip_fraction"] > 0
+
+
+def test_two_rank_actor_update_equals_one_rank_update(runs):
+    one, two = runs
+    assert one["stats"].keys() == two["stats"].keys() == {*ACTOR_STATS, *CRITIC_STATS, "early_stopped"}
+    _compare(one, two, "actor")
+
+
+@CRITIC_BUG
+def test_two_rank_critic_update_equals_one_rank_update(runs):
+    _compare(*runs, "critic")
