@@ -165,3 +165,24 @@ class ShardEMA:
             self.shards[name].copy_(recut([old[name] for old in per_rank], p.ds_numel,
                                           dist.get_world_size(group), dist.get_rank(group)))
 
+
+
+def forward(engine, fn, *args, **kwargs):
+    """`fn(module, *args, **kwargs)` run AS the engine's forward, for a model read another way than
+    its own `forward` (the scalar head at every position, `models.token_values`).
+
+    DeepSpeed's `engine.forward` does per-forward bookkeeping that ZeRO relies on: with ZeRO-3 it
+    advances the optimizer's micro-step counter, and a backward in micro-step 0 overwrites the
+    accumulated gradient instead of adding to it. Calling submodules of `engine.module` directly
+    skips it, so under gradient accumulation only the last micro-batch's gradient survived (the
+    critic's, and the reward model's with reward.gradient_accumulation_steps > 1). Here the module's
+    forward is swapped for `fn` for one call through the engine; a plain module is simply called.
+    """
+    if not isinstance(engine, deepspeed.DeepSpeedEngine):
+        return fn(engine, *args, **kwargs)
+    module = engine.module
+    module.forward = lambda *a, **k: fn(module, *a, **k)  # an instance attribute over the class's forward
+    try:
+        return engine(*args, **kwargs)
+    finally:
+        del module.forward

@@ -111,7 +111,7 @@ class PPOTrainer:
     @staticmethod
     def _values(model, seq, mask, width):
         """Critic values before each response token (B, R), and at the prompt's last token (B,)."""
-        v = token_values(model, seq, mask, position_ids(mask))
+        v = engines.forward(model, token_values, seq, mask, position_ids(mask))
         return v[:, width - 1:-1], v[:, width - 1]
 
     # ------------------------------------------------------------ 1. generation

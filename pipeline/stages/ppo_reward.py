@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeline import data, reward_fns
-from pipeline.distributed import collectives
+from pipeline.distributed import collectives, engines
 from pipeline.errors import SharedUserError, UserError
 from pipeline.generation import position_ids
 from pipeline.models import score_index, token_values
@@ -37,7 +37,7 @@ def _rm_scores(t: PPOTrainer, engine, pad_id, r_ids: torch.Tensor, r_mask: torch
     """One reward model's score of each row, read where HF's sequence classifier pools: (B,)."""
     scores = []
     for s in t.micro_slices(len(r_ids)):
-        v = token_values(engine, r_ids[s], r_mask[s], position_ids(r_mask[s]))
+        v = engines.forward(engine, token_values, r_ids[s], r_mask[s], position_ids(r_mask[s]))
         scores.append(v.gather(1, score_index(r_ids[s], r_mask[s], pad_id)[:, None]).squeeze(1))
     return torch.cat(scores)
 

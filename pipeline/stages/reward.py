@@ -21,7 +21,7 @@ def pairwise(engine, batch: dict, pad_token_id: int) -> tuple[torch.Tensor, torc
     """Per-pair loss, accuracy and margin; the batch holds chosen rows, then rejected rows. Scores are
     read where the exported model's HF forward pools them (`models.score_index`; config.pad_token_id
     is this pad id)."""
-    scores = sequence_scores(engine, batch["input_ids"], batch["attention_mask"], pad_token_id)
+    scores = engines.forward(engine, sequence_scores, batch["input_ids"], batch["attention_mask"], pad_token_id)
     chosen, rejected = scores.chunk(2)
     margin = chosen - rejected
     return -F.logsigmoid(margin), (margin > 0).float(), margin

@@ -13,8 +13,13 @@ of the gradient (m / sqrt(v)), and gradient clipping rescales it anyway, so a wr
 gradient of each step and DeepSpeed's global gradient norm do change by that factor; the weights
 after the update check everything else (clipping, the optimizer, the second epoch).
 
-The actor agrees. The critic does not, for a reason unrelated to the rank count (see CRITIC_BUG
-below): its test is a strict xfail, so it turns into a failure to remove once that is fixed.
+Both engines, and the critic is the one this test caught: its forward is `models.token_values`
+(the scalar head at every position), which DeepSpeed 0.19's ZeRO-3 only accumulates over
+micro-steps when it runs as the engine's forward (the optimizer's micro-step counter advances in
+`DeepSpeedEngine.forward`; at micro-step 0 a gradient is copied, not added). Called on submodules
+directly, each micro-step's gradient replaced the previous one, and the critic stepped on its
+last micro-batch alone (0.28x the gradient at 4 micro-steps, 0.5x at 2).
+`distributed.engines.forward` now runs it as the engine's forward.
 
 A constant factor that does not depend on the rank count (say `* 2 * world`) is the same on both
 runs and is not what this test catches; a factor of the wrong power of `world` is.
@@ -22,7 +27,10 @@ runs and is not what this test catches; a factor of the wrong power of `world` i
 Tolerances (fp32): the two runs add the same per-token terms in a different order (other
 micro-batches, a cross-rank sum), a relative difference of a few 1e-7. Gradients: rtol 1e-5 with
 atol 1e-5 x the largest gradient entry of the step (entries that cancel to ~0 carry only rounding).
-Weights: rtol 1e-5, atol 1e-6, against updates of about the learning rate (1e-3).
+Weights: rtol 1e-5, atol 1e-5, against updates of about the learning rate (1e-3): AdamW's first
+step moves every entry by about the learning rate whatever its gradient, so an entry whose gradient
+is at rounding level (5e-10 against 1e-4 elsewhere) moves by an amount rounding decides (measured:
+2e-6 at most, in the critic).
 """
 import json
 
@@ -72,19 +80,8 @@ def runs(tmp_path_factory):
     return _run(work, 1), _run(work, 2)
 
 
-ACTOR_STATS = ("policy_loss", "entropy", "clip_fraction", "approx_kl")
-CRITIC_STATS = ("value_loss", "value_clip_fraction")
-# DeepSpeed 0.19 ZeRO-3 accumulates gradients over micro-steps only when the forward goes through
-# DeepSpeedEngine.forward (it advances the optimizer's micro_step_id there; at micro_step_id 0 a
-# gradient is copied, not added). The critic's forward is models.token_values, which calls the
-# engine's base_model and score head directly: each micro-step's gradient replaces the previous
-# one, so with gradient accumulation > 1 (mini_batch_size / ranks > micro_batch_size_per_gpu) the
-# critic steps on its last micro-batch alone. This test runs accumulation 4 and 2: it fails until
-# that is fixed.
-CRITIC_BUG = pytest.mark.xfail(strict=True, reason="ZeRO-3 drops all but the last micro-step's gradient when "
-                               "the forward bypasses the engine (models.token_values): the critic")
-
-
+ACTOR_STATS = ("policy_loss", "entropy", "clip_fraction", "approx_kl", "ratio_mean")
+CRITIC_STATS = ("value_loss", "value_clip_fraction", "values_mean")
 def _compare(one, two, engine):
     for k, w in one["before"][engine].items():  # the same start (both load the same weights)
         assert torch.equal(w, two["before"][engine][k]), (engine, k)
@@ -100,7 +97,7 @@ def _compare(one, two, engine):
     moved = max((one["after"][engine][k] - w).abs().max().item() for k, w in one["before"][engine].items())
     assert moved > 1e-4, engine  # the update did something
     for k, w in one["after"][engine].items():
-        torch.testing.assert_close(two["after"][engine][k], w, rtol=1e-5, atol=1e-6, msg=f"{engine} {k}")
+        torch.testing.assert_close(two["after"][engine][k], w, rtol=1e-5, atol=1e-5, msg=f"{engine} {k}")
     names = ACTOR_STATS if engine == "actor" else CRITIC_STATS
     for k in names:
         assert two["stats"][k] == pytest.approx(one["stats"][k], rel=1e-5, abs=1e-7), k
@@ -114,6 +111,5 @@ def test_two_rank_actor_update_equals_one_rank_update(runs):
     _compare(one, two, "actor")
 
 
-@CRITIC_BUG
 def test_two_rank_critic_update_equals_one_rank_update(runs):
     _compare(*runs, "critic")
