@@ -1,4 +1,5 @@
-"""What the SFT and reward-model stages share: the stage context, sharded loaders, the loop."""
+"""What the stages share: the stage context (all three: config, ranks, folder, logger, engine
+configs), and for SFT and the reward model the sharded loaders and the supervised loop."""
 from __future__ import annotations
 
 import logging
