@@ -61,7 +61,7 @@ def test_ppo_two_ranks(run_dir):
     s = summary(run_dir)["ppo"]
     rows = [json.loads(x) for x in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/gold_score" in r]
-    assert [r["step"] for r in evals] == [0, 2, 4]  # eval_steps 2 of 4 iterations, and step 0
+    assert [r["step"] for r in evals] == [0, 2, 4, 5]  # eval_steps 2 of 5 iterations, step 0 and the end
     first, last = evals[0], evals[-1]
     # the summary reports the first evaluation (the SFT policy) and the last one
     assert (s["gold_score_sft"], s["reward_score_sft"]) == (first["eval/gold_score"], first["eval/reward_score"])
@@ -69,9 +69,9 @@ def test_ppo_two_ranks(run_dir):
         last["eval/gold_score"], last["eval/reward_score"], last["eval/win_rate_vs_sft"], last["eval/kl_to_ref"])
     # step 0 evaluates the SFT policy against itself: every comparison a tie, no KL to its own copy
     assert first["eval/win_rate_vs_sft"] == 0.5 and abs(first["eval/kl_to_ref"]) < 1e-6
-    assert last["eval/kl_to_ref"] > 1e-3  # four updates moved the policy
+    assert last["eval/kl_to_ref"] > 1e-3  # five updates moved the policy
     train = [r for r in rows if "ppo/policy_loss" in r]
-    assert len(train) == 4
+    assert len(train) == 5
     assert all(r["rollout/response_length_mean"] > 0 for r in train)
 
 
