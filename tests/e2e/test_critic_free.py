@@ -2,14 +2,16 @@
 built, scored with, trained or checkpointed; the group metrics are logged; the run finishes; and a
 resume from its iteration-2 checkpoint ends exactly where the uninterrupted run ended. The same
 recipe with a reward function instead of a reward model (`--ppo.reward_model_coef 0 --ppo.reward_fn`)
-trains no reward model and scores with the function alone."""
+trains no reward model and scores with the function alone; so does PPO-GAE, whose critic then
+starts from the policy with a fresh value head."""
 import shutil
 
 from launch_util import REPO, TINY, launch, metric_rows
 
 GRPO = REPO / "launch" / "configs" / "grpo.yaml"
-# 4 prompts x 4 samples = 16 rows per iteration, the tiny preset's 16; checkpoint at iteration 2 of 5
-ARGS = ("--config", str(TINY), "--config", str(GRPO), "--ppo.rollout_batch_size", "4", "--save_steps", "2")
+# 4 prompts x 4 samples = 16 rows per iteration, the tiny preset's 16; checkpoint at iteration 2 of 4 (the last before the end)
+ARGS = ("--config", str(TINY), "--config", str(GRPO), "--ppo.rollout_batch_size", "4", "--save_steps", "2",
+        "--ppo.num_iterations", "4")
 CRITIC_KEYS = ("ppo/value_loss", "ppo/value_clip_fraction", "ppo/value_explained_variance", "ppo/critic_lr",
                "ppo/critic_grad_norm")
 
@@ -26,7 +28,7 @@ def test_grpo_runs_without_a_critic_and_resumes_exactly(pristine_run, tmp_path):
     ppo = out / "ppo"
     rows = metric_rows(ppo / "metrics.jsonl")
     train = [r for r in rows if "ppo/policy_loss" in r]
-    assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
     for r in train:
         assert not [k for k in r if k in CRITIC_KEYS or "critic" in k], r
         assert 0 <= r["rollout/group_all_equal_fraction"] <= 1 and r["rollout/group_score_std"] >= 0
@@ -71,7 +73,7 @@ def test_grpo_with_a_reward_function_instead_of_a_reward_model(tmp_path):
     assert "engine actor" in log and "engine reward" not in log and "engine critic" not in log
     rows = metric_rows(out / "ppo" / "metrics.jsonl")
     train = [r for r in rows if "ppo/policy_loss" in r]
-    assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
     for r in train:  # the training rollouts are scored by the function (gold is in [-2.25, 1])
         assert 97.75 <= r["rollout/score_mean"] <= 101, r
         assert 0 <= r["rollout/group_all_equal_fraction"] <= 1 and r["rollout/group_score_std"] >= 0
@@ -79,4 +81,28 @@ def test_grpo_with_a_reward_function_instead_of_a_reward_model(tmp_path):
     assert evals
     for r in evals:  # the same held-out responses: the function's score is the gold + 100
         assert abs(r["eval/reward_score"] - (r["eval/gold_score"] + 100)) < 1e-3, r
+    assert (out / "ppo" / "model" / "model.safetensors").is_file()
+
+
+def test_ppo_gae_with_a_reward_function_starts_its_critic_from_the_policy(tmp_path):
+    """PPO-GAE (launch/configs/ppo.yaml) needs a critic: with no reward model to start it from, the
+    critic is the policy with a fresh value head, and training runs on the function's scores."""
+    fn = tmp_path / "my_reward.py"
+    fn.write_text(SHIFTED_GOLD)
+    out = tmp_path / "run"
+    proc = launch("ppo.py", "--config", str(TINY), "--config", str(REPO / "launch" / "configs" / "ppo.yaml"),
+                  "--ppo.num_iterations", "2", "--ppo.reward_model_coef", "0", "--ppo.reward_fn",
+                  f"{fn}:shifted_gold", "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "stage reward is not needed: PPO's reward is ppo.reward_fn alone" in log
+    assert not (out / "reward").exists()
+    assert "engine critic" in log and "engine reward" not in log
+    train = [r for r in metric_rows(out / "ppo" / "metrics.jsonl") if "ppo/policy_loss" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert 97.75 <= r["rollout/score_mean"] <= 101, r
+        # the fresh value head starts near 0 against returns near 100: a large loss the critic reduces
+        assert r["ppo/value_loss"] > 1.0 and r["ppo/critic_grad_norm"] > 0, r
+    assert train[1]["ppo/value_loss"] < train[0]["ppo/value_loss"]
     assert (out / "ppo" / "model" / "model.safetensors").is_file()
