@@ -181,8 +181,12 @@ def forward(engine, fn, *args, **kwargs):
     if not isinstance(engine, deepspeed.DeepSpeedEngine):
         return fn(engine, *args, **kwargs)
     module = engine.module
+    own = module.__dict__.get("forward")  # a forward already set on the instance (a wrapper's) comes back after
     module.forward = lambda *a, **k: fn(module, *a, **k)  # an instance attribute over the class's forward
     try:
         return engine(*args, **kwargs)
     finally:
-        del module.forward
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
