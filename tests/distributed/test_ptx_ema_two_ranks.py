@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from launch_util import TINY, launch
+from launch_util import TINY, launch, metric_rows
 
 SIZES = ["--task.num_sft", "256", "--task.num_pairs", "256", "--task.num_prompts", "32", "--task.num_eval", "16",
          "--ppo.num_iterations", "2", "--ppo.rollout_batch_size", "16", "--ppo.mini_batch_size", "16",
@@ -101,8 +101,7 @@ def test_ptx_off_and_ema_leave_the_policy_bitwise_unchanged_and_the_ema_is_exact
 
 
 def _metrics(run):
-    return [{k: v for k, v in json.loads(x).items() if not k.startswith(("time", "elapsed_s", "perf/", "memory/"))}
-            for x in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    return metric_rows(run / "ppo" / "metrics.jsonl")
 
 
 def test_ptx_moves_the_actor_towards_the_ptx_data_and_resumes_exactly(runs):

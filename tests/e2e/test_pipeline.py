@@ -3,7 +3,7 @@ import hashlib
 import json
 
 import pytest
-from launch_util import TINY, launch, summary
+from launch_util import TINY, launch, metric_rows, summary
 
 SUMMARY_KEYS = {
     "sft": ("eval_loss", "wall_s", "skipped"),
@@ -152,8 +152,7 @@ def test_bad_data_leaves_earlier_outputs_untouched(finished, tmp_path):
 
 def _ppo_rows(out) -> list[dict]:
     """PPO's metrics.jsonl rows without the wall-clock readings."""
-    return [{k: v for k, v in json.loads(x).items() if not k.startswith(("time", "elapsed_s", "perf/", "memory/"))}
-            for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    return metric_rows(out / "ppo" / "metrics.jsonl")
 
 
 def test_evaluation_off_trains_the_same_and_leaves_out_the_eval_fields(pristine_run, run_copy):
