@@ -12,6 +12,7 @@ pure parts (workload shape, FLOPs, targets, table, JSON) are in bench_lib.py; th
 helpers and the plain-PyTorch floor in bench_floor.py. Like a user script, it uses only the
 pipeline's modules.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,54 +51,103 @@ def write_fixtures(folder: Path, w: Workload) -> dict[str, str]:
     and a scalar (reward/critic) model folder built with seed 0, and `prompts` rows of prompt_len
     tokens (prompt_len - 1 words + BOS) as JSONL. Returns the paths."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+        PreTrainedTokenizerFast,
+    )
 
     words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(w.vocab - 4)]
     tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
-    shape = dict(vocab_size=w.vocab, hidden_size=w.hidden, num_hidden_layers=w.layers, num_attention_heads=w.heads,
-                 num_key_value_heads=w.heads, intermediate_size=w.intermediate, pad_token_id=0, bos_token_id=1,
-                 eos_token_id=2, max_position_embeddings=w.prompt_len + w.new_tokens, tie_word_embeddings=False)
-    paths = {"policy": folder / "policy", "reward": folder / "reward", "prompts": folder / "prompts.jsonl"}
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    shape = dict(
+        vocab_size=w.vocab,
+        hidden_size=w.hidden,
+        num_hidden_layers=w.layers,
+        num_attention_heads=w.heads,
+        num_key_value_heads=w.heads,
+        intermediate_size=w.intermediate,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        max_position_embeddings=w.prompt_len + w.new_tokens,
+        tie_word_embeddings=False,
+    )
+    paths = {
+        "policy": folder / "policy",
+        "reward": folder / "reward",
+        "prompts": folder / "prompts.jsonl",
+    }
     torch.manual_seed(0)
     with engines.plain_construction():
-        for cls, name, extra in ((LlamaForCausalLM, "policy", {}), (LlamaForSequenceClassification, "reward",
-                                                                     {"num_labels": 1})):
+        for cls, name, extra in (
+            (LlamaForCausalLM, "policy", {}),
+            (LlamaForSequenceClassification, "reward", {"num_labels": 1}),
+        ):
             cls(LlamaConfig(**shape, **extra)).save_pretrained(paths[name])
             fast.save_pretrained(paths[name])
     rng = random.Random(0)
-    rows = [{"prompt": " ".join(rng.choices(words[4:], k=w.prompt_len - 1))} for _ in range(w.prompts)]
+    rows = [
+        {"prompt": " ".join(rng.choices(words[4:], k=w.prompt_len - 1))} for _ in range(w.prompts)
+    ]
     paths["prompts"].write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {k: str(v) for k, v in paths.items()}
 
 
 def build_trainer(folder: Path, paths: dict[str, str], w: Workload, d) -> Any:
     """The real PPO stage's trainer on this workload, configured through `parse_config`."""
-    flags = {"output_dir": folder / "run", "seed": 0, "ppo.rollout_batch_size": w.prompts,
-             "ppo.mini_batch_size": w.mini_batch, "ppo.num_ppo_epochs": 1,
-             "ppo.micro_batch_size_per_gpu": max(1, min(w.micro_batch, w.mini_batch // d.world_size)),
-             "ppo.num_iterations": w.warmup + w.repeats, "ppo.min_new_tokens": w.new_tokens,
-             "ppo.max_new_tokens": w.new_tokens, "data.max_prompt_len": w.prompt_len,
-             "ppo.actor_model_path": paths["policy"], "ppo.reward_model_path": paths["reward"],
-             "data.prompt_data_path": paths["prompts"], "data.eval_prompt_data_path": paths["prompts"]}
+    flags = {
+        "output_dir": folder / "run",
+        "seed": 0,
+        "ppo.rollout_batch_size": w.prompts,
+        "ppo.mini_batch_size": w.mini_batch,
+        "ppo.num_ppo_epochs": 1,
+        "ppo.micro_batch_size_per_gpu": max(1, min(w.micro_batch, w.mini_batch // d.world_size)),
+        "ppo.num_iterations": w.warmup + w.repeats,
+        "ppo.min_new_tokens": w.new_tokens,
+        "ppo.max_new_tokens": w.new_tokens,
+        "data.max_prompt_len": w.prompt_len,
+        "ppo.actor_model_path": paths["policy"],
+        "ppo.reward_model_path": paths["reward"],
+        "data.prompt_data_path": paths["prompts"],
+        "data.eval_prompt_data_path": paths["prompts"],
+    }
     cfg = parse_config([s for k, v in flags.items() for s in (f"--{k}", str(v))])
-    inputs = {"tokenizer": paths["policy"], "actor": paths["policy"], "reward_model": paths["reward"],
-              "prompt_data": paths["prompts"], "eval_prompt_data": paths["prompts"]}
+    inputs = {
+        "tokenizer": paths["policy"],
+        "actor": paths["policy"],
+        "reward_model": paths["reward"],
+        "prompt_data": paths["prompts"],
+        "eval_prompt_data": paths["prompts"],
+    }
     return PPOTrainer(StageContext(cfg, d, folder / "run" / "ppo", inputs))
 
 
 def measure(trainer, w: Workload, d) -> dict[str, Any]:
     """Real iterations, then naive and hybrid generation of this rank's prompts; per-rank memory."""
-    n, tok, gen, params = trainer.sizes.rollout_per_rank, trainer.tokenizer, trainer.generator, trainer.sampling
-    batch, metrics, rss = trainer.prompts[d.rank * n:(d.rank + 1) * n], [], {}
+    n, tok, gen, params = (
+        trainer.sizes.rollout_per_rank,
+        trainer.tokenizer,
+        trainer.generator,
+        trainer.sampling,
+    )
+    batch, metrics, rss = trainer.prompts[d.rank * n : (d.rank + 1) * n], [], {}
 
     def iteration() -> None:
         metrics.append(trainer.iteration(len(metrics) + 1, batch))
         if metrics[-1]["rollout/response_length_mean"] != w.new_tokens:
-            raise RuntimeError(f"responses ended early: {metrics[-1]['rollout/response_length_mean']} tokens")
+            raise RuntimeError(
+                f"responses ended early: {metrics[-1]['rollout/response_length_mean']} tokens"
+            )
 
     def hybrid() -> None:
         rss["before"] = current_rss()
@@ -107,81 +157,159 @@ def measure(trainer, w: Workload, d) -> dict[str, Any]:
         rss["after"] = current_rss()
 
     walls = timed(iteration, w.warmup, w.repeats)
-    runs = metrics[w.warmup:]
-    out = {"iteration_s": slowest(walls, d),
-           "phases_s": {k[5:]: slowest([r[k] for r in runs], d) for k in runs[0] if k.startswith("time/")}}
+    runs = metrics[w.warmup :]
+    out = {
+        "iteration_s": slowest(walls, d),
+        "phases_s": {
+            k[5:]: slowest([r[k] for r in runs], d) for k in runs[0] if k.startswith("time/")
+        },
+    }
     prompts = data.collate_prompts(batch, tok.pad_token_id)
-    ids, mask = prompts["input_ids"].to(collectives.device()), prompts["attention_mask"].to(collectives.device())
-    naive = timed(lambda: full_length(naive_generate(trainer.actor, tok, ids, mask, params), ids.shape[1], w,
-                                      tok.eos_token_id), w.warmup, w.repeats)
-    out["naive_s"], out["hybrid_s"] = slowest(naive, d), slowest(timed(hybrid, w.warmup, w.repeats), d)
-    shares = [(sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in e.module.parameters()),
-               sum(p.ds_numel * p.element_size() for p in e.module.parameters()))
-              for e in (trainer.actor, trainer.critic)]
+    ids, mask = (
+        prompts["input_ids"].to(collectives.device()),
+        prompts["attention_mask"].to(collectives.device()),
+    )
+    naive = timed(
+        lambda: full_length(
+            naive_generate(trainer.actor, tok, ids, mask, params), ids.shape[1], w, tok.eos_token_id
+        ),
+        w.warmup,
+        w.repeats,
+    )
+    out["naive_s"], out["hybrid_s"] = (
+        slowest(naive, d),
+        slowest(timed(hybrid, w.warmup, w.repeats), d),
+    )
+    shares = [
+        (
+            sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in e.module.parameters()),
+            sum(p.ds_numel * p.element_size() for p in e.module.parameters()),
+        )
+        for e in (trainer.actor, trainer.critic)
+    ]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    keys = ("peak", "before_generation", "inside_generation", "after_generation", "actor_partition", "actor_whole",
-            "critic_partition", "critic_whole")
+    keys = (
+        "peak",
+        "before_generation",
+        "inside_generation",
+        "after_generation",
+        "actor_partition",
+        "actor_whole",
+        "critic_partition",
+        "critic_whole",
+    )
     mine = [peak, rss["before"], rss["inside"], rss["after"], *shares[0], *shares[1]]
     out["memory_bytes"] = [dict(zip(keys, map(int, r))) for r in per_rank(mine, d)]
     return out
 
 
 # ---------------------------------------------------------------- report and entry point
-def report(real: dict, floor: dict, w: Workload, epochs: int, d, threads: int, smoke: bool) -> dict[str, Any]:
+def report(
+    real: dict, floor: dict, w: Workload, epochs: int, d, threads: int, smoke: bool
+) -> dict[str, Any]:
     """All results: the compared figures (`checks`), the rest (`figures`) and the run's context."""
     import transformers
 
-    flops, tokens, mib, mem = iteration_flops(w, epochs), w.prompts * w.new_tokens, 2 ** 20, real["memory_bytes"]
-    cpu = [x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
-           if x.startswith("model name")]
+    flops, tokens, mib, mem = (
+        iteration_flops(w, epochs),
+        w.prompts * w.new_tokens,
+        2**20,
+        real["memory_bytes"],
+    )
+    cpu = [
+        x.split(":", 1)[1].strip()
+        for x in Path("/proc/cpuinfo").read_text().splitlines()
+        if x.startswith("model name")
+    ]
     after = [r["after_generation"] / r["before_generation"] for r in mem]
     total = threads * d.local_world_size
     figures = {
-        f"generation naive s ({w.prompts // d.world_size} prompts a rank, ZeRO-3 generate)": real["naive_s"],
+        f"generation naive s ({w.prompts // d.world_size} prompts a rank, ZeRO-3 generate)": real[
+            "naive_s"
+        ],
         "generation hybrid s (incl. materialise + free)": real["hybrid_s"],
-        f"generation floor s ({w.prompts} prompts, 1 process, {total} threads)": floor["phases_s"]["sampling"],
-        "iteration s": real["iteration_s"], **{f"iteration {k} s": v for k, v in real["phases_s"].items()},
+        f"generation floor s ({w.prompts} prompts, 1 process, {total} threads)": floor["phases_s"][
+            "sampling"
+        ],
+        "iteration s": real["iteration_s"],
+        **{f"iteration {k} s": v for k, v in real["phases_s"].items()},
         "iteration floor s": floor["iteration_s"],
         **{f"iteration floor {k} s": v for k, v in floor["phases_s"].items()},
         "response tokens/s": tokens / real["iteration_s"],
         "floor response tokens/s": tokens / floor["iteration_s"],
-        "FLOPs per iteration": float(flops["total"]), "achieved FLOP/s": flops["total"] / real["iteration_s"],
+        "FLOPs per iteration": float(flops["total"]),
+        "achieved FLOP/s": flops["total"] / real["iteration_s"],
         "floor achieved FLOP/s": flops["total"] / floor["iteration_s"],
         f"matmul FLOP/s (fp32 torch.mm {w.matmul_n}^2, {total} threads)": floor["matmul_flops"],
         "achieved / matmul": flops["total"] / real["iteration_s"] / floor["matmul_flops"],
         "floor achieved / matmul": flops["total"] / floor["iteration_s"] / floor["matmul_flops"],
         "peak RSS MiB per rank": [r["peak"] / mib for r in mem],
-        **{f"RSS MiB before / inside / after generation, rank {i}": [r[k] / mib for k in (
-            "before_generation", "inside_generation", "after_generation")] for i, r in enumerate(mem)},
-        **{f"{e} param MiB per rank, whole": [r[f"{e}_partition"] / mib for r in mem] + [mem[0][f"{e}_whole"] / mib]
-           for e in ("actor", "critic")},
+        **{
+            f"RSS MiB before / inside / after generation, rank {i}": [
+                r[k] / mib for k in ("before_generation", "inside_generation", "after_generation")
+            ]
+            for i, r in enumerate(mem)
+        },
+        **{
+            f"{e} param MiB per rank, whole": [r[f"{e}_partition"] / mib for r in mem]
+            + [mem[0][f"{e}_whole"] / mib]
+            for e in ("actor", "critic")
+        },
     }
-    checks = [check("hybrid/floor generation", real["hybrid_s"] / floor["phases_s"]["sampling"]),
-              check("naive/hybrid generation", real["naive_s"] / real["hybrid_s"]),
-              check("iteration/floor", real["iteration_s"] / floor["iteration_s"]),
-              check("RSS after/before generation", max(after, key=lambda x: abs(x - 1)))]
-    machine = {"platform": platform.platform(), "cpu": cpu[0] if cpu else platform.processor(),
-               "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-               "deepspeed": importlib.metadata.version("deepspeed"), "transformers": transformers.__version__}
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine, "smoke": smoke,
-            "world_size": d.world_size, "threads_per_rank": threads, "floor_threads": total,
-            "workload": dataclasses.asdict(w), "flops_per_iteration": flops, "checks": checks, "figures": figures,
-            "real": real, "floor": floor}
+    checks = [
+        check("hybrid/floor generation", real["hybrid_s"] / floor["phases_s"]["sampling"]),
+        check("naive/hybrid generation", real["naive_s"] / real["hybrid_s"]),
+        check("iteration/floor", real["iteration_s"] / floor["iteration_s"]),
+        check("RSS after/before generation", max(after, key=lambda x: abs(x - 1))),
+    ]
+    machine = {
+        "platform": platform.platform(),
+        "cpu": cpu[0] if cpu else platform.processor(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": importlib.metadata.version("deepspeed"),
+        "transformers": transformers.__version__,
+    }
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "smoke": smoke,
+        "world_size": d.world_size,
+        "threads_per_rank": threads,
+        "floor_threads": total,
+        "workload": dataclasses.asdict(w),
+        "flops_per_iteration": flops,
+        "checks": checks,
+        "figures": figures,
+        "real": real,
+        "floor": floor,
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; `--local_rank` (added by the deepspeed launcher) is accepted and ignored."""
     parser = argparse.ArgumentParser(
         description="Benchmark one PPO iteration (generation, scoring, training) of the real stage against "
-                    "plain single-process floors: `deepspeed --num_gpus 2 launch/bench.py --json bench.json`.")
-    parser.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file (rank 0)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny models (2 layers, width 64, vocab 512) and workload (4 prompts of 8 "
-                             "tokens, 8 new tokens, 3 repeats): checks in seconds that the benchmark runs; "
-                             "its figures mean nothing")
-    parser.add_argument("--repeats", type=int, help="measured calls per figure (default: 5, smoke: 3)")
+        "plain single-process floors: `deepspeed --num_gpus 2 launch/bench.py --json bench.json`."
+    )
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write every figure to this JSON file (rank 0)"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny models (2 layers, width 64, vocab 512) and workload (4 prompts of 8 "
+        "tokens, 8 new tokens, 3 repeats): checks in seconds that the benchmark runs; "
+        "its figures mean nothing",
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="measured calls per figure (default: 5, smoke: 3)"
+    )
     parser.add_argument("--warmup", type=int, help="unmeasured calls before them (default: 1)")
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    parser.add_argument(
+        "--local_rank", type=int, help=argparse.SUPPRESS
+    )  # set by the deepspeed launcher
     return parser.parse_args(argv)
 
 
@@ -189,11 +317,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     """Run the benchmark; rank 0 prints the table, writes `--json` and returns the results."""
     args = parse_args(argv)
     w = SMOKE if args.smoke else Workload()
-    w = dataclasses.replace(w, **{k: v for k in ("repeats", "warmup") if (v := getattr(args, k)) is not None})
+    w = dataclasses.replace(
+        w, **{k: v for k in ("repeats", "warmup") if (v := getattr(args, k)) is not None}
+    )
     d = collectives.init_distributed()
     setup_logging(d.is_main)
     threads = torch.get_num_threads()
-    folder = Path(collectives.broadcast_object(tempfile.mkdtemp(prefix="bench-") if d.is_main else None))
+    folder = Path(
+        collectives.broadcast_object(tempfile.mkdtemp(prefix="bench-") if d.is_main else None)
+    )
     try:
         paths = collectives.broadcast_object(write_fixtures(folder, w) if d.is_main else None)
         trainer = build_trainer(folder, paths, w, d)

@@ -4,6 +4,7 @@ PPO iteration in plain single-process PyTorch (no DeepSpeed) with the stage's ma
 The pure parts (workload, FLOPs, targets, table) are in bench_lib.py; the real stage, the report
 and the command line in bench.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,13 @@ import torch
 from pipeline import data, estimators, ppo_math
 from pipeline.distributed import collectives, engines
 from pipeline.generation import hf_generate, position_ids, response_mask
-from pipeline.models import load_causal_lm, load_scalar_model, pooling_pad_id, score_index, token_values
+from pipeline.models import (
+    load_causal_lm,
+    load_scalar_model,
+    pooling_pad_id,
+    score_index,
+    token_values,
+)
 from pipeline.monitoring import PhaseTimer
 
 from bench_lib import Workload, median
@@ -69,21 +76,29 @@ def on_rank0(fn: Callable[[], Any], d, threads: int) -> Any:
 def full_length(seq: torch.Tensor, width: int, w: Workload, eos: int) -> torch.Tensor:
     """`seq`; raises unless every row has exactly `new_tokens` response tokens (no early end)."""
     rows = seq.shape[0]
-    if seq.shape[1] != width + w.new_tokens or response_mask(seq[:, width:], eos).sum() != rows * w.new_tokens:
-        raise RuntimeError(f"generation ended early: {tuple(seq.shape)}, wanted {w.new_tokens} new tokens a row")
+    if (
+        seq.shape[1] != width + w.new_tokens
+        or response_mask(seq[:, width:], eos).sum() != rows * w.new_tokens
+    ):
+        raise RuntimeError(
+            f"generation ended early: {tuple(seq.shape)}, wanted {w.new_tokens} new tokens a row"
+        )
     return seq
 
 
 # ---------------------------------------------------------------- the floor: plain PyTorch, one process
-def _logprobs(model, seq: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, width: int, params, eos: int):
+def _logprobs(
+    model, seq: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, width: int, params, eos: int
+):
     """(response logits, response log-probs) as the stage computes them (of the sampling distribution)."""
-    logits = model(input_ids=seq, attention_mask=mask, position_ids=pos).logits[:, width - 1:-1]
+    logits = model(input_ids=seq, attention_mask=mask, position_ids=pos).logits[:, width - 1 : -1]
     logits = ppo_math.sampling_logits(logits, params.temperature, eos, params.min_new_tokens)
     return logits, ppo_math.logprobs_from_logits(logits, seq[:, width:])
 
 
-def plain_iteration(m: dict[str, Any], tok, batch: list[dict], p, params, w: Workload,
-                    seed: int) -> dict[str, float]:
+def plain_iteration(
+    m: dict[str, Any], tok, batch: list[dict], p, params, w: Workload, seed: int
+) -> dict[str, float]:
     """One PPO iteration without DeepSpeed on the whole batch, with the stage's math (`ppo_math`, `estimators`):
     generate, score, KL-shaped rewards, GAE, whitening, `num_ppo_epochs` passes of mini-batches
     with AdamW on actor and critic. Returns seconds per phase."""
@@ -91,16 +106,22 @@ def plain_iteration(m: dict[str, Any], tok, batch: list[dict], p, params, w: Wor
     ids, mask, P = prompts["input_ids"], prompts["attention_mask"], prompts["input_ids"].shape[1]
     with timer("generation"), torch.no_grad():
         torch.manual_seed(seed)
-        with timer("sampling"):  # synced_gpus=False: transformers turns it on whenever ZeRO-3 is configured
-            seq = full_length(hf_generate(m["actor"], tok, ids, mask, params, synced_gpus=False), P, w,
-                              tok.eos_token_id)
+        with timer(
+            "sampling"
+        ):  # synced_gpus=False: transformers turns it on whenever ZeRO-3 is configured
+            seq = full_length(
+                hf_generate(m["actor"], tok, ids, mask, params, synced_gpus=False),
+                P,
+                w,
+                tok.eos_token_id,
+            )
         rmask = response_mask(seq[:, P:], tok.eos_token_id)
         full = torch.cat([mask, rmask], dim=1)
         pos = position_ids(full)
         old_lp = _logprobs(m["actor"], seq, full, pos, P, params, tok.eos_token_id)[1] * rmask
     with timer("scoring"), torch.no_grad():
         ref_lp = _logprobs(m["ref"], seq, full, pos, P, params, tok.eos_token_id)[1] * rmask
-        old_v = token_values(m["critic"], seq, full, pos)[:, P - 1:-1] * rmask
+        old_v = token_values(m["critic"], seq, full, pos)[:, P - 1 : -1] * rmask
         index = score_index(seq, full, pooling_pad_id(m["reward"]))
         score = token_values(m["reward"], seq, full, pos).gather(1, index[:, None]).squeeze(1)
     with timer("advantages"):
@@ -116,9 +137,12 @@ def plain_iteration(m: dict[str, Any], tok, batch: list[dict], p, params, w: Wor
                 logits, lp = _logprobs(m["actor"], s, fm, ps, P, params, tok.eos_token_id)
                 pg, _ = ppo_math.policy_loss(lp, old_lp[i], adv[i], rm, p.clip_eps, n)
                 ent = ppo_math.masked_token_mean_global(ppo_math.entropy_from_logits(logits), rm, n)
-                values = token_values(m["critic"], s, fm, ps)[:, P - 1:-1]
+                values = token_values(m["critic"], s, fm, ps)[:, P - 1 : -1]
                 vl, _ = ppo_math.value_loss(values, old_v[i], ret[i], rm, n, p.value_clip or None)
-                for name, loss in (("actor", pg - p.entropy_coef * ent), ("critic", p.vf_coef * vl)):
+                for name, loss in (
+                    ("actor", pg - p.entropy_coef * ent),
+                    ("critic", p.vf_coef * vl),
+                ):
                     m[name + "_opt"].zero_grad(set_to_none=True)
                     loss.backward()
                     if p.gradient_clipping:
@@ -133,18 +157,30 @@ def floors(paths: dict[str, str], trainer, w: Workload) -> dict[str, Any]:
     as in the stage, AdamW configured as the stage's."""
     a, b = torch.randn(w.matmul_n, w.matmul_n), torch.randn(w.matmul_n, w.matmul_n)
     matmul_s = median(timed(lambda: torch.mm(a, b), 1, w.repeats, sync=False))
-    p, tok, batch = trainer.p, trainer.tokenizer, trainer.prompts[:w.prompts]
+    p, tok, batch = trainer.p, trainer.tokenizer, trainer.prompts[: w.prompts]
     with engines.plain_construction():
-        m = {"actor": load_causal_lm(paths["policy"]), "ref": load_causal_lm(paths["policy"]),
-             "critic": load_scalar_model(paths["reward"]), "reward": load_scalar_model(paths["reward"])}
+        m = {
+            "actor": load_causal_lm(paths["policy"]),
+            "ref": load_causal_lm(paths["policy"]),
+            "critic": load_scalar_model(paths["reward"]),
+            "reward": load_scalar_model(paths["reward"]),
+        }
     for name, model in m.items():
         model.eval().requires_grad_(name in ("actor", "critic"))
     for name, lr in (("actor", p.actor_learning_rate), ("critic", p.critic_learning_rate)):
-        m[name + "_opt"] = torch.optim.AdamW(m[name].parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+        m[name + "_opt"] = torch.optim.AdamW(
+            m[name].parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0
+        )
     phases: list[dict] = []
-    walls = timed(lambda: phases.append(plain_iteration(m, tok, batch, p, trainer.sampling, w, len(phases))),
-                  w.warmup, w.repeats, sync=False)
-    runs = phases[w.warmup:]
-    return {"matmul_flops": 2 * w.matmul_n ** 3 / matmul_s, "iteration_s": median(walls),
-            "phases_s": {k: median([r[k] for r in runs]) for k in runs[0]}}
-
+    walls = timed(
+        lambda: phases.append(plain_iteration(m, tok, batch, p, trainer.sampling, w, len(phases))),
+        w.warmup,
+        w.repeats,
+        sync=False,
+    )
+    runs = phases[w.warmup :]
+    return {
+        "matmul_flops": 2 * w.matmul_n**3 / matmul_s,
+        "iteration_s": median(walls),
+        "phases_s": {k: median([r[k] for r in runs]) for k in runs[0]},
+    }

@@ -3,6 +3,7 @@ FLOP counting, the targets and their checks, the markdown table and the strict J
 timings. No torch, no ranks: measuring and the plain-PyTorch floor are in bench_floor.py, the real
 stage, the report and the command line in bench.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,20 +33,39 @@ class Workload:
     matmul_n: int = 2048  # side of the fp32 matrices timed for the machine's matmul FLOP/s
 
 
-SMOKE = Workload(layers=2, hidden=64, intermediate=128, heads=2, vocab=512, prompts=4, prompt_len=8,
-                 new_tokens=8, mini_batch=2, micro_batch=1, warmup=1, repeats=3, matmul_n=256)
-TARGETS = {"hybrid/floor generation": ("<=", 1.3), "naive/hybrid generation": (">=", 5.0),
-           "iteration/floor": ("<=", 1.5), "RSS after/before generation": ("within", 0.1)}
+SMOKE = Workload(
+    layers=2,
+    hidden=64,
+    intermediate=128,
+    heads=2,
+    vocab=512,
+    prompts=4,
+    prompt_len=8,
+    new_tokens=8,
+    mini_batch=2,
+    micro_batch=1,
+    warmup=1,
+    repeats=3,
+    matmul_n=256,
+)
+TARGETS = {
+    "hybrid/floor generation": ("<=", 1.3),
+    "naive/hybrid generation": (">=", 5.0),
+    "iteration/floor": ("<=", 1.5),
+    "RSS after/before generation": ("within", 0.1),
+}
 
 
 # ---------------------------------------------------------------- FLOP counting
 def body_params(w: Workload) -> int:
     """Weights of the transformer blocks, each used once per position: q, k, v, o (h x h each, as
     many KV heads as heads) and the gated MLP (3 x h x I). Embedding lookups cost no FLOPs."""
-    return w.layers * (4 * w.hidden ** 2 + 3 * w.hidden * w.intermediate)
+    return w.layers * (4 * w.hidden**2 + 3 * w.hidden * w.intermediate)
 
 
-def forward_flops(w: Workload, positions: int, pairs: int, head_positions: int, head_width: int) -> int:
+def forward_flops(
+    w: Workload, positions: int, pairs: int, head_positions: int, head_width: int
+) -> int:
     """FLOPs of one forward of one sequence:
 
         2 * body_params * positions                  one multiply-add per weight and position
@@ -54,8 +74,11 @@ def forward_flops(w: Workload, positions: int, pairs: int, head_positions: int, 
       + 2 * hidden * head_width * head_positions     output head, vocab wide (LM) or 1 (scalar)
     Norms, softmax, rotary embeddings and optimizer updates are elementwise and not counted.
     """
-    return (2 * body_params(w) * positions + 4 * w.layers * w.hidden * pairs
-            + 2 * w.hidden * head_width * head_positions)
+    return (
+        2 * body_params(w) * positions
+        + 4 * w.layers * w.hidden * pairs
+        + 2 * w.hidden * head_width * head_positions
+    )
 
 
 def iteration_flops(w: Workload, epochs: int = 1) -> dict[str, int]:
@@ -71,7 +94,11 @@ def iteration_flops(w: Workload, epochs: int = 1) -> dict[str, int]:
     lm = forward_flops(w, T, pairs(T), T, w.vocab)
     scalar = forward_flops(w, T, pairs(T), T, 1)
     decode = forward_flops(w, T - 1, pairs(T - 1), w.new_tokens, w.vocab)
-    row = {"generation": decode + lm, "scoring": lm + 2 * scalar, "training": epochs * 3 * (lm + scalar)}
+    row = {
+        "generation": decode + lm,
+        "scoring": lm + 2 * scalar,
+        "training": epochs * 3 * (lm + scalar),
+    }
     out = {k: v * w.prompts for k, v in row.items()}
     return {**out, "total": sum(out.values())}
 
@@ -79,8 +106,10 @@ def iteration_flops(w: Workload, epochs: int = 1) -> dict[str, int]:
 def check(name: str, value: float) -> dict:
     """A compared figure, its target (TARGETS: <=, >= or "within" x of 1) and whether it is met."""
     op, bound = TARGETS[name]
-    met = math.isfinite(value) and {"<=": value <= bound, ">=": value >= bound,
-                                    "within": abs(value - 1) <= bound}[op]
+    met = (
+        math.isfinite(value)
+        and {"<=": value <= bound, ">=": value >= bound, "within": abs(value - 1) <= bound}[op]
+    )
     target = f"within {bound:.0%} of 1" if op == "within" else f"{op} {bound:g}"
     return {"figure": name, "value": value, "target": target, "met": met}
 
@@ -97,18 +126,25 @@ def _fmt(v: Any) -> str:
 def format_table(results: dict) -> str:
     """Markdown: a line of context (date, machine, versions, ranks), then figure | value | target | met."""
     m = results["machine"]
-    lines = [f"Benchmark {results['date']}{' (SMOKE workload)' if results['smoke'] else ''}: {m['platform']}, "
-             f"{m['cores']} cores ({m['cpu']}), torch {m['torch']}, deepspeed {m['deepspeed']}, transformers "
-             f"{m['transformers']}; {results['world_size']} rank(s) x {results['threads_per_rank']} thread(s)",
-             "", "| figure | value | target | met |", "|---|---|---|---|"]
-    lines += [f"| {c['figure']} | {_fmt(c['value'])} | {c['target']} | {_fmt(c['met'])} |"
-              for c in results["checks"]]
+    lines = [
+        f"Benchmark {results['date']}{' (SMOKE workload)' if results['smoke'] else ''}: {m['platform']}, "
+        f"{m['cores']} cores ({m['cpu']}), torch {m['torch']}, deepspeed {m['deepspeed']}, transformers "
+        f"{m['transformers']}; {results['world_size']} rank(s) x {results['threads_per_rank']} thread(s)",
+        "",
+        "| figure | value | target | met |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c['figure']} | {_fmt(c['value'])} | {c['target']} | {_fmt(c['met'])} |"
+        for c in results["checks"]
+    ]
     lines += [f"| {name} | {_fmt(value)} | | |" for name, value in results["figures"].items()]
     return "\n".join(lines)
 
 
 def write_json(path: str | Path, results: dict) -> None:
     """The results as strict JSON (non-finite numbers become null)."""
+
     def clean(x: Any) -> Any:
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items()}
@@ -117,4 +153,3 @@ def write_json(path: str | Path, results: dict) -> None:
         return None if isinstance(x, float) and not math.isfinite(x) else x
 
     Path(path).write_text(json.dumps(clean(results), indent=2, allow_nan=False) + "\n")
-

@@ -21,6 +21,7 @@ types, and falls back to an older checkpoint when the newest is damaged.
 No DeepSpeed here: each engine's own files are written, read and converted by
 pipeline/distributed/checkpoint.py, and every collective comes from pipeline/distributed/collectives.py.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,9 +61,12 @@ def rng_state() -> dict:
     """Python, numpy, torch and accelerator random states, as tensors and plain lists."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss],
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(), "accelerator": collectives.accelerator_rng_state()}
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "accelerator": collectives.accelerator_rng_state(),
+    }
 
 
 def set_rng_state(s: dict) -> None:
@@ -84,7 +88,9 @@ def _sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -205,7 +211,9 @@ class Checkpointer:
         """Checkpoint folders to try, best first: the one `latest` names, then newest to oldest."""
         if not self.root.is_dir():
             return []
-        candidates = sorted((p for p in self.root.glob("step_*") if p.is_dir()), key=_step_of, reverse=True)
+        candidates = sorted(
+            (p for p in self.root.glob("step_*") if p.is_dir()), key=_step_of, reverse=True
+        )
         pointer = self.root / "latest"
         named = pointer.read_text().strip() if pointer.is_file() else None
         if named and (self.root / named).is_dir():
@@ -217,10 +225,12 @@ class Checkpointer:
         m = json.loads((folder / MANIFEST).read_text())
         if m.get("identity") != self.identity:
             diff = identity_diff(m.get("identity", {}), self.identity)
-            return (f"checkpoint {folder} was written by a run with a different model, data or "
-                    f"config ({'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''}), so this run "
-                    f"cannot resume from it. Rerun with the same settings to resume, or pass "
-                    f"--resume false to start the stage over (its checkpoints are then deleted).")
+            return (
+                f"checkpoint {folder} was written by a run with a different model, data or "
+                f"config ({'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''}), so this run "
+                f"cannot resume from it. Rerun with the same settings to resume, or pass "
+                f"--resume false to start the stage over (its checkpoints are then deleted)."
+            )
         state = json.loads((folder / "state.json").read_text())
         return str(folder), m["step"], m["world_size"], state
 
@@ -245,7 +255,9 @@ class Checkpointer:
             load_engine(engine, folder, tag)
         if resume.universal:
             return None
-        own = torch.load(resume.path / f"rank_{self.d.rank:05d}.pt", map_location="cpu", weights_only=True)
+        own = torch.load(
+            resume.path / f"rank_{self.d.rank:05d}.pt", map_location="cpu", weights_only=True
+        )
         set_rng_state(own["rng"])
         return own["local"]
 
@@ -258,7 +270,7 @@ class Checkpointer:
             shutil.rmtree(folder, ignore_errors=True)
         collectives.barrier()
         errors = []
-        for tag in tags[self.d.rank::self.d.world_size]:
+        for tag in tags[self.d.rank :: self.d.world_size]:
             try:
                 to_universal(resume.path / tag, folder / tag, workers=torch.get_num_threads())
             except RuntimeError as e:
@@ -271,8 +283,12 @@ class Checkpointer:
     def every_local(self, resume: Resume) -> list[dict]:
         """The rank-local state of every rank that wrote `resume`, in rank order (to re-cut per-rank
         state for another rank count). Tensors are memory-mapped: a caller reads only what it slices."""
-        return [torch.load(resume.path / f"rank_{r:05d}.pt", map_location="cpu", weights_only=True,
-                           mmap=True)["local"] for r in range(resume.world_size)]
+        return [
+            torch.load(
+                resume.path / f"rank_{r:05d}.pt", map_location="cpu", weights_only=True, mmap=True
+            )["local"]
+            for r in range(resume.world_size)
+        ]
 
     # ------------------------------------------------------------ saving
     def save(self, step: int, models: dict, state: dict, local: dict | None = None) -> Path:
@@ -295,15 +311,23 @@ class Checkpointer:
             for tag, engine in models.items():
                 errors += save_engine(engine, tmp, tag)
             try:
-                torch.save({"rng": rng_state(), "local": local or {}}, tmp / f"rank_{self.d.rank:05d}.pt")
+                torch.save(
+                    {"rng": rng_state(), "local": local or {}}, tmp / f"rank_{self.d.rank:05d}.pt"
+                )
                 if self.d.is_main:
                     _write_atomic(tmp / "state.json", json.dumps(state))
-            except (OSError, RuntimeError) as e:  # (torch.save reports failed writes as RuntimeError)
+            except (
+                OSError,
+                RuntimeError,
+            ) as e:  # (torch.save reports failed writes as RuntimeError)
                 errors.append(f"{tmp}: {e.strerror or e}")
             errors = self._agree(errors)
         if not errors:  # every rank hashes a share of the files
             names = _files(tmp)
-            mine = {n: [(tmp / n).stat().st_size, _sha256(tmp / n)] for n in names[self.d.rank::self.d.world_size]}
+            mine = {
+                n: [(tmp / n).stat().st_size, _sha256(tmp / n)]
+                for n in names[self.d.rank :: self.d.world_size]
+            }
             files = {k: v for part in collectives.all_gather_object(mine) for k, v in part.items()}
             if self.d.is_main:
                 try:
@@ -321,13 +345,19 @@ class Checkpointer:
                 f"the checkpoint of step {step} could not be written ({errors[0]}; {free:.1f} GiB free "
                 f"on that file system, or a file-size limit). "
                 f"{'The previous checkpoint ' + str(self.root / previous) + ' is intact' if previous else 'There is no earlier checkpoint'}; "
-                f"free some space and rerun the same command to resume from it.")
+                f"free some space and rerun the same command to resume from it."
+            )
         log.info("checkpoint saved: %s", final)
         return final
 
     def _commit(self, tmp: Path, final: Path, step: int, files: dict) -> None:
-        manifest = {"format": FORMAT, "step": step, "world_size": self.d.world_size,
-                    "identity": self.identity, "files": files}
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            "world_size": self.d.world_size,
+            "identity": self.identity,
+            "files": files,
+        }
         _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
         # The checksums were computed by reading the written files back (that is the verification);
         # hashing them again here would double the cost of every save. What is left to check is
@@ -341,8 +371,10 @@ class Checkpointer:
         self._prune(keep=final)
 
     def _prune(self, keep: Path) -> None:
-        steps = sorted((p for p in self.root.glob("step_*") if p.is_dir()), key=_step_of, reverse=True)
-        for old in [p for p in steps if p != keep][max(self.keep_last - 1, 0):]:
+        steps = sorted(
+            (p for p in self.root.glob("step_*") if p.is_dir()), key=_step_of, reverse=True
+        )
+        for old in [p for p in steps if p != keep][max(self.keep_last - 1, 0) :]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in (*self.root.glob("universal_*"), *self.root.glob(".tmp_*")):
             shutil.rmtree(stale, ignore_errors=True)

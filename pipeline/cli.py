@@ -6,6 +6,7 @@ Precedence: field defaults < `--config FILE` (later files override earlier ones 
 < command-line flags. Not here: the options themselves (config.py) and the checks of their values
 (config_checks.py, run by `parse_config`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,7 +68,9 @@ def _coerce(value: Any, tp, where: str) -> Any:
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         if item is not str:  # numbers may also be given as "1,3"
             values = [v for x in values for v in (x.split(",") if isinstance(x, str) else [x])]
-        return [_coerce(v, item, where) for v in values if not (isinstance(v, str) and not v.strip())]
+        return [
+            _coerce(v, item, where) for v in values if not (isinstance(v, str) and not v.strip())
+        ]
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -89,10 +92,15 @@ def _from_dict(cls, data: dict, where: str, default=None):
             known = ", ".join(sorted(hints))
             close = difflib.get_close_matches(str(key), list(hints), n=1)
             hint = f" (did you mean {f'{where}.' if where else ''}{close[0]}?)" if close else ""
-            raise UserError(f"{where or 'config'}: unknown option {sub!r}{hint}. Known options here: {known}.")
+            raise UserError(
+                f"{where or 'config'}: unknown option {sub!r}{hint}. Known options here: {known}."
+            )
         tp = hints[key]
-        changes[key] = (_from_dict(tp, value, sub, getattr(default, key)) if _is_dataclass_type(tp)
-                        else _coerce(value, tp, f"option {sub}"))
+        changes[key] = (
+            _from_dict(tp, value, sub, getattr(default, key))
+            if _is_dataclass_type(tp)
+            else _coerce(value, tp, f"option {sub}")
+        )
     return dataclasses.replace(default, **changes)
 
 
@@ -104,8 +112,10 @@ def load_file(path: str) -> dict:
         text = p.read_text(encoding="utf-8")
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"config file {path} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
-                        f"{str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"config file {path} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
+            f"{str(e).splitlines()[0]}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -123,7 +133,7 @@ def _flat_fields(cls, prefix: str = ""):
         if _is_dataclass_type(tp):
             sub_default = getattr(default, f.name)
             for n, t, _, c in _flat_fields(tp, f"{name}."):
-                yield n, t, getattr(sub_default, n[len(name) + 1:]), c
+                yield n, t, getattr(sub_default, n[len(name) + 1 :]), c
         else:
             yield name, tp, getattr(default, f.name), comments.get(f.name, "")
 
@@ -133,7 +143,9 @@ def _field_comments(cls) -> dict:
     import inspect
 
     out = {}
-    for line in (line for c in reversed(cls.__mro__[:-1]) for line in inspect.getsource(c).splitlines()):
+    for line in (
+        line for c in reversed(cls.__mro__[:-1]) for line in inspect.getsource(c).splitlines()
+    ):
         line = line.strip()
         if ":" in line and "#" in line and not line.startswith(("#", '"')):
             name = line.split(":", 1)[0].strip()
@@ -145,20 +157,40 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _split_lines(self, text, width):  # keep values such as all-linear whole
         import textwrap
 
-        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+        return textwrap.wrap(
+            self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False
+        )
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False,
-        formatter_class=_HelpFormatter)
-    parser.add_argument("--config", action="append", help="YAML or JSON file of options; may be given several times "
-                        "(e.g. a preset and a recipe: later files override earlier ones, command-line flags all)")
+        description=description,
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        help="YAML or JSON file of options; may be given several times "
+        "(e.g. a preset and a recipe: later files override earlier ones, command-line flags all)",
+    )
     parser.add_argument("--local_rank", type=int, help="set by the deepspeed launcher")
     for name, tp, default, comment in _flat_fields(Config):
-        kw = {"metavar": "BOOL"} if tp is bool else {"nargs": "+"} if typing.get_origin(tp) is list else {}
-        parser.add_argument(f"--{name}", dest=name, help=f"{comment} (default: {default!r})".replace("%", "%%"),
-                            **({"nargs": "?", "const": "true"} if tp is bool else {}), **kw)
+        kw = (
+            {"metavar": "BOOL"}
+            if tp is bool
+            else {"nargs": "+"}
+            if typing.get_origin(tp) is list
+            else {}
+        )
+        parser.add_argument(
+            f"--{name}",
+            dest=name,
+            help=f"{comment} (default: {default!r})".replace("%", "%%"),
+            **({"nargs": "?", "const": "true"} if tp is bool else {}),
+            **kw,
+        )
     return parser
 
 
@@ -175,20 +207,33 @@ def did_you_mean(flag: str, known: list[str]) -> list[str]:
     name = flag.lstrip("-").split("=", 1)[0].replace("-", "_")  # also --model-name-or-path
     section, _, leaf = name.rpartition(".")
     sections = {k.rpartition(".")[0] for k in known}
-    exact = [k for k in known
-             if k == name or (k.rpartition(".")[2] == leaf and section in ("", k.rpartition(".")[0]))]
+    exact = [
+        k
+        for k in known
+        if k == name or (k.rpartition(".")[2] == leaf and section in ("", k.rpartition(".")[0]))
+    ]
     if exact:
         return exact[:3]
 
     def closest(candidates: list[str], leaves: bool) -> list[str]:
-        scores = {k: max(difflib.SequenceMatcher(None, name, k).ratio(),
-                         difflib.SequenceMatcher(None, leaf, k.rpartition(".")[2]).ratio() if leaves else 0.0)
-                  for k in candidates}
+        scores = {
+            k: max(
+                difflib.SequenceMatcher(None, name, k).ratio(),
+                difflib.SequenceMatcher(None, leaf, k.rpartition(".")[2]).ratio()
+                if leaves
+                else 0.0,
+            )
+            for k in candidates
+        }
         best = max(scores.values(), default=0.0)
-        return sorted((k for k, v in scores.items() if v >= max(0.75, best - 0.05)), key=lambda k: -scores[k])[:3]
+        return sorted(
+            (k for k, v in scores.items() if v >= max(0.75, best - 0.05)), key=lambda k: -scores[k]
+        )[:3]
 
     if section and section in sections:  # a known section: its own options first
-        return closest([k for k in known if k.rpartition(".")[0] == section], False) or closest(known, False)
+        return closest([k for k in known if k.rpartition(".")[0] == section], False) or closest(
+            known, False
+        )
     return closest(known, True)
 
 
@@ -196,15 +241,21 @@ def _unknown_arguments(extra: list[str], known: list[str]) -> UserError:
     """One paragraph for what argparse could not place: each unknown flag with its suggestions."""
     flags = [x for x in extra if x.startswith("-")]
     if not flags:
-        return UserError(f"command line: unexpected value(s) {' '.join(extra)} (each option takes the values "
-                         f"after it; list options take several). Run with --help to list the options.")
+        return UserError(
+            f"command line: unexpected value(s) {' '.join(extra)} (each option takes the values "
+            f"after it; list options take several). Run with --help to list the options."
+        )
     parts = []
     for flag in flags:
         close = did_you_mean(flag, known)
         shown = flag.split("=", 1)[0]
-        parts.append(f"{shown} (did you mean {' or '.join(f'--{k}' for k in close)}?)" if close else shown)
-    return UserError(f"command line: unknown option{'s' if len(parts) > 1 else ''} {', '.join(parts)}. "
-                     f"Run with --help to list the options.")
+        parts.append(
+            f"{shown} (did you mean {' or '.join(f'--{k}' for k in close)}?)" if close else shown
+        )
+    return UserError(
+        f"command line: unknown option{'s' if len(parts) > 1 else ''} {', '.join(parts)}. "
+        f"Run with --help to list the options."
+    )
 
 
 def parse_config(argv: Optional[list[str]] = None, description: str = "RLHF pipeline") -> Config:
@@ -230,8 +281,10 @@ def parse_config(argv: Optional[list[str]] = None, description: str = "RLHF pipe
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise UserError(f"config file: section {p!r} must be a mapping of options "
-                                f"(got {node!r}), so --{dotted} cannot be applied to it.")
+                raise UserError(
+                    f"config file: section {p!r} must be a mapping of options "
+                    f"(got {node!r}), so --{dotted} cannot be applied to it."
+                )
         node[leaf] = value
     try:
         cfg = _from_dict(Config, data, where="")
@@ -245,5 +298,9 @@ def _merged(base: dict, over: dict) -> dict:
     """`over` on top of `base`, section by section (a later config file overrides single options)."""
     out = dict(base)
     for key, value in over.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _merged(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
     return out

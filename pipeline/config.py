@@ -5,6 +5,7 @@ from them (global batch sizes, PPO's per-rank sizes), computed and checked here 
 Not here: the checks of the options' values (config_checks.py), the command line and `--config`
 files (cli.py, `parse_config`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,12 +48,24 @@ class ModelConfig:
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_NORMS = ("none", "sft", "running")
-EVAL_METRICS = ("eval/gold_score", "eval/win_rate_vs_sft", "eval/reward_score", "eval/reward_model_raw",
-                "eval/reward_lcb")  # ppo.select_best candidates (the stage checks which this run has)
+EVAL_METRICS = (
+    "eval/gold_score",
+    "eval/win_rate_vs_sft",
+    "eval/reward_score",
+    "eval/reward_model_raw",
+    "eval/reward_lcb",
+)  # ppo.select_best candidates (the stage checks which this run has)
 AUTO = "auto"  # model.dtype, ds_config, ds_inference_config: chosen for the accelerator (distributed.ds_config.resolve_auto)
 DATA_FORMATS = ("auto", "prompt_response", "prompt_chosen_rejected", "hh", "messages", "prompt")
-LR_SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "constant", "polynomial",
-                 "cosine_with_restarts", "inverse_sqrt")
+LR_SCHEDULERS = (
+    "cosine",
+    "linear",
+    "constant_with_warmup",
+    "constant",
+    "polynomial",
+    "cosine_with_restarts",
+    "inverse_sqrt",
+)
 
 
 @dataclass
@@ -60,11 +73,19 @@ class DataConfig:
     """Datasets (local json/jsonl/parquet/csv files or folders). Empty = the embedded default task."""
 
     tokenizer_path: str = ""  # tokenizer folder or hub name; empty = the model's, or the task's
-    data_path: list[str] = field(default_factory=list)  # one or more datasets feeding every stage (split by data_split); a stage's own path below overrides it
-    data_split: str = "2,4,4"  # shares of each data_path dataset for SFT, reward model, PPO (seeded, disjoint)
-    data_weights: list[float] = field(default_factory=list)  # mixing weights of the data_path datasets, one each (empty: concatenate)
+    data_path: list[str] = field(
+        default_factory=list
+    )  # one or more datasets feeding every stage (split by data_split); a stage's own path below overrides it
+    data_split: str = (
+        "2,4,4"  # shares of each data_path dataset for SFT, reward model, PPO (seeded, disjoint)
+    )
+    data_weights: list[float] = field(
+        default_factory=list
+    )  # mixing weights of the data_path datasets, one each (empty: concatenate)
     data_format: str = "auto"  # auto (from the columns), prompt_response, prompt_chosen_rejected, hh, messages or prompt
-    eval_fraction: float = 0.05  # share of a stage's user rows held out for evaluation when it has no eval path
+    eval_fraction: float = (
+        0.05  # share of a stage's user rows held out for evaluation when it has no eval path
+    )
     sft_data_path: str = ""  # rows with `prompt`, `response`
     sft_eval_data_path: str = ""  # held-out rows with `prompt`, `response`
     reward_data_path: str = ""  # rows with `prompt`, `chosen`, `rejected`
@@ -83,7 +104,9 @@ class TrainConfig:
     max_steps: int = -1  # stop after this many optimizer steps (-1: run all epochs)
     learning_rate: float = 1e-3  # peak learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW weight decay
-    lr_scheduler: str = "cosine"  # transformers scheduler name: cosine, linear, constant_with_warmup
+    lr_scheduler: str = (
+        "cosine"  # transformers scheduler name: cosine, linear, constant_with_warmup
+    )
     warmup_ratio: float = 0.05  # fraction of steps spent warming up
     micro_batch_size_per_gpu: int = 16  # rows (pairs for the reward model) per rank per micro-step
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
@@ -115,8 +138,12 @@ class PPOConfig:
     critic_learning_rate: float = 2e-4  # critic peak learning rate
     actor_lora_rank: int = 0  # rank of LoRA adapters on the actor (0: off, every weight is trained); LoRA usually wants a higher actor_learning_rate
     critic_lora_rank: int = 0  # rank of LoRA adapters on the critic (0: off); its scalar score head is trained in full either way
-    lora_alpha: float = 16.0  # LoRA scale: an adapted layer's weight is W + (lora_alpha / rank) * B @ A
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # layers LoRA adapts: all-linear (every linear layer in the transformer blocks, not the LM or score head) or module names such as q_proj v_proj
+    lora_alpha: float = (
+        16.0  # LoRA scale: an adapted layer's weight is W + (lora_alpha / rank) * B @ A
+    )
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"]
+    )  # layers LoRA adapts: all-linear (every linear layer in the transformer blocks, not the LM or score head) or module names such as q_proj v_proj
     warmup_iterations: int = 2  # linear warmup, in iterations
     temperature: float = 1.0  # sampling temperature; every PPO log-prob (pi_old, pi, reference, KL, entropy) is of logits / temperature, the distribution sampled from
     top_p: float = 1.0  # nucleus sampling: only 1 (off); a truncated distribution makes the log-probs and KL disagree with the sampler, so other values are refused
@@ -126,7 +153,9 @@ class PPOConfig:
     gather_modules: int = 0  # hybrid engine: submodules gathered at a time to materialise (0: all)
     clip_eps: float = 0.2  # PPO ratio clip: the ratio is clipped to [1 - clip_eps_low, 1 + clip_eps_high], both clip_eps unless given
     clip_eps_low: Optional[float] = None  # lower ratio clip (none: clip_eps)
-    clip_eps_high: Optional[float] = None  # upper ratio clip (none: clip_eps); above clip_eps_low is DAPO's clip-higher (0.28 with low 0.2), against entropy collapse
+    clip_eps_high: Optional[float] = (
+        None  # upper ratio clip (none: clip_eps); above clip_eps_low is DAPO's clip-higher (0.28 with low 0.2), against entropy collapse
+    )
     dual_clip: float = 0.0  # dual-clip PPO (Ye et al. 2020): the loss of a negative-advantage token is capped at -A x dual_clip (0: off; else > 1, e.g. 3)
     loss_agg: str = "token_mean"  # how per-token losses (policy, entropy, KL loss) are averaged: token_mean (over the mini-batch's tokens, all ranks), seq_mean_token_mean (each response's token mean, then over responses: GRPO) or seq_mean_token_sum_norm (each response's token sum / data.max_response_len, then over responses: Dr. GRPO)
     value_clip: float = 0.2  # clip of V around old values (0: off)
@@ -138,8 +167,12 @@ class PPOConfig:
     whiten_advantages: bool = True  # whiten advantages over the masked rollout of every rank (reinforce_pp and reinforce_pp_baseline always do)
     kl_penalty: str = "reward"  # where the KL to the reference goes: reward (-beta KL_t in every token's reward: PPO, REINFORCE++) or loss (+ beta x KL of the current policy in the actor loss, aggregated like it: GRPO; needs kl_estimator k2 or k3)
     kl_estimator: str = "k1"  # per-token KL estimator of the penalty: k1 (log-ratio), k2 or k3
-    kl_coef: float = 0.1  # initial beta of the KL penalty (in the reward or the loss, see kl_penalty)
-    adaptive_kl: bool = False  # adapt beta towards target_kl (Ziegler et al. 2019); false: beta stays kl_coef
+    kl_coef: float = (
+        0.1  # initial beta of the KL penalty (in the reward or the loss, see kl_penalty)
+    )
+    adaptive_kl: bool = (
+        False  # adapt beta towards target_kl (Ziegler et al. 2019); false: beta stays kl_coef
+    )
     target_kl: float = 3.0  # adaptive controller target (sequence KL, nats per response)
     kl_horizon: int = 128  # adaptive controller horizon (samples): beta moves by up to 0.2 x min(rollout_batch_size / horizon, 1) per iteration (5% at 32 rollouts)
     kl_alarm: float = 0.0  # warn (alarm/kl_to_ref) when the rollout KL to the reference exceeds this many nats (0: 2 x target_kl with adaptive_kl, else off)
@@ -171,7 +204,9 @@ class Config:
     dist_timeout_minutes: float = 120.0  # process-group timeout: a rank waiting longer in a collective (a dead node, a hung rank) fails instead of hanging; covers rank-0 work the others wait for (task generation, tokenising, checkpoint conversion)
     save_steps: int = 50  # checkpoint every N optimizer steps (SFT, RM) or PPO iterations; 0: never
     keep_last: int = 2  # checkpoints kept per stage (older ones are deleted)
-    resume: bool = True  # an unfinished stage resumes from its newest intact checkpoint; false: start over
+    resume: bool = (
+        True  # an unfinished stage resumes from its newest intact checkpoint; false: start over
+    )
     deepspeed_monitor: bool = False  # also log DeepSpeed's engine metrics to <stage>/tensorboard
     ds_config: str = "auto"  # DeepSpeed JSON of trained engines; auto: ds_configs/zero3_train.json on CPU, ds_configs/zero3_train_gpu.json on other accelerators
     ds_inference_config: str = "auto"  # DeepSpeed JSON of the frozen reference and reward model; auto: ds_configs/zero3_offload_inference.json on CPU, ..._gpu.json (pinned offload) elsewhere
@@ -189,7 +224,9 @@ class Config:
 
 
 # ---------------------------------------------------------------- derived sizes and values
-def global_batch(micro_batch_size_per_gpu: int, gradient_accumulation_steps: int, world_size: int) -> int:
+def global_batch(
+    micro_batch_size_per_gpu: int, gradient_accumulation_steps: int, world_size: int
+) -> int:
     """Rows per optimizer step over all ranks."""
     return micro_batch_size_per_gpu * gradient_accumulation_steps * world_size
 
@@ -214,28 +251,38 @@ def ppo_sizes(ppo: PPOConfig, world_size: int) -> PPOSizes:
     (`micro_batch_size_per_gpu` here; `micro_clamped` says so), so the defaults run on 1, 2, 4 and
     8 ranks; 1 and 2 ranks keep the configured micro-batch.
     """
+
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise UserError(f"option ppo: {msg} (world size {world_size}).")
 
     rows = ppo.rollout_batch_size * ppo.num_samples_per_prompt
-    need(rows % ppo.mini_batch_size == 0,
-         f"ppo.rollout_batch_size x ppo.num_samples_per_prompt = {ppo.rollout_batch_size} x "
-         f"{ppo.num_samples_per_prompt} = {rows} rollout rows must be a multiple of "
-         f"ppo.mini_batch_size={ppo.mini_batch_size}" if ppo.num_samples_per_prompt > 1 else
-         f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of "
-         f"ppo.mini_batch_size={ppo.mini_batch_size}")
-    need(ppo.mini_batch_size % world_size == 0,
-         f"ppo.mini_batch_size={ppo.mini_batch_size} must be a multiple of the number of ranks")
-    need(ppo.rollout_batch_size % world_size == 0,
-         f"ppo.rollout_batch_size={ppo.rollout_batch_size} (prompts) must be a multiple of the number of ranks: "
-         f"each rank samples ppo.num_samples_per_prompt responses to each of its own prompts, so that a "
-         f"group lives on one rank")
+    need(
+        rows % ppo.mini_batch_size == 0,
+        f"ppo.rollout_batch_size x ppo.num_samples_per_prompt = {ppo.rollout_batch_size} x "
+        f"{ppo.num_samples_per_prompt} = {rows} rollout rows must be a multiple of "
+        f"ppo.mini_batch_size={ppo.mini_batch_size}"
+        if ppo.num_samples_per_prompt > 1
+        else f"ppo.rollout_batch_size={ppo.rollout_batch_size} must be a multiple of "
+        f"ppo.mini_batch_size={ppo.mini_batch_size}",
+    )
+    need(
+        ppo.mini_batch_size % world_size == 0,
+        f"ppo.mini_batch_size={ppo.mini_batch_size} must be a multiple of the number of ranks",
+    )
+    need(
+        ppo.rollout_batch_size % world_size == 0,
+        f"ppo.rollout_batch_size={ppo.rollout_batch_size} (prompts) must be a multiple of the number of ranks: "
+        f"each rank samples ppo.num_samples_per_prompt responses to each of its own prompts, so that a "
+        f"group lives on one rank",
+    )
     per_rank_mini = ppo.mini_batch_size // world_size
     micro = min(ppo.micro_batch_size_per_gpu, per_rank_mini)
-    need(per_rank_mini % micro == 0,
-         f"ppo.mini_batch_size / ranks = {per_rank_mini} must be a multiple of "
-         f"ppo.micro_batch_size_per_gpu={ppo.micro_batch_size_per_gpu}")
+    need(
+        per_rank_mini % micro == 0,
+        f"ppo.mini_batch_size / ranks = {per_rank_mini} must be a multiple of "
+        f"ppo.micro_batch_size_per_gpu={ppo.micro_batch_size_per_gpu}",
+    )
     return PPOSizes(
         prompts_per_rank=ppo.rollout_batch_size // world_size,
         rollout_per_rank=rows // world_size,
@@ -259,8 +306,10 @@ def parse_split(text: str) -> tuple[float, ...]:
     except ValueError:
         shares = ()
     if len(shares) != 3 or not all(s >= 0 for s in shares) or not sum(shares) > 0:
-        raise UserError(f"option data.data_split={text!r}: expected three non-negative shares for SFT, "
-                        f"reward model and PPO, not all zero, e.g. 2,4,4 (DeepSpeed-Chat's convention).")
+        raise UserError(
+            f"option data.data_split={text!r}: expected three non-negative shares for SFT, "
+            f"reward model and PPO, not all zero, e.g. 2,4,4 (DeepSpeed-Chat's convention)."
+        )
     return shares
 
 

@@ -3,17 +3,30 @@ config.ppo_sizes): `validate` raises UserError naming the option, its value and 
 
 Not here: the schema and its defaults (config.py), the command line (cli.py).
 """
+
 from __future__ import annotations
 
 import math
 
-from pipeline.config import (AUTO, DATA_FORMATS, EVAL_METRICS, LR_SCHEDULERS, PRECISIONS, SCORE_NORMS, Config,
-                             DataConfig, PPOConfig, TrainConfig, parse_split)
+from pipeline.config import (
+    AUTO,
+    DATA_FORMATS,
+    EVAL_METRICS,
+    LR_SCHEDULERS,
+    PRECISIONS,
+    SCORE_NORMS,
+    Config,
+    DataConfig,
+    PPOConfig,
+    TrainConfig,
+    parse_split,
+)
 from pipeline.errors import UserError
 
 
 def validate(cfg: Config) -> None:
     """Checks that do not depend on the world size. Raises UserError naming the option."""
+
     def positive(name: str, value: float) -> None:
         if not value > 0:  # also rejects NaN
             raise UserError(f"option {name}={value} must be > 0.")
@@ -28,48 +41,96 @@ def validate(cfg: Config) -> None:
 
     for stage in ("sft", "reward"):
         t: TrainConfig = getattr(cfg, stage)
-        for f in ("epochs", "learning_rate", "micro_batch_size_per_gpu",
-                  "gradient_accumulation_steps", "logging_steps", "eval_steps"):
+        for f in (
+            "epochs",
+            "learning_rate",
+            "micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "eval_steps",
+        ):
             positive(f"{stage}.{f}", getattr(t, f))
         for f in ("weight_decay", "gradient_clipping"):
             non_negative(f"{stage}.{f}", getattr(t, f))
         if t.max_steps != -1 and t.max_steps < 1:
-            raise UserError(f"option {stage}.max_steps={t.max_steps} must be >= 1, or -1 to run all epochs.")
+            raise UserError(
+                f"option {stage}.max_steps={t.max_steps} must be >= 1, or -1 to run all epochs."
+            )
         if not 0 <= t.warmup_ratio < 1:
             raise UserError(f"option {stage}.warmup_ratio={t.warmup_ratio} must be in [0, 1).")
         if t.lr_scheduler not in LR_SCHEDULERS:
-            raise UserError(f"option {stage}.lr_scheduler={t.lr_scheduler!r}: expected one of "
-                            f"{', '.join(LR_SCHEDULERS)}.")
+            raise UserError(
+                f"option {stage}.lr_scheduler={t.lr_scheduler!r}: expected one of "
+                f"{', '.join(LR_SCHEDULERS)}."
+            )
     p = cfg.ppo
-    for f in ("num_iterations", "rollout_batch_size", "mini_batch_size", "micro_batch_size_per_gpu",
-              "num_ppo_epochs", "actor_learning_rate", "critic_learning_rate", "temperature",
-              "clip_eps", "logging_steps", "target_kl", "kl_horizon", "max_nonfinite_skips"):
+    for f in (
+        "num_iterations",
+        "rollout_batch_size",
+        "mini_batch_size",
+        "micro_batch_size_per_gpu",
+        "num_ppo_epochs",
+        "actor_learning_rate",
+        "critic_learning_rate",
+        "temperature",
+        "clip_eps",
+        "logging_steps",
+        "target_kl",
+        "kl_horizon",
+        "max_nonfinite_skips",
+    ):
         positive(f"ppo.{f}", getattr(p, f))
-    for f in ("warmup_iterations", "top_k", "min_new_tokens", "gather_modules", "value_clip", "vf_coef",
-              "entropy_coef", "kl_coef", "score_clip", "early_stop_kl", "gradient_clipping", "ptx_coef",
-              "kl_alarm", "reward_model_coef", "ensemble_penalty", "max_new_tokens", "eval_steps"):
+    for f in (
+        "warmup_iterations",
+        "top_k",
+        "min_new_tokens",
+        "gather_modules",
+        "value_clip",
+        "vf_coef",
+        "entropy_coef",
+        "kl_coef",
+        "score_clip",
+        "early_stop_kl",
+        "gradient_clipping",
+        "ptx_coef",
+        "kl_alarm",
+        "reward_model_coef",
+        "ensemble_penalty",
+        "max_new_tokens",
+        "eval_steps",
+    ):
         non_negative(f"ppo.{f}", getattr(p, f))
     validate_rewards(cfg)
     validate_lora(p)
     within("ppo.gamma", p.gamma, 0.0, 1.0)
     within("ppo.lam", p.lam, 0.0, 1.0)
     if cfg.reward_init not in ("auto", "base", "sft"):
-        raise UserError(f"option reward_init={cfg.reward_init!r}: expected 'auto', 'base' or 'sft'.")
+        raise UserError(
+            f"option reward_init={cfg.reward_init!r}: expected 'auto', 'base' or 'sft'."
+        )
     if cfg.reward_init == "sft" and cfg.model.reward_model_name_or_path:
-        raise UserError(f"option reward_init=sft asks the reward model to start from the SFT policy, but "
-                        f"model.reward_model_name_or_path={cfg.model.reward_model_name_or_path!r} gives it a "
-                        f"base model of its own; drop one of the two.")
+        raise UserError(
+            f"option reward_init=sft asks the reward model to start from the SFT policy, but "
+            f"model.reward_model_name_or_path={cfg.model.reward_model_name_or_path!r} gives it a "
+            f"base model of its own; drop one of the two."
+        )
     validate_estimator(p)
     if p.score_norm not in SCORE_NORMS:
-        raise UserError(f"option ppo.score_norm={p.score_norm!r}: expected one of {', '.join(SCORE_NORMS)}.")
+        raise UserError(
+            f"option ppo.score_norm={p.score_norm!r}: expected one of {', '.join(SCORE_NORMS)}."
+        )
     if not 0 <= p.ema_beta < 1:
-        raise UserError(f"option ppo.ema_beta={p.ema_beta} must be in [0, 1) (0: no EMA of the actor; "
-                        f"DeepSpeed-Chat uses 0.992).")
+        raise UserError(
+            f"option ppo.ema_beta={p.ema_beta} must be in [0, 1) (0: no EMA of the actor; "
+            f"DeepSpeed-Chat uses 0.992)."
+        )
     if not 0 < p.top_p <= 1:
         raise UserError(f"option ppo.top_p={p.top_p} must be in (0, 1].")
     validate_sampling(p)
     if cfg.save_steps < 0:
-        raise UserError(f"option save_steps={cfg.save_steps} must be >= 0 (0: no periodic checkpoints).")
+        raise UserError(
+            f"option save_steps={cfg.save_steps} must be >= 0 (0: no periodic checkpoints)."
+        )
     positive("keep_last", cfg.keep_last)
     positive("dist_timeout_minutes", cfg.dist_timeout_minutes)
     for f in ("max_prompt_len", "max_response_len"):
@@ -80,19 +141,25 @@ def validate(cfg: Config) -> None:
     from pipeline.default_task import MAX_EVAL_PROMPTS
 
     if cfg.task.num_eval > MAX_EVAL_PROMPTS:
-        raise UserError(f"option task.num_eval={cfg.task.num_eval} must be <= {MAX_EVAL_PROMPTS}: the default task "
-                        f"keeps its held-out prompts out of training, and has twice that many distinct prompts.")
+        raise UserError(
+            f"option task.num_eval={cfg.task.num_eval} must be <= {MAX_EVAL_PROMPTS}: the default task "
+            f"keeps its held-out prompts out of training, and has twice that many distinct prompts."
+        )
     if not 0 <= cfg.task.label_noise < 0.5:
         raise UserError(f"option task.label_noise={cfg.task.label_noise} must be in [0, 0.5).")
     m = cfg.model
     if m.dtype not in (AUTO, *PRECISIONS):
-        raise UserError(f"option model.dtype={m.dtype!r}: expected one of {', '.join((AUTO, *PRECISIONS))}.")
+        raise UserError(
+            f"option model.dtype={m.dtype!r}: expected one of {', '.join((AUTO, *PRECISIONS))}."
+        )
     if not m.model_name_or_path:  # the from-scratch model's shape
         for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             positive(f"model.{f}", getattr(m, f))
         if m.hidden_size % m.num_attention_heads:
-            raise UserError(f"option model.hidden_size={m.hidden_size} must be a multiple of "
-                            f"model.num_attention_heads={m.num_attention_heads}.")
+            raise UserError(
+                f"option model.hidden_size={m.hidden_size} must be a multiple of "
+                f"model.num_attention_heads={m.num_attention_heads}."
+            )
     if not 0 <= cfg.seed < 2**32:
         raise UserError(f"option seed={cfg.seed} must be in [0, 2**32).")
 
@@ -101,29 +168,43 @@ def validate_rewards(cfg: Config) -> None:
     """What the reward is made of: the reward model(s) and/or a reward function."""
     p = cfg.ppo
     if not cfg.reward.ensemble_size >= 1:
-        raise UserError(f"option reward.ensemble_size={cfg.reward.ensemble_size} must be >= 1 (1: one reward model).")
+        raise UserError(
+            f"option reward.ensemble_size={cfg.reward.ensemble_size} must be >= 1 (1: one reward model)."
+        )
     if not math.isfinite(p.reward_fn_coef):
         raise UserError(f"option ppo.reward_fn_coef={p.reward_fn_coef} must be a finite number.")
     if p.reward_model_coef == 0 and not p.reward_fn:
-        raise UserError("option ppo.reward_model_coef=0 leaves no reward: give --ppo.reward_fn FILE.py:NAME (a "
-                        "rule-based reward) or keep the reward model (reward_model_coef > 0).")
+        raise UserError(
+            "option ppo.reward_model_coef=0 leaves no reward: give --ppo.reward_fn FILE.py:NAME (a "
+            "rule-based reward) or keep the reward model (reward_model_coef > 0)."
+        )
     if p.reward_model_coef == 0 and p.reward_model_path:
-        raise UserError(f"option ppo.reward_model_path={p.reward_model_path!r} is given but ppo.reward_model_coef=0 "
-                        f"uses no reward model; drop one of the two.")
+        raise UserError(
+            f"option ppo.reward_model_path={p.reward_model_path!r} is given but ppo.reward_model_coef=0 "
+            f"uses no reward model; drop one of the two."
+        )
     if p.ensemble_penalty > 0 and cfg.reward.ensemble_size < 2:
-        raise UserError(f"option ppo.ensemble_penalty={p.ensemble_penalty} penalises disagreement between reward "
-                        f"models, but reward.ensemble_size={cfg.reward.ensemble_size}: train an ensemble "
-                        f"(--reward.ensemble_size 3) or set ppo.ensemble_penalty 0.")
+        raise UserError(
+            f"option ppo.ensemble_penalty={p.ensemble_penalty} penalises disagreement between reward "
+            f"models, but reward.ensemble_size={cfg.reward.ensemble_size}: train an ensemble "
+            f"(--reward.ensemble_size 3) or set ppo.ensemble_penalty 0."
+        )
     if cfg.reward.ensemble_size > 1 and p.reward_model_path:
-        raise UserError(f"option reward.ensemble_size={cfg.reward.ensemble_size} trains an ensemble for PPO, but "
-                        f"ppo.reward_model_path={p.reward_model_path!r} scores with one given model; drop one of "
-                        f"the two.")
+        raise UserError(
+            f"option reward.ensemble_size={cfg.reward.ensemble_size} trains an ensemble for PPO, but "
+            f"ppo.reward_model_path={p.reward_model_path!r} scores with one given model; drop one of "
+            f"the two."
+        )
     if p.select_best and p.select_best not in EVAL_METRICS:
-        raise UserError(f"option ppo.select_best={p.select_best!r}: expected an evaluation metric, one of "
-                        f"{', '.join(EVAL_METRICS)} (higher is better).")
+        raise UserError(
+            f"option ppo.select_best={p.select_best!r}: expected an evaluation metric, one of "
+            f"{', '.join(EVAL_METRICS)} (higher is better)."
+        )
     if p.select_best and p.eval_steps == 0:
-        raise UserError(f"option ppo.select_best={p.select_best!r} keeps the policy with the best evaluation, but "
-                        f"ppo.eval_steps=0 turns evaluation off; give ppo.eval_steps > 0 or drop select_best.")
+        raise UserError(
+            f"option ppo.select_best={p.select_best!r} keeps the policy with the best evaluation, but "
+            f"ppo.eval_steps=0 turns evaluation off; give ppo.eval_steps > 0 or drop select_best."
+        )
     for option in ("reward_fn", "eval_reward_fn"):
         if getattr(p, option):
             from pipeline.reward_fns import split_spec
@@ -139,40 +220,62 @@ def validate_estimator(p: PPOConfig) -> None:
 
     name = p.advantage_mode
     if name not in ADVANTAGE_ESTIMATORS:
-        raise UserError(f"option ppo.advantage_mode={name!r}: expected one of {', '.join(ADVANTAGE_ESTIMATORS)}.")
+        raise UserError(
+            f"option ppo.advantage_mode={name!r}: expected one of {', '.join(ADVANTAGE_ESTIMATORS)}."
+        )
     est = ADVANTAGE_ESTIMATORS[name]
     if not p.num_samples_per_prompt >= 1:
-        raise UserError(f"option ppo.num_samples_per_prompt={p.num_samples_per_prompt} must be >= 1.")
+        raise UserError(
+            f"option ppo.num_samples_per_prompt={p.num_samples_per_prompt} must be >= 1."
+        )
     if est.needs_groups and p.num_samples_per_prompt < 2:
-        raise UserError(f"option ppo.num_samples_per_prompt={p.num_samples_per_prompt}: ppo.advantage_mode={name} "
-                        f"compares each response with the other responses to the same prompt, so it needs "
-                        f"ppo.num_samples_per_prompt >= 2 (e.g. 4).")
+        raise UserError(
+            f"option ppo.num_samples_per_prompt={p.num_samples_per_prompt}: ppo.advantage_mode={name} "
+            f"compares each response with the other responses to the same prompt, so it needs "
+            f"ppo.num_samples_per_prompt >= 2 (e.g. 4)."
+        )
     if est.whitens and not p.whiten_advantages:
-        raise UserError(f"option ppo.whiten_advantages=false: ppo.advantage_mode={name} (REINFORCE++) whitens its "
-                        f"advantages over the global rollout by definition; set whiten_advantages true or choose "
-                        f"another estimator.")
+        raise UserError(
+            f"option ppo.whiten_advantages=false: ppo.advantage_mode={name} (REINFORCE++) whitens its "
+            f"advantages over the global rollout by definition; set whiten_advantages true or choose "
+            f"another estimator."
+        )
     if not est.needs_critic and p.critic_lora_rank:
-        raise UserError(f"option ppo.critic_lora_rank={p.critic_lora_rank}: ppo.advantage_mode={name} uses no critic; "
-                        f"set critic_lora_rank 0.")
+        raise UserError(
+            f"option ppo.critic_lora_rank={p.critic_lora_rank}: ppo.advantage_mode={name} uses no critic; "
+            f"set critic_lora_rank 0."
+        )
     if p.kl_estimator not in KL_ESTIMATORS:
-        raise UserError(f"option ppo.kl_estimator={p.kl_estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}.")
+        raise UserError(
+            f"option ppo.kl_estimator={p.kl_estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}."
+        )
     if p.kl_penalty not in ("reward", "loss"):
-        raise UserError(f"option ppo.kl_penalty={p.kl_penalty!r}: expected 'reward' (in every token's reward) or "
-                        f"'loss' (a term of the actor loss).")
+        raise UserError(
+            f"option ppo.kl_penalty={p.kl_penalty!r}: expected 'reward' (in every token's reward) or "
+            f"'loss' (a term of the actor loss)."
+        )
     if p.kl_penalty == "loss" and p.kl_estimator == "k1":
-        raise UserError("option ppo.kl_estimator=k1 with ppo.kl_penalty=loss: the gradient of the k1 estimate (the "
-                        "log-ratio) is zero in expectation on the policy's own samples, so it would not pull towards "
-                        "the reference; use k3 (GRPO) or k2.")
+        raise UserError(
+            "option ppo.kl_estimator=k1 with ppo.kl_penalty=loss: the gradient of the k1 estimate (the "
+            "log-ratio) is zero in expectation on the policy's own samples, so it would not pull towards "
+            "the reference; use k3 (GRPO) or k2."
+        )
     if p.loss_agg not in LOSS_AGG_MODES:
-        raise UserError(f"option ppo.loss_agg={p.loss_agg!r}: expected one of {', '.join(LOSS_AGG_MODES)}.")
+        raise UserError(
+            f"option ppo.loss_agg={p.loss_agg!r}: expected one of {', '.join(LOSS_AGG_MODES)}."
+        )
     for option in ("clip_eps_low", "clip_eps_high"):
         value = getattr(p, option)
         if value is not None and not 0 < value < (1 if option == "clip_eps_low" else math.inf):
-            raise UserError(f"option ppo.{option}={value} must be "
-                            f"{'in (0, 1)' if option == 'clip_eps_low' else '> 0'} (none: ppo.clip_eps).")
+            raise UserError(
+                f"option ppo.{option}={value} must be "
+                f"{'in (0, 1)' if option == 'clip_eps_low' else '> 0'} (none: ppo.clip_eps)."
+            )
     if not (p.dual_clip == 0 or p.dual_clip > 1):
-        raise UserError(f"option ppo.dual_clip={p.dual_clip} must be 0 (off) or > 1: the loss of a negative-advantage "
-                        f"token is capped at -A x dual_clip, which must lie above the clipped PPO loss (e.g. 3).")
+        raise UserError(
+            f"option ppo.dual_clip={p.dual_clip} must be 0 (off) or > 1: the loss of a negative-advantage "
+            f"token is capped at -A x dual_clip, which must lie above the clipped PPO loss (e.g. 3)."
+        )
 
 
 def validate_sampling(p: PPOConfig) -> None:
@@ -180,44 +283,66 @@ def validate_sampling(p: PPOConfig) -> None:
     are all read from logits / temperature (with EOS blocked before min_new_tokens), exactly the
     distribution the sampler draws from. A truncated distribution (top-k, top-p) cannot be matched:
     the reference would need the same truncation, and KL(pi || ref) is infinite where ref is zero."""
-    why = ("PPO's log-probs (pi_old, pi, the reference) and the KL penalty are computed from the full "
-           "distribution logits / ppo.temperature, so sampling from a truncated one would make them "
-           "disagree with the sampler (and the KL to an untruncated reference infinite); use ppo.temperature "
-           "to make sampling less random")
+    why = (
+        "PPO's log-probs (pi_old, pi, the reference) and the KL penalty are computed from the full "
+        "distribution logits / ppo.temperature, so sampling from a truncated one would make them "
+        "disagree with the sampler (and the KL to an untruncated reference infinite); use ppo.temperature "
+        "to make sampling less random"
+    )
     if p.top_k != 0:
-        raise UserError(f"option ppo.top_k={p.top_k}: top-k sampling is not supported, set it to 0 (off). {why}.")
+        raise UserError(
+            f"option ppo.top_k={p.top_k}: top-k sampling is not supported, set it to 0 (off). {why}."
+        )
     if p.top_p != 1:
-        raise UserError(f"option ppo.top_p={p.top_p}: nucleus sampling is not supported, set it to 1 (off). {why}.")
+        raise UserError(
+            f"option ppo.top_p={p.top_p}: nucleus sampling is not supported, set it to 1 (off). {why}."
+        )
 
 
 def validate_lora(p: PPOConfig) -> None:
     """LoRA options (which layers exist is checked when the models are built)."""
     for f in ("actor_lora_rank", "critic_lora_rank"):
         if not getattr(p, f) >= 0:
-            raise UserError(f"option ppo.{f}={getattr(p, f)} must be >= 0 (0: no LoRA, train every weight).")
+            raise UserError(
+                f"option ppo.{f}={getattr(p, f)} must be >= 0 (0: no LoRA, train every weight)."
+            )
     if not p.lora_alpha > 0:
-        raise UserError(f"option ppo.lora_alpha={p.lora_alpha} must be > 0 (adapters are scaled by lora_alpha / rank).")
+        raise UserError(
+            f"option ppo.lora_alpha={p.lora_alpha} must be > 0 (adapters are scaled by lora_alpha / rank)."
+        )
     names = p.lora_target_modules
     if (p.actor_lora_rank or p.critic_lora_rank) and not names:
-        raise UserError("option ppo.lora_target_modules is empty but a LoRA rank is set: name the layers to adapt "
-                        "(e.g. q_proj v_proj), or all-linear for every linear layer of the transformer blocks.")
+        raise UserError(
+            "option ppo.lora_target_modules is empty but a LoRA rank is set: name the layers to adapt "
+            "(e.g. q_proj v_proj), or all-linear for every linear layer of the transformer blocks."
+        )
     if "all-linear" in names and len(names) > 1:
-        raise UserError(f"option ppo.lora_target_modules={names}: all-linear already takes every linear layer; "
-                        f"give either all-linear alone or a list of module names.")
+        raise UserError(
+            f"option ppo.lora_target_modules={names}: all-linear already takes every linear layer; "
+            f"give either all-linear alone or a list of module names."
+        )
 
 
 def validate_data(dc: DataConfig) -> None:
     parse_split(dc.data_split)
     if dc.data_format not in DATA_FORMATS:
-        raise UserError(f"option data.data_format={dc.data_format!r}: expected one of {', '.join(DATA_FORMATS)}.")
+        raise UserError(
+            f"option data.data_format={dc.data_format!r}: expected one of {', '.join(DATA_FORMATS)}."
+        )
     if dc.data_weights:
         if not dc.data_path:
-            raise UserError("option data.data_weights is given but data.data_path is not: the weights mix "
-                            "the data_path datasets.")
+            raise UserError(
+                "option data.data_weights is given but data.data_path is not: the weights mix "
+                "the data_path datasets."
+            )
         if len(dc.data_weights) != len(dc.data_path):
-            raise UserError(f"option data.data_weights has {len(dc.data_weights)} values but data.data_path "
-                            f"has {len(dc.data_path)} datasets: give one weight per dataset.")
+            raise UserError(
+                f"option data.data_weights has {len(dc.data_weights)} values but data.data_path "
+                f"has {len(dc.data_path)} datasets: give one weight per dataset."
+            )
         if not all(w >= 0 for w in dc.data_weights) or not sum(dc.data_weights) > 0:
-            raise UserError(f"option data.data_weights={dc.data_weights}: weights must be >= 0 and not all zero.")
+            raise UserError(
+                f"option data.data_weights={dc.data_weights}: weights must be >= 0 and not all zero."
+            )
     if not 0 < dc.eval_fraction <= 0.5:
         raise UserError(f"option data.eval_fraction={dc.eval_fraction} must be in (0, 0.5].")

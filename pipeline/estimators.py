@@ -79,35 +79,51 @@ class AdvantageInputs:
     response_mask: Tensor  # (B, R)
     values: Tensor | None = None  # (B, R) critic V(s_t) before each response token (gae)
     prompt_values: Tensor | None = None  # (B,) critic V at the prompt's last token (sequence)
-    group_ids: Tensor | None = None  # (B,) long: rows sampled from one prompt share an id (group estimators)
+    group_ids: Tensor | None = (
+        None  # (B,) long: rows sampled from one prompt share an id (group estimators)
+    )
     gamma: float = 1.0  # discount (gae, reinforce_pp*)
     lam: float = 0.95  # GAE lambda
 
 
 @dataclass(frozen=True)
 class AdvantageEstimator:
-    fn: Callable[[AdvantageInputs], tuple[Tensor, Tensor]]  # inputs -> (advantages, returns), both (B, R)
+    fn: Callable[
+        [AdvantageInputs], tuple[Tensor, Tensor]
+    ]  # inputs -> (advantages, returns), both (B, R)
     needs_critic: bool  # reads values / prompt_values: PPO builds, scores with and trains a critic
-    needs_groups: bool  # compares the responses to one prompt: needs ppo.num_samples_per_prompt >= 2
+    needs_groups: (
+        bool  # compares the responses to one prompt: needs ppo.num_samples_per_prompt >= 2
+    )
     whitens: bool  # whitened over the global rollout by definition (REINFORCE++), whatever ppo.whiten_advantages says
 
 
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}  # name -> estimator; the config validates against the keys
+ADVANTAGE_ESTIMATORS: dict[
+    str, AdvantageEstimator
+] = {}  # name -> estimator; the config validates against the keys
 
 
-def register_advantage_estimator(name: str, *, needs_critic: bool, needs_groups: bool = False, whitens: bool = False):
+def register_advantage_estimator(
+    name: str, *, needs_critic: bool, needs_groups: bool = False, whitens: bool = False
+):
     """Decorator: `fn(inputs: AdvantageInputs) -> (advantages, returns)` becomes estimator `name`
     (verl's `register_adv_est`). Estimators never whiten themselves: `estimate_advantages` does."""
+
     def register(fn):
         assert name not in ADVANTAGE_ESTIMATORS, name
         ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(fn, needs_critic, needs_groups, whitens)
         return fn
+
     return register
 
 
 @torch.no_grad()
-def estimate_advantages(name: str, inputs: AdvantageInputs, whiten: bool,
-                        whiten_fn: Callable[[Tensor, Tensor], Tensor] = masked_whiten) -> tuple[Tensor, Tensor]:
+def estimate_advantages(
+    name: str,
+    inputs: AdvantageInputs,
+    whiten: bool,
+    whiten_fn: Callable[[Tensor, Tensor], Tensor] = masked_whiten,
+) -> tuple[Tensor, Tensor]:
     """Estimator `name` on `inputs`, then `whiten_fn(advantages, mask)` when `whiten` or the estimator
     whitens by definition. -> (advantages, returns), (B, R), 0 on padding. The PPO stage passes
     `distributed.collectives.global_whiten` (statistics of every rank's rows); the default whitens locally."""
@@ -125,7 +141,9 @@ def group_stats(x: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, T
     _, group, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     n = counts.to(x.dtype)
     mean = x.new_zeros(len(n)).index_add_(0, group, x) / n
-    std = (x.new_zeros(len(n)).index_add_(0, group, (x - mean[group]) ** 2) / (n - 1).clamp_min(1)).sqrt()
+    std = (
+        x.new_zeros(len(n)).index_add_(0, group, (x - mean[group]) ** 2) / (n - 1).clamp_min(1)
+    ).sqrt()
     return group, mean, std, n
 
 
@@ -137,7 +155,9 @@ def _broadcast(per_row: Tensor, mask: Tensor) -> Tensor:
 def _sequence_return(x: AdvantageInputs) -> Tensor:
     """(B,) sum of each row's masked rewards (float32 or wider): the score, minus beta x the summed
     KL when the KL is in the reward."""
-    return masked_sum(x.rewards.to(torch.promote_types(x.rewards.dtype, torch.float32)), x.response_mask, dim=-1)
+    return masked_sum(
+        x.rewards.to(torch.promote_types(x.rewards.dtype, torch.float32)), x.response_mask, dim=-1
+    )
 
 
 @register_advantage_estimator("gae", needs_critic=True)
@@ -162,7 +182,9 @@ def _grpo(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
     returns = R_i broadcast."""
     ret = _sequence_return(x)
     g, mean, std, _ = group_stats(ret, x.group_ids)
-    return _broadcast((ret - mean[g]) / (std[g] + GRPO_EPS), x.response_mask), _broadcast(ret, x.response_mask)
+    return _broadcast((ret - mean[g]) / (std[g] + GRPO_EPS), x.response_mask), _broadcast(
+        ret, x.response_mask
+    )
 
 
 @register_advantage_estimator("dr_grpo", needs_critic=False, needs_groups=True)
@@ -198,7 +220,9 @@ def _reinforce_pp(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
     return g, g
 
 
-@register_advantage_estimator("reinforce_pp_baseline", needs_critic=False, needs_groups=True, whitens=True)
+@register_advantage_estimator(
+    "reinforce_pp_baseline", needs_critic=False, needs_groups=True, whitens=True
+)
 def _reinforce_pp_baseline(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
     """REINFORCE++-baseline (Hu 2025; OpenRLHF `reinforce_baseline`): the return-to-go minus the
     group mean of the responses' sequence reward (their score when the KL is a loss term), then
@@ -206,7 +230,9 @@ def _reinforce_pp_baseline(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
     ret_to_go = _returns_to_go(x)
     g, mean, _, _ = group_stats(_sequence_return(x), x.group_ids)
     baseline = mean[g].to(ret_to_go.dtype).unsqueeze(1)
-    return torch.where(x.response_mask.bool(), ret_to_go - baseline, torch.zeros_like(ret_to_go)), ret_to_go
+    return torch.where(
+        x.response_mask.bool(), ret_to_go - baseline, torch.zeros_like(ret_to_go)
+    ), ret_to_go
 
 
 def group_score_metrics(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:

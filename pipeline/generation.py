@@ -11,6 +11,7 @@ The PPO stage sees a generation backend only through `GenerationBackend` and bui
 `BACKENDS`, with no change to the stage. DeepSpeed's own hybrid engine is refused
 (`pipeline.distributed.ds_config.load_ds_config`): with DeepSpeed 0.19 and transformers 5 it does not run (issue #14).
 """
+
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager
@@ -48,13 +49,24 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def hf_generate(model, tokenizer, input_ids, attention_mask, params: SamplingParams, **extra_kw):
     """HF generate with our settings; returns (B * n, P + max_new_tokens), padded with pad id."""
-    sample = {"top_k": params.top_k, "top_p": params.top_p,
-              "temperature": params.temperature} if params.do_sample else {}
+    sample = (
+        {"top_k": params.top_k, "top_p": params.top_p, "temperature": params.temperature}
+        if params.do_sample
+        else {}
+    )
     out = model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, do_sample=params.do_sample,
-        max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens,
-        num_return_sequences=params.num_samples, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, use_cache=True, **sample, **extra_kw)
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=params.do_sample,
+        max_new_tokens=params.max_new_tokens,
+        min_new_tokens=params.min_new_tokens,
+        num_return_sequences=params.num_samples,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        **sample,
+        **extra_kw,
+    )
     width = input_ids.shape[1] + params.max_new_tokens
     if out.shape[1] < width:  # every row stopped early: pad to the fixed response width
         pad = out.new_full((out.shape[0], width - out.shape[1]), tokenizer.pad_token_id)
@@ -77,9 +89,13 @@ class HybridEngine:
         self.tokenizer = tokenizer
         self.gather_modules = gather_modules
         self.merge = lora_merge(actor_engine.module)
-        with engines.plain_construction(), torch.device("meta"):  # the actor's own (already loaded) class
-            self.model = type(actor_engine.module)._from_config(actor_engine.module.config,
-                                                                dtype=engines.model_dtype(actor_engine))
+        with (
+            engines.plain_construction(),
+            torch.device("meta"),
+        ):  # the actor's own (already loaded) class
+            self.model = type(actor_engine.module)._from_config(
+                actor_engine.module.config, dtype=engines.model_dtype(actor_engine)
+            )
         self.model.eval().requires_grad_(False)
         self.materialised = False
 
@@ -104,8 +120,9 @@ class HybridEngine:
         assert self.materialised, "generate() runs inside generation_mode()"
         # transformers turns synced_gpus on by itself under ZeRO-3 with several ranks; this module
         # is plain, so each rank decodes alone with no collective per token.
-        return hf_generate(self.model, self.tokenizer, input_ids, attention_mask, params,
-                         synced_gpus=False)
+        return hf_generate(
+            self.model, self.tokenizer, input_ids, attention_mask, params, synced_gpus=False
+        )
 
 
 class GenerationBackend(Protocol):
@@ -128,14 +145,17 @@ class GenerationBackend(Protocol):
 
     def generation_mode(self) -> AbstractContextManager[torch.nn.Module]: ...
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 params: SamplingParams) -> torch.Tensor: ...
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams
+    ) -> torch.Tensor: ...
 
 
 BACKENDS = {"materialise": HybridEngine}  # name -> class(actor_engine, tokenizer, gather_modules)
 
 
-def make_backend(actor_engine, tokenizer, gather_modules: int = 0, name: str = "materialise") -> GenerationBackend:
+def make_backend(
+    actor_engine, tokenizer, gather_modules: int = 0, name: str = "materialise"
+) -> GenerationBackend:
     """The generation backend `name` for the actor's training engine."""
     assert name in BACKENDS, name  # a user-facing choice must be validated against BACKENDS first
     return BACKENDS[name](actor_engine, tokenizer, gather_modules)
@@ -144,5 +164,6 @@ def make_backend(actor_engine, tokenizer, gather_modules: int = 0, name: str = "
 @torch.no_grad()
 def naive_generate(actor_engine, tokenizer, input_ids, attention_mask, params: SamplingParams):
     """HF generate directly on the ZeRO-3 module (ranks kept in step): the slow baseline."""
-    return hf_generate(actor_engine.module, tokenizer, input_ids, attention_mask, params,
-                     synced_gpus=True)
+    return hf_generate(
+        actor_engine.module, tokenizer, input_ids, attention_mask, params, synced_gpus=True
+    )

@@ -7,6 +7,7 @@ and the fingerprint of a stage (a hash of its config section, the seed, the Deep
 the content of its inputs) that `stage.json` records. Not here: running the stages and the checks
 before the first one (pipeline/orchestrator.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,20 +53,31 @@ SCRATCH_SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "int
 def prepare_task(cfg: Config, d: collectives.Dist, out: Path) -> Path:
     """Generate the embedded default task under `<output_dir>/task` (rank 0, once per config)."""
     folder = out / "task"
-    spec = {"version": default_task.VERSION, "seed": cfg.seed, "task": dataclasses.asdict(cfg.task),
-            "model": {k: getattr(cfg.model, k) for k in SCRATCH_SHAPE},
-            "max_positions": cfg.data.max_prompt_len + max(cfg.data.max_response_len, max_new_tokens(cfg))}
+    spec = {
+        "version": default_task.VERSION,
+        "seed": cfg.seed,
+        "task": dataclasses.asdict(cfg.task),
+        "model": {k: getattr(cfg.model, k) for k in SCRATCH_SHAPE},
+        "max_positions": cfg.data.max_prompt_len
+        + max(cfg.data.max_response_len, max_new_tokens(cfg)),
+    }
     marker = folder / "task.json"
     if d.is_main and not (marker.is_file() and json.loads(marker.read_text()) == spec):
         t = cfg.task
-        default_task.generate(folder, cfg.seed, t.num_sft, t.num_pairs, t.num_prompts, t.num_eval,
-                              t.label_noise)
+        default_task.generate(
+            folder, cfg.seed, t.num_sft, t.num_pairs, t.num_prompts, t.num_eval, t.label_noise
+        )
         default_task.build_tokenizer(folder / "tokenizer")
         m = cfg.model
         (folder / "model").mkdir(exist_ok=True)
-        config = default_task.model_config(len(default_task.vocabulary()), m.hidden_size,
-                                           m.num_hidden_layers, m.num_attention_heads,
-                                           m.intermediate_size, spec["max_positions"])
+        config = default_task.model_config(
+            len(default_task.vocabulary()),
+            m.hidden_size,
+            m.num_hidden_layers,
+            m.num_attention_heads,
+            m.intermediate_size,
+            spec["max_positions"],
+        )
         (folder / "model" / "config.json").write_text(json.dumps(config, indent=2))
         marker.write_text(json.dumps(spec))
         log.info("default task written to %s", folder)
@@ -73,11 +85,19 @@ def prepare_task(cfg: Config, d: collectives.Dist, out: Path) -> Path:
     return folder
 
 
-DATA_ROLES = {"sft": ("sft_data", "sft_eval_data"), "reward": ("reward_data", "reward_eval_data"),
-              "ppo": ("prompt_data", "eval_prompt_data")}
-_DEFAULT_FILES = {"sft_data": "sft.jsonl", "sft_eval_data": "sft_eval.jsonl", "reward_data": "pairs.jsonl",
-                  "reward_eval_data": "pairs_eval.jsonl", "prompt_data": "prompts.jsonl",
-                  "eval_prompt_data": "prompts_eval.jsonl"}
+DATA_ROLES = {
+    "sft": ("sft_data", "sft_eval_data"),
+    "reward": ("reward_data", "reward_eval_data"),
+    "ppo": ("prompt_data", "eval_prompt_data"),
+}
+_DEFAULT_FILES = {
+    "sft_data": "sft.jsonl",
+    "sft_eval_data": "sft_eval.jsonl",
+    "reward_data": "pairs.jsonl",
+    "reward_eval_data": "pairs_eval.jsonl",
+    "prompt_data": "prompts.jsonl",
+    "eval_prompt_data": "prompts_eval.jsonl",
+}
 # The data options that shape a stage's rows: fingerprinted through the stage's Sources (so a new
 # split reruns only the stages that read data_path), not through the data section of every stage.
 SOURCE_OPTIONS = ("data_path", "data_split", "data_weights", "data_format", "eval_fraction")
@@ -94,8 +114,13 @@ def data_sources(cfg: Config, stage: str, task: Path) -> dict[str, Source | str]
     if own_train:
         train = Source((own_train,), **common)
     elif dc.data_path:
-        train = Source(tuple(dc.data_path), weights=tuple(dc.data_weights), split=parse_split(dc.data_split),
-                       part=STAGES.index(stage), **common)
+        train = Source(
+            tuple(dc.data_path),
+            weights=tuple(dc.data_weights),
+            split=parse_split(dc.data_split),
+            part=STAGES.index(stage),
+            **common,
+        )
     else:
         train = str(task / _DEFAULT_FILES[train_role])
     if own_eval:
@@ -117,10 +142,14 @@ def ptx_source(cfg: Config, task: Path) -> dict[str, Source | str]:
     if p.ptx_coef == 0:
         return {}
     sft_rows = data_sources(cfg, "sft", task)["sft_data"]
-    if isinstance(sft_rows, str) and isinstance(data_sources(cfg, "ppo", task)["prompt_data"], Source):
-        raise UserError(f"option ppo.ptx_coef={p.ptx_coef}: PTX needs supervised rows, and this run gives no SFT "
-                        f"data (it would fall back to the embedded default task's reviews while PPO reads your "
-                        f"prompts). Give --ppo.ptx_data_path, or --data.sft_data_path / --data.data_path.")
+    if isinstance(sft_rows, str) and isinstance(
+        data_sources(cfg, "ppo", task)["prompt_data"], Source
+    ):
+        raise UserError(
+            f"option ppo.ptx_coef={p.ptx_coef}: PTX needs supervised rows, and this run gives no SFT "
+            f"data (it would fall back to the embedded default task's reviews while PPO reads your "
+            f"prompts). Give --ppo.ptx_data_path, or --data.sft_data_path / --data.data_path."
+        )
     return {"ptx_data": sft_rows}
 
 
@@ -134,14 +163,21 @@ def stage_inputs(cfg: Config, out: Path, task: Path) -> dict[str, dict]:
     actor = cfg.ppo.actor_model_path or str(sft_model)
     from_sft = _reward_from_sft(cfg)
     reward_base = cfg.model.reward_model_name_or_path  # a base model of the reward model's own
-    reward = {"tokenizer": reward_base or (str(sft_model) if sft_model.is_dir() else tokenizer),
-              "model": reward_base or (str(sft_model) if from_sft and sft_model.is_dir() else base_model),
-              **data_sources(cfg, "reward", task)}
+    reward = {
+        "tokenizer": reward_base or (str(sft_model) if sft_model.is_dir() else tokenizer),
+        "model": reward_base or (str(sft_model) if from_sft and sft_model.is_dir() else base_model),
+        **data_sources(cfg, "reward", task),
+    }
     return {
         "sft": {"tokenizer": tokenizer, "model": base_model, **data_sources(cfg, "sft", task)},
         **{member: reward for member in reward_members(cfg)},
-        "ppo": {"tokenizer": actor, "actor": actor, **_ppo_reward_inputs(cfg, out),
-                **data_sources(cfg, "ppo", task), **ptx_source(cfg, task)},
+        "ppo": {
+            "tokenizer": actor,
+            "actor": actor,
+            **_ppo_reward_inputs(cfg, out),
+            **data_sources(cfg, "ppo", task),
+            **ptx_source(cfg, task),
+        },
     }
 
 
@@ -151,9 +187,16 @@ def _ppo_reward_inputs(cfg: Config, out: Path) -> dict[str, str]:
     p = cfg.ppo
     roles = {}
     if _uses_reward_model(cfg):
-        roles = ({"reward_model": p.reward_model_path} if p.reward_model_path else
-                 {("reward_model" if m == "reward" else f"reward_model_{m.rpartition('_')[2]}"): str(out / m / "model")
-                  for m in reward_members(cfg)})
+        roles = (
+            {"reward_model": p.reward_model_path}
+            if p.reward_model_path
+            else {
+                ("reward_model" if m == "reward" else f"reward_model_{m.rpartition('_')[2]}"): str(
+                    out / m / "model"
+                )
+                for m in reward_members(cfg)
+            }
+        )
     for option in ("reward_fn", "eval_reward_fn"):
         if getattr(p, option):
             roles[option] = str(reward_fns.source_file(getattr(p, option), f"ppo.{option}"))
@@ -170,7 +213,9 @@ def _reward_from_sft(cfg: Config) -> bool:
     from pipeline.models import has_weights
 
     m = cfg.model.model_name_or_path
-    pretrained = bool(m) and not (Path(m).is_dir() and not has_weights(m))  # a config-only folder: from scratch
+    pretrained = bool(m) and not (
+        Path(m).is_dir() and not has_weights(m)
+    )  # a config-only folder: from scratch
     return cfg.reward_init == "sft" or (cfg.reward_init == "auto" and pretrained)
 
 
@@ -181,18 +226,30 @@ def needed_stages(cfg: Config, stages: tuple[str, ...]) -> tuple[tuple[str, ...]
     `ppo.reward_model_path` for the reward model) runs only when the last requested stage or
     another running stage still reads its model: PPO started from existing models goes straight
     to PPO (DeepSpeed-Chat's step 3 alone)."""
-    superseded = {"sft": "PPO starts from ppo.actor_model_path" if cfg.ppo.actor_model_path else "",
-                  "reward": ("PPO scores with ppo.reward_model_path" if cfg.ppo.reward_model_path else
-                             "PPO's reward is ppo.reward_fn alone (ppo.reward_model_coef 0)"
-                             if not _uses_reward_model(cfg) else "")}
-    reads = {"ppo": {"sft": not cfg.ppo.actor_model_path,
-                     "reward": not cfg.ppo.reward_model_path and _uses_reward_model(cfg)},
-             "reward": {"sft": _reward_from_sft(cfg)}}
+    superseded = {
+        "sft": "PPO starts from ppo.actor_model_path" if cfg.ppo.actor_model_path else "",
+        "reward": (
+            "PPO scores with ppo.reward_model_path"
+            if cfg.ppo.reward_model_path
+            else "PPO's reward is ppo.reward_fn alone (ppo.reward_model_coef 0)"
+            if not _uses_reward_model(cfg)
+            else ""
+        ),
+    }
+    reads = {
+        "ppo": {
+            "sft": not cfg.ppo.actor_model_path,
+            "reward": not cfg.ppo.reward_model_path and _uses_reward_model(cfg),
+        },
+        "reward": {"sft": _reward_from_sft(cfg)},
+    }
     keep = [stages[-1]]
     for stage in reversed(stages[:-1]):
         if not superseded[stage] or any(reads.get(later, {}).get(stage, False) for later in keep):
             keep.insert(0, stage)
-    not_run = {s: f"{superseded[s]} and no other stage reads its model" for s in stages if s not in keep}
+    not_run = {
+        s: f"{superseded[s]} and no other stage reads its model" for s in stages if s not in keep
+    }
     return tuple(keep), not_run
 
 
@@ -206,19 +263,25 @@ def needs_task(cfg: Config, stages: tuple[str, ...] = STAGES) -> bool:
     tokenizer or its from-scratch model. PPO from two given models on prompts of one's own does not."""
     out = Path(cfg.output_dir)
     inputs = stage_inputs(cfg, out, out / "task")
-    return any(in_task(spec, out / "task") for stage in stages for spec in inputs[base_stage(stage)].values())
+    return any(
+        in_task(spec, out / "task")
+        for stage in stages
+        for spec in inputs[base_stage(stage)].values()
+    )
 
 
 # Every option that names a file or folder, and what it should name.
 _MODEL = "a local model folder or a hub model name"
 _DATASETS = "local json/jsonl/parquet/csv files or folders, or hub dataset names"
 PATH_OPTIONS = {
-    "model.model_name_or_path": _MODEL, "model.reward_model_name_or_path": _MODEL,
+    "model.model_name_or_path": _MODEL,
+    "model.reward_model_name_or_path": _MODEL,
     "data.tokenizer_path": "a local tokenizer folder or a hub name",
     "ppo.actor_model_path": "a policy model folder, e.g. <output_dir>/sft/model of an earlier run",
     "ppo.reward_model_path": "a reward model folder, e.g. <output_dir>/reward/model of an earlier run",
     **{f"data.{role}_path": _DATASETS for roles in DATA_ROLES.values() for role in roles},
-    "data.data_path": _DATASETS, "ppo.ptx_data_path": _DATASETS,
+    "data.data_path": _DATASETS,
+    "ppo.ptx_data_path": _DATASETS,
 }
 
 
@@ -237,7 +300,9 @@ def check_given_paths(cfg: Config) -> None:
     for option in ("ds_config", "ds_inference_config"):
         value = getattr(cfg, option)
         if value != AUTO and not resolve_path(value).is_file():
-            raise UserError(f"option {option}: {value} does not exist (expected a DeepSpeed JSON file, or auto).")
+            raise UserError(
+                f"option {option}: {value} does not exist (expected a DeepSpeed JSON file, or auto)."
+            )
 
 
 def check_exists(stage: str, inputs: dict, out: Path) -> None:
@@ -246,17 +311,24 @@ def check_exists(stage: str, inputs: dict, out: Path) -> None:
         for path in spec.paths if isinstance(spec, Source) else (spec,):
             if Path(path).exists() or out in Path(path).parents or is_hub_name(path):
                 continue
-            kinds = ("local json/jsonl/parquet/csv files or folders, or hub dataset names"
-                     if isinstance(spec, Source) else "local folders or hub names")
-            raise UserError(f"stage {stage}: {role} path {path} does not exist ({role.split('_')[0]} "
-                            f"inputs are {kinds}).")
+            kinds = (
+                "local json/jsonl/parquet/csv files or folders, or hub dataset names"
+                if isinstance(spec, Source)
+                else "local folders or hub names"
+            )
+            raise UserError(
+                f"stage {stage}: {role} path {path} does not exist ({role.split('_')[0]} "
+                f"inputs are {kinds})."
+            )
 
 
 # ---------------------------------------------------------------- fingerprints
 def _digest(spec, out: Path) -> str | dict:
     if isinstance(spec, Source):  # the datasets' content and how they are cut, converted and mixed
-        return {"files": [file_digest(p) if is_hub_name(p) else _digest(p, out) for p in spec.paths],
-                **spec.describe()}
+        return {
+            "files": [file_digest(p) if is_hub_name(p) else _digest(p, out) for p in spec.paths],
+            **spec.describe(),
+        }
     path = spec
     p = Path(path)
     stage_json = p.parent / "stage.json"
@@ -265,8 +337,13 @@ def _digest(spec, out: Path) -> str | dict:
     if not p.exists():
         return f"missing:{path}"
     if p.is_dir() and sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) > 2**28:
-        return json.dumps(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns)
-                                 for f in p.rglob("*") if f.is_file()))
+        return json.dumps(
+            sorted(
+                (str(f), f.stat().st_size, f.stat().st_mtime_ns)
+                for f in p.rglob("*")
+                if f.is_file()
+            )
+        )
     return file_digest(path)
 
 
@@ -275,14 +352,24 @@ def identity(stage: str, cfg: Config, inputs: dict[str, str], out: Path) -> dict
     the data and model options, the DeepSpeed configs and the content of its inputs. A checkpoint
     records it; resuming needs the same."""
     cfg = ds_config.resolve_auto(cfg)  # what "auto" means here is what the stage depends on
-    section = dataclasses.asdict({"sft": cfg.sft, "reward": cfg.reward, "ppo": cfg.ppo}[base_stage(stage)])
+    section = dataclasses.asdict(
+        {"sft": cfg.sft, "reward": cfg.reward, "ppo": cfg.ppo}[base_stage(stage)]
+    )
     section.pop("ensemble_size", None)  # each member is a run of its own (stage reward_i, seed + i)
     return {
-        "stage": stage, "section": section, "seed": cfg.seed,
-        "data": {k: v for k, v in dataclasses.asdict(cfg.data).items()
-                 if not k.endswith("_path") and k not in SOURCE_OPTIONS},
+        "stage": stage,
+        "section": section,
+        "seed": cfg.seed,
+        "data": {
+            k: v
+            for k, v in dataclasses.asdict(cfg.data).items()
+            if not k.endswith("_path") and k not in SOURCE_OPTIONS
+        },
         "model": _model_identity(cfg.model),
-        "ds": {"train": _file_text(cfg.ds_config), "inference": _file_text(cfg.ds_inference_config)},
+        "ds": {
+            "train": _file_text(cfg.ds_config),
+            "inference": _file_text(cfg.ds_inference_config),
+        },
         "inputs": {role: _digest(path, out) for role, path in sorted(inputs.items())},
     }
 

@@ -5,6 +5,7 @@ plus a linear `score` head. We apply the head to every position ourselves (the c
 value per token) and read the reward where plain Hugging Face pools it (`score_index`). Saved
 folders load with plain `AutoModelForSequenceClassification` and score the same.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,12 +26,16 @@ def _why(path: str, what: str, e: Exception) -> UserError:
 
     text = str(e)
     if "trust_remote_code" in text or "contains custom code" in text:
-        return UserError(f"{what} {path} needs custom code from its folder to load; that code is not run "
-                         f"unless you pass --model.trust_remote_code true (only for folders you trust).")
+        return UserError(
+            f"{what} {path} needs custom code from its folder to load; that code is not run "
+            f"unless you pass --model.trust_remote_code true (only for folders you trust)."
+        )
     if isinstance(e, pickle.UnpicklingError):
-        return UserError(f"{what} {path}: its PyTorch weights file holds pickled objects other than "
-                         f"tensors, which are never unpickled here (torch.load weights_only=True). "
-                         f"Save the weights as safetensors or as a plain state dict of tensors.")
+        return UserError(
+            f"{what} {path}: its PyTorch weights file holds pickled objects other than "
+            f"tensors, which are never unpickled here (torch.load weights_only=True). "
+            f"Save the weights as safetensors or as a plain state dict of tensors."
+        )
     first = text.splitlines()[0] if text else ""
     if not isinstance(e, (OSError, ValueError)) or not first:
         first = f"{type(e).__name__} {first}".strip()
@@ -53,14 +58,18 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (*_load_errors(), KeyError, TypeError) as e:  # Key/TypeError: a malformed tokenizer file
         raise _why(path, "tokenizer", e) from None
-    except Exception as e:  # the `tokenizers` library raises a bare Exception for a malformed tokenizer.json
+    except (
+        Exception
+    ) as e:  # the `tokenizers` library raises a bare Exception for a malformed tokenizer.json
         if type(e) is not Exception:
             raise
         raise _why(path, "tokenizer", e) from None
     if tok.eos_token_id is None:
         raise UserError(f"tokenizer {path} has no EOS token; responses need one to end.")
     if tok.pad_token_id is None:
-        log.warning("tokenizer %s has no pad token; using EOS (%r) for padding.", path, tok.eos_token)
+        log.warning(
+            "tokenizer %s has no pad token; using EOS (%r) for padding.", path, tok.eos_token
+        )
         tok.pad_token = tok.eos_token
     return tok
 
@@ -90,11 +99,16 @@ def load_causal_lm(path: str, trust_remote_code: bool = False, dtype: str = "fp3
     try:
         if Path(path).is_dir() and not has_weights(path):
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
-                                                    dtype=TORCH_DTYPES[dtype])
-        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                    use_safetensors=None, weights_only=True,
-                                                    dtype=TORCH_DTYPES[dtype])
+            return AutoModelForCausalLM.from_config(
+                config, trust_remote_code=trust_remote_code, dtype=TORCH_DTYPES[dtype]
+            )
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None,
+            weights_only=True,
+            dtype=TORCH_DTYPES[dtype],
+        )
     except _load_errors() as e:
         raise _why(path, "model", e) from None
 
@@ -107,13 +121,21 @@ def load_scalar_model(path: str, trust_remote_code: bool = False, dtype: str = "
     _check_model_path(path, "model")
     try:
         if Path(path).is_dir() and not has_weights(path):
-            config = AutoConfig.from_pretrained(path, num_labels=1, trust_remote_code=trust_remote_code)
-            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code,
-                                                                   dtype=TORCH_DTYPES[dtype])
+            config = AutoConfig.from_pretrained(
+                path, num_labels=1, trust_remote_code=trust_remote_code
+            )
+            model = AutoModelForSequenceClassification.from_config(
+                config, trust_remote_code=trust_remote_code, dtype=TORCH_DTYPES[dtype]
+            )
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=None,
-                weights_only=True, dtype=TORCH_DTYPES[dtype])
+                path,
+                num_labels=1,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=None,
+                weights_only=True,
+                dtype=TORCH_DTYPES[dtype],
+            )
     except _load_errors() as e:
         raise _why(path, "model", e) from None
     if _score_head(model) is None:
@@ -126,8 +148,10 @@ def enable_gradient_checkpointing(model) -> None:
     backward instead of kept; HF does this only in train mode. Non-reentrant torch checkpointing
     (inputs need not require grad). transformers 5 renamed `gradient_checkpointing_enable` to this."""
     if not model.supports_gradient_checkpointing:
-        raise UserError(f"option model.gradient_checkpointing: the {type(model).__name__} model does not "
-                        f"support gradient checkpointing; set it to false.")
+        raise UserError(
+            f"option model.gradient_checkpointing: the {type(model).__name__} model does not "
+            f"support gradient checkpointing; set it to false."
+        )
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
@@ -139,7 +163,9 @@ def disable_dropout(model: torch.nn.Module) -> None:
     """
     configs = {}
     for module in model.modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd):  # Dropout, Dropout1d-3d, AlphaDropout
+        if isinstance(
+            module, torch.nn.modules.dropout._DropoutNd
+        ):  # Dropout, Dropout1d-3d, AlphaDropout
             module.p = 0.0
         _zero_dropout_floats(module)
         config = getattr(module, "config", None)
@@ -158,19 +184,26 @@ def _zero_dropout_floats(obj) -> None:
 def check_vocab(model, tokenizer, where: str) -> None:
     n = getattr(model.config, "vocab_size", None)
     if n is not None and len(tokenizer) > n:
-        raise UserError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
-                        f"has {n}; they do not belong together.")
+        raise UserError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+            f"has {n}; they do not belong together."
+        )
 
 
 def _score_head(model):
     return getattr(model, "score", None)
 
 
-def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def token_values(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Scalar head at every position: (B, T) float32."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids).last_hidden_state
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state
     return _score_head(model)(hidden).squeeze(-1).float()
 
 
@@ -180,7 +213,9 @@ def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(dim=1)
 
 
-def score_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+def score_index(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None
+) -> torch.Tensor:
     """(B,) the position a reward model's score is read at, in training, in PPO and by plain Hugging Face:
     the last attended token that is not the pad token (left and right padding alike).
 
@@ -203,11 +238,14 @@ def pooling_pad_id(model) -> int | None:
     return model.config.get_text_config().pad_token_id
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    pad_token_id: int | None) -> torch.Tensor:
+def sequence_scores(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None
+) -> torch.Tensor:
     """Reward-model score read at `score_index` (the last attended non-pad token): (B,)."""
     values = token_values(model, input_ids, attention_mask)
-    return values.gather(1, score_index(input_ids, attention_mask, pad_token_id)[:, None]).squeeze(1)
+    return values.gather(1, score_index(input_ids, attention_mask, pad_token_id)[:, None]).squeeze(
+        1
+    )
 
 
 def causal_lm_loss(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +253,8 @@ def causal_lm_loss(model, input_ids, attention_mask, labels) -> tuple[torch.Tens
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     target = labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     return loss, (target != -100).sum()
 
 
@@ -228,8 +267,11 @@ def _linear_layers(model) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 
     heads = {id(model.get_output_embeddings()), id(_score_head(model))}
-    return [name for name, m in model.named_modules()
-            if isinstance(m, (torch.nn.Linear, Conv1D)) and id(m) not in heads]
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, Conv1D)) and id(m) not in heads
+    ]
 
 
 def lora_targets(model, names: list[str], where: str) -> list[str]:
@@ -242,9 +284,11 @@ def lora_targets(model, names: list[str], where: str) -> list[str]:
     missing = [t for t, found in matches.items() if not found]
     if missing:
         short = sorted({n.rsplit(".", 1)[-1] for n in linear})
-        raise UserError(f"{where}: ppo.lora_target_modules names {', '.join(missing)}, which matches no linear "
-                        f"layer of this model; its linear layers are called {', '.join(short) or '(none)'} "
-                        f"(or use all-linear).")
+        raise UserError(
+            f"{where}: ppo.lora_target_modules names {', '.join(missing)}, which matches no linear "
+            f"layer of this model; its linear layers are called {', '.join(short) or '(none)'} "
+            f"(or use all-linear)."
+        )
     return sorted({n for found in matches.values() for n in found})
 
 
@@ -258,8 +302,14 @@ def add_lora(model, rank: int, alpha: float, target_modules: list[str], where: s
     targets = lora_targets(model, target_modules, where)
     modules = dict(model.named_modules())
     conv1d = all(isinstance(modules[n], Conv1D) for n in targets)  # GPT-2 style (in, out) weights
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
-                        fan_in_fan_out=conv1d, bias="none")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=targets,
+        fan_in_fan_out=conv1d,
+        bias="none",
+    )
     model = inject_adapter_in_model(config, model)
     head = _score_head(model)
     if head is not None:  # a new value head must learn in full (it is tiny)
@@ -296,15 +346,17 @@ class LoraMerge:
             if layer == key:
                 out[key] = value
                 continue
-            leaf = key[len(layer) + 1:]
+            leaf = key[len(layer) + 1 :]
             if leaf == "base_layer.weight":
                 scaling, fan_in_fan_out = self.layers[layer]
-                b_a = (state[f"{layer}.lora_B.default.weight"].float()
-                       @ state[f"{layer}.lora_A.default.weight"].float())
+                b_a = (
+                    state[f"{layer}.lora_B.default.weight"].float()
+                    @ state[f"{layer}.lora_A.default.weight"].float()
+                )
                 delta = (b_a.T if fan_in_fan_out else b_a) * scaling
                 out[f"{layer}.weight"] = (value.float() + delta).to(value.dtype)
             elif leaf.startswith("base_layer."):  # the bias
-                out[f"{layer}.{leaf[len('base_layer.'):]}"] = value
+                out[f"{layer}.{leaf[len('base_layer.') :]}"] = value
             else:  # folded into the weight above; add_lora makes no other adapter tensors
                 assert leaf in ("lora_A.default.weight", "lora_B.default.weight"), key
         return out
@@ -312,6 +364,9 @@ class LoraMerge:
 
 def lora_merge(model) -> LoraMerge | None:
     """The merge of `model`'s LoRA adapters, or None when it has none."""
-    layers = {name: (m.scaling["default"], m.fan_in_fan_out) for name, m in model.named_modules()
-              if hasattr(m, "lora_A") and "default" in getattr(m, "scaling", {})}  # peft's LoRA layers (without importing peft)
+    layers = {
+        name: (m.scaling["default"], m.fan_in_fan_out)
+        for name, m in model.named_modules()
+        if hasattr(m, "lora_A") and "default" in getattr(m, "scaling", {})
+    }  # peft's LoRA layers (without importing peft)
     return LoraMerge(layers) if layers else None

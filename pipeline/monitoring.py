@@ -1,4 +1,5 @@
 """Metrics to TensorBoard and metrics.jsonl (rank 0 only), logging setup, phase timers."""
+
 from __future__ import annotations
 
 import json
@@ -15,13 +16,19 @@ import torch
 
 def setup_logging(is_main: bool) -> None:
     """Rank 0 logs at INFO; other ranks only errors, so nothing is repeated per rank."""
-    logging.basicConfig(level=logging.INFO if is_main else logging.ERROR, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        force=True)
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.ERROR,
+        stream=sys.stdout,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
     import warnings
 
     # torch.distributed's deprecation notices fire inside DeepSpeed on every rank: not ours to fix.
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\..* is deprecated")
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, message=r".*torch\.distributed\..* is deprecated"
+    )
     if not is_main:
         warnings.filterwarnings("ignore")
     for noisy in ("DeepSpeed", "torch.distributed", "transformers", "datasets"):
@@ -50,7 +57,9 @@ class MetricLogger:
     resume is not counted). TensorBoard keeps its own wall time for every scalar.
     """
 
-    def __init__(self, stage_dir: Path, enabled: bool, resume_step: int | None = None, clock=time.time):
+    def __init__(
+        self, stage_dir: Path, enabled: bool, resume_step: int | None = None, clock=time.time
+    ):
         """`resume_step`: continuing a run from a checkpoint of that step. What the interrupted
         attempt logged after it is dropped: from metrics.jsonl here, and in TensorBoard through
         its own purge_step mechanism, so the step axis stays monotonic. `clock`: UNIX seconds."""
@@ -65,15 +74,20 @@ class MetricLogger:
             stage_dir.mkdir(parents=True, exist_ok=True)
             path = stage_dir / "metrics.jsonl"
             if resume_step is not None and path.is_file():
-                kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                        if line.strip() and _row_step(line) <= resume_step]
+                kept = [
+                    line
+                    for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and _row_step(line) <= resume_step
+                ]
                 if kept:
                     self._elapsed_before = float(json.loads(kept[-1]).get("elapsed_s", 0.0))
                 tmp = path.with_name(path.name + ".tmp")
                 tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
                 tmp.replace(path)
-            self._writer = SummaryWriter(str(stage_dir / "tensorboard"),
-                                         purge_step=None if resume_step is None else resume_step + 1)
+            self._writer = SummaryWriter(
+                str(stage_dir / "tensorboard"),
+                purge_step=None if resume_step is None else resume_step + 1,
+            )
             self._jsonl = path.open("a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -83,8 +97,12 @@ class MetricLogger:
         for tag, value in clean.items():
             self._writer.add_scalar(tag, value, step)
         now = self._clock()
-        row = {"step": step, "time": round(now, 3), "elapsed_s": round(now - self._start + self._elapsed_before, 3),
-               **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
+        row = {
+            "step": step,
+            "time": round(now, 3),
+            "elapsed_s": round(now - self._start + self._elapsed_before, 3),
+            **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()},
+        }
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
 
@@ -121,7 +139,9 @@ class PhaseTimer:
     def __init__(self, accelerator=None):
         self.acc = accelerator if accelerator is not None else device_accelerator()
         self.seconds: dict[str, float] = {}
-        self.memory: dict[str, tuple[float, float]] = {}  # phase -> (allocated, reserved) GiB at its end
+        self.memory: dict[
+            str, tuple[float, float]
+        ] = {}  # phase -> (allocated, reserved) GiB at its end
 
     @contextmanager
     def __call__(self, name: str):
@@ -133,7 +153,10 @@ class PhaseTimer:
             self.acc.synchronize()
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         if self.acc is not None:
-            self.memory[name] = (self.acc.memory_allocated() / 2**30, self.acc.memory_reserved() / 2**30)
+            self.memory[name] = (
+                self.acc.memory_allocated() / 2**30,
+                self.acc.memory_reserved() / 2**30,
+            )
 
     def memory_metrics(self) -> dict[str, float]:
         """`memory/accelerator_peak_gb` (peak allocated since the process started) and
@@ -156,8 +179,14 @@ def progress(total: int, desc: str, enabled: bool, initial: int = 0):
     """A tqdm bar on rank 0; a silent stand-in elsewhere."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=2.0,
-                initial=initial)
+    return tqdm(
+        total=total,
+        desc=desc,
+        disable=not enabled,
+        dynamic_ncols=True,
+        mininterval=2.0,
+        initial=initial,
+    )
 
 
 def overoptimisation_plot(rows: list[dict], path: Path) -> bool:
@@ -174,20 +203,30 @@ def overoptimisation_plot(rows: list[dict], path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logging.getLogger(__name__).info("matplotlib not installed: no over-optimisation plot "
-                                         "(pip install -e '.[plot]').")
+        logging.getLogger(__name__).info(
+            "matplotlib not installed: no over-optimisation plot (pip install -e '.[plot]')."
+        )
         return False
     evals = [r for r in rows if "eval/kl_to_ref" in r and "eval/reward_score" in r]
     if len(evals) < 2:
         return False
     kl = [max(float(r["eval/kl_to_ref"]), 0.0) for r in evals]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for key, label in (("eval/reward_score", "reward model"), ("eval/gold_score", "gold (true preference)")):
+    for key, label in (
+        ("eval/reward_score", "reward model"),
+        ("eval/gold_score", "gold (true preference)"),
+    ):
         if key in evals[0]:
-            ax.plot(kl, [float(r[key]) - float(evals[0][key]) for r in evals], marker="o", label=label)
+            ax.plot(
+                kl, [float(r[key]) - float(evals[0][key]) for r in evals], marker="o", label=label
+            )
     for r, x in zip(evals, kl):
-        ax.annotate(str(r["step"]), (x, float(r["eval/reward_score"]) - float(evals[0]["eval/reward_score"])),
-                    fontsize=6, alpha=0.6)
+        ax.annotate(
+            str(r["step"]),
+            (x, float(r["eval/reward_score"]) - float(evals[0]["eval/reward_score"])),
+            fontsize=6,
+            alpha=0.6,
+        )
     ax.set_xlabel("KL(policy || reference), nats per response")
     ax.set_ylabel("score change since SFT (step 0)")
     ax.set_title("Reward over-optimisation (labels: PPO step)")

@@ -7,6 +7,7 @@ its newest intact checkpoint (see pipeline/checkpoint.py).
 Here: the checks before the first stage (agreed over ranks), running the stages, the summary and
 the launchers' entry point. What each stage reads and its fingerprint: pipeline/inputs.py.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,10 +24,29 @@ from pipeline.cli import parse_config
 from pipeline.config import Config, save_config
 from pipeline.checkpoint import Checkpointer, StopRequest
 from pipeline.data import FIELDS, load_role
-from pipeline.errors import PREEMPTED_EXIT_CODE, Preempted, SharedUserError, TrainingHalted, UserError
-from pipeline.inputs import (STAGES, base_stage, check_exists, check_given_paths, fingerprint, identity, in_task,
-                             needed_stages, needs_task, prepare_task, reward_members, stage_config, stage_inputs,
-                             up_to_date)
+from pipeline.errors import (
+    PREEMPTED_EXIT_CODE,
+    Preempted,
+    SharedUserError,
+    TrainingHalted,
+    UserError,
+)
+from pipeline.inputs import (
+    STAGES,
+    base_stage,
+    check_exists,
+    check_given_paths,
+    fingerprint,
+    identity,
+    in_task,
+    needed_stages,
+    needs_task,
+    prepare_task,
+    reward_members,
+    stage_config,
+    stage_inputs,
+    up_to_date,
+)
 from pipeline.monitoring import setup_logging
 from pipeline.distributed import collectives, ds_config
 from pipeline.distributed.ds_config import ds_configs
@@ -42,7 +62,9 @@ def _stage_fn(name: str):
 
 
 # ---------------------------------------------------------------- running
-def preflight(cfg: Config, d: collectives.Dist, stages: tuple[str, ...], out: Path, task: Path) -> None:
+def preflight(
+    cfg: Config, d: collectives.Dist, stages: tuple[str, ...], out: Path, task: Path
+) -> None:
     """What can be checked without running earlier stages fails before the first stage runs, and
     before anything is written (the default task included): input paths, DeepSpeed configs and
     sizes, and every row of every dataset of the user's (a bad prompt file stops the run before
@@ -55,10 +77,14 @@ def preflight(cfg: Config, d: collectives.Dist, stages: tuple[str, ...], out: Pa
         ds_configs(cfg, stage, d.world_size)
         # Chat messages are rendered with the stage's tokenizer (before SFT has written its own:
         # the one SFT starts from, which it saves unchanged), loaded only if a dataset needs it.
-        tok_path = inputs["tokenizer"] if Path(inputs["tokenizer"]).exists() or out not in Path(
-            inputs["tokenizer"]).parents else stage_inputs(cfg, out, task)["sft"]["tokenizer"]
-        tokenizer = functools.partial(_preflight_tokenizer, tokenizers, tok_path, cfg.model.trust_remote_code,
-                                      task)
+        tok_path = (
+            inputs["tokenizer"]
+            if Path(inputs["tokenizer"]).exists() or out not in Path(inputs["tokenizer"]).parents
+            else stage_inputs(cfg, out, task)["sft"]["tokenizer"]
+        )
+        tokenizer = functools.partial(
+            _preflight_tokenizer, tokenizers, tok_path, cfg.model.trust_remote_code, task
+        )
         for role, spec in inputs.items():
             if role in FIELDS and not in_task(spec, task):
                 load_role(spec, role, tokenizer, tok_path)
@@ -91,16 +117,24 @@ def _agreed(d: collectives.Dist, check) -> None:
     problems = collectives.all_gather_object(problem) if d.world_size > 1 else [problem]
     for rank, message in enumerate(problems):
         if message:
-            raise SharedUserError(message if problems[0] else f"on rank {rank} ({node_name()}): {message}")
+            raise SharedUserError(
+                message if problems[0] else f"on rank {rank} ({node_name()}): {message}"
+            )
 
 
-def run(cfg: Config, d: collectives.Dist, stages: tuple[str, ...] = STAGES,
-        stop: StopRequest | None = None) -> dict:
+def run(
+    cfg: Config,
+    d: collectives.Dist,
+    stages: tuple[str, ...] = STAGES,
+    stop: StopRequest | None = None,
+) -> dict:
     """Run `stages` in order; returns the summary written to `<output_dir>/summary.json`."""
     auto = ds_config.resolve_auto(cfg)
-    for name, before, after in (("model.dtype", cfg.model.dtype, auto.model.dtype),
-                                ("ds_config", cfg.ds_config, auto.ds_config),
-                                ("ds_inference_config", cfg.ds_inference_config, auto.ds_inference_config)):
+    for name, before, after in (
+        ("model.dtype", cfg.model.dtype, auto.model.dtype),
+        ("ds_config", cfg.ds_config, auto.ds_config),
+        ("ds_inference_config", cfg.ds_inference_config, auto.ds_inference_config),
+    ):
         if before != after:
             log.info("%s auto: %s (chosen for this accelerator)", name, after)
     cfg = auto
@@ -121,7 +155,9 @@ def run(cfg: Config, d: collectives.Dist, stages: tuple[str, ...] = STAGES,
         prepare_task(cfg, d, out)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    stages = tuple(s for stage in stages for s in (reward_members(cfg) if stage == "reward" else (stage,)))
+    stages = tuple(
+        s for stage in stages for s in (reward_members(cfg) if stage == "reward" else (stage,))
+    )
     for stage in stages:
         inputs = stage_inputs(cfg, out, task)[stage]
         stage_dir = out / stage
@@ -130,27 +166,45 @@ def run(cfg: Config, d: collectives.Dist, stages: tuple[str, ...] = STAGES,
         fp = fingerprint(ident)
         record = None if cfg.force else up_to_date(stage_dir, fp)
         if record is not None:
-            log.info("stage %s is up to date (same inputs and config): skipped. --force reruns it.", stage)
+            log.info(
+                "stage %s is up to date (same inputs and config): skipped. --force reruns it.",
+                stage,
+            )
             summary[stage] = {**record["results"], "wall_s": record["wall_s"], "skipped": True}
             continue
         checkpointer = Checkpointer(stage_dir, d, cfg.keep_last, ident)
         # A finished stage whose inputs or config changed starts over; an unfinished one resumes.
         finished_before = (stage_dir / "stage.json").is_file()
-        resume = checkpointer.find() if cfg.resume and not cfg.force and not finished_before else None
-        log.info("stage %s: %s (output %s)", stage,
-                 f"resuming from step {resume.step}" if resume else "starting", stage_dir)
+        resume = (
+            checkpointer.find() if cfg.resume and not cfg.force and not finished_before else None
+        )
+        log.info(
+            "stage %s: %s (output %s)",
+            stage,
+            f"resuming from step {resume.step}" if resume else "starting",
+            stage_dir,
+        )
         if d.is_main:
             stage_dir.mkdir(parents=True, exist_ok=True)
         collectives.barrier()
         start = time.time()
-        results = _stage_fn(stage)(StageContext(run_cfg, d, stage_dir, inputs, checkpointer, resume, stop,
-                                                ident))
+        results = _stage_fn(stage)(
+            StageContext(run_cfg, d, stage_dir, inputs, checkpointer, resume, stop, ident)
+        )
         wall = time.time() - start
         if d.is_main:
             save_config(run_cfg, stage_dir / "config.yaml")
-            (stage_dir / "stage.json").write_text(json.dumps(
-                {"fingerprint": fp, "results": results, "wall_s": wall,
-                 "inputs": {role: str(spec) for role, spec in inputs.items()}}, indent=2))
+            (stage_dir / "stage.json").write_text(
+                json.dumps(
+                    {
+                        "fingerprint": fp,
+                        "results": results,
+                        "wall_s": wall,
+                        "inputs": {role: str(spec) for role, spec in inputs.items()},
+                    },
+                    indent=2,
+                )
+            )
         summary[stage] = {**results, "wall_s": wall, "skipped": False}
         if d.is_main:
             summary_path.write_text(json.dumps(summary, indent=2))
@@ -199,7 +253,9 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
     stop = StopRequest()
     stop.install()  # first: a signal during start-up is not lost, and the launcher's SIGTERM, sent
     # when a quiet rank exits, does not cut rank 0 off before it has printed the error
-    rank = int(os.environ.get("RANK", "0"))  # the launcher's numbering, until the process group exists
+    rank = int(
+        os.environ.get("RANK", "0")
+    )  # the launcher's numbering, until the process group exists
     reports = rank == 0 or os.environ.get("LOCAL_RANK", "0") == "0"
     pg_ready = False  # before the process group, every rank parsed the same command line
     try:
@@ -207,8 +263,12 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
         d = collectives.init_distributed(cfg.dist_timeout_minutes)
         reports, pg_ready = d.is_main, True
         setup_logging(d.is_main)
-        log.info("world size %d, accelerator %s, output %s", d.world_size, collectives.device(),
-                 cfg.output_dir)
+        log.info(
+            "world size %d, accelerator %s, output %s",
+            d.world_size,
+            collectives.device(),
+            cfg.output_dir,
+        )
         log.info("ranks by node: %s", placement(collectives.all_gather_object(node_name())))
         run(cfg, d, stages, stop)
     except Preempted as e:

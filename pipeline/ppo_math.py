@@ -64,8 +64,12 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     return torch.where(_m(mask), out, torch.zeros_like(out))
 
 
-def sampling_logits(logits: Tensor, temperature: float = 1.0, eos_token_id: int | None = None,
-                    min_new_tokens: int = 0) -> Tensor:
+def sampling_logits(
+    logits: Tensor,
+    temperature: float = 1.0,
+    eos_token_id: int | None = None,
+    min_new_tokens: int = 0,
+) -> Tensor:
     """The logits of the distribution the sampler drew each response token from: (B, R, V), position
     t predicting response token t -> (B, R, V) float32.
 
@@ -149,7 +153,9 @@ def shape_rewards(
 
 def _denom(num_tokens: float | Tensor) -> float | Tensor:
     # Global token count; clamped to >= 1 so an empty mini-batch gives loss 0 instead of NaN.
-    return num_tokens.clamp_min(1) if isinstance(num_tokens, Tensor) else max(float(num_tokens), 1.0)
+    return (
+        num_tokens.clamp_min(1) if isinstance(num_tokens, Tensor) else max(float(num_tokens), 1.0)
+    )
 
 
 def masked_token_mean_global(x: Tensor, mask: Tensor, num_tokens: float | Tensor) -> Tensor:
@@ -157,8 +163,14 @@ def masked_token_mean_global(x: Tensor, mask: Tensor, num_tokens: float | Tensor
     return masked_sum(x, mask) / _denom(num_tokens)
 
 
-def aggregate_loss(per_token: Tensor, mask: Tensor, num_tokens: float | Tensor, agg_mode: str = "token_mean",
-                   num_seqs: float | Tensor = 1.0, norm_const: float = 1.0) -> Tensor:
+def aggregate_loss(
+    per_token: Tensor,
+    mask: Tensor,
+    num_tokens: float | Tensor,
+    agg_mode: str = "token_mean",
+    num_seqs: float | Tensor = 1.0,
+    norm_const: float = 1.0,
+) -> Tensor:
     """A per-token loss (B, R) -> scalar, normalised by GLOBAL counts so that shards add up:
     token_mean: masked sum / num_tokens (every token of the mini-batch weighs the same; PPO);
     seq_mean_token_mean: sum over rows of each row's token mean / num_seqs (every response weighs
@@ -171,7 +183,9 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, num_tokens: float | Tensor, 
         return masked_mean(per_token, mask, dim=-1).sum() / _denom(num_seqs)
     if agg_mode == "seq_mean_token_sum_norm":
         return masked_sum(per_token, mask, dim=-1).sum() / norm_const / _denom(num_seqs)
-    raise ValueError(f"aggregate_loss: unknown agg_mode {agg_mode!r}; allowed values: {', '.join(LOSS_AGG_MODES)}")
+    raise ValueError(
+        f"aggregate_loss: unknown agg_mode {agg_mode!r}; allowed values: {', '.join(LOSS_AGG_MODES)}"
+    )
 
 
 def policy_loss(
@@ -222,9 +236,16 @@ def policy_loss(
     return loss, {k: s.detach().float() for k, s in stats.items()}
 
 
-def kl_penalty_loss(logprobs: Tensor, ref_logprobs: Tensor, response_mask: Tensor, estimator: str,
-                    num_tokens: float | Tensor, agg_mode: str = "token_mean", num_seqs: float | Tensor = 1.0,
-                    norm_const: float = 1.0) -> Tensor:
+def kl_penalty_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    response_mask: Tensor,
+    estimator: str,
+    num_tokens: float | Tensor,
+    agg_mode: str = "token_mean",
+    num_seqs: float | Tensor = 1.0,
+    norm_const: float = 1.0,
+) -> Tensor:
     """The KL to the reference as a loss term (GRPO, Shao et al. 2024, eq. 4, with k3): kl_estimate of
     the CURRENT policy's log-probs (differentiable) against the reference's, (B, R) each, aggregated
     like the policy loss. The caller multiplies it by beta. k1 is refused by the config: its
@@ -294,7 +315,11 @@ class AdaptiveKLController:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
     def load_state_dict(self, d: dict[str, float]) -> None:
-        self.value, self.target, self.horizon = float(d["value"]), float(d["target"]), float(d["horizon"])
+        self.value, self.target, self.horizon = (
+            float(d["value"]),
+            float(d["target"]),
+            float(d["horizon"]),
+        )
 
 
 class FixedKLController:

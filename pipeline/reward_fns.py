@@ -11,6 +11,7 @@ preference is the built-in instance, `pipeline.default_task:gold`. Every failure
 missing, an exception, a wrong length, a non-number or a non-finite value) is a `UserError` of
 one paragraph naming the option, the function and, for a value, the row.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -30,8 +31,10 @@ def split_spec(spec: str, option: str) -> tuple[str, str]:
     """`FILE.py:NAME` or `module:NAME` -> (file or module, NAME); a malformed spec is refused."""
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name.isidentifier():
-        raise UserError(f"option {option}={spec!r}: expected FILE.py:NAME (a Python file and the name of a "
-                        f"function in it) or module:NAME, e.g. my_task.py:gold.")
+        raise UserError(
+            f"option {option}={spec!r}: expected FILE.py:NAME (a Python file and the name of a "
+            f"function in it) or module:NAME, e.g. my_task.py:gold."
+        )
     return where, name
 
 
@@ -50,8 +53,10 @@ def source_file(spec: str, option: str) -> Path:
     else:
         why = ""
     if found is None or not found.origin or not Path(found.origin).is_file():
-        raise UserError(f"option {option}={spec!r}: no module {where!r} can be imported{why}; give FILE.py:NAME "
-                        f"for a function in a file.")
+        raise UserError(
+            f"option {option}={spec!r}: no module {where!r} can be imported{why}; give FILE.py:NAME "
+            f"for a function in a file."
+        )
     return Path(found.origin)
 
 
@@ -68,24 +73,32 @@ class ScoreFn:
         try:
             out = self.fn(list(prompts), list(responses))
         except Exception as e:  # the user's code: name the first row that raises on its own
-            raise UserError(f"{self._who()} raised {type(e).__name__}: {e}{self._failing_row(prompts, responses)}. "
-                            f"PPO stopped; fix the function and rerun (the stage resumes from its last "
-                            f"checkpoint).") from None
+            raise UserError(
+                f"{self._who()} raised {type(e).__name__}: {e}{self._failing_row(prompts, responses)}. "
+                f"PPO stopped; fix the function and rerun (the stage resumes from its last "
+                f"checkpoint)."
+            ) from None
         if hasattr(out, "tolist"):  # NumPy arrays and tensors
             out = out.tolist()
         try:
             values = list(out)
         except TypeError:
-            raise UserError(f"{self._who()} returned {type(out).__name__}, not a list of numbers (one per row).") from None
+            raise UserError(
+                f"{self._who()} returned {type(out).__name__}, not a list of numbers (one per row)."
+            ) from None
         if len(values) != len(prompts):
-            raise UserError(f"{self._who()} returned {len(values)} values for {len(prompts)} rows: it must return "
-                            f"one number per (prompt, response) row, in order.")
+            raise UserError(
+                f"{self._who()} returned {len(values)} values for {len(prompts)} rows: it must return "
+                f"one number per (prompt, response) row, in order."
+            )
         result = []
         for i, v in enumerate(values):
             ok = isinstance(v, (int, float)) and not isinstance(v, bool)
             if not ok or not math.isfinite(v):
-                raise UserError(f"{self._who()} returned {v!r} for row {i} (prompt {prompts[i]!r}, response "
-                                f"{responses[i]!r}): every value must be a finite number.")
+                raise UserError(
+                    f"{self._who()} returned {v!r} for row {i} (prompt {prompts[i]!r}, response "
+                    f"{responses[i]!r}): every value must be a finite number."
+                )
             result.append(float(v))
         return result
 
@@ -115,9 +128,13 @@ def load(spec: str, option: str) -> ScoreFn:
         else:
             module = importlib.import_module(where)
     except Exception as e:
-        raise UserError(f"option {option}={spec!r}: importing {where} raised {type(e).__name__}: {e}") from None
+        raise UserError(
+            f"option {option}={spec!r}: importing {where} raised {type(e).__name__}: {e}"
+        ) from None
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise UserError(f"option {option}={spec!r}: {where} has no function {name!r}"
-                        f"{'' if fn is None else f' ({name} is a {type(fn).__name__})'}.")
+        raise UserError(
+            f"option {option}={spec!r}: {where} has no function {name!r}"
+            f"{'' if fn is None else f' ({name} is a {type(fn).__name__})'}."
+        )
     return ScoreFn(spec, option, fn)

@@ -1,4 +1,5 @@
 """Run the real launchers (`deepspeed launch/<stage>.py ...`) from tests, on a free port."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script: str, *args: str, num_gpus: int | None = None, timeout: int = 900,
-           launcher: bool = True) -> subprocess.CompletedProcess:
+def launch(
+    script: str, *args: str, num_gpus: int | None = None, timeout: int = 900, launcher: bool = True
+) -> subprocess.CompletedProcess:
     """`deepspeed [--num_gpus N] launch/<script> args`; output captured (and echoed on failure)."""
     if launcher:
         cmd = ["deepspeed", "--master_port", str(free_port())]
@@ -33,13 +35,20 @@ def launch(script: str, *args: str, num_gpus: int | None = None, timeout: int = 
 
 
 # Wall-clock and machine readings differ between any two runs; everything else must not.
-VOLATILE = ("time", "elapsed_s", "perf/", "memory/")  # wall-clock readings: "time" also covers "time/..."
+VOLATILE = (
+    "time",
+    "elapsed_s",
+    "perf/",
+    "memory/",
+)  # wall-clock readings: "time" also covers "time/..."
 
 
 def metric_rows(path: Path) -> list[dict]:
     """A stage's metrics.jsonl without its VOLATILE readings: equal for two runs that trained alike."""
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith(VOLATILE)}
-            for line in path.read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if not k.startswith(VOLATILE)}
+        for line in path.read_text().splitlines()
+    ]
 
 
 def summary(output_dir: Path) -> dict:

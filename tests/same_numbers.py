@@ -6,6 +6,7 @@ without the wall-clock readings (tests/launch_util.VOLATILE), and the final mode
 The rule for a refactor: a tiny run before and a tiny run after it (same command, same seed) are
 the same numbers.
 """
+
 import sys
 from pathlib import Path
 
@@ -22,10 +23,15 @@ def differences(a: Path, b: Path) -> list[str]:
         for i, (x, y) in enumerate(zip(ra, rb)):
             if x != y:
                 keys = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
-                out.append(f"{stage} row {i} (step {x.get('step')}): {', '.join(keys[:6])} differ, "
-                           f"e.g. {keys[0]}: {x.get(keys[0])} vs {y.get(keys[0])}")
+                out.append(
+                    f"{stage} row {i} (step {x.get('step')}): {', '.join(keys[:6])} differ, "
+                    f"e.g. {keys[0]}: {x.get(keys[0])} vs {y.get(keys[0])}"
+                )
                 break
-        ma, mb = a / stage / "model" / "model.safetensors", b / stage / "model" / "model.safetensors"
+        ma, mb = (
+            a / stage / "model" / "model.safetensors",
+            b / stage / "model" / "model.safetensors",
+        )
         if ma.is_file() and mb.is_file() and ma.read_bytes() != mb.read_bytes():
             out.append(f"{stage}: the final model's weights differ")
     return out

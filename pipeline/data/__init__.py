@@ -17,11 +17,27 @@ field. One concern per module:
 The stages and the orchestrator use the names re-exported below (`data.load_role`,
 `data.collate_sft`, ...); everything else is imported from its module.
 """
+
 from pipeline.data.cache import build_cached, examples_cache_file, read_cached
 from pipeline.data.collate import IGNORE_INDEX, collate_pairs, collate_prompts, collate_sft
 from pipeline.data.sources import FIELDS, Source, file_digest, is_hub_name, load_role
 from pipeline.data.tokenize import pair_examples, prompt_examples, reencode, sft_examples
 
-__all__ = ["FIELDS", "IGNORE_INDEX", "Source", "build_cached", "collate_pairs", "collate_prompts", "collate_sft",
-           "examples_cache_file", "file_digest", "is_hub_name", "load_role", "pair_examples", "prompt_examples",
-           "read_cached", "reencode", "sft_examples"]
+__all__ = [
+    "FIELDS",
+    "IGNORE_INDEX",
+    "Source",
+    "build_cached",
+    "collate_pairs",
+    "collate_prompts",
+    "collate_sft",
+    "examples_cache_file",
+    "file_digest",
+    "is_hub_name",
+    "load_role",
+    "pair_examples",
+    "prompt_examples",
+    "read_cached",
+    "reencode",
+    "sft_examples",
+]

@@ -3,6 +3,7 @@ data, the tokenizer and the data options, with the warnings their build logged.
 
 Not here: building the examples (tokenize.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,17 +15,32 @@ from pathlib import Path
 from pipeline.data.tokenize import EXAMPLES_VERSION
 from pipeline.errors import UserError
 
-log = logging.getLogger(__package__)  # "pipeline.data": build_cached holds back this logger's warnings
+log = logging.getLogger(
+    __package__
+)  # "pipeline.data": build_cached holds back this logger's warnings
 
 
 def examples_cache_file(cache_dir: str, stage: str, role: str, identity: dict) -> Path:
     """Where the examples of a stage's data role are cached: keyed by the content hash of the data
     and the tokenizer (from the stage's identity, see inputs.identity) and the data options."""
-    key = hashlib.sha256(json.dumps(
-        {"role": role, "data": identity["inputs"][role], "tokenizer": identity["inputs"]["tokenizer"],
-         "options": identity["data"], "trust_remote_code": identity["model"]["trust_remote_code"],
-         "version": EXAMPLES_VERSION}, sort_keys=True).encode()).hexdigest()
-    root = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "rlhf-pipeline"
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "role": role,
+                "data": identity["inputs"][role],
+                "tokenizer": identity["inputs"]["tokenizer"],
+                "options": identity["data"],
+                "trust_remote_code": identity["model"]["trust_remote_code"],
+                "version": EXAMPLES_VERSION,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+    root = (
+        Path(cache_dir)
+        if cache_dir
+        else Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "rlhf-pipeline"
+    )
     return root / "tokenized" / f"{stage}-{role}-{key[:32]}.json"
 
 
@@ -36,8 +52,11 @@ def build_cached(path: Path, build) -> str | None:
     that built the file included, says them once."""
     notes: list[str] = []
     handler = logging.Handler()
-    handler.emit = lambda record: (notes.append(record.getMessage()) if record.levelno >= logging.WARNING
-                                   else log.parent.handle(record))
+    handler.emit = lambda record: (
+        notes.append(record.getMessage())
+        if record.levelno >= logging.WARNING
+        else log.parent.handle(record)
+    )
     log.addHandler(handler)
     propagate, log.propagate = log.propagate, False
     try:
@@ -59,8 +78,10 @@ def build_cached(path: Path, build) -> str | None:
     except OSError as e:
         if tmp.is_file():
             tmp.unlink()
-        return (f"the tokenised-data cache {path} could not be written ({e.strerror or e}); free space "
-                f"there or set --cache_dir.")
+        return (
+            f"the tokenised-data cache {path} could not be written ({e.strerror or e}); free space "
+            f"there or set --cache_dir."
+        )
     return None
 
 

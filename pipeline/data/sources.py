@@ -5,6 +5,7 @@ weighted mix of several datasets (`load_role`, the stages' entry point).
 Not here: what the columns mean and how a row becomes a stage's row (formats.py), tokens
 (tokenize.py), batches (collate.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,25 +13,48 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data.formats import (KINDS, ROLE_KIND, ROLE_NAMES, check_columns, check_pair, check_text, convert,
-                                   detect_format, render)
+from pipeline.data.formats import (
+    KINDS,
+    ROLE_KIND,
+    ROLE_NAMES,
+    check_columns,
+    check_pair,
+    check_text,
+    convert,
+    detect_format,
+    render,
+)
 from pipeline.errors import UserError
 
 FIELDS = {  # dataset role -> the fields each of its rows must have
-    "sft_data": ("prompt", "response"), "sft_eval_data": ("prompt", "response"),
-    "reward_data": ("prompt", "chosen", "rejected"), "reward_eval_data": ("prompt", "chosen", "rejected"),
-    "prompt_data": ("prompt",), "eval_prompt_data": ("prompt",),
+    "sft_data": ("prompt", "response"),
+    "sft_eval_data": ("prompt", "response"),
+    "reward_data": ("prompt", "chosen", "rejected"),
+    "reward_eval_data": ("prompt", "chosen", "rejected"),
+    "prompt_data": ("prompt",),
+    "eval_prompt_data": ("prompt",),
     "ptx_data": ("prompt", "response"),  # PPO-ptx: supervised rows mixed into the actor update
 }
-KNOWN_COLUMNS = ("prompt", "response", "chosen", "rejected", "messages")  # the columns read; others are ignored
+KNOWN_COLUMNS = (
+    "prompt",
+    "response",
+    "chosen",
+    "rejected",
+    "messages",
+)  # the columns read; others are ignored
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 def is_hub_name(path: str) -> bool:
     """A dataset named on the Hugging Face hub (`Dahoas/rm-static`), not a local file or folder."""
     p = Path(path)
-    return (not p.exists() and not path.startswith((".", "/", "~")) and p.suffix not in _BUILDERS
-            and 0 < len(path) and path.count("/") <= 1)
+    return (
+        not p.exists()
+        and not path.startswith((".", "/", "~"))
+        and p.suffix not in _BUILDERS
+        and 0 < len(path)
+        and path.count("/") <= 1
+    )
 
 
 def _hub_dataset(name: str):
@@ -41,10 +65,12 @@ def _hub_dataset(name: str):
         return datasets.load_dataset(name, split="train")
     except Exception as e:  # no network, unknown name, gated repo, no train split: one paragraph
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"dataset {name} is not a local file or folder, and the Hugging Face hub did not "
-                        f"give it ({reason}). Give a local json/jsonl/parquet/csv file or folder, or a hub "
-                        f"dataset with a train split (once downloaded it is read from the datasets cache, "
-                        f"also with HF_DATASETS_OFFLINE=1).") from None
+        raise UserError(
+            f"dataset {name} is not a local file or folder, and the Hugging Face hub did not "
+            f"give it ({reason}). Give a local json/jsonl/parquet/csv file or folder, or a hub "
+            f"dataset with a train split (once downloaded it is read from the datasets cache, "
+            f"also with HF_DATASETS_OFFLINE=1)."
+        ) from None
 
 
 def _data_files(path: str) -> tuple[str, list[str]]:
@@ -59,8 +85,10 @@ def _data_files(path: str) -> tuple[str, list[str]]:
         raise UserError(f"dataset file {path} does not exist.")
     kinds = {_BUILDERS.get(f.suffix) for f in files}
     if None in kinds or len(kinds) != 1:
-        raise UserError(f"dataset {path}: expected .json, .jsonl, .parquet or .csv files of one kind, "
-                        f"got {', '.join(sorted(f.name for f in files))}.")
+        raise UserError(
+            f"dataset {path}: expected .json, .jsonl, .parquet or .csv files of one kind, "
+            f"got {', '.join(sorted(f.name for f in files))}."
+        )
     return kinds.pop(), [str(f) for f in files]
 
 
@@ -76,7 +104,8 @@ def _check_utf8(files: list[str]) -> None:
                     raise UserError(
                         f"dataset {name}, line {lineno}: not UTF-8 text (byte {line[e.start]:#04x} at "
                         f"column {e.start + 1}, file offset {offset + e.start}); save the file as "
-                        f"UTF-8.") from None
+                        f"UTF-8."
+                    ) from None
                 offset += len(line)
 
 
@@ -90,8 +119,10 @@ def _csv_as_text(builder: str, files: list[str]) -> dict:
 
     with open(files[0], newline="", encoding="utf-8", errors="replace") as f:
         header = next(csv.reader(f), [])
-    return {"keep_default_na": False,
-            "features": datasets.Features({c: datasets.Value("string") for c in header})}
+    return {
+        "keep_default_na": False,
+        "features": datasets.Features({c: datasets.Value("string") for c in header}),
+    }
 
 
 def _known_rows(ds) -> list[dict]:
@@ -111,9 +142,13 @@ def _read_table(path: str) -> tuple[list[str], list[dict]]:
     if builder in ("json", "csv"):
         _check_utf8(files)
     try:
-        ds = datasets.load_dataset(builder, data_files=files, split="train", **_csv_as_text(builder, files))
+        ds = datasets.load_dataset(
+            builder, data_files=files, split="train", **_csv_as_text(builder, files)
+        )
         rows = _known_rows(ds)
-    except Exception as e:  # datasets/pyarrow raise many types; name the file and the first line of why
+    except (
+        Exception
+    ) as e:  # datasets/pyarrow raise many types; name the file and the first line of why
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"dataset {path} could not be read as {builder}: {reason}") from None
     return ds.column_names, rows
@@ -124,8 +159,10 @@ def load_rows(path: str, fields: tuple[str, ...]) -> list[dict]:
     columns, rows = _read_table(path)
     missing = [f for f in fields if f not in columns]
     if missing:
-        raise UserError(f"dataset {path}: field {missing[0]!r} is missing (columns: "
-                        f"{', '.join(columns) or 'none'}; expected {', '.join(fields)}).")
+        raise UserError(
+            f"dataset {path}: field {missing[0]!r} is missing (columns: "
+            f"{', '.join(columns) or 'none'}; expected {', '.join(fields)})."
+        )
     if not rows:
         raise UserError(f"dataset {path} has no rows.")
     out = []
@@ -161,16 +198,24 @@ class Source:
     weights: tuple[float, ...] = ()  # one per path; empty: plain concatenation
     split: tuple[float, ...] = ()  # data_split ratios; empty: every row
     part: int = 0
-    holdout: str = ""  # "": every row of the share; "train": all but the eval slice; "eval": the slice
+    holdout: str = (
+        ""  # "": every row of the share; "train": all but the eval slice; "eval": the slice
+    )
     eval_fraction: float = 0.05
     seed: int = 0
 
     def __str__(self) -> str:
         notes = []
         if self.split:
-            notes.append(f"share {self.part + 1} of data_split {','.join(f'{x:g}' for x in self.split)}")
+            notes.append(
+                f"share {self.part + 1} of data_split {','.join(f'{x:g}' for x in self.split)}"
+            )
         if self.holdout:
-            notes.append("held-out eval slice" if self.holdout == "eval" else "without its held-out eval slice")
+            notes.append(
+                "held-out eval slice"
+                if self.holdout == "eval"
+                else "without its held-out eval slice"
+            )
         return " + ".join(self.paths) + (f" ({'; '.join(notes)})" if notes else "")
 
     def describe(self) -> dict:
@@ -199,7 +244,7 @@ def split_indices(n: int, ratios: tuple[float, ...], part: int, seed: int) -> li
     for r in ratios:
         cum += r
         bounds.append(int(round(n * cum / total)))
-    return sorted(perm[bounds[part]:bounds[part + 1]].tolist())
+    return sorted(perm[bounds[part] : bounds[part + 1]].tolist())
 
 
 def holdout_indices(idx: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -209,7 +254,10 @@ def holdout_indices(idx: list[int], fraction: float, seed: int) -> tuple[list[in
     k = max(1, int(round(len(idx) * fraction)))
     perm = np.random.RandomState(seed + 1).permutation(len(idx))
     held = set(perm[:k].tolist())
-    return ([x for j, x in enumerate(idx) if j not in held], [x for j, x in enumerate(idx) if j in held])
+    return (
+        [x for j, x in enumerate(idx) if j not in held],
+        [x for j, x in enumerate(idx) if j in held],
+    )
 
 
 def mix(parts: list[list[dict]], weights: tuple[float, ...], seed: int) -> list[dict]:
@@ -227,7 +275,9 @@ def mix(parts: list[list[dict]], weights: tuple[float, ...], seed: int) -> list[
         if not rows or not want:
             continue
         full, rest = divmod(want, len(rows))
-        out += rows * full + [rows[j] for j in sorted(rng.choice(len(rows), rest, replace=False).tolist())]
+        out += rows * full + [
+            rows[j] for j in sorted(rng.choice(len(rows), rest, replace=False).tolist())
+        ]
     return out
 
 
@@ -244,17 +294,25 @@ def load_role(spec, role: str, tokenizer=None, tokenizer_name: str = "") -> list
             raise UserError(f"dataset {path} has no rows.")
         fmt = src.format if src.format != "auto" else detect_format(path, columns, raw)
         check_columns(path, columns, fmt, kind, src.format != "auto", role)
-        idx = split_indices(len(raw), src.split, src.part, src.seed) if src.split else list(range(len(raw)))
+        idx = (
+            split_indices(len(raw), src.split, src.part, src.seed)
+            if src.split
+            else list(range(len(raw)))
+        )
         if src.holdout:
             if len(idx) < 2:
-                raise UserError(f"dataset {path}: {len(idx)} rows in {src} are too few to hold out an eval "
-                                f"slice; give the {KINDS[kind][0]} stage its own eval dataset.")
+                raise UserError(
+                    f"dataset {path}: {len(idx)} rows in {src} are too few to hold out an eval "
+                    f"slice; give the {KINDS[kind][0]} stage its own eval dataset."
+                )
             idx = holdout_indices(idx, src.eval_fraction, src.seed)[src.holdout == "eval"]
         parts.append(convert(path, fmt, kind, ((i, raw[i]) for i in idx)))
     rows = mix(parts, src.weights if src.holdout != "eval" else (), src.seed)
     if not rows:
         stage, _, option = KINDS[kind]
         stage, option = ROLE_NAMES.get(role, (stage, option))
-        raise UserError(f"dataset {src} gives the {stage} stage no rows: give it a non-zero share in "
-                        f"--data.data_split or its own dataset with {option}.")
+        raise UserError(
+            f"dataset {src} gives the {stage} stage no rows: give it a non-zero share in "
+            f"--data.data_split or its own dataset with {option}."
+        )
     return render(rows, tokenizer, str(src), tokenizer_name) if tokenizer is not None else rows

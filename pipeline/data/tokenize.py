@@ -5,6 +5,7 @@ a reward model with its own tokenizer.
 
 Not here: where the cached examples are written (cache.py), padding into batches (collate.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,7 +17,9 @@ from pipeline.data.collate import IGNORE_INDEX, pad
 
 log = logging.getLogger(__package__)  # "pipeline.data", the name its warnings have always had
 
-EXAMPLES_VERSION = 1  # bump when the example builders below change what they produce (keys cache.py's files)
+EXAMPLES_VERSION = (
+    1  # bump when the example builders below change what they produce (keys cache.py's files)
+)
 
 
 @dataclass
@@ -33,13 +36,25 @@ class Truncations:
 
     def report(self, what: str, max_prompt_len: int, max_response_len: int) -> None:
         if self.prompts:
-            log.warning("%s: %d of %d prompts were longer than max_prompt_len=%d tokens (the longest has %d) "
-                        "and were truncated from the left; raise --data.max_prompt_len to keep them whole.",
-                        what, self.prompts, self.prompts_seen, max_prompt_len, self.longest_prompt)
+            log.warning(
+                "%s: %d of %d prompts were longer than max_prompt_len=%d tokens (the longest has %d) "
+                "and were truncated from the left; raise --data.max_prompt_len to keep them whole.",
+                what,
+                self.prompts,
+                self.prompts_seen,
+                max_prompt_len,
+                self.longest_prompt,
+            )
         if self.responses:
-            log.warning("%s: %d of %d responses were longer than max_response_len=%d tokens, EOS included (the "
-                        "longest has %d), and were truncated; raise --data.max_response_len to keep them whole.",
-                        what, self.responses, self.responses_seen, max_response_len, self.longest_response)
+            log.warning(
+                "%s: %d of %d responses were longer than max_response_len=%d tokens, EOS included (the "
+                "longest has %d), and were truncated; raise --data.max_response_len to keep them whole.",
+                what,
+                self.responses,
+                self.responses_seen,
+                max_response_len,
+                self.longest_response,
+            )
 
 
 def encode_prompt(tokenizer, prompt: str, max_len: int, cuts: Truncations) -> list[int]:
@@ -51,7 +66,7 @@ def encode_prompt(tokenizer, prompt: str, max_len: int, cuts: Truncations) -> li
     if len(ids) > max_len:
         cuts.prompts += 1
         keep_bos = tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
-        ids = [ids[0]] + ids[len(ids) - max_len + 1:] if keep_bos else ids[-max_len:]
+        ids = [ids[0]] + ids[len(ids) - max_len + 1 :] if keep_bos else ids[-max_len:]
     return ids
 
 
@@ -82,22 +97,38 @@ def pair_examples(rows, tokenizer, max_prompt_len, max_response_len, what="pairs
     cuts, out = Truncations(), []
     for row in rows:
         p = encode_prompt(tokenizer, row["prompt"], max_prompt_len, cuts)
-        out.append({"chosen_ids": p + encode_response(tokenizer, row["chosen"], max_response_len, cuts),
-                    "rejected_ids": p + encode_response(tokenizer, row["rejected"], max_response_len, cuts)})
+        out.append(
+            {
+                "chosen_ids": p + encode_response(tokenizer, row["chosen"], max_response_len, cuts),
+                "rejected_ids": p
+                + encode_response(tokenizer, row["rejected"], max_response_len, cuts),
+            }
+        )
     cuts.report(what, max_prompt_len, max_response_len)
     return out
 
 
 def prompt_examples(rows, tokenizer, max_prompt_len, what="prompts") -> list[dict]:
     cuts = Truncations()
-    out = [{"prompt_ids": encode_prompt(tokenizer, row["prompt"], max_prompt_len, cuts),
-            "prompt": row["prompt"]} for row in rows]
+    out = [
+        {
+            "prompt_ids": encode_prompt(tokenizer, row["prompt"], max_prompt_len, cuts),
+            "prompt": row["prompt"],
+        }
+        for row in rows
+    ]
     cuts.report(what, max_prompt_len, 0)
     return out
 
 
-def reencode(prompts: list[str], responses: list[list[int]], tokenizer, target_tokenizer,
-             max_prompt_len: int, max_response_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def reencode(
+    prompts: list[str],
+    responses: list[list[int]],
+    tokenizer,
+    target_tokenizer,
+    max_prompt_len: int,
+    max_response_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt + response as another tokenizer reads them (a reward model with its own vocabulary).
 
     Responses (actor token ids, EOS included) are decoded to text and encoded again with the
@@ -106,7 +137,9 @@ def reencode(prompts: list[str], responses: list[list[int]], tokenizer, target_t
     cuts, rows = Truncations(), []
     for prompt, response in zip(prompts, responses):
         text = tokenizer.decode(response, skip_special_tokens=True)
-        rows.append(encode_prompt(target_tokenizer, prompt, max_prompt_len, cuts)
-                    + encode_response(target_tokenizer, text, max_response_len, cuts))
+        rows.append(
+            encode_prompt(target_tokenizer, prompt, max_prompt_len, cuts)
+            + encode_response(target_tokenizer, text, max_response_len, cuts)
+        )
     cuts.report("reward-model re-encoding", max_prompt_len, max_response_len)
     return pad(rows, target_tokenizer.pad_token_id), pad([[1] * len(r) for r in rows], 0)

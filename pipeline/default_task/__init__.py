@@ -17,28 +17,92 @@ the true preference.
 Everything is written as plain files (JSONL data, a Hugging Face tokenizer folder, a Llama
 config.json) and read back through the same code paths as a user's data and model.
 """
+
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
 
-ITEMS = ["pizza", "movie", "hotel", "phone", "book", "song", "car", "game", "camera", "laptop",
-         "coffee", "bakery", "museum", "concert", "bike", "jacket", "garden", "train", "beach",
-         "tablet", "album", "theater", "salad", "sofa"]
+ITEMS = [
+    "pizza",
+    "movie",
+    "hotel",
+    "phone",
+    "book",
+    "song",
+    "car",
+    "game",
+    "camera",
+    "laptop",
+    "coffee",
+    "bakery",
+    "museum",
+    "concert",
+    "bike",
+    "jacket",
+    "garden",
+    "train",
+    "beach",
+    "tablet",
+    "album",
+    "theater",
+    "salad",
+    "sofa",
+]
 # Adjective -> sentiment in [-1, 1]; distinct values make ties between responses rare.
 SENTIMENT = {
-    "amazing": 1.0, "excellent": 0.93, "wonderful": 0.86, "superb": 0.8, "great": 0.73,
-    "delightful": 0.66, "lovely": 0.6, "good": 0.53, "pleasant": 0.46, "nice": 0.4,
-    "solid": 0.33, "decent": 0.26, "fine": 0.2, "okay": 0.13, "ordinary": 0.06,
-    "average": 0.0, "plain": -0.06, "bland": -0.13, "forgettable": -0.2, "mediocre": -0.26,
-    "dull": -0.33, "clumsy": -0.4, "weak": -0.46, "poor": -0.53, "bad": -0.6,
-    "disappointing": -0.66, "annoying": -0.73, "awful": -0.8, "terrible": -0.86,
-    "horrible": -0.93, "dreadful": -1.0,
+    "amazing": 1.0,
+    "excellent": 0.93,
+    "wonderful": 0.86,
+    "superb": 0.8,
+    "great": 0.73,
+    "delightful": 0.66,
+    "lovely": 0.6,
+    "good": 0.53,
+    "pleasant": 0.46,
+    "nice": 0.4,
+    "solid": 0.33,
+    "decent": 0.26,
+    "fine": 0.2,
+    "okay": 0.13,
+    "ordinary": 0.06,
+    "average": 0.0,
+    "plain": -0.06,
+    "bland": -0.13,
+    "forgettable": -0.2,
+    "mediocre": -0.26,
+    "dull": -0.33,
+    "clumsy": -0.4,
+    "weak": -0.46,
+    "poor": -0.53,
+    "bad": -0.6,
+    "disappointing": -0.66,
+    "annoying": -0.73,
+    "awful": -0.8,
+    "terrible": -0.86,
+    "horrible": -0.93,
+    "dreadful": -1.0,
 }
 ADJECTIVES = list(SENTIMENT)
-NAMES = ["ana", "ben", "chloe", "dev", "emma", "farid", "grace", "hugo", "iris", "jon",
-         "kira", "leo", "maya", "nils", "omar", "pia"]
+NAMES = [
+    "ana",
+    "ben",
+    "chloe",
+    "dev",
+    "emma",
+    "farid",
+    "grace",
+    "hugo",
+    "iris",
+    "jon",
+    "kira",
+    "leo",
+    "maya",
+    "nils",
+    "omar",
+    "pia",
+]
 PROMPT_TEMPLATES = [
     "{name} asks for a review of the {item} .",
     "please review the {item} for {name} .",
@@ -52,9 +116,12 @@ RESPONSE_TEMPLATES = [
     "the {item} felt {a} , {b} and {c} .",
     "this {item} was {a} but {b} .",
 ]
-GRAMMAR_WORDS = sorted({w for t in PROMPT_TEMPLATES + RESPONSE_TEMPLATES for w in t.split()
-                        if not w.startswith("{")})
-VERSION = 7  # bump when generated data changes, so runs regenerate it (7: held-out prompts disjoint)
+GRAMMAR_WORDS = sorted(
+    {w for t in PROMPT_TEMPLATES + RESPONSE_TEMPLATES for w in t.split() if not w.startswith("{")}
+)
+VERSION = (
+    7  # bump when generated data changes, so runs regenerate it (7: held-out prompts disjoint)
+)
 MIN_GOLD_GAP = 0.2  # pairs closer than this in gold score are not labelled (near-ties)
 FLAWED_FRACTION = 0.5  # share of preference pairs whose second response is flawed
 # Weights of the flaw kinds of `_flawed_response` (item swap, other item, no item, unterminated,
@@ -130,7 +197,7 @@ def _flawed_response(rng: random.Random, item: str, good: str) -> str:
         return _response(rng, item).removesuffix(" .")
     if kind == 4:  # cut off after a few words
         words = _response(rng, item).split()
-        return " ".join(words[:rng.randrange(1, max(2, len(words) - 1))])
+        return " ".join(words[: rng.randrange(1, max(2, len(words) - 1))])
     return "."  # next to nothing
 
 
@@ -138,7 +205,11 @@ def _pair(rng: random.Random, noise: float, prompt: str) -> dict:
     item = _item_of(prompt)
     while True:
         a = _response(rng, item)
-        b = _flawed_response(rng, item, a) if rng.random() < FLAWED_FRACTION else _response(rng, item)
+        b = (
+            _flawed_response(rng, item, a)
+            if rng.random() < FLAWED_FRACTION
+            else _response(rng, item)
+        )
         ga, gb = gold_score(prompt, a), gold_score(prompt, b)
         if abs(ga - gb) >= MIN_GOLD_GAP:  # skip near-ties: no human would agree on them
             break
@@ -163,25 +234,45 @@ def build_tokenizer(folder: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     bos = SPECIAL_TOKENS["bos"]
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])])
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+    )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=bos, eos_token=SPECIAL_TOKENS["eos"],
-        pad_token=SPECIAL_TOKENS["pad"], unk_token=SPECIAL_TOKENS["unk"], padding_side="right")
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=SPECIAL_TOKENS["eos"],
+        pad_token=SPECIAL_TOKENS["pad"],
+        unk_token=SPECIAL_TOKENS["unk"],
+        padding_side="right",
+    )
     fast.save_pretrained(str(folder))
 
 
-def model_config(vocab_size: int, hidden_size: int, num_hidden_layers: int,
-                 num_attention_heads: int, intermediate_size: int, max_positions: int) -> dict:
+def model_config(
+    vocab_size: int,
+    hidden_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    intermediate_size: int,
+    max_positions: int,
+) -> dict:
     """A small Llama config (a few million parameters at the defaults) as a config.json dict."""
     from transformers import LlamaConfig
 
     ids = {k: vocabulary().index(v) for k, v in SPECIAL_TOKENS.items()}
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads, num_key_value_heads=num_attention_heads,
-        intermediate_size=intermediate_size, max_position_embeddings=max_positions,
-        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
-        tie_word_embeddings=True, rms_norm_eps=1e-5)
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_positions,
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+    )
     return cfg.to_dict()
 
 
@@ -191,16 +282,25 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def generate(folder: Path, seed: int, num_sft: int, num_pairs: int, num_prompts: int,
-             num_eval: int, label_noise: float) -> dict[str, Path]:
+def generate(
+    folder: Path,
+    seed: int,
+    num_sft: int,
+    num_pairs: int,
+    num_prompts: int,
+    num_eval: int,
+    label_noise: float,
+) -> dict[str, Path]:
     """Write the task's data files into `folder`; deterministic given the arguments.
 
     The `num_eval` held-out prompts are distinct and never appear in the training files (SFT
     demonstrations, preference pairs, PPO prompts): held-out scores measure generalisation to
     prompts the policy and the reward model never trained on, not recall."""
     if not 0 < num_eval <= MAX_EVAL_PROMPTS:
-        raise ValueError(f"default task: num_eval={num_eval} must be in [1, {MAX_EVAL_PROMPTS}] (the task has "
-                         f"{len(all_prompts())} distinct prompts; held-out ones are kept out of training).")
+        raise ValueError(
+            f"default task: num_eval={num_eval} must be in [1, {MAX_EVAL_PROMPTS}] (the task has "
+            f"{len(all_prompts())} distinct prompts; held-out ones are kept out of training)."
+        )
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     eval_prompts = rng.sample(all_prompts(), num_eval)

@@ -6,6 +6,7 @@ scheduler) and the types it pickles (`safe_globals`). The checkpoint folder arou
 pipeline/checkpoint.py; the DS config that loads a universal checkpoint is
 ds_config.universal_loading.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,7 +28,10 @@ def save_engine(engine, folder: Path, tag: str) -> list[str]:
             return
         try:
             inner(state_dict, path)
-        except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a failed write as RuntimeError
+        except (
+            OSError,
+            RuntimeError,
+        ) as e:  # torch.save's zip writer reports a failed write as RuntimeError
             errors.append(f"{path}: {getattr(e, 'strerror', None) or e}")
 
     engine.checkpoint_engine.save = save
@@ -41,8 +45,9 @@ def save_engine(engine, folder: Path, tag: str) -> list[str]:
 def load_engine(engine, folder: Path, tag: str) -> None:
     """Load weights, optimizer and scheduler saved by `save_engine` (or its universal form, when
     the engine was built with `universal_loading`). Collective."""
-    path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    path, _ = engine.load_checkpoint(
+        str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint {tag} in {folder}")
 
@@ -53,12 +58,28 @@ def to_universal(src: Path, dst: Path, workers: int = 1) -> None:
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                           str(src), "--output_folder", str(dst), "--num_extract_workers", str(max(1, workers)),
-                           "--num_merge_workers", str(max(1, workers // 2)), "--inject_missing_state"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(src),
+            "--output_folder",
+            str(dst),
+            "--num_extract_workers",
+            str(max(1, workers)),
+            "--num_merge_workers",
+            str(max(1, workers // 2)),
+            "--inject_missing_state",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"converting {src} to a universal checkpoint failed:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(
+            f"converting {src} to a universal checkpoint failed:\n{proc.stderr[-2000:]}"
+        )
 
 
 def safe_globals() -> list:

@@ -11,6 +11,7 @@ reductions of `x`), and `all_reduce_sum` adds them up on `device()`. A scalar bu
 stacked with a device tensor passes every CPU test and crashes on a GPU (issue #14);
 tests/unit/test_device_placement.py keeps it from coming back.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -51,20 +52,32 @@ def init_distributed(timeout_minutes: float = Config.dist_timeout_minutes) -> Di
     (a dead node, a hung rank) fails instead of hanging until the job's time limit.
     """
     launched = "WORLD_SIZE" in os.environ
-    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                         ("MASTER_ADDR", "127.0.0.1")):
+    for key, default in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+    ):
         os.environ.setdefault(key, default)
     if not launched:
         check_slurm_world_size(os.environ, 1)
     if "MASTER_PORT" not in os.environ:  # a single process started without a launcher
         os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   timeout=datetime.timedelta(minutes=timeout_minutes))
-    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]),
-             int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        deepspeed.init_distributed(
+            dist_backend=get_accelerator().communication_backend_name(),
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    d = Dist(
+        dist.get_rank(),
+        dist.get_world_size(),
+        int(os.environ["LOCAL_RANK"]),
+        int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))),
+    )
     # The cores this process may use (a SLURM cpuset or `taskset` narrows them), shared by local ranks.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     torch.set_num_threads(max(1, cores // d.local_world_size))
     get_accelerator().set_device(d.local_rank)
     atexit.register(_remove_shm_buffer, d.rank)
@@ -75,14 +88,18 @@ def check_slurm_world_size(env, world_size: int) -> None:
     """Refuse a world of `world_size` ranks inside a SLURM step that has more tasks: a plain
     `srun python launch/ppo.py` would otherwise start one independent single-rank run per task,
     all writing the same output folder."""
-    tasks = env.get("SLURM_STEP_NUM_TASKS", "")  # set by srun for its step (not in the batch script itself)
+    tasks = env.get(
+        "SLURM_STEP_NUM_TASKS", ""
+    )  # set by srun for its step (not in the batch script itself)
     if not tasks.isdigit() or int(tasks) <= world_size:
         return
-    raise UserError(f"this process sees a world size of {world_size}, but SLURM runs it as task "
-                    f"{env.get('SLURM_PROCID', '?')} of {tasks} (SLURM_STEP_NUM_TASKS): started "
-                    f"without a distributed launcher, each task would train alone on the same output folder. "
-                    f"Submit launch/slurm/ppo.sbatch (or sft/reward.sbatch), which starts DeepSpeed's launcher "
-                    f"on every node, or run a single task (srun --ntasks=1).")
+    raise UserError(
+        f"this process sees a world size of {world_size}, but SLURM runs it as task "
+        f"{env.get('SLURM_PROCID', '?')} of {tasks} (SLURM_STEP_NUM_TASKS): started "
+        f"without a distributed launcher, each task would train alone on the same output folder. "
+        f"Submit launch/slurm/ppo.sbatch (or sft/reward.sbatch), which starts DeepSpeed's launcher "
+        f"on every node, or run a single task (srun --ntasks=1)."
+    )
 
 
 def _remove_shm_buffer(rank: int) -> None:

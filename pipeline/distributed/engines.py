@@ -6,6 +6,7 @@ and `inference_engine` (frozen, offloaded) wrap them; `ShardEMA` averages a ZeRO
 on each rank's own shards. Gathering full weights and exporting them is zero3.py; the DS JSON the
 engines are built from is ds_config.py; engine checkpoints are checkpoint.py.
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,25 +39,42 @@ def zero3_construction(ds_config: dict):
     yield
 
 
-def train_engine(model: torch.nn.Module, ds_config: dict, learning_rate: float, weight_decay: float,
-                 scheduler: str, warmup_steps: int, total_steps: int):
+def train_engine(
+    model: torch.nn.Module,
+    ds_config: dict,
+    learning_rate: float,
+    weight_decay: float,
+    scheduler: str,
+    warmup_steps: int,
+    total_steps: int,
+):
     """A ZeRO-3 training engine with AdamW and a transformers learning-rate schedule."""
     from transformers import get_scheduler
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=learning_rate, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=learning_rate,
+        betas=(0.9, 0.95),
+    )
     assert scheduler in LR_SCHEDULERS, scheduler  # config.validate refused the others
 
     def lr_scheduler(wrapped_optimizer):  # built on DeepSpeed's wrapped optimizer, stepped by it
-        return get_scheduler(scheduler, wrapped_optimizer, num_warmup_steps=warmup_steps,
-                             num_training_steps=max(total_steps, 1))
+        return get_scheduler(
+            scheduler,
+            wrapped_optimizer,
+            num_warmup_steps=warmup_steps,
+            num_training_steps=max(total_steps, 1),
+        )
 
     cfg = dict(ds_config, zero_allow_untested_optimizer=True)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                      config=cfg)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=cfg
+    )
     return engine
 
 
@@ -69,17 +87,18 @@ def inference_engine(model: torch.nn.Module, ds_config: dict):
     return engine
 
 
-
 def describe(engine, name: str) -> str:
     """One banner line: ZeRO stage, offload and size of an engine."""
     zero = engine.zero_optimization_stage()
     param = engine.zero_offload_param()
     optim = engine.zero_offload_optimizer()
     total, trained = num_params(engine.module), num_params(engine.module, trainable=True)
-    return (f"{name}: ZeRO-{zero}, {model_dtype(engine)}, params offloaded to {param.device if param else 'none'}, "
-            f"optimizer offloaded to {optim.device if optim else 'none'}, "
-            f"{total / 1e6:.2f}M parameters ({trained:,} trained, {100 * trained / max(total, 1):.1f}%), "
-            f"{engine.device}")
+    return (
+        f"{name}: ZeRO-{zero}, {model_dtype(engine)}, params offloaded to {param.device if param else 'none'}, "
+        f"optimizer offloaded to {optim.device if optim else 'none'}, "
+        f"{total / 1e6:.2f}M parameters ({trained:,} trained, {100 * trained / max(total, 1):.1f}%), "
+        f"{engine.device}"
+    )
 
 
 def model_dtype(engine) -> torch.dtype:
@@ -89,13 +108,20 @@ def model_dtype(engine) -> torch.dtype:
 
 def num_params(module: torch.nn.Module, trainable: bool = False) -> int:
     """Total (or only trainable) parameters, counting ZeRO-3 partitioned ones at full size."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad or not trainable)
+    return sum(
+        getattr(p, "ds_numel", p.numel())
+        for p in module.parameters()
+        if p.requires_grad or not trainable
+    )
 
 
 @contextmanager
 def plain_construction():
     """Build ordinary (unpartitioned) modules even while a ZeRO-3 config is alive."""
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+    from transformers.integrations.deepspeed import (
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
 
     unset_hf_deepspeed_config()
     try:
@@ -103,7 +129,6 @@ def plain_construction():
     finally:
         if _HF_DS_CONFIG is not None:
             set_hf_deepspeed_config(_HF_DS_CONFIG)
-
 
 
 def set_schedule_step(engine, step: int) -> None:
@@ -130,9 +155,11 @@ class ShardEMA:
         self.params = dict(module.named_parameters())
         for name, p in self.params.items():
             if p.ds_tensor.numel() != p.ds_tensor.ds_numel:  # swapped out to NVMe
-                raise UserError(f"ppo.ema_beta: parameter {name} has its partition swapped out (offload_param "
-                                f"to nvme in the DeepSpeed config); the EMA needs it in memory. Offload to "
-                                f"cpu or none, or set ppo.ema_beta 0.")
+                raise UserError(
+                    f"ppo.ema_beta: parameter {name} has its partition swapped out (offload_param "
+                    f"to nvme in the DeepSpeed config); the EMA needs it in memory. Offload to "
+                    f"cpu or none, or set ppo.ema_beta 0."
+                )
         self.shards = {n: p.ds_tensor.detach().float().clone() for n, p in self.params.items()}
         self._by_param = {id(p): n for n, p in self.params.items()}
 
@@ -145,9 +172,11 @@ class ShardEMA:
     def gathered(self, param: torch.nn.Parameter) -> torch.Tensor:
         """The full EMA of `param` (its shape and dtype), on every rank. Collective."""
         shard = self.shards[self._by_param[id(param)]].to(device())
-        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(param.ds_process_group))]
+        parts = [
+            torch.empty_like(shard) for _ in range(dist.get_world_size(param.ds_process_group))
+        ]
         dist.all_gather(parts, shard, group=param.ds_process_group)
-        return torch.cat(parts)[:param.ds_numel].view(param.ds_shape).to(param.dtype)
+        return torch.cat(parts)[: param.ds_numel].view(param.ds_shape).to(param.dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: t.cpu() for n, t in self.shards.items()}
@@ -162,9 +191,14 @@ class ShardEMA:
         partitions re-cut from them."""
         for name, p in self.params.items():
             group = p.ds_process_group
-            self.shards[name].copy_(recut([old[name] for old in per_rank], p.ds_numel,
-                                          dist.get_world_size(group), dist.get_rank(group)))
-
+            self.shards[name].copy_(
+                recut(
+                    [old[name] for old in per_rank],
+                    p.ds_numel,
+                    dist.get_world_size(group),
+                    dist.get_rank(group),
+                )
+            )
 
 
 def forward(engine, fn, *args, **kwargs):
@@ -181,8 +215,12 @@ def forward(engine, fn, *args, **kwargs):
     if not isinstance(engine, deepspeed.DeepSpeedEngine):
         return fn(engine, *args, **kwargs)
     module = engine.module
-    own = module.__dict__.get("forward")  # a forward already set on the instance (a wrapper's) comes back after
-    module.forward = lambda *a, **k: fn(module, *a, **k)  # an instance attribute over the class's forward
+    own = module.__dict__.get(
+        "forward"
+    )  # a forward already set on the instance (a wrapper's) comes back after
+    module.forward = lambda *a, **k: fn(
+        module, *a, **k
+    )  # an instance attribute over the class's forward
     try:
         return engine(*args, **kwargs)
     finally:

@@ -6,6 +6,7 @@ one group of submodules at a time. `zero3_partition` / `recut` reproduce ZeRO-3'
 layout (for re-cutting per-rank shards saved on another rank count). Building engines is
 engines.py.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,9 +34,15 @@ def full_state_dict(module: torch.nn.Module, rank: int, ema: ShardEMA | None = N
         param_names = {name for name, _ in params}
         if not own:
             continue
-        gather = contextlib.nullcontext() if ema else deepspeed.zero.GatheredParameters([p for _, p in params])
+        gather = (
+            contextlib.nullcontext()
+            if ema
+            else deepspeed.zero.GatheredParameters([p for _, p in params])
+        )
         with gather:
-            values = [(name, ema.gathered(t) if ema and name in param_names else t) for name, t in own]
+            values = [
+                (name, ema.gathered(t) if ema and name in param_names else t) for name, t in own
+            ]
             if rank == 0:
                 for name, t in values:
                     key = f"{prefix}.{name}" if prefix else name
@@ -44,8 +51,15 @@ def full_state_dict(module: torch.nn.Module, rank: int, ema: ShardEMA | None = N
     return state if rank == 0 else None
 
 
-def save_hf(module: torch.nn.Module, tokenizer, folder: Path, rank: int, *, ema: ShardEMA | None = None,
-            merge: LoraMerge | None = None) -> None:
+def save_hf(
+    module: torch.nn.Module,
+    tokenizer,
+    folder: Path,
+    rank: int,
+    *,
+    ema: ShardEMA | None = None,
+    merge: LoraMerge | None = None,
+) -> None:
     """Save as a plain Hugging Face folder (config, safetensors, tokenizer), atomically; with `ema`,
     the EMA's weights instead of the module's. With `merge`, LoRA adapters are merged into the
     weights: the folder has the base architecture's keys.
@@ -70,8 +84,9 @@ def save_hf(module: torch.nn.Module, tokenizer, folder: Path, rank: int, *, ema:
     barrier()
 
 
-
-def copy_gathered(src: torch.nn.Module, dst: torch.nn.Module, group: int = 0, merge: LoraMerge | None = None) -> None:
+def copy_gathered(
+    src: torch.nn.Module, dst: torch.nn.Module, group: int = 0, merge: LoraMerge | None = None
+) -> None:
     """Copy the full weights of a ZeRO-3 module into a plain module of the same architecture.
 
     Gathers `group` submodules at a time (0: the whole module in one gather), so the transient
@@ -87,12 +102,11 @@ def copy_gathered(src: torch.nn.Module, dst: torch.nn.Module, group: int = 0, me
     owners = list(units.values())
     step = group if group > 0 else len(owners)
     for i in range(0, len(owners), step):
-        chunk = [pair for own in owners[i:i + step] for pair in own]
+        chunk = [pair for own in owners[i : i + step] for pair in own]
         with deepspeed.zero.GatheredParameters([p for _, p in chunk]):
             state = {name: p.data for name, p in chunk}
             for name, t in (merge(state) if merge else state).items():
                 targets[name].data.copy_(t)
-
 
 
 # ---------------------------------------------------------------- ZeRO-3 partition layout
@@ -102,8 +116,8 @@ def zero3_partition(flat: torch.Tensor, world: int, rank: int) -> torch.Tensor:
     (deepspeed.runtime.zero.partition_parameters, `_partition_param`)."""
     size = -(-flat.numel() // world)
     out = flat.new_zeros(size)
-    piece = flat[rank * size:(rank + 1) * size]
-    out[:piece.numel()] = piece
+    piece = flat[rank * size : (rank + 1) * size]
+    out[: piece.numel()] = piece
     return out
 
 

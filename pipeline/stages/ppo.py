@@ -15,6 +15,7 @@ Shapes: B rollout rows on this rank, P prompt width (left-padded), R response wi
 Elsewhere: construction (inputs, models, engines) in ppo_setup.py, the reward's parts in
 ppo_reward.py, metrics, evaluation, alarms and model_best in ppo_eval.py, containers in ppo_types.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,11 @@ class PPOTrainer:
         self.estimator = estimators.ADVANTAGE_ESTIMATORS[p.advantage_mode]
         ds = ds_configs(cfg, "ppo", d.world_size)
         inputs = ppo_setup.load_inputs(ctx)
-        self.tokenizer, self.reward_tokenizer, self.same_tokenizer = (inputs.tokenizer, inputs.reward_tokenizer,
-                                                                      inputs.same_tokenizer)
+        self.tokenizer, self.reward_tokenizer, self.same_tokenizer = (
+            inputs.tokenizer,
+            inputs.reward_tokenizer,
+            inputs.same_tokenizer,
+        )
         self.prompts, self.eval_prompts, self.ptx = inputs.prompts, inputs.eval_prompts, inputs.ptx
         self.reward_fn, self.gold = inputs.reward_fn, inputs.gold
         collectives.seed_everything(cfg.seed)
@@ -60,11 +64,17 @@ class PPOTrainer:
         m = ppo_setup.build_engines(ctx, models, ds, self.sizes, self.tokenizer)
         self.actor, self.critic, self.ref, self.rewards = m.actor, m.critic, m.ref, m.rewards
         self.reward_pad_ids, self.generator = m.reward_pad_ids, m.generator
-        self.sampling = SamplingParams(max_new_tokens(cfg), p.temperature, p.top_p, p.top_k,
-                                       min_new_tokens=p.min_new_tokens)  # evaluation: one response per prompt
-        self.rollout_sampling = dataclasses.replace(self.sampling, num_samples=p.num_samples_per_prompt)
-        self.kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
-                       if p.adaptive_kl else ppo_math.FixedKLController(p.kl_coef))
+        self.sampling = SamplingParams(
+            max_new_tokens(cfg), p.temperature, p.top_p, p.top_k, min_new_tokens=p.min_new_tokens
+        )  # evaluation: one response per prompt
+        self.rollout_sampling = dataclasses.replace(
+            self.sampling, num_samples=p.num_samples_per_prompt
+        )
+        self.kl_ctl = (
+            ppo_math.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
+            if p.adaptive_kl
+            else ppo_math.FixedKLController(p.kl_coef)
+        )
         self.score_moments = ppo_math.RunningMoments()
         self.nonfinite_in_a_row = 0
         self.sft_eval: list[float] | None = None  # step-0 gold score per eval prompt (win rate)
@@ -80,9 +90,15 @@ class PPOTrainer:
 
     def state_dict(self) -> dict:
         """What a resumed run needs besides the engines and the EMA (JSON)."""
-        s = {"kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
-             "nonfinite_in_a_row": self.nonfinite_in_a_row, "sft_eval": self.sft_eval,
-             "member_norm": self.member_norm, "best": self.best, "alarms": self.alarms}
+        s = {
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "sft_eval": self.sft_eval,
+            "member_norm": self.member_norm,
+            "best": self.best,
+            "alarms": self.alarms,
+        }
         return {**s, "ptx_order": self.ptx_order.state_dict()} if self.ptx_order else s
 
     def load_state_dict(self, s: dict) -> None:
@@ -104,15 +120,19 @@ class PPOTrainer:
         (logits / temperature, EOS blocked before min_new_tokens): pi_old, pi and the reference all
         come from here, so ratio, KL and entropy are those of the sampling distribution."""
         logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
-        logits = ppo_math.sampling_logits(logits[:, width - 1:-1], self.sampling.temperature,
-                                          self.tokenizer.eos_token_id, self.sampling.min_new_tokens)
+        logits = ppo_math.sampling_logits(
+            logits[:, width - 1 : -1],
+            self.sampling.temperature,
+            self.tokenizer.eos_token_id,
+            self.sampling.min_new_tokens,
+        )
         return logits, ppo_math.logprobs_from_logits(logits, seq[:, width:])
 
     @staticmethod
     def _values(model, seq, mask, width):
         """Critic values before each response token (B, R), and at the prompt's last token (B,)."""
         v = engines.forward(model, token_values, seq, mask, position_ids(mask))
-        return v[:, width - 1:-1], v[:, width - 1]
+        return v[:, width - 1 : -1], v[:, width - 1]
 
     # ------------------------------------------------------------ 1. generation
     @torch.no_grad()
@@ -123,18 +143,34 @@ class PPOTrainer:
         width = ids.shape[1]
         n = params.num_samples  # rows come out prompt-major: a prompt's n samples are adjacent
         mask = prompt_mask.repeat_interleave(n, 0)
-        groups = torch.arange(len(batch), device=ids.device).repeat_interleave(n)  # a group lives on one rank
+        groups = torch.arange(len(batch), device=ids.device).repeat_interleave(
+            n
+        )  # a group lives on one rank
         with self.generator.generation_mode() as model:
             torch.manual_seed(seed)
             seq = self.generator.generate(ids, prompt_mask, params)
             resp_mask = response_mask(seq[:, width:], self.tokenizer.eos_token_id)
             full_mask = torch.cat([mask, resp_mask], dim=1)
-            old_logprobs = torch.cat([self._logits_logprobs(model, seq[s], full_mask[s], width)[1]
-                                      for s in self.micro_slices(len(seq))])
-        texts = [self.tokenizer.decode(seq[i, width:][resp_mask[i].bool()], skip_special_tokens=True)
-                 for i in range(len(seq))]
-        return Experience(seq, full_mask, resp_mask, old_logprobs * resp_mask, width,
-                          [x for x in prompts["prompts"] for _ in range(n)], group_ids=groups, responses=texts)
+            old_logprobs = torch.cat(
+                [
+                    self._logits_logprobs(model, seq[s], full_mask[s], width)[1]
+                    for s in self.micro_slices(len(seq))
+                ]
+            )
+        texts = [
+            self.tokenizer.decode(seq[i, width:][resp_mask[i].bool()], skip_special_tokens=True)
+            for i in range(len(seq))
+        ]
+        return Experience(
+            seq,
+            full_mask,
+            resp_mask,
+            old_logprobs * resp_mask,
+            width,
+            [x for x in prompts["prompts"] for _ in range(n)],
+            group_ids=groups,
+            responses=texts,
+        )
 
     # ------------------------------------------------------------ 2. scoring
     @torch.no_grad()
@@ -148,12 +184,20 @@ class PPOTrainer:
                 values.append(v)
                 prompt_values.append(v0)
         rm_scores = ppo_reward.reward_model_scores(self, exp) if self.rewards else None
-        fn_scores = (seq.new_tensor(ppo_reward.call_user_fn(self.reward_fn, exp), dtype=torch.float32)
-                     if self.reward_fn else None)
+        fn_scores = (
+            seq.new_tensor(ppo_reward.call_user_fn(self.reward_fn, exp), dtype=torch.float32)
+            if self.reward_fn
+            else None
+        )
         m = exp.response_mask
-        exp = dataclasses.replace(exp, ref_logprobs=torch.cat(ref_lp) * m, rm_scores=rm_scores, fn_scores=fn_scores,
-                                  old_values=torch.cat(values) * m if values else None,
-                                  prompt_values=torch.cat(prompt_values) if values else None)
+        exp = dataclasses.replace(
+            exp,
+            ref_logprobs=torch.cat(ref_lp) * m,
+            rm_scores=rm_scores,
+            fn_scores=fn_scores,
+            old_values=torch.cat(values) * m if values else None,
+            prompt_values=torch.cat(prompt_values) if values else None,
+        )
         return dataclasses.replace(exp, scores=ppo_reward.combine(self, exp))
 
     # ------------------------------------------------------------ 3. rewards and advantages
@@ -162,17 +206,25 @@ class PPOTrainer:
         p, m = self.p, exp.response_mask
         scores = exp.scores
         if p.score_norm == "running":
-            all_scores = collectives.all_reduce_sum(torch.zeros(self.d.world_size, len(scores), device=scores.device)
-                                                .index_copy(0, torch.tensor([self.d.rank], device=scores.device),
-                                                            scores[None]))
+            all_scores = collectives.all_reduce_sum(
+                torch.zeros(self.d.world_size, len(scores), device=scores.device).index_copy(
+                    0, torch.tensor([self.d.rank], device=scores.device), scores[None]
+                )
+            )
             self.score_moments.update(all_scores.flatten())
             scores = (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-6)
         kl = ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, p.kl_estimator) * m
-        beta = self.kl_ctl.value if p.kl_penalty == "reward" else 0.0  # else a term of the actor loss
+        beta = (
+            self.kl_ctl.value if p.kl_penalty == "reward" else 0.0
+        )  # else a term of the actor loss
         rewards = ppo_math.shape_rewards(scores, kl, m, beta, p.score_clip or None)
-        inputs = estimators.AdvantageInputs(rewards, m, exp.old_values, exp.prompt_values, exp.group_ids, p.gamma, p.lam)
+        inputs = estimators.AdvantageInputs(
+            rewards, m, exp.old_values, exp.prompt_values, exp.group_ids, p.gamma, p.lam
+        )
         # A group lives on one rank (generate), so group baselines are local; whitening is global.
-        adv, ret = estimators.estimate_advantages(p.advantage_mode, inputs, p.whiten_advantages, _global_whiten)
+        adv, ret = estimators.estimate_advantages(
+            p.advantage_mode, inputs, p.whiten_advantages, _global_whiten
+        )
         return dataclasses.replace(exp, rewards=rewards, advantages=adv, returns=ret)
 
     # ------------------------------------------------------------ 4. training
@@ -197,7 +249,7 @@ class PPOTrainer:
         for _ in range(p.num_ppo_epochs):
             order = torch.randperm(len(exp.sequences), generator=g)
             for start in range(0, len(order), sizes.mini_per_rank):
-                idx = order[start:start + sizes.mini_per_rank].to(exp.sequences.device)
+                idx = order[start : start + sizes.mini_per_rank].to(exp.sequences.device)
                 stats.append(self._mini_batch(exp, idx).all_reduced())
                 if p.early_stop_kl and stats[-1]["approx_kl"] > p.early_stop_kl:
                     stop = True
@@ -214,10 +266,18 @@ class PPOTrainer:
         mb_mask = exp.response_mask[idx]
         num_tokens = collectives.all_reduce_sum(mb_mask.sum().float()).clamp(min=1)
         # Global denominators of ppo.loss_agg (so micro-batches and ranks add up to the mini-batch).
-        agg = {"num_tokens": num_tokens, "agg_mode": p.loss_agg, "num_seqs": float(p.mini_batch_size),
-               "norm_const": float(self.cfg.data.max_response_len)}
-        stats = UpdateStats.tracking(critic=self.critic is not None, kl_loss=p.kl_penalty == "loss",
-                                     dual_clip=bool(p.dual_clip), ptx=bool(self.ptx))
+        agg = {
+            "num_tokens": num_tokens,
+            "agg_mode": p.loss_agg,
+            "num_seqs": float(p.mini_batch_size),
+            "norm_const": float(self.cfg.data.max_response_len),
+        }
+        stats = UpdateStats.tracking(
+            critic=self.critic is not None,
+            kl_loss=p.kl_penalty == "loss",
+            dual_clip=bool(p.dual_clip),
+            ptx=bool(self.ptx),
+        )
         if self.ptx:
             ptx_batches, ptx_tokens = self._ptx_micro_batches()
         steps_before = self.actor.global_steps
@@ -227,17 +287,33 @@ class PPOTrainer:
             share = m.sum() / num_tokens  # this micro-batch's share of the global mini-batch tokens
             logits, logprobs = self._logits_logprobs(self.actor, seq, mask, w)
             pg_loss, pg_stats = ppo_math.policy_loss(
-                logprobs, exp.old_logprobs[rows], exp.advantages[rows], m, p.clip_eps_low or p.clip_eps,
-                clip_eps_high=p.clip_eps_high or p.clip_eps, dual_clip=p.dual_clip, **agg)
+                logprobs,
+                exp.old_logprobs[rows],
+                exp.advantages[rows],
+                m,
+                p.clip_eps_low or p.clip_eps,
+                clip_eps_high=p.clip_eps_high or p.clip_eps,
+                dual_clip=p.dual_clip,
+                **agg,
+            )
             ent = ppo_math.aggregate_loss(ppo_math.entropy_from_logits(logits), m, **agg)
             actor_loss = pg_loss - p.entropy_coef * ent
-            if p.kl_penalty == "loss":  # GRPO: beta x KL(pi || ref) of the current policy, in the loss
-                kl_loss = ppo_math.kl_penalty_loss(logprobs, exp.ref_logprobs[rows], m, p.kl_estimator, **agg)
+            if (
+                p.kl_penalty == "loss"
+            ):  # GRPO: beta x KL(pi || ref) of the current policy, in the loss
+                kl_loss = ppo_math.kl_penalty_loss(
+                    logprobs, exp.ref_logprobs[rows], m, p.kl_estimator, **agg
+                )
                 actor_loss = actor_loss + self.kl_ctl.value * kl_loss
                 stats.add("kl_loss", kl_loss.item())
-            if self.ptx:  # PPO-ptx (InstructGPT, eq. 2): + gamma x LM loss, normalised by the global count
+            if (
+                self.ptx
+            ):  # PPO-ptx (InstructGPT, eq. 2): + gamma x LM loss, normalised by the global count
                 b = ptx_batches[j]
-                ptx_loss = causal_lm_loss(self.actor, b["input_ids"], b["attention_mask"], b["labels"])[0] / ptx_tokens
+                ptx_loss = (
+                    causal_lm_loss(self.actor, b["input_ids"], b["attention_mask"], b["labels"])[0]
+                    / ptx_tokens
+                )
                 actor_loss = actor_loss + p.ptx_coef * ptx_loss
                 stats.add("ptx_loss", ptx_loss.item())
             v_loss, v_stats = self._value_loss(exp, rows, seq, mask, m, num_tokens)
@@ -262,16 +338,25 @@ class PPOTrainer:
         if self.critic is None:
             return None, {}
         values, _ = self._values(self.critic, seq, mask, exp.prompt_width)
-        return ppo_math.value_loss(values, exp.old_values[rows], exp.returns[rows], m, num_tokens,
-                                   self.p.value_clip or None)
+        return ppo_math.value_loss(
+            values,
+            exp.old_values[rows],
+            exp.returns[rows],
+            m,
+            num_tokens,
+            self.p.value_clip or None,
+        )
 
     def _ptx_micro_batches(self) -> tuple[list[dict], torch.Tensor]:
         """The next global mini-batch of PTX rows: this rank's share as micro-batches, and the
         global count of their labelled (response) tokens."""
         per_rank, r = self.sizes.mini_per_rank, self.d.rank
-        chosen = self.ptx_order.take(self.p.mini_batch_size)[r * per_rank:(r + 1) * per_rank]
+        chosen = self.ptx_order.take(self.p.mini_batch_size)[r * per_rank : (r + 1) * per_rank]
         rows = [self.ptx[i] for i in chosen]
-        batches = [to_device(data.collate_sft(rows[s], self.tokenizer.pad_token_id)) for s in self.micro_slices(len(rows))]
+        batches = [
+            to_device(data.collate_sft(rows[s], self.tokenizer.pad_token_id))
+            for s in self.micro_slices(len(rows))
+        ]
         tokens = sum((b["labels"][:, 1:] != data.IGNORE_INDEX).sum() for b in batches)
         return batches, collectives.all_reduce_sum(tokens.float()).clamp(min=1)
 
@@ -283,9 +368,11 @@ class PPOTrainer:
         """
         bad = torch.tensor(float(not all(torch.isfinite(x).all() for x in losses)))
         if collectives.all_reduce_sum(bad).item() > 0:
-            raise TrainingHalted("PPO stopped: a non-finite loss in the update (the model produced "
-                               "inf/NaN; lower ppo.actor_learning_rate or check the reward scale). "
-                               "Weights were not updated with it.")
+            raise TrainingHalted(
+                "PPO stopped: a non-finite loss in the update (the model produced "
+                "inf/NaN; lower ppo.actor_learning_rate or check the reward scale). "
+                "Weights were not updated with it."
+            )
 
     # ------------------------------------------------------------ 5. the iteration
     def iteration(self, step: int, batch: list[dict]) -> dict:
@@ -308,11 +395,15 @@ class PPOTrainer:
             self.nonfinite_in_a_row += 1
             log.warning("iteration %d: non-finite rewards or advantages; update skipped.", step)
             if self.nonfinite_in_a_row >= self.p.max_nonfinite_skips:
-                raise TrainingHalted(f"PPO stopped: {self.nonfinite_in_a_row} iterations in a row had "
-                                   f"non-finite rewards or advantages (see metrics.jsonl).")
+                raise TrainingHalted(
+                    f"PPO stopped: {self.nonfinite_in_a_row} iterations in a row had "
+                    f"non-finite rewards or advantages (see metrics.jsonl)."
+                )
         metrics = {**ppo_eval.rollout_metrics(self, exp), **train}
         metrics.update(ppo_eval.kl_alarm(self, step, metrics["rollout/kl_to_ref"]))
-        self.kl_ctl.update(metrics["rollout/kl_to_ref"], self.p.rollout_batch_size * self.p.num_samples_per_prompt)
+        self.kl_ctl.update(
+            metrics["rollout/kl_to_ref"], self.p.rollout_batch_size * self.p.num_samples_per_prompt
+        )
         metrics["ppo/kl_coef"] = self.kl_ctl.value
         metrics.update(ppo_eval.engine_and_time_metrics(self, exp, timer))
         return metrics
@@ -322,42 +413,69 @@ class PPOTrainer:
         """Held-out evaluation (ppo_eval.evaluate), its alarms and model_best, logged with samples.
         `first`: the step-0 evaluation's metrics (None: this is it)."""
         metrics, samples = ppo_eval.evaluate(self, step)
-        metrics.update(ppo_eval.after_evaluation(self, step, metrics, metrics if first is None else first))
+        metrics.update(
+            ppo_eval.after_evaluation(self, step, metrics, metrics if first is None else first)
+        )
         self.logger.log(step, metrics)
         self.logger.text("samples", ppo_eval.samples_text(samples), step)
         return metrics
 
     def trained_engines(self) -> dict:
-        return {name: e for name, e in (("actor", self.actor), ("critic", self.critic)) if e is not None}
+        return {
+            name: e for name, e in (("actor", self.actor), ("critic", self.critic)) if e is not None
+        }
 
     def checkpoint(self, ctx: StageContext, step: int, loop_state: dict) -> None:
         """A checkpoint when it is due (ctx.end_of_step): the engines, the loop's and the trainer's
         state (JSON, every rank the same), this rank's EMA shard."""
-        ctx.end_of_step(step, step == self.p.num_iterations, self.trained_engines(), lambda: (
-            {"step": step, **loop_state, "trainer": self.state_dict()},
-            {"ema": self.ema.state_dict()} if self.ema else {}))
+        ctx.end_of_step(
+            step,
+            step == self.p.num_iterations,
+            self.trained_engines(),
+            lambda: (
+                {"step": step, **loop_state, "trainer": self.state_dict()},
+                {"ema": self.ema.state_dict()} if self.ema else {},
+            ),
+        )
 
     def resume(self, ctx: StageContext) -> dict:
         """Engines, EMA and trainer state from `ctx.resume`; returns the loop's state."""
-        local = ctx.checkpointer.load(ctx.resume, self.trained_engines())  # (random states: PPO's draws are seeded)
+        local = ctx.checkpointer.load(
+            ctx.resume, self.trained_engines()
+        )  # (random states: PPO's draws are seeded)
         if self.ema is not None:  # per-rank shards; from another rank count, re-cut
             if local is not None:
                 self.ema.load_state_dict(local["ema"])
             else:
-                self.ema.load_resharded([old["ema"] for old in ctx.checkpointer.every_local(ctx.resume)])
+                self.ema.load_resharded(
+                    [old["ema"] for old in ctx.checkpointer.every_local(ctx.resume)]
+                )
         s = ctx.resume.state
         self.load_state_dict(s["trainer"])
-        log.info("stage ppo: resuming from iteration %d of %d (checkpoint %s, written by %d rank(s))",
-                 s["step"], self.p.num_iterations, ctx.resume.path, ctx.resume.world_size)
+        log.info(
+            "stage ppo: resuming from iteration %d of %d (checkpoint %s, written by %d rank(s))",
+            s["step"],
+            self.p.num_iterations,
+            ctx.resume.path,
+            ctx.resume.world_size,
+        )
         return s
 
     def save(self) -> None:
         """The final policy `model` (and `model_ema`), LoRA adapters merged: plain models of the base architecture."""
         merge, d = lora_merge(self.actor.module), self.d
-        zero3.save_hf(self.actor.module, self.tokenizer, self.stage_dir / "model", d.rank, merge=merge)
+        zero3.save_hf(
+            self.actor.module, self.tokenizer, self.stage_dir / "model", d.rank, merge=merge
+        )
         if self.ema is not None:
-            zero3.save_hf(self.actor.module, self.tokenizer, self.stage_dir / "model_ema", d.rank, ema=self.ema,
-                            merge=merge)
+            zero3.save_hf(
+                self.actor.module,
+                self.tokenizer,
+                self.stage_dir / "model_ema",
+                d.rank,
+                ema=self.ema,
+                merge=merge,
+            )
         elif d.is_main:  # not a stale EMA from an earlier run next to this run's model
             shutil.rmtree(self.stage_dir / "model_ema", ignore_errors=True)
 
@@ -378,21 +496,36 @@ def run(ctx: StageContext) -> dict:
         last_eval = first
     else:
         s = trainer.resume(ctx)
-        start, first, last_eval, metrics = s["step"], s["first_eval"], s["last_eval"], s["last_metrics"]
+        start, first, last_eval, metrics = (
+            s["step"],
+            s["first_eval"],
+            s["last_eval"],
+            s["last_metrics"],
+        )
         order.load_state_dict(s["order"])
     bar = progress(p.num_iterations, "ppo", d.is_main, initial=start)
     for step in range(start + 1, p.num_iterations + 1):
         chosen = order.take(p.rollout_batch_size)
-        batch = [trainer.prompts[i] for i in chosen[d.rank * per_rank:(d.rank + 1) * per_rank]]
+        batch = [trainer.prompts[i] for i in chosen[d.rank * per_rank : (d.rank + 1) * per_rank]]
         metrics = trainer.iteration(step, batch)
         if step % p.logging_steps == 0 or step == p.num_iterations:
             trainer.logger.log(step, metrics)
         if evaluating and (step % p.eval_steps == 0 or step == p.num_iterations):
             last_eval = trainer.evaluate(step, first)
         bar.update(1)
-        bar.set_postfix(score=f"{metrics['rollout/score_mean']:.3f}", kl=f"{metrics['rollout/kl_to_ref']:.3f}")
-        trainer.checkpoint(ctx, step, {"first_eval": first, "last_eval": last_eval, "last_metrics": metrics,
-                                       "order": order.state_dict()})
+        bar.set_postfix(
+            score=f"{metrics['rollout/score_mean']:.3f}", kl=f"{metrics['rollout/kl_to_ref']:.3f}"
+        )
+        trainer.checkpoint(
+            ctx,
+            step,
+            {
+                "first_eval": first,
+                "last_eval": last_eval,
+                "last_metrics": metrics,
+                "order": order.state_dict(),
+            },
+        )
     bar.close()
     trainer.save()
     trainer.logger.close()

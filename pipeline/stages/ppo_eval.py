@@ -7,6 +7,7 @@ and the stage's summary. They read the trainer's phases (`generate`, `score`) an
 bookkeeping state (`sft_eval`, `best`, `alarms`, checkpointed by `PPOTrainer.state_dict`).
 Not here: the phases themselves (pipeline/stages/ppo.py), construction (pipeline/stages/ppo_setup.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,9 @@ if TYPE_CHECKING:
     from pipeline.stages.ppo import Experience, PPOTrainer
 
 log = logging.getLogger(__name__)
-ENSEMBLE_ALARM_RATIO = 2.0  # alarm when the ensemble disagrees this many times as much as on the SFT policy
+ENSEMBLE_ALARM_RATIO = (
+    2.0  # alarm when the ensemble disagrees this many times as much as on the SFT policy
+)
 
 
 # ------------------------------------------------------------ metrics of an iteration
@@ -41,7 +44,7 @@ def rollout_metrics(t: PPOTrainer, exp: Experience) -> dict:
     score_mean = _global_mean(exp.scores)
     out = {
         "rollout/score_mean": score_mean,
-        "rollout/score_std": math.sqrt(max(_global_mean(exp.scores ** 2) - score_mean ** 2, 0.0)),
+        "rollout/score_std": math.sqrt(max(_global_mean(exp.scores**2) - score_mean**2, 0.0)),
         "rollout/reward_mean": _global_mean(exp.rewards.sum(1)),
         "rollout/kl_to_ref": _global_mean(seq_kl),
         "rollout/response_length_mean": _global_mean(lengths),
@@ -52,7 +55,8 @@ def rollout_metrics(t: PPOTrainer, exp: Experience) -> dict:
     }
     if exp.old_values is not None:
         out["ppo/value_explained_variance"] = _global_mean(
-            ppo_math.explained_variance(exp.old_values, exp.returns, m)[None])
+            ppo_math.explained_variance(exp.old_values, exp.returns, m)[None]
+        )
     if t.p.num_samples_per_prompt > 1:  # groups of responses to one prompt (each on one rank)
         all_equal, std = estimators.group_score_metrics(exp.scores, exp.group_ids)
         out["rollout/group_all_equal_fraction"] = _global_mean(all_equal)
@@ -69,7 +73,10 @@ def ensemble_metrics(t: PPOTrainer, exp: Experience, phase: str) -> dict:
         return {}
     z = ppo_reward.normalised(t, exp.rm_scores)
     std = z.std(0)
-    return {f"{phase}/ensemble_std": _global_mean(std), f"{phase}/reward_lcb": _global_mean(z.mean(0) - std)}
+    return {
+        f"{phase}/ensemble_std": _global_mean(std),
+        f"{phase}/reward_lcb": _global_mean(z.mean(0) - std),
+    }
 
 
 def engine_and_time_metrics(t: PPOTrainer, exp: Experience, timer: PhaseTimer) -> dict:
@@ -99,9 +106,14 @@ def kl_alarm(t: PPOTrainer, step: int, kl: float) -> dict:
         return {}
     on = kl > t.kl_alarm
     if on and not t.alarms["kl_on"]:
-        log.warning("iteration %d: over-optimisation alarm: KL to the reference is %.2f nats, above %.2f "
-                    "(ppo.kl_alarm). The policy is leaving what the reward model was trained on; watch "
-                    "eval/gold_score, raise ppo.kl_coef or lower ppo.target_kl.", step, kl, t.kl_alarm)
+        log.warning(
+            "iteration %d: over-optimisation alarm: KL to the reference is %.2f nats, above %.2f "
+            "(ppo.kl_alarm). The policy is leaving what the reward model was trained on; watch "
+            "eval/gold_score, raise ppo.kl_coef or lower ppo.target_kl.",
+            step,
+            kl,
+            t.kl_alarm,
+        )
     t.alarms["kl_on"] = on
     t.alarms["kl_iterations"] += int(on)
     return {"alarm/kl_to_ref": float(on)}
@@ -113,7 +125,7 @@ def _eval_rollout(t: PPOTrainer) -> tuple[list[int], Experience]:
     """This rank's share of the held-out prompts (their indices), sampled with a fixed seed and scored."""
     idx = list(range(t.d.rank, len(t.eval_prompts), t.d.world_size))
     n = math.ceil(len(t.eval_prompts) / t.d.world_size)
-    idx = idx + idx[:n - len(idx)]  # equal counts on every rank (ZeRO-3 forwards are collective)
+    idx = idx + idx[: n - len(idx)]  # equal counts on every rank (ZeRO-3 forwards are collective)
     mine = [t.eval_prompts[i] for i in idx]
     return idx, t.score(t.generate(mine, t.cfg.seed + 7 + t.d.rank, t.sampling))
 
@@ -132,10 +144,12 @@ def evaluate(t: PPOTrainer, step: int) -> tuple[dict, list]:
     idx, exp = _eval_rollout(t)
     m = exp.response_mask
     seq_kl = (ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k3") * m).sum(1)
-    metrics = {"eval/reward_score": _global_mean(exp.scores),
-               "eval/kl_to_ref": _global_mean(seq_kl),
-               "eval/response_length_mean": _global_mean(m.sum(1).float()),
-               **ensemble_metrics(t, exp, "eval")}
+    metrics = {
+        "eval/reward_score": _global_mean(exp.scores),
+        "eval/kl_to_ref": _global_mean(seq_kl),
+        "eval/response_length_mean": _global_mean(m.sum(1).float()),
+        **ensemble_metrics(t, exp, "eval"),
+    }
     if exp.rm_scores is not None:  # as the reward model(s) output it, before normalisation
         metrics["eval/reward_model_raw"] = _global_mean(exp.rm_scores.mean(0))
     samples = list(zip(exp.prompts, exp.responses, exp.scores.tolist()))
@@ -162,18 +176,30 @@ def after_evaluation(t: PPOTrainer, step: int, metrics: dict, first: dict) -> di
         out = {"alarm/ensemble_std_ratio": ratio}
         if ratio > ENSEMBLE_ALARM_RATIO:
             t.alarms["ensemble_evaluations"] += 1
-            log.warning("iteration %d: over-optimisation alarm: the reward models disagree %.1fx as much on "
-                        "this policy's held-out responses as on the SFT policy's: the policy reaches outputs "
-                        "they were not trained on. Compare eval/gold_score, raise ppo.ensemble_penalty or "
-                        "stop here.", step, ratio)
+            log.warning(
+                "iteration %d: over-optimisation alarm: the reward models disagree %.1fx as much on "
+                "this policy's held-out responses as on the SFT policy's: the policy reaches outputs "
+                "they were not trained on. Compare eval/gold_score, raise ppo.ensemble_penalty or "
+                "stop here.",
+                step,
+                ratio,
+            )
     metric = t.p.select_best
     if metric and (t.best is None or metrics[metric] > t.best["value"]):
         t.best = {"iteration": step, "metric": metric, "value": metrics[metric]}
         folder = t.stage_dir / "model_best"
-        zero3.save_hf(t.actor.module, t.tokenizer, folder, t.d.rank, merge=lora_merge(t.actor.module))
+        zero3.save_hf(
+            t.actor.module, t.tokenizer, folder, t.d.rank, merge=lora_merge(t.actor.module)
+        )
         if t.d.is_main:
             (folder / "best.json").write_text(json.dumps(t.best, indent=2))
-        log.info("iteration %d: best %s so far (%.4f): policy saved to %s", step, metric, metrics[metric], folder)
+        log.info(
+            "iteration %d: best %s so far (%.4f): policy saved to %s",
+            step,
+            metric,
+            metrics[metric],
+            folder,
+        )
     return out
 
 
@@ -186,26 +212,52 @@ def samples_text(samples: list, k: int = 4) -> str:
 
 
 # ------------------------------------------------------------ the stage's summary
-def stage_result(t: PPOTrainer, ctx: StageContext, first: dict, last_eval: dict, metrics: dict) -> dict:
+def stage_result(
+    t: PPOTrainer, ctx: StageContext, first: dict, last_eval: dict, metrics: dict
+) -> dict:
     """The summary of the stage (summary.json), and the over-optimisation plot; with evaluation off
     (`first` empty) no evaluation fields. Removes an earlier run's plot or model_best this run did not write."""
     p, d = ctx.cfg.ppo, ctx.dist
     if d.is_main:
-        rows = [json.loads(line) for line in (ctx.stage_dir / "metrics.jsonl").read_text().splitlines()]
-        if not overoptimisation_plot(rows, ctx.stage_dir / "overoptimisation.png"):  # e.g. evaluation off
-            (ctx.stage_dir / "overoptimisation.png").unlink(missing_ok=True)  # not an earlier run's plot
-    evaluated = {"reward_score_sft": first["eval/reward_score"], "reward_score_final": last_eval["eval/reward_score"],
-                 "kl_to_ref": last_eval["eval/kl_to_ref"]} if p.eval_steps > 0 else {}
-    result = {**evaluated, "iterations": p.num_iterations,
-              "seconds_per_iteration": metrics.get("time/step", float("nan")),
-              **{f"time_{k.split('/')[1]}": v for k, v in metrics.items() if k.startswith("time/")}}
+        rows = [
+            json.loads(line) for line in (ctx.stage_dir / "metrics.jsonl").read_text().splitlines()
+        ]
+        if not overoptimisation_plot(
+            rows, ctx.stage_dir / "overoptimisation.png"
+        ):  # e.g. evaluation off
+            (ctx.stage_dir / "overoptimisation.png").unlink(
+                missing_ok=True
+            )  # not an earlier run's plot
+    evaluated = (
+        {
+            "reward_score_sft": first["eval/reward_score"],
+            "reward_score_final": last_eval["eval/reward_score"],
+            "kl_to_ref": last_eval["eval/kl_to_ref"],
+        }
+        if p.eval_steps > 0
+        else {}
+    )
+    result = {
+        **evaluated,
+        "iterations": p.num_iterations,
+        "seconds_per_iteration": metrics.get("time/step", float("nan")),
+        **{f"time_{k.split('/')[1]}": v for k, v in metrics.items() if k.startswith("time/")},
+    }
     if "eval/gold_score" in first:
-        result.update(gold_score_sft=first["eval/gold_score"], gold_score_final=last_eval["eval/gold_score"],
-                      gold_win_rate_vs_sft=last_eval["eval/win_rate_vs_sft"])
+        result.update(
+            gold_score_sft=first["eval/gold_score"],
+            gold_score_final=last_eval["eval/gold_score"],
+            gold_win_rate_vs_sft=last_eval["eval/win_rate_vs_sft"],
+        )
     if "eval/ensemble_std" in first:
-        result.update(ensemble_std_sft=first["eval/ensemble_std"], ensemble_std_final=last_eval["eval/ensemble_std"])
+        result.update(
+            ensemble_std_sft=first["eval/ensemble_std"],
+            ensemble_std_final=last_eval["eval/ensemble_std"],
+        )
     a = t.alarms
-    result.update(alarm_kl_iterations=a["kl_iterations"], alarm_ensemble_evaluations=a["ensemble_evaluations"])
+    result.update(
+        alarm_kl_iterations=a["kl_iterations"], alarm_ensemble_evaluations=a["ensemble_evaluations"]
+    )
     if t.best is not None:
         result.update(best_iteration=t.best["iteration"], best_value=t.best["value"])
     elif d.is_main:  # not a stale model_best of an earlier run next to this run's model

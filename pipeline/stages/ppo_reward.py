@@ -7,6 +7,7 @@ and their combination with ppo.reward_fn into one score per row. Not here: the K
 advantages (pipeline/ppo_math.py, `PPOTrainer.advantages`), the reward functions themselves
 (pipeline/reward_fns.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,11 +30,17 @@ log = logging.getLogger(__name__)
 def reward_model_scores(t: PPOTrainer, exp: Experience) -> torch.Tensor:
     """Each reward model's raw score of each row: (K, B)."""
     r_ids, r_mask = reward_inputs(t, exp)
-    return torch.stack([_rm_scores(t, engine, pad_id, r_ids, r_mask)
-                        for engine, pad_id in zip(t.rewards, t.reward_pad_ids)])
+    return torch.stack(
+        [
+            _rm_scores(t, engine, pad_id, r_ids, r_mask)
+            for engine, pad_id in zip(t.rewards, t.reward_pad_ids)
+        ]
+    )
 
 
-def _rm_scores(t: PPOTrainer, engine, pad_id, r_ids: torch.Tensor, r_mask: torch.Tensor) -> torch.Tensor:
+def _rm_scores(
+    t: PPOTrainer, engine, pad_id, r_ids: torch.Tensor, r_mask: torch.Tensor
+) -> torch.Tensor:
     """One reward model's score of each row, read where HF's sequence classifier pools: (B,)."""
     scores = []
     for s in t.micro_slices(len(r_ids)):
@@ -46,10 +53,18 @@ def reward_inputs(t: PPOTrainer, exp: Experience) -> tuple[torch.Tensor, torch.T
     """The rollout as the reward model reads it: same ids, or decoded and re-encoded text."""
     if t.same_tokenizer:
         return exp.sequences, exp.attention_mask
-    responses = [exp.sequences[i, exp.prompt_width:][exp.response_mask[i].bool()].tolist()
-                 for i in range(len(exp.prompts))]  # token ids: re-encoded with the RM's tokenizer
-    ids, mask = data.reencode(exp.prompts, responses, t.tokenizer, t.reward_tokenizer,
-                              t.cfg.data.max_prompt_len, 4 * t.sampling.max_new_tokens)
+    responses = [
+        exp.sequences[i, exp.prompt_width :][exp.response_mask[i].bool()].tolist()
+        for i in range(len(exp.prompts))
+    ]  # token ids: re-encoded with the RM's tokenizer
+    ids, mask = data.reencode(
+        exp.prompts,
+        responses,
+        t.tokenizer,
+        t.reward_tokenizer,
+        t.cfg.data.max_prompt_len,
+        4 * t.sampling.max_new_tokens,
+    )
     return ids.to(collectives.device()), mask.to(collectives.device())
 
 
@@ -88,11 +103,17 @@ def normalised(t: PPOTrainer, rm_scores: torch.Tensor) -> torch.Tensor:
     evaluation) fixes each model's mean and std over every rank's rows. An ensemble's members
     need it to be compared (a pairwise loss leaves each model's offset and scale free)."""
     if t.member_norm is None:
-        everyone = rm_scores.new_tensor([v for part in collectives.all_gather_object(rm_scores.T.tolist())
-                                         for v in part], dtype=torch.float64).T  # (K, rows of every rank)
-        t.member_norm = [[m, max(sd, 1e-6)] for m, sd in zip(everyone.mean(1).tolist(),
-                                                            everyone.std(1).tolist())]
-        log.info("reward model scores normalised by (mean, std) %s of the SFT policy's held-out "
-                 "responses", [tuple(round(x, 4) for x in ms) for ms in t.member_norm])
+        everyone = rm_scores.new_tensor(
+            [v for part in collectives.all_gather_object(rm_scores.T.tolist()) for v in part],
+            dtype=torch.float64,
+        ).T  # (K, rows of every rank)
+        t.member_norm = [
+            [m, max(sd, 1e-6)] for m, sd in zip(everyone.mean(1).tolist(), everyone.std(1).tolist())
+        ]
+        log.info(
+            "reward model scores normalised by (mean, std) %s of the SFT policy's held-out "
+            "responses",
+            [tuple(round(x, 4) for x in ms) for ms in t.member_norm],
+        )
     norm = rm_scores.new_tensor(t.member_norm)  # (K, 2)
     return (rm_scores - norm[:, :1]) / norm[:, 1:]

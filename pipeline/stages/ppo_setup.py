@@ -6,6 +6,7 @@ vocabulary checks), their DeepSpeed engines and the generation backend, and the 
 (`PromptOrder`). Not here: the algorithm (pipeline/stages/ppo.py), its evaluation and metrics
 (pipeline/stages/ppo_eval.py), the derived sizes (pipeline/config.py: `ppo_sizes`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,16 @@ from pipeline.config import PPOSizes
 from pipeline.distributed import engines
 from pipeline.errors import UserError
 from pipeline.generation import make_backend
-from pipeline.models import (add_lora, check_vocab, disable_dropout, enable_gradient_checkpointing, load_causal_lm,
-                             load_scalar_model, load_tokenizer, pooling_pad_id)
+from pipeline.models import (
+    add_lora,
+    check_vocab,
+    disable_dropout,
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    load_scalar_model,
+    load_tokenizer,
+    pooling_pad_id,
+)
 from pipeline.stages.common import StageContext
 
 log = logging.getLogger(__name__)
@@ -31,7 +40,9 @@ class PPOInputs:
 
     tokenizer: object  # the actor's (and the critic's, reference's)
     reward_tokenizer: object  # the (first) reward model's; the actor's without a reward model
-    same_tokenizer: bool  # same vocabulary: the reward models read the rollout's token ids as they are
+    same_tokenizer: (
+        bool  # same vocabulary: the reward models read the rollout's token ids as they are
+    )
     reward_paths: list  # the reward models: one, an ensemble's members, or none (reward_fn alone)
     prompts: list  # training prompt rows
     eval_prompts: list  # held-out prompt rows
@@ -59,15 +70,33 @@ def load_inputs(ctx: StageContext) -> PPOInputs:
     # The reward models: the stage's (one, or an ensemble's members), or none (reward_fn alone).
     roles = ("reward_model", *(f"reward_model_{i}" for i in range(1, len(ctx.inputs))))
     reward_paths = [ctx.inputs[role] for role in roles if role in ctx.inputs]
-    reward_tokenizer = (load_tokenizer(reward_paths[0], cfg.model.trust_remote_code) if reward_paths else tokenizer)
-    prompts, eval_prompts = (ctx.examples(role, lambda role=role: data.prompt_examples(
-        data.load_role(ctx.inputs[role], role, tokenizer, ctx.inputs["tokenizer"]), tokenizer,
-        cfg.data.max_prompt_len, str(ctx.inputs[role]))) for role in ("prompt_data", "eval_prompt_data"))
-    log.info("stage ppo: %d training prompts from %s; %d eval prompts from %s", len(prompts),
-             ctx.inputs["prompt_data"], len(eval_prompts), ctx.inputs["eval_prompt_data"])
+    reward_tokenizer = (
+        load_tokenizer(reward_paths[0], cfg.model.trust_remote_code) if reward_paths else tokenizer
+    )
+    prompts, eval_prompts = (
+        ctx.examples(
+            role,
+            lambda role=role: data.prompt_examples(
+                data.load_role(ctx.inputs[role], role, tokenizer, ctx.inputs["tokenizer"]),
+                tokenizer,
+                cfg.data.max_prompt_len,
+                str(ctx.inputs[role]),
+            ),
+        )
+        for role in ("prompt_data", "eval_prompt_data")
+    )
+    log.info(
+        "stage ppo: %d training prompts from %s; %d eval prompts from %s",
+        len(prompts),
+        ctx.inputs["prompt_data"],
+        len(eval_prompts),
+        ctx.inputs["eval_prompt_data"],
+    )
     if len(prompts) < p.rollout_batch_size:
-        raise UserError(f"dataset {ctx.inputs['prompt_data']}: {len(prompts)} prompts are fewer "
-                        f"than ppo.rollout_batch_size={p.rollout_batch_size}.")
+        raise UserError(
+            f"dataset {ctx.inputs['prompt_data']}: {len(prompts)} prompts are fewer "
+            f"than ppo.rollout_batch_size={p.rollout_batch_size}."
+        )
     ptx = _load_ptx(ctx, tokenizer) if p.ptx_coef > 0 else None
     if p.ptx_coef == 0 and p.ptx_data_path:
         log.info("ppo.ptx_data_path is given but ppo.ptx_coef is 0: no PTX loss.")
@@ -77,26 +106,51 @@ def load_inputs(ctx: StageContext) -> PPOInputs:
     default = not (dc.eval_prompt_data_path or dc.prompt_data_path or dc.data_path)
     spec = p.eval_reward_fn or (reward_fns.DEFAULT_TASK_GOLD if default else "")
     gold = reward_fns.load(spec, "ppo.eval_reward_fn") if spec else None
-    inputs = PPOInputs(tokenizer, reward_tokenizer, reward_tokenizer.get_vocab() == tokenizer.get_vocab(),
-                       reward_paths, prompts, eval_prompts, ptx, reward_fn, gold)
-    log.info("stage ppo: reward = %s; evaluation gold: %s", _reward_description(p, inputs),
-             (spec or "none (give --ppo.eval_reward_fn FILE.py:NAME to log eval/gold_score)")
-             if p.eval_steps else "none, evaluation is off (ppo.eval_steps 0)")
-    log.info("KL penalty estimator: %s; the reported kl_to_ref is the sequence sum of k3 "
-             "(unbiased and >= 0, http://joschu.net/blog/kl-approx.html).", p.kl_estimator)
-    log.info("log-probs (pi_old, pi, reference, KL, entropy) of the sampling distribution: logits / "
-             "temperature %g%s.", p.temperature,
-             f", EOS blocked before response token {p.min_new_tokens}" if p.min_new_tokens else "")
+    inputs = PPOInputs(
+        tokenizer,
+        reward_tokenizer,
+        reward_tokenizer.get_vocab() == tokenizer.get_vocab(),
+        reward_paths,
+        prompts,
+        eval_prompts,
+        ptx,
+        reward_fn,
+        gold,
+    )
+    log.info(
+        "stage ppo: reward = %s; evaluation gold: %s",
+        _reward_description(p, inputs),
+        (spec or "none (give --ppo.eval_reward_fn FILE.py:NAME to log eval/gold_score)")
+        if p.eval_steps
+        else "none, evaluation is off (ppo.eval_steps 0)",
+    )
+    log.info(
+        "KL penalty estimator: %s; the reported kl_to_ref is the sequence sum of k3 "
+        "(unbiased and >= 0, http://joschu.net/blog/kl-approx.html).",
+        p.kl_estimator,
+    )
+    log.info(
+        "log-probs (pi_old, pi, reference, KL, entropy) of the sampling distribution: logits / "
+        "temperature %g%s.",
+        p.temperature,
+        f", EOS blocked before response token {p.min_new_tokens}" if p.min_new_tokens else "",
+    )
     if p.select_best and p.select_best not in eval_metric_names(inputs):
-        raise UserError(f"option ppo.select_best={p.select_best!r} is not an evaluation metric of this run; "
-                        f"choose one of {', '.join(sorted(eval_metric_names(inputs)))}.")
+        raise UserError(
+            f"option ppo.select_best={p.select_best!r} is not an evaluation metric of this run; "
+            f"choose one of {', '.join(sorted(eval_metric_names(inputs)))}."
+        )
     return inputs
 
 
 def _reward_description(p, inputs: PPOInputs) -> str:
     k, parts = len(inputs.reward_paths), []
     if k:
-        what = (f"mean - {p.ensemble_penalty:g} x std over {k} reward models" if k > 1 else "the reward model")
+        what = (
+            f"mean - {p.ensemble_penalty:g} x std over {k} reward models"
+            if k > 1
+            else "the reward model"
+        )
         parts.append(f"{p.reward_model_coef:g} x ({what})" if p.reward_model_coef != 1 else what)
     if inputs.reward_fn:
         parts.append(f"{p.reward_fn_coef:g} x {p.reward_fn}")
@@ -119,13 +173,22 @@ def _load_ptx(ctx: StageContext, tokenizer) -> list[dict]:
     """PPO-ptx rows, tokenised like SFT's (loss on the response tokens only)."""
     p, dc = ctx.cfg.ppo, ctx.cfg.data
     spec = ctx.inputs["ptx_data"]
-    ptx = ctx.examples("ptx_data", lambda: data.sft_examples(
-        data.load_role(spec, "ptx_data", tokenizer, ctx.inputs["tokenizer"]), tokenizer, dc.max_prompt_len,
-        dc.max_response_len, what=str(spec)))
+    ptx = ctx.examples(
+        "ptx_data",
+        lambda: data.sft_examples(
+            data.load_role(spec, "ptx_data", tokenizer, ctx.inputs["tokenizer"]),
+            tokenizer,
+            dc.max_prompt_len,
+            dc.max_response_len,
+            what=str(spec),
+        ),
+    )
     log.info("stage ppo: PTX loss (ppo.ptx_coef %g) on %d rows from %s", p.ptx_coef, len(ptx), spec)
     if len(ptx) < p.mini_batch_size:
-        raise UserError(f"dataset {spec}: {len(ptx)} PTX rows are fewer than ppo.mini_batch_size="
-                        f"{p.mini_batch_size} (one PTX row per rollout row of each optimizer step).")
+        raise UserError(
+            f"dataset {spec}: {len(ptx)} PTX rows are fewer than ppo.mini_batch_size="
+            f"{p.mini_batch_size} (one PTX row per rollout row of each optimizer step)."
+        )
     return ptx
 
 
@@ -138,27 +201,40 @@ def load_models(ctx: StageContext, inputs: PPOInputs, ds: dict, needs_critic: bo
     reward_path = inputs.reward_paths[0] if inputs.reward_paths else actor_path
     with engines.zero3_construction(ds["train"]):
         actor = load_causal_lm(actor_path, m.trust_remote_code, m.dtype)
-        critic = load_scalar_model(reward_path, m.trust_remote_code, m.dtype) if needs_critic else None
+        critic = (
+            load_scalar_model(reward_path, m.trust_remote_code, m.dtype) if needs_critic else None
+        )
     actor, critic = _add_lora(ctx.cfg.ppo, actor, critic, actor_path, reward_path)
-    for model in [x for x in (actor, critic) if x is not None]:  # see PPOTrainer.update for why dropout goes
+    for model in [
+        x for x in (actor, critic) if x is not None
+    ]:  # see PPOTrainer.update for why dropout goes
         disable_dropout(model)
         if m.gradient_checkpointing:
             enable_gradient_checkpointing(model)
     with engines.zero3_construction(ds["inference"]):
         ref = load_causal_lm(actor_path, m.trust_remote_code, m.dtype)
-        rewards = [load_scalar_model(path, m.trust_remote_code, m.dtype) for path in inputs.reward_paths]
+        rewards = [
+            load_scalar_model(path, m.trust_remote_code, m.dtype) for path in inputs.reward_paths
+        ]
     check_vocab(actor, inputs.tokenizer, f"actor model {actor_path}")
     for path, reward in zip(inputs.reward_paths, rewards):
         check_vocab(reward, inputs.reward_tokenizer, f"reward model {path}")
     if critic is None:
         return actor, critic, ref, rewards
     # The critic starts from the reward model but reads the actor's token ids.
-    check_vocab(critic, inputs.tokenizer, f"critic (initialised from reward model {reward_path}, "
-                                          f"reading the actor's tokens from {ctx.inputs['tokenizer']})")
+    check_vocab(
+        critic,
+        inputs.tokenizer,
+        f"critic (initialised from reward model {reward_path}, "
+        f"reading the actor's tokens from {ctx.inputs['tokenizer']})",
+    )
     if not inputs.same_tokenizer:
-        log.warning("the reward model %s has its own tokenizer: rollouts are re-encoded for it, but "
-                    "the critic initialised from it reads the actor's token ids, so its embeddings "
-                    "start out meaningless for them.", reward_path)
+        log.warning(
+            "the reward model %s has its own tokenizer: rollouts are re-encoded for it, but "
+            "the critic initialised from it reads the actor's token ids, so its embeddings "
+            "start out meaningless for them.",
+            reward_path,
+        )
     return actor, critic, ref, rewards
 
 
@@ -166,25 +242,53 @@ def _add_lora(p, actor, critic, actor_path: str, reward_path: str) -> tuple:
     """LoRA adapters where asked; the adapters are plain tensors until the engines partition
     them (DeepSpeed converts them, broadcast from rank 0, in `deepspeed.initialize`)."""
     if p.actor_lora_rank:
-        actor = add_lora(actor, p.actor_lora_rank, p.lora_alpha, p.lora_target_modules, f"actor {actor_path}")
+        actor = add_lora(
+            actor, p.actor_lora_rank, p.lora_alpha, p.lora_target_modules, f"actor {actor_path}"
+        )
     if p.critic_lora_rank:  # (the config refuses it without a critic)
-        critic = add_lora(critic, p.critic_lora_rank, p.lora_alpha, p.lora_target_modules,
-                          f"critic (from reward model {reward_path})")
+        critic = add_lora(
+            critic,
+            p.critic_lora_rank,
+            p.lora_alpha,
+            p.lora_target_modules,
+            f"critic (from reward model {reward_path})",
+        )
     return actor, critic
 
 
-def build_engines(ctx: StageContext, models: tuple, ds: dict, sizes: PPOSizes, tokenizer) -> PPOModels:
+def build_engines(
+    ctx: StageContext, models: tuple, ds: dict, sizes: PPOSizes, tokenizer
+) -> PPOModels:
     """Actor and critic: ZeRO-3 training engines; reference and reward: offloaded, frozen."""
     p = ctx.cfg.ppo
     actor, critic, ref, rewards = models
-    reward_pad_ids = [pooling_pad_id(r) for r in rewards]  # the score is read where HF's forward pools it
+    reward_pad_ids = [
+        pooling_pad_id(r) for r in rewards
+    ]  # the score is read where HF's forward pools it
     steps = p.num_iterations * p.num_ppo_epochs * sizes.mini_batches_per_epoch
     warmup = p.warmup_iterations * p.num_ppo_epochs * sizes.mini_batches_per_epoch
-    actor = engines.train_engine(actor, ctx.engine_config(ds["train"], "deepspeed_actor"),
-                                 p.actor_learning_rate, 0.0, "constant_with_warmup", warmup, steps)
-    critic = None if critic is None else engines.train_engine(
-        critic, ctx.engine_config(ds["train"], "deepspeed_critic"), p.critic_learning_rate, 0.0,
-        "constant_with_warmup", warmup, steps)
+    actor = engines.train_engine(
+        actor,
+        ctx.engine_config(ds["train"], "deepspeed_actor"),
+        p.actor_learning_rate,
+        0.0,
+        "constant_with_warmup",
+        warmup,
+        steps,
+    )
+    critic = (
+        None
+        if critic is None
+        else engines.train_engine(
+            critic,
+            ctx.engine_config(ds["train"], "deepspeed_critic"),
+            p.critic_learning_rate,
+            0.0,
+            "constant_with_warmup",
+            warmup,
+            steps,
+        )
+    )
     for engine in [e for e in (actor, critic) if e is not None]:
         engine.eval()  # train mode only inside PPOTrainer.update
     ref = engines.inference_engine(ref, ds["inference"])
@@ -193,13 +297,20 @@ def build_engines(ctx: StageContext, models: tuple, ds: dict, sizes: PPOSizes, t
         if engine is not None:
             log.info("engine %s", engines.describe(engine, name))
     if critic is None:
-        log.info("no critic: ppo.advantage_mode=%s needs none (no critic engine, optimizer, scoring, update "
-                 "or checkpoint)", p.advantage_mode)
+        log.info(
+            "no critic: ppo.advantage_mode=%s needs none (no critic engine, optimizer, scoring, update "
+            "or checkpoint)",
+            p.advantage_mode,
+        )
     for i, engine in enumerate(rewards):  # "reward", or "reward 0", "reward 1", ... of an ensemble
-        log.info("engine %s", engines.describe(engine, "reward" if len(rewards) == 1 else f"reward {i}"))
+        log.info(
+            "engine %s", engines.describe(engine, "reward" if len(rewards) == 1 else f"reward {i}")
+        )
     generator = make_backend(actor, tokenizer, p.gather_modules)
-    log.info("generation: the actor's weights materialised into a plain module each phase "
-             "(pipeline/generation.py)")
+    log.info(
+        "generation: the actor's weights materialised into a plain module each phase "
+        "(pipeline/generation.py)"
+    )
     return PPOModels(actor, critic, ref, rewards, reward_pad_ids, generator)
 
 

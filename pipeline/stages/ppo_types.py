@@ -4,6 +4,7 @@
 `UpdateStats`: one mini-batch's update statistics, logged as ppo/<field>. Not here: the phases
 that fill them, and the math (pipeline/ppo_math.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,18 +25,25 @@ class Experience:
     old_logprobs: torch.Tensor  # (B, R) pi_old, recorded at generation
     prompt_width: int  # P
     prompts: list  # B prompt strings (for the gold scorer and samples)
-    group_ids: torch.Tensor | None = None  # (B,) long: the prompt's index on this rank, shared by its samples
+    group_ids: torch.Tensor | None = (
+        None  # (B,) long: the prompt's index on this rank, shared by its samples
+    )
     ref_logprobs: torch.Tensor | None = None  # (B, R)
     responses: list | None = None  # B decoded response strings (reward functions, gold, samples)
     rm_scores: torch.Tensor | None = None  # (K, B) raw score of each reward model of the ensemble
     fn_scores: torch.Tensor | None = None  # (B,) ppo.reward_fn
-    scores: torch.Tensor | None = None  # (B,) the sequence reward: reward models and reward_fn combined
-    old_values: torch.Tensor | None = None  # (B, R) critic V(s_t) before each response token (None: no critic)
-    prompt_values: torch.Tensor | None = None  # (B,) critic V at the prompt's last token (None: no critic)
+    scores: torch.Tensor | None = (
+        None  # (B,) the sequence reward: reward models and reward_fn combined
+    )
+    old_values: torch.Tensor | None = (
+        None  # (B, R) critic V(s_t) before each response token (None: no critic)
+    )
+    prompt_values: torch.Tensor | None = (
+        None  # (B,) critic V at the prompt's last token (None: no critic)
+    )
     rewards: torch.Tensor | None = None  # (B, R) shaped: -beta KL_t, + score at the last token
     advantages: torch.Tensor | None = None  # (B, R)
     returns: torch.Tensor | None = None  # (B, R)
-
 
 
 @dataclass
@@ -63,8 +71,14 @@ class UpdateStats:
         def on(x: bool) -> float | None:
             return 0.0 if x else None
 
-        return cls(value_loss=on(critic), value_clip_fraction=on(critic), values_mean=on(critic),
-                   kl_loss=on(kl_loss), dual_clip_fraction=on(dual_clip), ptx_loss=on(ptx))
+        return cls(
+            value_loss=on(critic),
+            value_clip_fraction=on(critic),
+            values_mean=on(critic),
+            kl_loss=on(kl_loss),
+            dual_clip_fraction=on(dual_clip),
+            ptx_loss=on(ptx),
+        )
 
     def add(self, name: str, value: float) -> None:
         setattr(self, name, getattr(self, name) + value)
@@ -76,5 +90,7 @@ class UpdateStats:
     def all_reduced(self) -> dict[str, float]:
         """The tracked stats summed over ranks (one collective), by name."""
         names = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
-        summed = collectives.all_reduce_sum(torch.tensor([getattr(self, n) for n in names], dtype=torch.float64))
+        summed = collectives.all_reduce_sum(
+            torch.tensor([getattr(self, n) for n in names], dtype=torch.float64)
+        )
         return {n: float(v) for n, v in zip(names, summed)}

@@ -6,6 +6,7 @@ the same global batch and writes the result. Used by test_checkpoint_ranks.py.
 An EMA of the weights (engines.ShardEMA, on the ZeRO-3 shards) follows every step; `save` also keeps
 the same EMA by hand on the full weights gathered after each step, and both modes write the EMA
 gathered from the shards (saved per rank in the checkpoint, re-cut on another rank count)."""
+
 import json
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ EMA_BETA = 0.5
 def batch(step: int, d: collectives.Dist) -> torch.Tensor:
     g = torch.Generator().manual_seed(step)
     rows = torch.randint(3, 40, (GLOBAL_BATCH, 12), generator=g)
-    return rows[d.rank::d.world_size]  # this rank's share of the global batch
+    return rows[d.rank :: d.world_size]  # this rank's share of the global batch
 
 
 def main() -> None:
@@ -34,9 +35,12 @@ def main() -> None:
     collectives.seed_everything(0)
     ckpt = Checkpointer(folder / "stage", d, keep_last=2, identity={"probe": 1})
     resume = ckpt.find() if mode == "load" else None
-    ds = ds_config.load_ds_config(Path(__file__).parents[2] / "ds_configs" / "zero3_train.json",
-                                train_micro_batch_size_per_gpu=GLOBAL_BATCH // d.world_size,
-                                gradient_accumulation_steps=1, gradient_clipping=1.0)
+    ds = ds_config.load_ds_config(
+        Path(__file__).parents[2] / "ds_configs" / "zero3_train.json",
+        train_micro_batch_size_per_gpu=GLOBAL_BATCH // d.world_size,
+        gradient_accumulation_steps=1,
+        gradient_clipping=1.0,
+    )
     if resume is not None and resume.universal:
         ds = ds_config.universal_loading(ds)
     model_dir = folder / "model"
@@ -69,7 +73,9 @@ def main() -> None:
             full = zero3.full_state_dict(engine.module, d.rank)
             if d.is_main:
                 hand = {k: EMA_BETA * hand[k] + (1 - EMA_BETA) * full[k] for k in hand}
-        ckpt.save(3, {"model": engine}, {"step": 3}, {"note": "rank-local", "ema": ema.state_dict()})
+        ckpt.save(
+            3, {"model": engine}, {"step": 3}, {"note": "rank-local", "ema": ema.state_dict()}
+        )
         dump("saved")
         if d.is_main:
             torch.save(hand, folder / "ema_hand.pt")
@@ -86,10 +92,17 @@ def main() -> None:
         dump("loaded")
         dump(f"ema_loaded_world{d.world_size}", ema)
         if d.is_main:
-            (folder / "load_report.json").write_text(json.dumps({
-                "universal": resume.universal, "saved_by": resume.world_size,
-                "local": local and {"note": local["note"]},
-                "lr": engine.get_lr()[0], "global_steps": engine.global_steps}))
+            (folder / "load_report.json").write_text(
+                json.dumps(
+                    {
+                        "universal": resume.universal,
+                        "saved_by": resume.world_size,
+                        "local": local and {"note": local["note"]},
+                        "lr": engine.get_lr()[0],
+                        "global_steps": engine.global_steps,
+                    }
+                )
+            )
         train_step(4)
         dump(f"after_world{d.world_size}")
 

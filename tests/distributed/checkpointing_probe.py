@@ -2,6 +2,7 @@
 actor and reward model whose configs ask for attention dropout: model.gradient_checkpointing off,
 then on. Writes <work>/report.json (rank 0): each run's PPO metrics and how often a decoder layer's
 MLP ran with gradients on (the update's forwards, plus the recomputes under checkpointing)."""
+
 import json
 import sys
 from pathlib import Path
@@ -14,10 +15,30 @@ from pipeline.config import REPO_ROOT
 from pipeline.distributed import collectives
 from pipeline.monitoring import setup_logging
 
-SIZES = ["--task.num_sft", "16", "--task.num_pairs", "16", "--task.num_prompts", "32", "--task.num_eval", "8",
-         "--ppo.num_iterations", "2", "--ppo.rollout_batch_size", "16", "--ppo.mini_batch_size", "16",
-         "--ppo.micro_batch_size_per_gpu", "4", "--ppo.warmup_iterations", "0", "--ppo.eval_steps", "100",
-         "--save_steps", "0"]
+SIZES = [
+    "--task.num_sft",
+    "16",
+    "--task.num_pairs",
+    "16",
+    "--task.num_prompts",
+    "32",
+    "--task.num_eval",
+    "8",
+    "--ppo.num_iterations",
+    "2",
+    "--ppo.rollout_batch_size",
+    "16",
+    "--ppo.mini_batch_size",
+    "16",
+    "--ppo.micro_batch_size_per_gpu",
+    "4",
+    "--ppo.warmup_iterations",
+    "0",
+    "--ppo.eval_steps",
+    "100",
+    "--save_steps",
+    "0",
+]
 
 
 def model_folder(folder: Path) -> None:
@@ -28,7 +49,9 @@ def model_folder(folder: Path) -> None:
 
 
 def main() -> None:
-    work = Path([a for a in sys.argv[1:] if not a.startswith("--local_rank")][0])  # launcher adds --local_rank
+    work = Path(
+        [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]
+    )  # launcher adds --local_rank
     d = collectives.init_distributed()
     setup_logging(d.is_main)
     if d.is_main:
@@ -45,14 +68,30 @@ def main() -> None:
     report = {}
     for gc in ("false", "true"):
         out = work / f"gc_{gc}"
-        cfg = parse_config(["--config", str(REPO_ROOT / "launch" / "configs" / "tiny.yaml"),
-                            "--output_dir", str(out), "--ppo.actor_model_path", str(work / "actor"),
-                            "--ppo.reward_model_path", str(work / "reward"), *SIZES,
-                            "--model.gradient_checkpointing", gc])
+        cfg = parse_config(
+            [
+                "--config",
+                str(REPO_ROOT / "launch" / "configs" / "tiny.yaml"),
+                "--output_dir",
+                str(out),
+                "--ppo.actor_model_path",
+                str(work / "actor"),
+                "--ppo.reward_model_path",
+                str(work / "reward"),
+                *SIZES,
+                "--model.gradient_checkpointing",
+                gc,
+            ]
+        )
         calls.clear()
         orchestrator.run(cfg, d, ("ppo",))
-        rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
-        report[gc] = {"iterations": [r for r in rows if "ppo/policy_loss" in r], "mlp_calls": len(calls)}
+        rows = [
+            json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()
+        ]
+        report[gc] = {
+            "iterations": [r for r in rows if "ppo/policy_loss" in r],
+            "mlp_calls": len(calls),
+        }
     if d.is_main:
         (work / "report.json").write_text(json.dumps(report))
 

@@ -2,6 +2,7 @@
 checkpoint of a fake stage, each hashing a share of the files; `timeout <folder> <minutes>` has
 rank 1 arrive at a barrier late. Each rank writes <folder>/<mode>.rank<R> (JSON). Used by
 test_collectives_two_ranks.py."""
+
 import json
 import sys
 import time
@@ -18,9 +19,15 @@ def fake_checkpoint(root: Path, step: int, identity: dict) -> None:
     for i in range(5):
         (folder / f"shard_{i}.bin").write_bytes(bytes([i]) * (1000 * (i + 1)))
     (folder / "state.json").write_text(json.dumps({"step": step}))
-    files = {n: [(folder / n).stat().st_size, checkpoint._sha256(folder / n)] for n in checkpoint._files(folder)}
-    (folder / checkpoint.MANIFEST).write_text(json.dumps(
-        {"format": 1, "step": step, "world_size": 2, "identity": identity, "files": files}))
+    files = {
+        n: [(folder / n).stat().st_size, checkpoint._sha256(folder / n)]
+        for n in checkpoint._files(folder)
+    }
+    (folder / checkpoint.MANIFEST).write_text(
+        json.dumps(
+            {"format": 1, "step": step, "world_size": 2, "identity": identity, "files": files}
+        )
+    )
     (root / "latest").write_text(folder.name)
 
 
@@ -45,8 +52,12 @@ def verify_mode(d: collectives.Dist, folder: Path) -> dict:
     collectives.barrier()
     hashed.clear()
     fallback = ckpt.find()
-    return {"intact_step": intact.step, "hashed_intact": hashed_intact, "fallback_step": fallback.step,
-            "universal": intact.universal}
+    return {
+        "intact_step": intact.step,
+        "hashed_intact": hashed_intact,
+        "fallback_step": fallback.step,
+        "universal": intact.universal,
+    }
 
 
 def timeout_mode(d: collectives.Dist, late_s: float) -> dict:

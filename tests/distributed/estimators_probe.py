@@ -5,6 +5,7 @@ test_estimators_two_ranks.py; writes <folder>/estimators.rank<R> (JSON).
 
 `grouped`: rank r holds prompts r*P..(r+1)*P-1 and all their samples (as the stage's generate() does);
 `split`: rank r holds every other row, so each group is cut across the ranks (what must not happen)."""
+
 import json
 import sys
 from pathlib import Path
@@ -24,12 +25,18 @@ def rollout() -> estimators.AdvantageInputs:
     rows = PROMPTS * SAMPLES
     lengths = torch.randint(1, WIDTH + 1, (rows,), generator=g)
     mask = (torch.arange(WIDTH)[None] < lengths[:, None]).long()
-    rewards = -0.1 * torch.rand(rows, WIDTH, generator=g, dtype=torch.float64)  # a KL-like penalty per token
-    score = torch.randint(0, 3, (rows,), generator=g).double()  # few distinct values: ties inside groups
+    rewards = -0.1 * torch.rand(
+        rows, WIDTH, generator=g, dtype=torch.float64
+    )  # a KL-like penalty per token
+    score = torch.randint(
+        0, 3, (rows,), generator=g
+    ).double()  # few distinct values: ties inside groups
     rewards[torch.arange(rows), lengths - 1] += score
     values = torch.randn(rows, WIDTH, generator=g, dtype=torch.float64)
     groups = torch.arange(PROMPTS).repeat_interleave(SAMPLES)
-    return estimators.AdvantageInputs(rewards * mask, mask, values=values, group_ids=groups, gamma=1.0, lam=0.95)
+    return estimators.AdvantageInputs(
+        rewards * mask, mask, values=values, group_ids=groups, gamma=1.0, lam=0.95
+    )
 
 
 def rows_of(rank: int, world: int, layout: str) -> torch.Tensor:
@@ -37,16 +44,21 @@ def rows_of(rank: int, world: int, layout: str) -> torch.Tensor:
     if layout == "split":
         return rows[rank::world]
     per_rank = PROMPTS // world * SAMPLES
-    return rows[rank * per_rank:(rank + 1) * per_rank]
+    return rows[rank * per_rank : (rank + 1) * per_rank]
 
 
 def advantages(rank: int, world: int, layout: str) -> dict:
     """{estimator: [[row, advantages...], ...]} of this rank's rows (whitening on, as by default)."""
     full, idx = rollout(), rows_of(rank, world, layout)
     dev = collectives.device()
-    mine = estimators.AdvantageInputs(full.rewards[idx].to(dev), full.response_mask[idx].to(dev),
-                                    values=full.values[idx].to(dev), group_ids=full.group_ids[idx].to(dev),
-                                    gamma=full.gamma, lam=full.lam)
+    mine = estimators.AdvantageInputs(
+        full.rewards[idx].to(dev),
+        full.response_mask[idx].to(dev),
+        values=full.values[idx].to(dev),
+        group_ids=full.group_ids[idx].to(dev),
+        gamma=full.gamma,
+        lam=full.lam,
+    )
     out = {}
     for name in NAMES:
         adv, _ = estimators.estimate_advantages(name, mine, True, collectives.global_whiten)

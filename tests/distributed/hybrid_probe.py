@@ -1,5 +1,6 @@
 """Run under `deepspeed --num_gpus 2`: the hybrid engine against naive ZeRO-3 generation, its
 memory, and many mode switches with training steps in between. Writes <out>.rank<N> as JSON."""
+
 import collections
 import contextlib
 import json
@@ -28,23 +29,91 @@ def materialised_bytes(model) -> int:
 # Every collective a decode could reach, at three layers: the Python API of torch.distributed and
 # of deepspeed.comm (module functions and its backend object, which binds some torch functions
 # at start-up), and the methods of torch's ProcessGroup that every torch collective ends in.
-TORCH_COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "_all_gather_base",
-                     "all_gather_coalesced", "all_gather_object", "reduce_scatter", "reduce_scatter_tensor",
-                     "_reduce_scatter_base", "broadcast", "broadcast_object_list", "reduce", "all_to_all",
-                     "all_to_all_single", "gather", "gather_object", "scatter", "scatter_object_list", "barrier",
-                     "monitored_barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv")
-DS_COLLECTIVES = ("all_reduce", "inference_all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor",
-                  "allgather_fn", "all_gather_coalesced", "all_gather_object", "all_gather_base", "reduce_scatter",
-                  "reduce_scatter_fn", "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "reduce",
-                  "all_to_all", "all_to_all_single", "gather", "scatter", "barrier", "monitored_barrier", "send",
-                  "recv", "isend", "irecv", "batch_isend_irecv", "all_gather_function", "reduce_scatter_function")
-PROCESS_GROUP_COLLECTIVES = ("allreduce", "allreduce_coalesced", "allgather", "allgather_coalesced",
-                             "allgather_into_tensor_coalesced", "_allgather_base", "all_gather_single",
-                             "all_gather_single_coalesced", "reduce_scatter", "_reduce_scatter_base",
-                             "reduce_scatter_single", "reduce_scatter_single_coalesced",
-                             "reduce_scatter_tensor_coalesced", "broadcast", "reduce", "alltoall", "alltoall_base",
-                             "all_to_all_single", "gather", "scatter", "barrier", "monitored_barrier", "send", "recv",
-                             "recv_anysource")
+TORCH_COLLECTIVES = (
+    "all_reduce",
+    "all_reduce_coalesced",
+    "all_gather",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "all_gather_coalesced",
+    "all_gather_object",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "broadcast",
+    "broadcast_object_list",
+    "reduce",
+    "all_to_all",
+    "all_to_all_single",
+    "gather",
+    "gather_object",
+    "scatter",
+    "scatter_object_list",
+    "barrier",
+    "monitored_barrier",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
+)
+DS_COLLECTIVES = (
+    "all_reduce",
+    "inference_all_reduce",
+    "all_reduce_coalesced",
+    "all_gather",
+    "all_gather_into_tensor",
+    "allgather_fn",
+    "all_gather_coalesced",
+    "all_gather_object",
+    "all_gather_base",
+    "reduce_scatter",
+    "reduce_scatter_fn",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "broadcast_object_list",
+    "reduce",
+    "all_to_all",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+    "barrier",
+    "monitored_barrier",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
+    "all_gather_function",
+    "reduce_scatter_function",
+)
+PROCESS_GROUP_COLLECTIVES = (
+    "allreduce",
+    "allreduce_coalesced",
+    "allgather",
+    "allgather_coalesced",
+    "allgather_into_tensor_coalesced",
+    "_allgather_base",
+    "all_gather_single",
+    "all_gather_single_coalesced",
+    "reduce_scatter",
+    "_reduce_scatter_base",
+    "reduce_scatter_single",
+    "reduce_scatter_single_coalesced",
+    "reduce_scatter_tensor_coalesced",
+    "broadcast",
+    "reduce",
+    "alltoall",
+    "alltoall_base",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+    "barrier",
+    "monitored_barrier",
+    "send",
+    "recv",
+    "recv_anysource",
+)
 
 
 @contextlib.contextmanager
@@ -59,14 +128,19 @@ def count_collectives():
         if real is None or not callable(real):
             return
         if method:  # a method of the pybind class (getattr gives its unbound function): keep `self`
+
             def counting(self, *args, **kwargs):
                 counts[key] += 1
                 return real(self, *args, **kwargs)
         else:
+
             def counting(*args, **kwargs):
                 counts[key] += 1
                 return real(*args, **kwargs)
-        own = vars(owner)  # restored as it was: the class's own descriptor, or no instance attribute
+
+        own = vars(
+            owner
+        )  # restored as it was: the class's own descriptor, or no instance attribute
         patched.append((owner, name, own[name] if name in own else None, name in own))
         setattr(owner, name, counting)
 
@@ -100,9 +174,12 @@ def main() -> None:
         (work / "model" / "config.json").write_text(json.dumps(config))
     collectives.barrier()
     tok = load_tokenizer(str(work / "model"))
-    ds = ds_config.load_ds_config(REPO_ROOT / "ds_configs" / "zero3_train.json",
-                                train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1,
-                                gradient_clipping=1.0)
+    ds = ds_config.load_ds_config(
+        REPO_ROOT / "ds_configs" / "zero3_train.json",
+        train_micro_batch_size_per_gpu=4,
+        gradient_accumulation_steps=1,
+        gradient_clipping=1.0,
+    )
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     collectives.seed_everything(0)
     with engines.zero3_construction(ds):
@@ -110,43 +187,64 @@ def main() -> None:
     engine = engines.train_engine(model, ds, 1e-2, 0.0, "constant", 0, 100)
     engine.eval()
     hybrid = HybridEngine(engine, tok, gather_modules=2)
-    prompts = ["ana asks for a review of the pizza .", "please review the sofa for leo .",
-               "grace wants to know about the camera .", "hugo asks for a review of the book ."]
-    mine = prompts[d.rank * 2:(d.rank + 1) * 2] + ["emma wants to know about the car ."]  # 3 rows, ragged
-    batch = data.collate_prompts(data.prompt_examples([{"prompt": p} for p in mine], tok, 24), tok.pad_token_id)
+    prompts = [
+        "ana asks for a review of the pizza .",
+        "please review the sofa for leo .",
+        "grace wants to know about the camera .",
+        "hugo asks for a review of the book .",
+    ]
+    mine = prompts[d.rank * 2 : (d.rank + 1) * 2] + [
+        "emma wants to know about the car ."
+    ]  # 3 rows, ragged
+    batch = data.collate_prompts(
+        data.prompt_examples([{"prompt": p} for p in mine], tok, 24), tok.pad_token_id
+    )
     ids, mask = batch["input_ids"], batch["attention_mask"]
     greedy = SamplingParams(max_new_tokens=12, do_sample=False)
     report = {}
 
-    with count_collectives() as counts:  # the counter's positive control: ZeRO-3 gathers while decoding
+    with (
+        count_collectives() as counts
+    ):  # the counter's positive control: ZeRO-3 gathers while decoding
         naive = naive_generate(engine, tok, ids, mask, greedy)
     report["naive_collectives"] = dict(counts)
     before = rss_bytes()
-    with count_collectives() as around, hybrid.generation_mode():  # entering gathers the weights, by design
+    with (
+        count_collectives() as around,
+        hybrid.generation_mode(),
+    ):  # entering gathers the weights, by design
         inside = rss_bytes()
         inside_bytes = materialised_bytes(hybrid.model)
         with count_collectives() as counts:  # decoding: each rank alone, no collective at all
             fast = hybrid.generate(ids, mask, greedy)
         report["collectives_while_decoding"] = dict(counts)
         with count_collectives() as counts:
-            sampled = hybrid.generate(ids, mask, SamplingParams(max_new_tokens=10, min_new_tokens=6,
-                                                                num_samples=2, temperature=1.5))
+            sampled = hybrid.generate(
+                ids,
+                mask,
+                SamplingParams(max_new_tokens=10, min_new_tokens=6, num_samples=2, temperature=1.5),
+            )
         report["collectives_while_sampling"] = dict(counts)
     report["generation_mode_collectives"] = dict(around)
     after = rss_bytes()
     report["greedy_equal"] = torch.equal(naive, fast)
     report["greedy_shape"] = list(fast.shape)
     report["rss"] = {"before": before, "inside": inside, "after": after}
-    report["materialised_bytes"] = {"inside": inside_bytes, "after": materialised_bytes(hybrid.model),
-                                    "full_model": sum(p.ds_numel * 4 for p in engine.module.parameters())}
-    resp = sampled[:, ids.shape[1]:]
+    report["materialised_bytes"] = {
+        "inside": inside_bytes,
+        "after": materialised_bytes(hybrid.model),
+        "full_model": sum(p.ds_numel * 4 for p in engine.module.parameters()),
+    }
+    resp = sampled[:, ids.shape[1] :]
     lengths = response_mask(resp, tok.eos_token_id).sum(1)
     report["samples_shape"] = list(sampled.shape)
     report["samples_min_length"] = int(lengths.min())
 
     # Many switches: generation mode, then a training step, and the copy must follow the engine.
-    train = data.sft_examples([{"prompt": p, "response": "the item is amazing ."} for p in prompts], tok, 24, 24)
-    tb = data.collate_sft(train[d.rank * 2:(d.rank + 1) * 2], tok.pad_token_id)
+    train = data.sft_examples(
+        [{"prompt": p, "response": "the item is amazing ."} for p in prompts], tok, 24, 24
+    )
+    tb = data.collate_sft(train[d.rank * 2 : (d.rank + 1) * 2], tok.pad_token_id)
     rss_cycles, drift, changed = [], [], []
     previous = None
     for _ in range(15):

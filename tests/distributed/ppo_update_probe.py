@@ -6,6 +6,7 @@ Rank 0 writes <out> (torch.save): the gathered actor and critic weights before a
 gathered fp32 gradient of every optimizer step (taken just before DeepSpeed's step at the
 accumulation boundary), each step's global gradient norm, and the stats `update` returns.
 Used by test_ppo_update_ranks.py."""
+
 import sys
 from pathlib import Path
 
@@ -28,14 +29,46 @@ def options(work: Path) -> list[str]:
     """One mini-batch holding the whole rollout (so 1 and 2 ranks take the same optimizer steps on
     the same rows), two epochs (the second step starts from ratios != 1), micro-batches of 2 rows
     (gradient accumulation 4 on one rank, 2 on two), no warmup (the first step moves the weights)."""
-    return ["--output_dir", str(work / "run"), "--ppo.actor_model_path", str(work / "policy"),
-            "--ppo.reward_model_path", str(work / "reward"), "--data.prompt_data_path", str(work / "prompts.jsonl"),
-            "--data.eval_prompt_data_path", str(work / "prompts.jsonl"), "--data.max_response_len", str(RESPONSE_WIDTH),
-            "--ppo.rollout_batch_size", str(PROMPTS), "--ppo.num_samples_per_prompt", str(SAMPLES),
-            "--ppo.mini_batch_size", str(ROWS), "--ppo.micro_batch_size_per_gpu", "2", "--ppo.num_ppo_epochs", "2",
-            "--ppo.num_iterations", "1", "--ppo.warmup_iterations", "0", "--ppo.actor_learning_rate", "1e-3",
-            "--ppo.critic_learning_rate", "1e-3", "--ppo.entropy_coef", "0.01", "--ppo.eval_steps", "0",
-            "--save_steps", "0", "--cache_dir", str(work / "cache")]
+    return [
+        "--output_dir",
+        str(work / "run"),
+        "--ppo.actor_model_path",
+        str(work / "policy"),
+        "--ppo.reward_model_path",
+        str(work / "reward"),
+        "--data.prompt_data_path",
+        str(work / "prompts.jsonl"),
+        "--data.eval_prompt_data_path",
+        str(work / "prompts.jsonl"),
+        "--data.max_response_len",
+        str(RESPONSE_WIDTH),
+        "--ppo.rollout_batch_size",
+        str(PROMPTS),
+        "--ppo.num_samples_per_prompt",
+        str(SAMPLES),
+        "--ppo.mini_batch_size",
+        str(ROWS),
+        "--ppo.micro_batch_size_per_gpu",
+        "2",
+        "--ppo.num_ppo_epochs",
+        "2",
+        "--ppo.num_iterations",
+        "1",
+        "--ppo.warmup_iterations",
+        "0",
+        "--ppo.actor_learning_rate",
+        "1e-3",
+        "--ppo.critic_learning_rate",
+        "1e-3",
+        "--ppo.entropy_coef",
+        "0.01",
+        "--ppo.eval_steps",
+        "0",
+        "--save_steps",
+        "0",
+        "--cache_dir",
+        str(work / "cache"),
+    ]
 
 
 def rollout(vocab_size: int, eos: int, pad: int) -> dict:
@@ -44,18 +77,28 @@ def rollout(vocab_size: int, eos: int, pad: int) -> dict:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(5, vocab_size, (ROWS, PROMPT_WIDTH), generator=g)
     prompt_len = torch.randint(2, PROMPT_WIDTH + 1, (ROWS,), generator=g)
-    prompt_mask = (torch.arange(PROMPT_WIDTH)[None] >= PROMPT_WIDTH - prompt_len[:, None]).long()  # left-padded
+    prompt_mask = (
+        torch.arange(PROMPT_WIDTH)[None] >= PROMPT_WIDTH - prompt_len[:, None]
+    ).long()  # left-padded
     prompt = torch.where(prompt_mask.bool(), prompt, pad)
     response = torch.randint(5, vocab_size, (ROWS, RESPONSE_WIDTH), generator=g)
-    eos_at = torch.randint(0, RESPONSE_WIDTH + 1, (ROWS,), generator=g)  # RESPONSE_WIDTH: no EOS, cut
+    eos_at = torch.randint(
+        0, RESPONSE_WIDTH + 1, (ROWS,), generator=g
+    )  # RESPONSE_WIDTH: no EOS, cut
     pos = torch.arange(RESPONSE_WIDTH)[None]
-    response = torch.where(pos == eos_at[:, None], eos, torch.where(pos > eos_at[:, None], pad, response))
+    response = torch.where(
+        pos == eos_at[:, None], eos, torch.where(pos > eos_at[:, None], pad, response)
+    )
     m = response_mask(response, eos)
-    return {"sequences": torch.cat([prompt, response], 1), "attention_mask": torch.cat([prompt_mask, m], 1),
-            "response_mask": m, "advantages": torch.randn(ROWS, RESPONSE_WIDTH, generator=g) * m,
-            "returns": torch.randn(ROWS, RESPONSE_WIDTH, generator=g) * m,
-            "logprob_offset": 0.3 * torch.randn(ROWS, RESPONSE_WIDTH, generator=g),
-            "value_offset": 0.3 * torch.randn(ROWS, RESPONSE_WIDTH, generator=g)}
+    return {
+        "sequences": torch.cat([prompt, response], 1),
+        "attention_mask": torch.cat([prompt_mask, m], 1),
+        "response_mask": m,
+        "advantages": torch.randn(ROWS, RESPONSE_WIDTH, generator=g) * m,
+        "returns": torch.randn(ROWS, RESPONSE_WIDTH, generator=g) * m,
+        "logprob_offset": 0.3 * torch.randn(ROWS, RESPONSE_WIDTH, generator=g),
+        "value_offset": 0.3 * torch.randn(ROWS, RESPONSE_WIDTH, generator=g),
+    }
 
 
 def my_experience(trainer: PPOTrainer, rank: int, world: int) -> Experience:
@@ -64,16 +107,35 @@ def my_experience(trainer: PPOTrainer, rank: int, world: int) -> Experience:
     tok = trainer.tokenizer
     full = rollout(len(tok), tok.eos_token_id, tok.pad_token_id)
     per_rank = ROWS // world
-    mine = {k: v[rank * per_rank:(rank + 1) * per_rank].to(collectives.device()) for k, v in full.items()}
+    mine = {
+        k: v[rank * per_rank : (rank + 1) * per_rank].to(collectives.device())
+        for k, v in full.items()
+    }
     seq, mask, m = mine["sequences"], mine["attention_mask"], mine["response_mask"]
     with torch.no_grad():
-        old_logprobs = torch.cat([trainer._logits_logprobs(trainer.actor, seq[s], mask[s], PROMPT_WIDTH)[1]
-                                  for s in trainer.micro_slices(len(seq))])
-        old_values = torch.cat([trainer._values(trainer.critic, seq[s], mask[s], PROMPT_WIDTH)[0]
-                                for s in trainer.micro_slices(len(seq))])
-    return Experience(seq, mask, m, (old_logprobs + mine["logprob_offset"]) * m, PROMPT_WIDTH,
-                      ["p"] * per_rank, old_values=(old_values + mine["value_offset"]) * m,
-                      advantages=mine["advantages"], returns=mine["returns"])
+        old_logprobs = torch.cat(
+            [
+                trainer._logits_logprobs(trainer.actor, seq[s], mask[s], PROMPT_WIDTH)[1]
+                for s in trainer.micro_slices(len(seq))
+            ]
+        )
+        old_values = torch.cat(
+            [
+                trainer._values(trainer.critic, seq[s], mask[s], PROMPT_WIDTH)[0]
+                for s in trainer.micro_slices(len(seq))
+            ]
+        )
+    return Experience(
+        seq,
+        mask,
+        m,
+        (old_logprobs + mine["logprob_offset"]) * m,
+        PROMPT_WIDTH,
+        ["p"] * per_rank,
+        old_values=(old_values + mine["value_offset"]) * m,
+        advantages=mine["advantages"],
+        returns=mine["returns"],
+    )
 
 
 def record_steps(engine, d: collectives.Dist) -> dict:
@@ -85,7 +147,10 @@ def record_steps(engine, d: collectives.Dist) -> dict:
     def recording_step(*args, **kwargs):
         boundary = engine.is_gradient_accumulation_boundary()
         if boundary:  # collective under ZeRO-3: every rank gathers each gradient
-            grads = {n: safe_get_full_grad(p).detach().cpu().clone() for n, p in engine.module.named_parameters()}
+            grads = {
+                n: safe_get_full_grad(p).detach().cpu().clone()
+                for n, p in engine.module.named_parameters()
+            }
             if d.is_main:
                 log["grads"].append(grads)
         out = step(*args, **kwargs)
@@ -103,18 +168,38 @@ def main() -> None:
     cfg = parse_config(options(work))
     d = collectives.init_distributed()
     run = Path(cfg.output_dir)
-    trainer = PPOTrainer(StageContext(cfg, d, run / "ppo", stage_inputs(cfg, run, run / "task")["ppo"]))
+    trainer = PPOTrainer(
+        StageContext(cfg, d, run / "ppo", stage_inputs(cfg, run, run / "task")["ppo"])
+    )
     exp = my_experience(trainer, d.rank, d.world_size)
-    before = {name: zero3.full_state_dict(e.module, d.rank) for name, e in (("actor", trainer.actor),
-                                                                            ("critic", trainer.critic))}
+    before = {
+        name: zero3.full_state_dict(e.module, d.rank)
+        for name, e in (("actor", trainer.actor), ("critic", trainer.critic))
+    }
     logs = {"actor": record_steps(trainer.actor, d), "critic": record_steps(trainer.critic, d)}
     stats = trainer.update(exp, seed=7)
-    after = {name: zero3.full_state_dict(e.module, d.rank) for name, e in (("actor", trainer.actor),
-                                                                           ("critic", trainer.critic))}
+    after = {
+        name: zero3.full_state_dict(e.module, d.rank)
+        for name, e in (("actor", trainer.actor), ("critic", trainer.critic))
+    }
     if d.is_main:
-        torch.save({"world_size": d.world_size, "before": before, "after": after, "steps": logs, "stats": stats,
-                    "tokens": int(rollout(len(trainer.tokenizer), trainer.tokenizer.eos_token_id,
-                                          trainer.tokenizer.pad_token_id)["response_mask"].sum())}, out)
+        torch.save(
+            {
+                "world_size": d.world_size,
+                "before": before,
+                "after": after,
+                "steps": logs,
+                "stats": stats,
+                "tokens": int(
+                    rollout(
+                        len(trainer.tokenizer),
+                        trainer.tokenizer.eos_token_id,
+                        trainer.tokenizer.pad_token_id,
+                    )["response_mask"].sum()
+                ),
+            },
+            out,
+        )
     collectives.barrier()
 
 

@@ -1,5 +1,6 @@
 """Tier 2: a ZeRO-3 checkpoint written by 2 ranks, resumed on 1 (DeepSpeed's universal form) and on 2,
 with an EMA of the weights kept on the shards (checked against the EMA of the gathered weights)."""
+
 import json
 import subprocess
 
@@ -10,7 +11,16 @@ PROBE = REPO / "tests" / "distributed" / "checkpoint_probe.py"
 
 
 def _run(mode: str, folder, ranks: int) -> None:
-    cmd = ["deepspeed", "--master_port", str(free_port()), "--num_gpus", str(ranks), str(PROBE), mode, str(folder)]
+    cmd = [
+        "deepspeed",
+        "--master_port",
+        str(free_port()),
+        "--num_gpus",
+        str(ranks),
+        str(PROBE),
+        mode,
+        str(folder),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -27,7 +37,9 @@ def test_two_rank_checkpoint_resumes_on_one_and_two_ranks(tmp_path):
     assert ema_saved.keys() == saved.keys()
     for k in saved:  # the shard EMA is the EMA of the full weights after every step
         torch.testing.assert_close(ema_saved[k], hand[k], rtol=0, atol=1e-7, msg=k)
-    assert max((ema_saved[k] - saved[k]).abs().max().item() for k in saved) > 1e-4  # not the weights
+    assert (
+        max((ema_saved[k] - saved[k]).abs().max().item() for k in saved) > 1e-4
+    )  # not the weights
 
     _run("load", tmp_path, 1)  # another rank count: through the universal checkpoint
     report = json.loads((tmp_path / "load_report.json").read_text())
@@ -40,7 +52,9 @@ def test_two_rank_checkpoint_resumes_on_one_and_two_ranks(tmp_path):
     # The next step on the same global batch matches the 2-rank run: the optimizer moments and
     # the schedule were carried over (a fresh Adam would move every weight by about lr instead).
     ema1 = _load(tmp_path / "ema_loaded_world1.pt")
-    assert all(torch.equal(ema1[k], ema_saved[k]) for k in saved)  # the EMA shards re-cut for 1 rank
+    assert all(
+        torch.equal(ema1[k], ema_saved[k]) for k in saved
+    )  # the EMA shards re-cut for 1 rank
     after1 = _load(tmp_path / "after_world1.pt")
     moved = max((after2[k] - saved[k]).abs().max().item() for k in saved)
     for k in saved:
@@ -50,7 +64,9 @@ def test_two_rank_checkpoint_resumes_on_one_and_two_ranks(tmp_path):
     _run("load", tmp_path, 2)  # the same rank count: the ZeRO files themselves, exactly
     report = json.loads((tmp_path / "load_report.json").read_text())
     assert report["universal"] is False and report["local"] == {"note": "rank-local"}
-    assert all(torch.equal(_load(tmp_path / "ema_loaded_world2.pt")[k], ema_saved[k]) for k in saved)
+    assert all(
+        torch.equal(_load(tmp_path / "ema_loaded_world2.pt")[k], ema_saved[k]) for k in saved
+    )
     after_same = _load(tmp_path / "after_world2.pt")
     for k in saved:
         assert torch.equal(after_same[k], after2[k]), k

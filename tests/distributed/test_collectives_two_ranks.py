@@ -1,6 +1,7 @@
 """Tier 2: on two ranks, checkpoint verification is shared out (each rank hashes its part, a
 damaged file found by either rank rejects the checkpoint on both), and the process-group timeout
 (option dist_timeout_minutes) turns a rank that never arrives into an error instead of a hang."""
+
 import json
 import subprocess
 
@@ -25,8 +26,12 @@ def test_checkpoint_verification_is_shared_by_the_ranks(tmp_path):
     assert r0["intact_step"] == r1["intact_step"] == 2 and not r0["universal"]
     a, b = set(r0["hashed_intact"]), set(r1["hashed_intact"])
     assert a and b and not a & b  # each file hashed once, by one rank
-    assert a | b == {f"step_00000002/{n}" for n in [f"shard_{i}.bin" for i in range(5)] + ["state.json"]}
-    assert r0["fallback_step"] == r1["fallback_step"] == 1  # rank 1 found the damage; both skip step 2
+    assert a | b == {
+        f"step_00000002/{n}" for n in [f"shard_{i}.bin" for i in range(5)] + ["state.json"]
+    }
+    assert (
+        r0["fallback_step"] == r1["fallback_step"] == 1
+    )  # rank 1 found the damage; both skip step 2
 
 
 def test_a_late_rank_fails_the_barrier_after_dist_timeout_minutes(tmp_path):

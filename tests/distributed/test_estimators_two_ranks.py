@@ -6,6 +6,7 @@ to each of its own prompts), so the group baselines are local and only the white
 rank's share of one fixed rollout; the 1-rank reference is the same code in this process on a
 one-rank gloo group. Cutting the groups across ranks instead gives different advantages: the layout
 the stage keeps is what makes them agree."""
+
 import json
 import subprocess
 import sys
@@ -33,7 +34,15 @@ def _by_row(parts):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("estimators")
-    cmd = ["deepspeed", "--master_port", str(free_port()), "--num_gpus", "2", str(PROBE), str(folder)]
+    cmd = [
+        "deepspeed",
+        "--master_port",
+        str(free_port()),
+        "--num_gpus",
+        "2",
+        str(PROBE),
+        str(folder),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((folder / f"estimators.rank{r}").read_text()) for r in (0, 1)]
@@ -62,7 +71,9 @@ def test_group_estimators_agree_on_one_and_two_ranks(two_ranks, one_rank):
         torch.testing.assert_close(double[name], single[name], rtol=0, atol=1e-9, msg=name)
         assert single[name].abs().sum() > 0, name  # not trivially zero
     # the reference holds no cut groups: its "split" order is only a permutation of the same rows
-    torch.testing.assert_close(_by_row([one_rank["split"]])["grpo"], single["grpo"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        _by_row([one_rank["split"]])["grpo"], single["grpo"], rtol=0, atol=1e-12
+    )
 
 
 def test_groups_cut_across_ranks_would_change_the_advantages(two_ranks, one_rank):

@@ -1,5 +1,6 @@
 """The hybrid engine on two ranks: same tokens as naive ZeRO-3 generation, memory given back,
 and many generation/training switches without leaking or drifting."""
+
 import json
 
 import pytest
@@ -10,7 +11,9 @@ from launch_util import launch
 def probe(tmp_path_factory):
     work = tmp_path_factory.mktemp("hybrid")
     (work / "model").mkdir()
-    proc = launch("../tests/distributed/hybrid_probe.py", str(work / "report"), str(work), num_gpus=2)
+    proc = launch(
+        "../tests/distributed/hybrid_probe.py", str(work / "report"), str(work), num_gpus=2
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((work / f"report.rank{r}").read_text()) for r in (0, 1)]
 
@@ -30,8 +33,12 @@ def test_no_collective_while_decoding(probe):
     collective calls". Every torch.distributed / deepspeed.comm collective and every ProcessGroup
     collective method is counted (hybrid_probe.count_collectives)."""
     for rank in probe:
-        assert rank["collectives_while_decoding"] == {}, rank["collectives_while_decoding"]  # greedy
-        assert rank["collectives_while_sampling"] == {}, rank["collectives_while_sampling"]  # 2 samples each
+        assert rank["collectives_while_decoding"] == {}, rank[
+            "collectives_while_decoding"
+        ]  # greedy
+        assert rank["collectives_while_sampling"] == {}, rank[
+            "collectives_while_sampling"
+        ]  # 2 samples each
         # the counter sees ZeRO-3's parameter gathers: the naive ZeRO-3 decode gathers the layers at
         # every step, and materialising the weights gathers them (once, outside the decode)
         naive, mode = rank["naive_collectives"], rank["generation_mode_collectives"]

@@ -32,15 +32,21 @@ step moves every entry by about the learning rate whatever its gradient, so an e
 is at rounding level (5e-10 against 1e-4 elsewhere) moves by an amount rounding decides (measured:
 2e-6 at most, in the critic).
 """
+
 import json
 
 import pytest
 import torch
 from launch_util import launch
 
-PROMPTS = ["ana asks for a review of the pizza .", "please review the sofa for leo .",
-           "grace wants to know about the camera .", "hugo asks for a review of the book .",
-           "emma wants to know about the car .", "please review the lamp for ana ."]
+PROMPTS = [
+    "ana asks for a review of the pizza .",
+    "please review the sofa for leo .",
+    "grace wants to know about the camera .",
+    "hugo asks for a review of the book .",
+    "emma wants to know about the car .",
+    "please review the lamp for ana .",
+]
 
 
 def _write_inputs(work):
@@ -49,9 +55,13 @@ def _write_inputs(work):
 
     from pipeline import default_task
 
-    config = LlamaConfig(**default_task.model_config(len(default_task.vocabulary()), 32, 2, 2, 64, 64))
-    for name, cls, extra in (("policy", LlamaForCausalLM, {}), ("reward", LlamaForSequenceClassification,
-                                                                  {"num_labels": 1})):
+    config = LlamaConfig(
+        **default_task.model_config(len(default_task.vocabulary()), 32, 2, 2, 64, 64)
+    )
+    for name, cls, extra in (
+        ("policy", LlamaForCausalLM, {}),
+        ("reward", LlamaForSequenceClassification, {"num_labels": 1}),
+    ):
         torch.manual_seed(1 if name == "policy" else 2)
         model = cls(LlamaConfig(**{**config.to_dict(), **extra}))
         model.save_pretrained(work / name)
@@ -61,8 +71,13 @@ def _write_inputs(work):
 
 def _run(work, ranks):
     out = work / f"update.{ranks}.pt"
-    proc = launch("../tests/distributed/ppo_update_probe.py", str(out), str(work / f"w{ranks}"), num_gpus=ranks,
-                  timeout=600)
+    proc = launch(
+        "../tests/distributed/ppo_update_probe.py",
+        str(out),
+        str(work / f"w{ranks}"),
+        num_gpus=ranks,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = torch.load(out, weights_only=False)
     assert report["world_size"] == ranks
@@ -82,6 +97,8 @@ def runs(tmp_path_factory):
 
 ACTOR_STATS = ("policy_loss", "entropy", "clip_fraction", "approx_kl", "ratio_mean")
 CRITIC_STATS = ("value_loss", "value_clip_fraction", "values_mean")
+
+
 def _compare(one, two, engine):
     for k, w in one["before"][engine].items():  # the same start (both load the same weights)
         assert torch.equal(w, two["before"][engine][k]), (engine, k)
@@ -91,13 +108,20 @@ def _compare(one, two, engine):
         scale = max(g.abs().max().item() for g in g1.values())
         assert scale > 1e-4, (engine, step)
         for k in g1:
-            torch.testing.assert_close(g2[k], g1[k], rtol=1e-5, atol=1e-5 * scale, msg=f"{engine} step {step} {k}")
-    torch.testing.assert_close(torch.tensor(steps2["grad_norms"]), torch.tensor(steps1["grad_norms"]),
-                               rtol=1e-5, atol=0)
-    moved = max((one["after"][engine][k] - w).abs().max().item() for k, w in one["before"][engine].items())
+            torch.testing.assert_close(
+                g2[k], g1[k], rtol=1e-5, atol=1e-5 * scale, msg=f"{engine} step {step} {k}"
+            )
+    torch.testing.assert_close(
+        torch.tensor(steps2["grad_norms"]), torch.tensor(steps1["grad_norms"]), rtol=1e-5, atol=0
+    )
+    moved = max(
+        (one["after"][engine][k] - w).abs().max().item() for k, w in one["before"][engine].items()
+    )
     assert moved > 1e-4, engine  # the update did something
     for k, w in one["after"][engine].items():
-        torch.testing.assert_close(two["after"][engine][k], w, rtol=1e-5, atol=1e-5, msg=f"{engine} {k}")
+        torch.testing.assert_close(
+            two["after"][engine][k], w, rtol=1e-5, atol=1e-5, msg=f"{engine} {k}"
+        )
     names = ACTOR_STATS if engine == "actor" else CRITIC_STATS
     for k in names:
         assert two["stats"][k] == pytest.approx(one["stats"][k], rel=1e-5, abs=1e-7), k
@@ -107,7 +131,9 @@ def _compare(one, two, engine):
 
 def test_two_rank_actor_update_equals_one_rank_update(runs):
     one, two = runs
-    assert one["stats"].keys() == two["stats"].keys() == {*ACTOR_STATS, *CRITIC_STATS, "early_stopped"}
+    assert (
+        one["stats"].keys() == two["stats"].keys() == {*ACTOR_STATS, *CRITIC_STATS, "early_stopped"}
+    )
     _compare(one, two, "actor")
 
 

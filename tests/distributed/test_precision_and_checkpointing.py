@@ -1,13 +1,26 @@
 """Tier 2, two ranks: the pipeline trained in bf16 (with gradient checkpointing), and the PPO stage's
 losses unchanged by gradient checkpointing."""
+
 import json
 import math
 
 import pytest
 from launch_util import TINY, launch, summary
 
-SHORT = ["--task.num_sft", "256", "--task.num_pairs", "256", "--task.num_prompts", "32", "--task.num_eval", "16",
-         "--ppo.num_iterations", "2", "--save_steps", "0"]
+SHORT = [
+    "--task.num_sft",
+    "256",
+    "--task.num_pairs",
+    "256",
+    "--task.num_prompts",
+    "32",
+    "--task.num_eval",
+    "16",
+    "--ppo.num_iterations",
+    "2",
+    "--save_steps",
+    "0",
+]
 
 
 def _metrics(path):
@@ -20,8 +33,19 @@ def test_bf16_pipeline_trains_every_engine_in_bf16(tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     out = tmp_path / "run"
-    proc = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out), *SHORT, "--model.dtype", "bf16",
-                  "--model.gradient_checkpointing", "true", num_gpus=2)
+    proc = launch(
+        "ppo.py",
+        "--config",
+        str(TINY),
+        "--output_dir",
+        str(out),
+        *SHORT,
+        "--model.dtype",
+        "bf16",
+        "--model.gradient_checkpointing",
+        "true",
+        num_gpus=2,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     for engine in ("policy", "reward model", "actor", "critic", "ref", "reward"):
@@ -31,7 +55,9 @@ def test_bf16_pipeline_trains_every_engine_in_bf16(tmp_path):
         assert s[stage]["skipped"] is False
         assert all(math.isfinite(v) for v in s[stage].values() if isinstance(v, float)), s[stage]
         rows = _metrics(out / stage / "metrics.jsonl")
-        assert rows and all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float)), stage
+        assert rows and all(
+            math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float)
+        ), stage
         with safe_open(str(out / stage / "model" / "model.safetensors"), "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}, stage
     assert 0 < s["sft"]["eval_loss"] < 10
@@ -66,8 +92,14 @@ def test_ppo_losses_are_the_same_with_and_without_checkpointing(checkpointing):
     off, on = checkpointing["false"]["iterations"], checkpointing["true"]["iterations"]
     assert len(off) == len(on) == 2
     for a, b in zip(off, on):  # iteration 2 also shows iteration 1's updates were the same
-        for key in ("ppo/policy_loss", "ppo/value_loss", "ppo/entropy", "ppo/approx_kl",
-                    "ppo/actor_grad_norm", "ppo/critic_grad_norm"):
+        for key in (
+            "ppo/policy_loss",
+            "ppo/value_loss",
+            "ppo/entropy",
+            "ppo/approx_kl",
+            "ppo/actor_grad_norm",
+            "ppo/critic_grad_norm",
+        ):
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (a["step"], key)
 
 

@@ -8,6 +8,7 @@ iteration, no warmup so both steps move the weights, a checkpoint after iteratio
          removed) and resumed from the iteration-1 checkpoint: the PTX draw order and the EMA shards
          come back, so both models are bitwise those of the uninterrupted run
 """
+
 import json
 import shutil
 
@@ -15,14 +16,35 @@ import pytest
 import torch
 from launch_util import TINY, launch, metric_rows
 
-SIZES = ["--task.num_sft", "256", "--task.num_pairs", "256", "--task.num_prompts", "32", "--task.num_eval", "16",
-         "--ppo.num_iterations", "2", "--ppo.rollout_batch_size", "16", "--ppo.mini_batch_size", "16",
-         "--ppo.micro_batch_size_per_gpu", "4", "--ppo.warmup_iterations", "0", "--save_steps", "1"]
+SIZES = [
+    "--task.num_sft",
+    "256",
+    "--task.num_pairs",
+    "256",
+    "--task.num_prompts",
+    "32",
+    "--task.num_eval",
+    "16",
+    "--ppo.num_iterations",
+    "2",
+    "--ppo.rollout_batch_size",
+    "16",
+    "--ppo.mini_batch_size",
+    "16",
+    "--ppo.micro_batch_size_per_gpu",
+    "4",
+    "--ppo.warmup_iterations",
+    "0",
+    "--save_steps",
+    "1",
+]
 BETA = 0.9
 
 
 def _ppo(out, *args):
-    proc = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out), *SIZES, *args, num_gpus=2)
+    proc = launch(
+        "ppo.py", "--config", str(TINY), "--output_dir", str(out), *SIZES, *args, num_gpus=2
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2," in proc.stdout
     return proc
@@ -38,7 +60,9 @@ def _checkpointed(run, tag):
     """An engine's full fp32 weights in the PPO checkpoint after iteration 1."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(run / "ppo" / "checkpoints" / "step_00000001"), tag=tag)
+    return get_fp32_state_dict_from_zero_checkpoint(
+        str(run / "ppo" / "checkpoints" / "step_00000001"), tag=tag
+    )
 
 
 def _keep(run, name):
@@ -64,7 +88,9 @@ def _lm_loss(model_dir, rows):
     tok = AutoTokenizer.from_pretrained(model_dir)
     batch = data.collate_sft(data.sft_examples(rows, tok, 24, 24), tok.pad_token_id)
     with torch.no_grad():
-        total, n = causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        total, n = causal_lm_loss(
+            model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+        )
     return (total / n).item()
 
 
@@ -78,11 +104,20 @@ def runs(tmp_path_factory):
 
 def test_ptx_off_and_ema_leave_the_policy_bitwise_unchanged_and_the_ema_is_exact(runs):
     run, base = runs
-    proc = _ppo(run, "--ppo.ptx_coef", "0", "--ppo.ptx_data_path", str(run / "task" / "sft.jsonl"),
-                "--ppo.ema_beta", str(BETA))
+    proc = _ppo(
+        run,
+        "--ppo.ptx_coef",
+        "0",
+        "--ppo.ptx_data_path",
+        str(run / "task" / "sft.jsonl"),
+        "--ppo.ema_beta",
+        str(BETA),
+    )
     assert "stage sft is up to date" in proc.stdout and "no PTX loss" in proc.stdout
     final = _weights(run / "ppo" / "model")
-    assert _same(final, _weights(base / "ppo" / "model"))  # neither ptx_coef 0 nor the EMA changed training
+    assert _same(
+        final, _weights(base / "ppo" / "model")
+    )  # neither ptx_coef 0 nor the EMA changed training
     rows = [json.loads(x) for x in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert not any("ppo/ptx_loss" in r for r in rows)
 
@@ -93,7 +128,7 @@ def test_ptx_off_and_ema_leave_the_policy_bitwise_unchanged_and_the_ema_is_exact
     w0, w1 = _weights(run / "sft" / "model"), _checkpointed(run, "actor")  # start, after step 1
     assert ema.keys() == final.keys() == w0.keys()
     for k in ema:  # two optimizer steps: ema = b^2 w0 + b (1 - b) w1 + (1 - b) w2
-        expected = BETA ** 2 * w0[k] + BETA * (1 - BETA) * w1[k] + (1 - BETA) * final[k]
+        expected = BETA**2 * w0[k] + BETA * (1 - BETA) * w1[k] + (1 - BETA) * final[k]
         assert torch.allclose(ema[k], expected, rtol=0, atol=1e-6), k
     assert max((w1[k] - w0[k]).abs().max() for k in ema) > 1e-5  # both steps moved the weights
     assert max((final[k] - w1[k]).abs().max() for k in ema) > 1e-5
@@ -119,8 +154,13 @@ def test_ptx_moves_the_actor_towards_the_ptx_data_and_resumes_exactly(runs):
     ptx = [r["ppo/ptx_loss"] for r in rows if "ppo/ptx_loss" in r]
     assert len(ptx) == 2 and all(0 < x < 20 for x in ptx)
     sft_rows = [json.loads(x) for x in (run / "task" / "sft.jsonl").read_text().splitlines()][:128]
-    with_ptx, without = _lm_loss(run / "ppo" / "model", sft_rows), _lm_loss(base / "ppo" / "model", sft_rows)
-    print(f"LM loss on 128 PTX rows: with PTX {with_ptx:.5f}, without {without:.5f}; ptx_loss logged {ptx}")
+    with_ptx, without = (
+        _lm_loss(run / "ppo" / "model", sft_rows),
+        _lm_loss(base / "ppo" / "model", sft_rows),
+    )
+    print(
+        f"LM loss on 128 PTX rows: with PTX {with_ptx:.5f}, without {without:.5f}; ptx_loss logged {ptx}"
+    )
     assert with_ptx < without
 
     # Resume from the iteration-1 checkpoint as if killed during iteration 2.
@@ -130,5 +170,7 @@ def test_ptx_moves_the_actor_towards_the_ptx_data_and_resumes_exactly(runs):
     (run / "ppo" / "stage.json").unlink()
     proc = _ppo(run, *args)
     assert "stage ppo: resuming from iteration 1 of 2" in proc.stdout
-    assert _same(_weights(run / "ppo" / "model"), final) and _same(_weights(run / "ppo" / "model_ema"), ema)
+    assert _same(_weights(run / "ppo" / "model"), final) and _same(
+        _weights(run / "ppo" / "model_ema"), ema
+    )
     assert _metrics(run) == metrics

@@ -5,6 +5,7 @@ the reward model a tiny random GPT-2 with a byte-level BPE tokenizer trained her
 token). Both are given as existing models, so the launcher goes straight to PPO. Each logged
 sample's reward must be what the reward model gives the text encoded with its own tokenizer.
 """
+
 import json
 import re
 
@@ -28,28 +29,57 @@ def _byte_level_tokenizer(folder):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_texts(), trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        _texts(),
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
     fast.save_pretrained(folder)
     return fast
 
 
 def _models(root):
-    from transformers import (AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, LlamaConfig,
-                              LlamaForCausalLM)
+    from transformers import (
+        AutoTokenizer,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(0)
     default_task.build_tokenizer(root / "actor")
     actor_tok = AutoTokenizer.from_pretrained(root / "actor")
-    LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(actor_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=64, bos_token_id=actor_tok.bos_token_id, eos_token_id=actor_tok.eos_token_id,
-        pad_token_id=actor_tok.pad_token_id)).save_pretrained(root / "actor")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(actor_tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=actor_tok.bos_token_id,
+            eos_token_id=actor_tok.eos_token_id,
+            pad_token_id=actor_tok.pad_token_id,
+        )
+    ).save_pretrained(root / "actor")
     reward_tok = _byte_level_tokenizer(root / "reward")
-    GPT2ForSequenceClassification(GPT2Config(
-        vocab_size=len(reward_tok), n_embd=32, n_layer=2, n_head=2, n_positions=128, num_labels=1,
-        eos_token_id=reward_tok.eos_token_id, bos_token_id=reward_tok.eos_token_id)).save_pretrained(root / "reward")
+    GPT2ForSequenceClassification(
+        GPT2Config(
+            vocab_size=len(reward_tok),
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=128,
+            num_labels=1,
+            eos_token_id=reward_tok.eos_token_id,
+            bos_token_id=reward_tok.eos_token_id,
+        )
+    ).save_pretrained(root / "reward")
     assert actor_tok.get_vocab() != reward_tok.get_vocab()
     return root / "actor", root / "reward"
 
@@ -73,9 +103,26 @@ def test_ppo_with_a_reward_model_that_has_its_own_tokenizer(tmp_path):
 
     actor, reward = _models(tmp_path)
     out = tmp_path / "run"
-    proc = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out), "--ppo.actor_model_path", str(actor),
-                  "--ppo.reward_model_path", str(reward), "--task.num_prompts", "32", "--task.num_eval", "8",
-                  "--ppo.num_iterations", "2", "--save_steps", "0", num_gpus=2)
+    proc = launch(
+        "ppo.py",
+        "--config",
+        str(TINY),
+        "--output_dir",
+        str(out),
+        "--ppo.actor_model_path",
+        str(actor),
+        "--ppo.reward_model_path",
+        str(reward),
+        "--task.num_prompts",
+        "32",
+        "--task.num_eval",
+        "8",
+        "--ppo.num_iterations",
+        "2",
+        "--save_steps",
+        "0",
+        num_gpus=2,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "stage sft is not needed: PPO starts from ppo.actor_model_path" in log
@@ -89,7 +136,9 @@ def test_ppo_with_a_reward_model_that_has_its_own_tokenizer(tmp_path):
     samples = _logged_samples(out / "ppo" / "tensorboard")
     assert len(samples) >= 8  # 4 samples at each of the evaluations (steps 0, 2)
     for prompt, response, score, _gold in samples:
-        ids = (encode_prompt(tok, prompt, 24, Truncations()) + encode_response(tok, response, 96, Truncations()))
+        ids = encode_prompt(tok, prompt, 24, Truncations()) + encode_response(
+            tok, response, 96, Truncations()
+        )
         with torch.no_grad():
             expected = rm(input_ids=torch.tensor([ids])).logits[0, 0].item()
         assert float(score) == pytest.approx(expected, abs=2e-3), (prompt, response)

@@ -1,4 +1,5 @@
 """Tier 2: every stage on two ranks with real ZeRO-3 engines over gloo, through the real launcher."""
+
 import json
 
 import pytest
@@ -48,9 +49,14 @@ def test_reward_two_ranks(run_dir):
     rm = AutoModelForSequenceClassification.from_pretrained(run_dir / "reward" / "model")
     tok = AutoTokenizer.from_pretrained(run_dir / "reward" / "model")
     assert rm.config.num_labels == 1 and rm.config.pad_token_id == tok.pad_token_id
-    batch = tok(["ana asks for a review of the pizza . the pizza is amazing .",
-                 "ana asks for a review of the pizza . the pizza is dreadful . the"],
-                return_tensors="pt", padding=True)
+    batch = tok(
+        [
+            "ana asks for a review of the pizza . the pizza is amazing .",
+            "ana asks for a review of the pizza . the pizza is dreadful . the",
+        ],
+        return_tensors="pt",
+        padding=True,
+    )
     assert rm(**batch).logits.shape == (2, 1)
 
 
@@ -61,12 +67,29 @@ def test_ppo_two_ranks(run_dir):
     s = summary(run_dir)["ppo"]
     rows = [json.loads(x) for x in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/gold_score" in r]
-    assert [r["step"] for r in evals] == [0, 2, 4, 5]  # eval_steps 2 of 5 iterations, step 0 and the end
+    assert [r["step"] for r in evals] == [
+        0,
+        2,
+        4,
+        5,
+    ]  # eval_steps 2 of 5 iterations, step 0 and the end
     first, last = evals[0], evals[-1]
     # the summary reports the first evaluation (the SFT policy) and the last one
-    assert (s["gold_score_sft"], s["reward_score_sft"]) == (first["eval/gold_score"], first["eval/reward_score"])
-    assert (s["gold_score_final"], s["reward_score_final"], s["gold_win_rate_vs_sft"], s["kl_to_ref"]) == (
-        last["eval/gold_score"], last["eval/reward_score"], last["eval/win_rate_vs_sft"], last["eval/kl_to_ref"])
+    assert (s["gold_score_sft"], s["reward_score_sft"]) == (
+        first["eval/gold_score"],
+        first["eval/reward_score"],
+    )
+    assert (
+        s["gold_score_final"],
+        s["reward_score_final"],
+        s["gold_win_rate_vs_sft"],
+        s["kl_to_ref"],
+    ) == (
+        last["eval/gold_score"],
+        last["eval/reward_score"],
+        last["eval/win_rate_vs_sft"],
+        last["eval/kl_to_ref"],
+    )
     # step 0 evaluates the SFT policy against itself: every comparison a tie, no KL to its own copy
     assert first["eval/win_rate_vs_sft"] == 0.5 and abs(first["eval/kl_to_ref"]) < 1e-6
     assert last["eval/kl_to_ref"] > 1e-3  # five updates moved the policy
@@ -87,15 +110,30 @@ def test_ppo_engines_are_partitioned_and_offloaded(run_dir, tmp_path):
     inf_path = tmp_path / "inf.json"
     inf_path.write_text(json.dumps(inf))
     report = tmp_path / "report.json"
-    proc = launch("../tests/distributed/partition_probe.py", str(report), "--config", str(TINY),
-                  "--output_dir", str(run_dir), "--ds_config", str(ds_path),
-                  "--ds_inference_config", str(inf_path), num_gpus=2)
+    proc = launch(
+        "../tests/distributed/partition_probe.py",
+        str(report),
+        "--config",
+        str(TINY),
+        "--output_dir",
+        str(run_dir),
+        "--ds_config",
+        str(ds_path),
+        "--ds_inference_config",
+        str(inf_path),
+        num_gpus=2,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"report.json.rank{r}").read_text()) for r in (0, 1)]
     for name in ("actor", "critic", "ref", "reward"):
         for pname, (local, full, _) in ranks[0][name].items():
             other = ranks[1][name][pname][0]
-            assert local + other >= full and local <= -(-full // 2) and other <= -(-full // 2), (name, pname)
+            assert local + other >= full and local <= -(-full // 2) and other <= -(-full // 2), (
+                name,
+                pname,
+            )
     assert ranks[0]["ref_offload"].endswith("cpu") and ranks[0]["reward_offload"].endswith("cpu")
-    assert all(dev == "cpu" for r in ranks for n in ("ref", "reward") for _, _, dev in r[n].values())
+    assert all(
+        dev == "cpu" for r in ranks for n in ("ref", "reward") for _, _, dev in r[n].values()
+    )
     assert torch.tensor([v[1] for v in ranks[0]["actor"].values()]).sum() > 50_000

@@ -1,4 +1,5 @@
 """One finished tiny pipeline per test session; tests that change it work on their own copy."""
+
 import shutil
 
 import pytest

@@ -7,6 +7,7 @@ launchers get `--force`, so their stage would otherwise rerun; `ppo.py` runs all
 does not (a forced run may retrain SFT and the reward model): the bad input changes the PPO
 stage's fingerprint, so PPO would rerun.
 """
+
 import hashlib
 import json
 import pathlib
@@ -18,8 +19,10 @@ import yaml
 from launch_util import TINY, launch
 
 # Smaller than tiny.yaml: the fixture only needs finished outputs to protect, not a good policy.
-SMALL = {"task": {"num_sft": 128, "num_pairs": 128, "num_prompts": 32, "num_eval": 16},
-         "ppo": {"num_iterations": 1}}
+SMALL = {
+    "task": {"num_sft": 128, "num_pairs": 128, "num_prompts": 32, "num_eval": 16},
+    "ppo": {"num_iterations": 1},
+}
 
 
 def _digest(folder: pathlib.Path) -> str:
@@ -84,31 +87,61 @@ def _jsonl(path: pathlib.Path, rows: list[dict]) -> str:
 # ---------------------------------------------------------------- config files and overrides
 def test_unknown_key_in_the_config_file(run, refused, tmp_path):
     bad = _edited_config(run, tmp_path, "sft", "learnig_rate", 0.1)
-    refused("sft.py", config_file=bad, needles=[f"config file {bad}", "unknown option 'sft.learnig_rate'"])
+    refused(
+        "sft.py",
+        config_file=bad,
+        needles=[f"config file {bad}", "unknown option 'sft.learnig_rate'"],
+    )
 
 
 def test_wrong_type_in_the_config_file_and_on_the_command_line(run, refused, tmp_path):
     bad = _edited_config(run, tmp_path, "reward", "micro_batch_size_per_gpu", "16x")
-    refused("reward.py", config_file=bad,
-            needles=[f"config file {bad}", "option reward.micro_batch_size_per_gpu: expected int, got '16x'"])
-    refused("ppo.py", "--ppo.kl_coef", "big", needles=["command line", "option ppo.kl_coef: expected float"])
+    refused(
+        "reward.py",
+        config_file=bad,
+        needles=[
+            f"config file {bad}",
+            "option reward.micro_batch_size_per_gpu: expected int, got '16x'",
+        ],
+    )
+    refused(
+        "ppo.py",
+        "--ppo.kl_coef",
+        "big",
+        needles=["command line", "option ppo.kl_coef: expected float"],
+    )
 
 
-@pytest.mark.parametrize("option, value, needle", [
-    ("--reward.micro_batch_size_per_gpu", "0", "option reward.micro_batch_size_per_gpu=0 must be > 0"),
-    ("--sft.epochs", "-1", "option sft.epochs=-1 must be > 0"),
-    ("--ppo.top_k", "-5", "option ppo.top_k=-5 must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "option, value, needle",
+    [
+        (
+            "--reward.micro_batch_size_per_gpu",
+            "0",
+            "option reward.micro_batch_size_per_gpu=0 must be > 0",
+        ),
+        ("--sft.epochs", "-1", "option sft.epochs=-1 must be > 0"),
+        ("--ppo.top_k", "-5", "option ppo.top_k=-5 must be >= 0"),
+    ],
+)
 def test_zero_or_negative_size(refused, option, value, needle):
     refused("ppo.py", option, value, needles=[needle])
 
 
 def test_batch_sizes_that_do_not_divide(refused):
-    refused("ppo.py", "--ppo.mini_batch_size", "6",
-            needles=["ppo.rollout_batch_size=16 must be a multiple of ppo.mini_batch_size=6"])
+    refused(
+        "ppo.py",
+        "--ppo.mini_batch_size",
+        "6",
+        needles=["ppo.rollout_batch_size=16 must be a multiple of ppo.mini_batch_size=6"],
+    )
     # a global batch larger than the data: nothing to train on
-    refused("sft.py", "--sft.micro_batch_size_per_gpu", "512",
-            needles=["stage sft: 128 training rows are fewer than one global batch of 512"])
+    refused(
+        "sft.py",
+        "--sft.micro_batch_size_per_gpu",
+        "512",
+        needles=["stage sft: 128 training rows are fewer than one global batch of 512"],
+    )
 
 
 # ---------------------------------------------------------------- DeepSpeed JSON
@@ -119,67 +152,130 @@ def test_ds_config_that_contradicts_the_run_config(refused, tmp_path):
     ds["train_micro_batch_size_per_gpu"] = 4
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(ds))
-    refused("sft.py", "--ds_config", str(path),
-            needles=[f"DeepSpeed config {path} sets train_micro_batch_size_per_gpu=4 but the run config "
-                     f"gives 16"])
+    refused(
+        "sft.py",
+        "--ds_config",
+        str(path),
+        needles=[
+            f"DeepSpeed config {path} sets train_micro_batch_size_per_gpu=4 but the run config "
+            f"gives 16"
+        ],
+    )
     ds.pop("train_micro_batch_size_per_gpu")
     ds["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-5}}
     path.write_text(json.dumps(ds))
-    refused("ppo.py", "--ds_config", str(path), needles=[f"DeepSpeed config {path} sets 'optimizer'"])
+    refused(
+        "ppo.py", "--ds_config", str(path), needles=[f"DeepSpeed config {path} sets 'optimizer'"]
+    )
 
 
 # ---------------------------------------------------------------- files and rows
 def test_missing_files(run, refused, tmp_path):
     missing = tmp_path / "nope.jsonl"
-    refused("ppo.py", "--data.reward_data_path", str(missing),
-            needles=[f"option data.reward_data_path: {missing} does not exist"])
-    refused("ppo.py", "--ds_inference_config", str(tmp_path / "nope.json"),
-            needles=[f"option ds_inference_config: {tmp_path / 'nope.json'} does not exist"])
+    refused(
+        "ppo.py",
+        "--data.reward_data_path",
+        str(missing),
+        needles=[f"option data.reward_data_path: {missing} does not exist"],
+    )
+    refused(
+        "ppo.py",
+        "--ds_inference_config",
+        str(tmp_path / "nope.json"),
+        needles=[f"option ds_inference_config: {tmp_path / 'nope.json'} does not exist"],
+    )
     # a path no stage that runs reads is checked too (PPO from two given models ignores the tokenizer)
-    refused("ppo.py", "--ppo.actor_model_path", str(run[0] / "sft" / "model"),
-            "--ppo.reward_model_path", str(run[0] / "reward" / "model"), "--data.tokenizer_path", "/nonexistent",
-            needles=["option data.tokenizer_path: /nonexistent does not exist"])
+    refused(
+        "ppo.py",
+        "--ppo.actor_model_path",
+        str(run[0] / "sft" / "model"),
+        "--ppo.reward_model_path",
+        str(run[0] / "reward" / "model"),
+        "--data.tokenizer_path",
+        "/nonexistent",
+        needles=["option data.tokenizer_path: /nonexistent does not exist"],
+    )
 
 
 def test_row_with_a_missing_field(refused, tmp_path):
-    path = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"},
-                                             {"prompt": "p", "chosen": "a"}])
-    refused("reward.py", "--data.reward_data_path", path, needles=[f"dataset {path}, row 1", "'rejected'"])
+    path = _jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}],
+    )
+    refused(
+        "reward.py",
+        "--data.reward_data_path",
+        path,
+        needles=[f"dataset {path}, row 1", "'rejected'"],
+    )
 
 
 def test_row_with_an_empty_field(refused, tmp_path):
-    path = _jsonl(tmp_path / "sft.jsonl", [{"prompt": "p", "response": "r"}, {"prompt": "p", "response": "  "}])
-    refused("sft.py", "--data.sft_eval_data_path", path,
-            needles=[f"dataset {path}, row 1: field 'response' is empty or not text"])
+    path = _jsonl(
+        tmp_path / "sft.jsonl",
+        [{"prompt": "p", "response": "r"}, {"prompt": "p", "response": "  "}],
+    )
+    refused(
+        "sft.py",
+        "--data.sft_eval_data_path",
+        path,
+        needles=[f"dataset {path}, row 1: field 'response' is empty or not text"],
+    )
 
 
 def test_chosen_equal_to_rejected(refused, tmp_path):
-    path = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"},
-                                             {"prompt": "p", "chosen": "same", "rejected": "same"}])
-    refused("reward.py", "--data.reward_data_path", path,
-            needles=[f"dataset {path}, row 1: 'chosen' and 'rejected' are identical"])
+    path = _jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {"prompt": "p", "chosen": "a", "rejected": "b"},
+            {"prompt": "p", "chosen": "same", "rejected": "same"},
+        ],
+    )
+    refused(
+        "reward.py",
+        "--data.reward_data_path",
+        path,
+        needles=[f"dataset {path}, row 1: 'chosen' and 'rejected' are identical"],
+    )
 
 
 def test_non_utf8_text(refused, tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_bytes(b'{"prompt": "hello"}\n{"prompt": "caf\xe9"}\n')
-    refused("ppo.py", "--data.prompt_data_path", str(path),
-            needles=[f"dataset {path}, line 2: not UTF-8 text (byte 0xe9"])
+    refused(
+        "ppo.py",
+        "--data.prompt_data_path",
+        str(path),
+        needles=[f"dataset {path}, line 2: not UTF-8 text (byte 0xe9"],
+    )
 
 
 def test_hh_dialogue_without_an_assistant_turn(refused, tmp_path):
     good = {"chosen": "\n\nHuman: p\n\nAssistant: a", "rejected": "\n\nHuman: p\n\nAssistant: b"}
     path = _jsonl(tmp_path / "hh.jsonl", [good] * 20 + [{**good, "chosen": "\n\nHuman: no answer"}])
-    refused("ppo.py", "--data.data_path", path,
-            needles=[f"dataset {path}, row 20: field 'chosen' is not an HH dialogue: it has no 'Assistant:' turn"])
+    refused(
+        "ppo.py",
+        "--data.data_path",
+        path,
+        needles=[
+            f"dataset {path}, row 20: field 'chosen' is not an HH dialogue: it has no 'Assistant:' turn"
+        ],
+    )
 
 
 def test_chat_messages_need_a_chat_template(refused, tmp_path):
     chat = {"messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"}]}
     path = _jsonl(tmp_path / "chat.jsonl", [chat] * 20)
-    refused("sft.py", "--data.sft_data_path", path,
-            needles=[f"dataset {path} (without its held-out eval slice) holds chat messages", "has none",
-                     "--data.tokenizer_path"])
+    refused(
+        "sft.py",
+        "--data.sft_data_path",
+        path,
+        needles=[
+            f"dataset {path} (without its held-out eval slice) holds chat messages",
+            "has none",
+            "--data.tokenizer_path",
+        ],
+    )
 
 
 # ---------------------------------------------------------------- model and tokenizer folders
@@ -193,8 +289,18 @@ def test_tokenizer_without_pad_token_uses_eos_with_a_warning(run, tmp_path):
     del tok_config["pad_token"]
     (tok / "tokenizer_config.json").write_text(json.dumps(tok_config))
     fresh = tmp_path / "fresh"
-    proc = launch("sft.py", "--config", str(config), "--output_dir", str(fresh), "--data.tokenizer_path",
-                  str(tok), "--sft.max_steps", "1", launcher=False)
+    proc = launch(
+        "sft.py",
+        "--config",
+        str(config),
+        "--output_dir",
+        str(fresh),
+        "--data.tokenizer_path",
+        str(tok),
+        "--sft.max_steps",
+        "1",
+        launcher=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"tokenizer {tok} has no pad token; using EOS ('</s>') for padding." in proc.stdout
     saved = json.loads((fresh / "sft" / "model" / "tokenizer_config.json").read_text())
@@ -208,18 +314,31 @@ def test_model_vocabulary_smaller_than_the_tokenizer(run, refused, tmp_path):
     model.mkdir()
     config = json.loads((out / "task" / "model" / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "vocab_size": 10}))
-    tokens = len(json.loads((out / "task" / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
-    refused("sft.py", "--model.model_name_or_path", str(model),
-            "--data.tokenizer_path", str(out / "task" / "tokenizer"),
-            needles=[f"model {model}: the tokenizer has {tokens} tokens but the model's vocabulary has 10"])
+    tokens = len(
+        json.loads((out / "task" / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    )
+    refused(
+        "sft.py",
+        "--model.model_name_or_path",
+        str(model),
+        "--data.tokenizer_path",
+        str(out / "task" / "tokenizer"),
+        needles=[
+            f"model {model}: the tokenizer has {tokens} tokens but the model's vocabulary has 10"
+        ],
+    )
 
 
 def test_model_folder_without_config(run, refused, tmp_path):
     folder = tmp_path / "rm"
     shutil.copytree(run[0] / "reward" / "model", folder)
     (folder / "config.json").unlink()
-    refused("ppo.py", "--ppo.reward_model_path", str(folder),
-            needles=[f"model {folder} is not a Hugging Face model folder (no config.json there)"])
+    refused(
+        "ppo.py",
+        "--ppo.reward_model_path",
+        str(folder),
+        needles=[f"model {folder} is not a Hugging Face model folder (no config.json there)"],
+    )
 
 
 class _RunsOnUnpickle:
@@ -239,8 +358,14 @@ def test_weights_holding_pickled_objects_are_refused_unopened(run, refused, tmp_
     (folder / "model.safetensors").unlink()
     marker = tmp_path / "code_ran"
     torch.save({**state, "extra": _RunsOnUnpickle(marker)}, folder / "pytorch_model.bin")
-    refused("ppo.py", "--ppo.reward_model_path", str(folder),
-            needles=[f"model {folder}: its PyTorch weights file holds pickled objects other than tensors"])
+    refused(
+        "ppo.py",
+        "--ppo.reward_model_path",
+        str(folder),
+        needles=[
+            f"model {folder}: its PyTorch weights file holds pickled objects other than tensors"
+        ],
+    )
     assert not marker.exists()
 
 
@@ -249,13 +374,23 @@ def test_custom_model_code_needs_trust_remote_code(run, refused, tmp_path):
     shutil.copytree(run[0] / "sft" / "model", folder)
     marker = tmp_path / "code_ran"
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="custom_llama", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
-                                                       "AutoModelForCausalLM": "modeling_custom.CustomLM"})
+    config.update(
+        model_type="custom_llama",
+        auto_map={
+            "AutoConfig": "configuration_custom.CustomConfig",
+            "AutoModelForCausalLM": "modeling_custom.CustomLM",
+        },
+    )
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "configuration_custom.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
         "from transformers import LlamaConfig\n\n\nclass CustomConfig(LlamaConfig):\n"
-        "    model_type = 'custom_llama'\n")
-    refused("ppo.py", "--ppo.actor_model_path", str(folder),
-            needles=[str(folder), "needs custom code", "--model.trust_remote_code true"])
+        "    model_type = 'custom_llama'\n"
+    )
+    refused(
+        "ppo.py",
+        "--ppo.actor_model_path",
+        str(folder),
+        needles=[str(folder), "needs custom code", "--model.trust_remote_code true"],
+    )
     assert not marker.exists()

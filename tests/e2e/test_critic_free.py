@@ -4,16 +4,32 @@ resume from its iteration-2 checkpoint ends exactly where the uninterrupted run 
 recipe with a reward function instead of a reward model (`--ppo.reward_model_coef 0 --ppo.reward_fn`)
 trains no reward model and scores with the function alone; so does PPO-GAE, whose critic then
 starts from the policy with a fresh value head."""
+
 import shutil
 
 from launch_util import REPO, TINY, launch, metric_rows
 
 GRPO = REPO / "launch" / "configs" / "grpo.yaml"
 # 4 prompts x 4 samples = 16 rows per iteration, the tiny preset's 16; checkpoint at iteration 2 of 4 (the last before the end)
-ARGS = ("--config", str(TINY), "--config", str(GRPO), "--ppo.rollout_batch_size", "4", "--save_steps", "2",
-        "--ppo.num_iterations", "4")
-CRITIC_KEYS = ("ppo/value_loss", "ppo/value_clip_fraction", "ppo/value_explained_variance", "ppo/critic_lr",
-               "ppo/critic_grad_norm")
+ARGS = (
+    "--config",
+    str(TINY),
+    "--config",
+    str(GRPO),
+    "--ppo.rollout_batch_size",
+    "4",
+    "--save_steps",
+    "2",
+    "--ppo.num_iterations",
+    "4",
+)
+CRITIC_KEYS = (
+    "ppo/value_loss",
+    "ppo/value_clip_fraction",
+    "ppo/value_explained_variance",
+    "ppo/critic_lr",
+    "ppo/critic_grad_norm",
+)
 
 
 def test_grpo_runs_without_a_critic_and_resumes_exactly(pristine_run, tmp_path):
@@ -62,11 +78,23 @@ def test_grpo_with_a_reward_function_instead_of_a_reward_model(tmp_path):
     fn = tmp_path / "my_reward.py"
     fn.write_text(SHIFTED_GOLD)
     out = tmp_path / "run"
-    proc = launch("ppo.py", *ARGS, "--ppo.reward_model_coef", "0", "--ppo.reward_fn", f"{fn}:shifted_gold",
-                  "--output_dir", str(out))
+    proc = launch(
+        "ppo.py",
+        *ARGS,
+        "--ppo.reward_model_coef",
+        "0",
+        "--ppo.reward_fn",
+        f"{fn}:shifted_gold",
+        "--output_dir",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
-    assert "stage sft: starting" in log and "stage ppo: starting" in log and "stage reward: starting" not in log
+    assert (
+        "stage sft: starting" in log
+        and "stage ppo: starting" in log
+        and "stage reward: starting" not in log
+    )
     assert "stage reward is not needed: PPO's reward is ppo.reward_fn alone" in log
     assert not (out / "reward").exists()  # no reward model trained
     assert f"reward = 1 x {fn}:shifted_gold;" in log
@@ -90,9 +118,21 @@ def test_ppo_gae_with_a_reward_function_starts_its_critic_from_the_policy(tmp_pa
     fn = tmp_path / "my_reward.py"
     fn.write_text(SHIFTED_GOLD)
     out = tmp_path / "run"
-    proc = launch("ppo.py", "--config", str(TINY), "--config", str(REPO / "launch" / "configs" / "ppo.yaml"),
-                  "--ppo.num_iterations", "2", "--ppo.reward_model_coef", "0", "--ppo.reward_fn",
-                  f"{fn}:shifted_gold", "--output_dir", str(out))
+    proc = launch(
+        "ppo.py",
+        "--config",
+        str(TINY),
+        "--config",
+        str(REPO / "launch" / "configs" / "ppo.yaml"),
+        "--ppo.num_iterations",
+        "2",
+        "--ppo.reward_model_coef",
+        "0",
+        "--ppo.reward_fn",
+        f"{fn}:shifted_gold",
+        "--output_dir",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "stage reward is not needed: PPO's reward is ppo.reward_fn alone" in log

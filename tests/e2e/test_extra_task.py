@@ -2,6 +2,7 @@
 N distinct words of a category; gold counts distinct on-category words), the real launcher with
 the user's data, model and gold function raises the gold score of held-out prompts, and reports
 it the way a user sees it (summary, metrics.jsonl, model_best)."""
+
 import json
 import sys
 from pathlib import Path
@@ -26,8 +27,19 @@ def distinct_run(tmp_path_factory):
     task = root / "task"
     distinct_task.generate(task, seed=1)
     out = root / "run"
-    proc = launch("ppo.py", *distinct_task.flags(task), "--ppo.eval_reward_fn", f"{TASKS / 'distinct_task.py'}:gold",
-                  "--ppo.select_best", "eval/gold_score", "--seed", "1", "--output_dir", str(out), *SIZES)
+    proc = launch(
+        "ppo.py",
+        *distinct_task.flags(task),
+        "--ppo.eval_reward_fn",
+        f"{TASKS / 'distinct_task.py'}:gold",
+        "--ppo.select_best",
+        "eval/gold_score",
+        "--seed",
+        "1",
+        "--output_dir",
+        str(out),
+        *SIZES,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -37,7 +49,9 @@ def test_ppo_raises_the_gold_score_of_held_out_prompts(distinct_run):
     ppo = summary(out)["ppo"]
     assert ppo["gold_score_final"] >= ppo["gold_score_sft"] + 0.05, ppo
     assert ppo["gold_win_rate_vs_sft"] > 0.5, ppo
-    assert "evaluation gold: " + str(TASKS / "distinct_task.py") + ":gold" in proc.stderr + proc.stdout
+    assert (
+        "evaluation gold: " + str(TASKS / "distinct_task.py") + ":gold" in proc.stderr + proc.stdout
+    )
 
 
 def test_the_user_gold_is_logged_and_model_best_says_where_it_came_from(distinct_run):

@@ -1,4 +1,5 @@
 """Tier 3: the real launcher on the tiny preset — the whole pipeline, skip-on-rerun, bad input."""
+
 import hashlib
 import json
 
@@ -8,8 +9,16 @@ from launch_util import TINY, launch, metric_rows, summary
 SUMMARY_KEYS = {
     "sft": ("eval_loss", "wall_s", "skipped"),
     "reward": ("eval_accuracy", "wall_s", "skipped"),
-    "ppo": ("gold_score_sft", "gold_score_final", "gold_win_rate_vs_sft", "kl_to_ref",
-            "reward_score_sft", "reward_score_final", "wall_s", "skipped"),
+    "ppo": (
+        "gold_score_sft",
+        "gold_score_final",
+        "gold_win_rate_vs_sft",
+        "kl_to_ref",
+        "reward_score_sft",
+        "reward_score_final",
+        "wall_s",
+        "skipped",
+    ),
 }
 
 
@@ -67,7 +76,9 @@ def test_tensorboard_has_every_documented_tag(finished):
     documented = _documented_tags()
     assert len(documented["ppo"]) >= 33 and documented["sft"] and documented["reward"]
     for stage, tags in documented.items():
-        acc = EventAccumulator(str(out / stage / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+        acc = EventAccumulator(
+            str(out / stage / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0}
+        )
         acc.Reload()
         have = set(acc.Tags()["scalars"])
         for tag in tags:
@@ -94,7 +105,9 @@ def test_rerun_skips_finished_stages(finished):
         assert summary(out)[stage]["skipped"] is True
         assert _digest(out / stage / "model") == before[stage]
     # A changed PPO option reruns PPO only: the second run goes straight to PPO.
-    proc = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out), "--ppo.num_iterations", "2")
+    proc = launch(
+        "ppo.py", "--config", str(TINY), "--output_dir", str(out), "--ppo.num_iterations", "2"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stage sft is up to date" in proc.stdout and "stage reward is up to date" in proc.stdout
     assert "stage ppo: starting" in proc.stdout
@@ -113,13 +126,18 @@ def _one_paragraph_error(proc, *needles):
         assert needle in line, (needle, line)
 
 
-@pytest.mark.parametrize("args,needles", [
-    (["--sft.epochs", "many"], ["sft.epochs"]),
-    (["--no_such_option", "1"], ["--no_such_option"]),
-    (["--ppo.rollout_batch_size", "30"], ["ppo.rollout_batch_size", "ppo.mini_batch_size"]),
-])
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["--sft.epochs", "many"], ["sft.epochs"]),
+        (["--no_such_option", "1"], ["--no_such_option"]),
+        (["--ppo.rollout_batch_size", "30"], ["ppo.rollout_batch_size", "ppo.mini_batch_size"]),
+    ],
+)
 def test_bad_options_are_one_paragraph(tmp_path, args, needles):
-    proc = launch("ppo.py", "--config", str(TINY), "--output_dir", str(tmp_path), *args, launcher=False)
+    proc = launch(
+        "ppo.py", "--config", str(TINY), "--output_dir", str(tmp_path), *args, launcher=False
+    )
     _one_paragraph_error(proc, *needles)
 
 
@@ -134,20 +152,33 @@ def test_bad_data_leaves_earlier_outputs_untouched(finished, tmp_path):
     out, _ = finished
     before = _digest(out / "sft")
     rows = tmp_path / "rows.jsonl"
-    rows.write_text(json.dumps({"prompt": "hello", "response": "world"}) + "\n"
-                    + json.dumps({"prompt": "hello"}) + "\n")
+    rows.write_text(
+        json.dumps({"prompt": "hello", "response": "world"})
+        + "\n"
+        + json.dumps({"prompt": "hello"})
+        + "\n"
+    )
     missing = tmp_path / "nope.jsonl"
-    for path, needles in ((missing, [str(missing), "does not exist"]),
-                          (rows, [str(rows), "row 1", "'response'"])):
-        proc = launch("sft.py", "--config", str(TINY), "--output_dir", str(out), "--force",
-                      "--data.sft_data_path", str(path))
+    for path, needles in (
+        (missing, [str(missing), "does not exist"]),
+        (rows, [str(rows), "row 1", "'response'"]),
+    ):
+        proc = launch(
+            "sft.py",
+            "--config",
+            str(TINY),
+            "--output_dir",
+            str(out),
+            "--force",
+            "--data.sft_data_path",
+            str(path),
+        )
         assert proc.returncode != 0
         assert "Traceback" not in proc.stderr
         line = next(x for x in (proc.stderr + proc.stdout).splitlines() if x.startswith("error: "))
         for needle in needles:
             assert needle in line, (needle, line)
         assert _digest(out / "sft") == before
-
 
 
 def _ppo_rows(out) -> list[dict]:
@@ -157,33 +188,61 @@ def _ppo_rows(out) -> list[dict]:
 
 def test_evaluation_off_trains_the_same_and_leaves_out_the_eval_fields(pristine_run, run_copy):
     out = run_copy
-    proc = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out), "--ppo.eval_steps", "0")
+    proc = launch(
+        "ppo.py", "--config", str(TINY), "--output_dir", str(out), "--ppo.eval_steps", "0"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "stage sft is up to date" in proc.stdout and "evaluation is off (ppo.eval_steps 0)" in proc.stdout
+    assert (
+        "stage sft is up to date" in proc.stdout
+        and "evaluation is off (ppo.eval_steps 0)" in proc.stdout
+    )
     rows = _ppo_rows(out)
     assert rows and not any(k.startswith("eval/") for r in rows for k in r)
-    with_eval = [{k: v for k, v in r.items() if not k.startswith(("eval/", "alarm/ensemble"))}
-                 for r in _ppo_rows(pristine_run[0]) if "rollout/score_mean" in r]
+    with_eval = [
+        {k: v for k, v in r.items() if not k.startswith(("eval/", "alarm/ensemble"))}
+        for r in _ppo_rows(pristine_run[0])
+        if "rollout/score_mean" in r
+    ]
     assert [r["step"] for r in rows] == [r["step"] for r in with_eval] == [1, 2, 3, 4, 5]
     for row, expected in zip(rows, with_eval):  # evaluation does not change training
         assert row == pytest.approx(expected), row["step"]
     s = summary(out)["ppo"]
     assert s["iterations"] == 5 and not s["skipped"]
-    for key in ("reward_score_sft", "reward_score_final", "kl_to_ref", "gold_score_sft", "gold_score_final",
-                "gold_win_rate_vs_sft"):
+    for key in (
+        "reward_score_sft",
+        "reward_score_final",
+        "kl_to_ref",
+        "gold_score_sft",
+        "gold_score_final",
+        "gold_win_rate_vs_sft",
+    ):
         assert key not in s, key
-    assert not (out / "ppo" / "overoptimisation.png").exists()  # the copied run's plot went with its metrics
+    assert not (
+        out / "ppo" / "overoptimisation.png"
+    ).exists()  # the copied run's plot went with its metrics
     for row in (json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()):
         assert row["time"] > 1.7e9 and row["elapsed_s"] >= 0
 
 
 def test_max_new_tokens_bounds_rollouts_and_evaluation(pristine_run, run_copy):
-    longest = max(r["rollout/response_length_mean"] for r in _ppo_rows(pristine_run[0])
-                  if "rollout/response_length_mean" in r)
+    longest = max(
+        r["rollout/response_length_mean"]
+        for r in _ppo_rows(pristine_run[0])
+        if "rollout/response_length_mean" in r
+    )
     assert longest > 4  # at the default length, responses are longer than the bound below
     out = run_copy
-    proc = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out), "--ppo.max_new_tokens", "4",
-                  "--ppo.num_iterations", "1")
+    proc = launch(
+        "ppo.py",
+        "--config",
+        str(TINY),
+        "--output_dir",
+        str(out),
+        "--ppo.max_new_tokens",
+        "4",
+        "--ppo.num_iterations",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _ppo_rows(out)
     assert [r["step"] for r in rows if "rollout/response_length_mean" in r] == [1]

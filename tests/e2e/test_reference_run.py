@@ -9,6 +9,7 @@ regenerate the file from a fresh tiny run and say why in the commit:
     deepspeed launch/ppo.py --config launch/configs/tiny.yaml --output_dir /tmp/tiny
     python tests/e2e/test_reference_run.py /tmp/tiny
 """
+
 import json
 import sys
 from pathlib import Path
@@ -19,8 +20,15 @@ REFERENCE = Path(__file__).with_name("reference_tiny_run.json")
 TRACKED = {
     "sft": ("train/loss", "eval/loss"),
     "reward": ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy"),
-    "ppo": ("eval/gold_score", "eval/reward_score", "rollout/score_mean", "rollout/kl_to_ref",
-            "ppo/policy_loss", "ppo/value_loss", "ppo/entropy"),
+    "ppo": (
+        "eval/gold_score",
+        "eval/reward_score",
+        "rollout/score_mean",
+        "rollout/kl_to_ref",
+        "ppo/policy_loss",
+        "ppo/value_loss",
+        "ppo/entropy",
+    ),
 }
 
 
@@ -39,13 +47,18 @@ def test_the_tiny_run_reproduces_its_stored_numbers(pristine_run):
     for stage, tags in expected.items():
         for tag, series in tags.items():
             assert [s for s, _ in got[stage][tag]] == [s for s, _ in series], (stage, tag)
-            assert [v for _, v in got[stage][tag]] == pytest.approx([v for _, v in series], rel=1e-3, abs=1e-4), \
-                (stage, tag)
+            assert [v for _, v in got[stage][tag]] == pytest.approx(
+                [v for _, v in series], rel=1e-3, abs=1e-4
+            ), (stage, tag)
 
 
 if __name__ == "__main__":
     found = numbers(Path(sys.argv[1]))
-    lines = [f'  "{stage}": {{\n' + ",\n".join(f'    "{tag}": {json.dumps(series)}' for tag, series in tags.items())
-             + "\n  }" for stage, tags in found.items()]
+    lines = [
+        f'  "{stage}": {{\n'
+        + ",\n".join(f'    "{tag}": {json.dumps(series)}' for tag, series in tags.items())
+        + "\n  }"
+        for stage, tags in found.items()
+    ]
     REFERENCE.write_text("{\n" + ",\n".join(lines) + "\n}\n")
     print(f"wrote {REFERENCE}")

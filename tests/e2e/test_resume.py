@@ -1,5 +1,6 @@
 """Tier 3: checkpoints under faults on the tiny preset — SIGKILL and resume (exact), a damaged
 checkpoint, a full disk, a checkpoint from another config, a stop signal, another rank count."""
+
 import json
 import math
 import os
@@ -17,7 +18,6 @@ from launch_util import REPO, TINY, free_port, launch, metric_rows
 from pipeline.checkpoint import verify
 
 
-
 def _bytes(path):
     return path.read_bytes()
 
@@ -28,15 +28,23 @@ def _start(script, out, *args, num_gpus=None):
     if num_gpus:
         cmd += ["--num_gpus", str(num_gpus)]
     cmd += [str(REPO / "launch" / script), "--config", str(TINY), "--output_dir", str(out), *args]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for_checkpoint(proc, stage_dir, timeout=600):
     latest = stage_dir / "checkpoints" / "latest"
     deadline = time.time() + timeout
     while not latest.is_file():
-        assert proc.poll() is None, f"ended before its first checkpoint:\n{proc.stdout.read()[-3000:]}"
+        assert proc.poll() is None, (
+            f"ended before its first checkpoint:\n{proc.stdout.read()[-3000:]}"
+        )
         assert time.time() < deadline
         time.sleep(0.05)
 
@@ -48,8 +56,10 @@ def _kill_at_random(proc, stage_dir, seed, within):
     time.sleep(delay)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    print(f"killed {delay:.2f} s after the first checkpoint; checkpoints: "
-          f"{sorted(p.name for p in (stage_dir / 'checkpoints').iterdir())}")
+    print(
+        f"killed {delay:.2f} s after the first checkpoint; checkpoints: "
+        f"{sorted(p.name for p in (stage_dir / 'checkpoints').iterdir())}"
+    )
 
 
 def _unfinish(stage_dir):
@@ -64,7 +74,11 @@ def _tensorboard_steps(folder):
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     scalars = {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-    texts = [e.step for e in acc.Tensors("samples/text_summary")] if "samples/text_summary" in acc.Tags()["tensors"] else []
+    texts = (
+        [e.step for e in acc.Tensors("samples/text_summary")]
+        if "samples/text_summary" in acc.Tags()["tensors"]
+        else []
+    )
     return scalars, texts
 
 
@@ -86,8 +100,18 @@ def _killed_then_resumed(ref, root, script, stage, seed, within, *args):
 def sft_killed_and_resumed(pristine_run, tmp_path_factory):
     """SFT killed with SIGKILL mid-run (checkpoints every 10 steps), then resumed to the end."""
     ref = pristine_run[0]
-    out, resumed = _killed_then_resumed(ref, tmp_path_factory.mktemp("sft_kill"), "sft.py", "sft", 1, 3.0,
-                                        "--save_steps", "10", "--keep_last", "3")
+    out, resumed = _killed_then_resumed(
+        ref,
+        tmp_path_factory.mktemp("sft_kill"),
+        "sft.py",
+        "sft",
+        1,
+        3.0,
+        "--save_steps",
+        "10",
+        "--keep_last",
+        "3",
+    )
     return ref, out, resumed
 
 
@@ -95,7 +119,9 @@ def test_sft_sigkill_then_resume_is_exact(sft_killed_and_resumed):
     ref, out, resumed = sft_killed_and_resumed
     assert "stage sft: resuming from step" in resumed.stdout
     # Bitwise: same CPU, same threads, same order of every reduction; nothing else is tolerated.
-    assert _bytes(out / "sft" / "model" / "model.safetensors") == _bytes(ref / "sft" / "model" / "model.safetensors")
+    assert _bytes(out / "sft" / "model" / "model.safetensors") == _bytes(
+        ref / "sft" / "model" / "model.safetensors"
+    )
     assert metric_rows(out / "sft" / "metrics.jsonl") == metric_rows(ref / "sft" / "metrics.jsonl")
 
 
@@ -113,7 +139,9 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(sft_killed_and_resume
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"checkpoint {newest} is damaged" in proc.stdout and "truncated" in proc.stdout
     assert f"resuming from step {int(older.split('_')[1])}" in proc.stdout
-    assert _bytes(out / "sft" / "model" / "model.safetensors") == _bytes(ref / "sft" / "model" / "model.safetensors")
+    assert _bytes(out / "sft" / "model" / "model.safetensors") == _bytes(
+        ref / "sft" / "model" / "model.safetensors"
+    )
 
 
 def test_checkpoint_from_another_config_is_refused(sft_killed_and_resumed, tmp_path):
@@ -122,16 +150,37 @@ def test_checkpoint_from_another_config_is_refused(sft_killed_and_resumed, tmp_p
     shutil.copytree(done, out)
     _unfinish(out / "sft")
     before = {p: p.read_bytes() for p in (out / "sft").rglob("*") if p.is_file()}
-    proc = launch("sft.py", "--config", str(TINY), "--output_dir", str(out), "--sft.learning_rate", "0.5",
-                  launcher=False)
+    proc = launch(
+        "sft.py",
+        "--config",
+        str(TINY),
+        "--output_dir",
+        str(out),
+        "--sft.learning_rate",
+        "0.5",
+        launcher=False,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = next(x for x in proc.stderr.splitlines() if x.startswith("error: "))
-    assert "different model, data or config" in line and "section.learning_rate: 0.003 -> 0.5" in line
+    assert (
+        "different model, data or config" in line and "section.learning_rate: 0.003 -> 0.5" in line
+    )
     assert "--resume false" in line and "Traceback" not in proc.stderr
     assert before == {p: p.read_bytes() for p in (out / "sft").rglob("*") if p.is_file()}
     # --resume false: the stage starts over with the new settings, its old checkpoints deleted.
-    proc = launch("sft.py", "--config", str(TINY), "--output_dir", str(out), "--sft.learning_rate", "0.5",
-                  "--resume", "false", "--save_steps", "0")
+    proc = launch(
+        "sft.py",
+        "--config",
+        str(TINY),
+        "--output_dir",
+        str(out),
+        "--sft.learning_rate",
+        "0.5",
+        "--resume",
+        "false",
+        "--save_steps",
+        "0",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stage sft: starting" in proc.stdout and "resuming" not in proc.stdout
     assert not (out / "sft" / "checkpoints").exists()
@@ -150,13 +199,27 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(sft_killed_and_resum
     _unfinish(out / "sft")
     ckpts = out / "sft" / "checkpoints"
     latest = (ckpts / "latest").read_text()
-    cmd = ["deepspeed", "--master_port", str(free_port()), str(REPO / "launch" / "sft.py"), "--config", str(TINY),
-           "--output_dir", str(out), "--save_steps", "1"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, preexec_fn=_limit_file_size)
+    cmd = [
+        "deepspeed",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "launch" / "sft.py"),
+        "--config",
+        str(TINY),
+        "--output_dir",
+        str(out),
+        "--save_steps",
+        "1",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=600, preexec_fn=_limit_file_size
+    )
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     assert proc.returncode == 3
     line = next(x for x in proc.stderr.splitlines() if x.startswith("stopped: "))
-    assert "could not be written" in line and str(ckpts / ".tmp_step_") in line and "GiB free" in line
+    assert (
+        "could not be written" in line and str(ckpts / ".tmp_step_") in line and "GiB free" in line
+    )
     assert f"{ckpts / latest} is intact" in line
     assert (ckpts / "latest").read_text() == latest and verify(ckpts / latest) is None
     assert not list(ckpts.glob(".tmp_*"))
@@ -166,16 +229,22 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(sft_killed_and_resum
 def ppo_killed_and_resumed(pristine_run, tmp_path_factory):
     """PPO killed with SIGKILL mid-run (a checkpoint every iteration), then resumed to the end."""
     ref = pristine_run[0]
-    out, resumed = _killed_then_resumed(ref, tmp_path_factory.mktemp("ppo_kill"), "ppo.py", "ppo", 2, 1.0,
-                                        "--save_steps", "1")
+    out, resumed = _killed_then_resumed(
+        ref, tmp_path_factory.mktemp("ppo_kill"), "ppo.py", "ppo", 2, 1.0, "--save_steps", "1"
+    )
     return ref, out, resumed
 
 
 def test_ppo_sigkill_then_resume_is_exact(ppo_killed_and_resumed):
     ref, out, resumed = ppo_killed_and_resumed
-    assert "stage sft is up to date" in resumed.stdout and "stage reward is up to date" in resumed.stdout
+    assert (
+        "stage sft is up to date" in resumed.stdout
+        and "stage reward is up to date" in resumed.stdout
+    )
     assert "stage ppo: resuming from step" in resumed.stdout
-    assert _bytes(out / "ppo" / "model" / "model.safetensors") == _bytes(ref / "ppo" / "model" / "model.safetensors")
+    assert _bytes(out / "ppo" / "model" / "model.safetensors") == _bytes(
+        ref / "ppo" / "model" / "model.safetensors"
+    )
     assert metric_rows(out / "ppo" / "metrics.jsonl") == metric_rows(ref / "ppo" / "metrics.jsonl")
     for key in ("gold_score_final", "gold_win_rate_vs_sft", "kl_to_ref", "reward_score_final"):
         a = json.loads((out / "summary.json").read_text())["ppo"][key]
@@ -195,7 +264,11 @@ def test_tensorboard_step_axis_is_monotonic_across_the_resume(ppo_killed_and_res
 
 
 def _signal_ranks(proc, signum):
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank" in " ".join(p.cmdline())]
+    ranks = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "--local_rank" in " ".join(p.cmdline())
+    ]
     assert ranks
     for p in ranks:  # as SLURM does: every task gets the signal
         p.send_signal(signum)
@@ -210,15 +283,28 @@ def test_stop_signal_checkpoints_and_a_different_rank_count_resumes(pristine_run
     _signal_ranks(proc, signal.SIGUSR1)
     log = proc.communicate(timeout=600)[0]
     assert proc.returncode == 75, log[-3000:]
-    assert "stop signal received; checkpoint of step" in log and "Rerun the same command to resume" in log
+    assert (
+        "stop signal received; checkpoint of step" in log
+        and "Rerun the same command to resume" in log
+    )
     ckpts = out / "ppo" / "checkpoints"
     stopped_at = int((ckpts / "latest").read_text().split("_")[1])
-    assert json.loads((ckpts / (ckpts / "latest").read_text() / "manifest.json").read_text())["world_size"] == 2
+    assert (
+        json.loads((ckpts / (ckpts / "latest").read_text() / "manifest.json").read_text())[
+            "world_size"
+        ]
+        == 2
+    )
     assert not (out / "ppo" / "model").exists()
 
-    resumed = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out), "--save_steps", "1")  # 1 rank
+    resumed = launch(
+        "ppo.py", "--config", str(TINY), "--output_dir", str(out), "--save_steps", "1"
+    )  # 1 rank
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from iteration {stopped_at} of 5" in resumed.stdout and "written by 2 rank(s)" in resumed.stdout
+    assert (
+        f"resuming from iteration {stopped_at} of 5" in resumed.stdout
+        and "written by 2 rank(s)" in resumed.stdout
+    )
     rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in rows if "ppo/policy_loss" in r]
     assert train_steps == [1, 2, 3, 4, 5]

@@ -8,6 +8,7 @@ processes — node1 at 127.0.0.2 and node2 at 127.0.0.3, everything on loopback,
 prints `export SLURM_CONF=...` for sbatch/squeue/scontrol in another shell, and on Ctrl-C or
 SIGTERM stops every daemon it started, by pid. tests/slurm/test_slurm.py uses the same class.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,31 @@ import time
 from pathlib import Path
 
 PACKAGES = ("slurm-wlm", "munge")
-BINARIES = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel")
+BINARIES = (
+    "munged",
+    "munge",
+    "slurmctld",
+    "slurmd",
+    "sbatch",
+    "srun",
+    "scontrol",
+    "squeue",
+    "sinfo",
+    "scancel",
+)
 NODES = {"node1": "127.0.0.2", "node2": "127.0.0.3"}
-LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE",
-                 "LOCAL_WORLD_SIZE", "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK")
+LAUNCHER_VARS = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+    "GROUP_RANK",
+)
 
 
 class Unavailable(RuntimeError):
@@ -44,21 +66,29 @@ def ensure_installed(log=print) -> None:
     if not missing:
         return
     if os.geteuid() != 0:
-        raise Unavailable(f"SLURM binaries missing ({', '.join(missing)}) and not root: cannot apt-get install")
+        raise Unavailable(
+            f"SLURM binaries missing ({', '.join(missing)}) and not root: cannot apt-get install"
+        )
     if shutil.which("apt-get") is None:
-        raise Unavailable(f"SLURM binaries missing ({', '.join(missing)}) and no apt-get on this machine")
+        raise Unavailable(
+            f"SLURM binaries missing ({', '.join(missing)}) and no apt-get on this machine"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     log(f"installing {' '.join(PACKAGES)} (missing: {', '.join(missing)})")
-    for cmd in (["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES],
-                ["apt-get", "update"],  # only if the first try failed on stale lists
-                ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]):
+    for cmd in (
+        ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES],
+        ["apt-get", "update"],  # only if the first try failed on stale lists
+        ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES],
+    ):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if cmd[1] == "install" and proc.returncode == 0:
             break
     still = [b for b in BINARIES if shutil.which(b) is None]
     if still:
-        raise Unavailable(f"apt-get install {' '.join(PACKAGES)} failed (still missing {', '.join(still)}): "
-                          f"{(proc.stderr or proc.stdout).strip()[-500:]}")
+        raise Unavailable(
+            f"apt-get install {' '.join(PACKAGES)} failed (still missing {', '.join(still)}): "
+            f"{(proc.stderr or proc.stdout).strip()[-500:]}"
+        )
 
 
 class LocalCluster:
@@ -83,7 +113,9 @@ class LocalCluster:
         ctld_port = _free_port()
         node_lines = "\n".join(
             f"NodeName={n} NodeAddr={addr} NodeHostname={host} Port={_free_port()} CPUs={self.cpus} "
-            f"RealMemory=4000 State=UNKNOWN" for n, addr in NODES.items())
+            f"RealMemory=4000 State=UNKNOWN"
+            for n, addr in NODES.items()
+        )
         self.conf.write_text(f"""# A two-node SLURM cluster on one machine (tests/slurm/local_cluster.py)
 ClusterName=rlhftest
 SlurmctldHost={host}(127.0.0.1)
@@ -116,13 +148,19 @@ MailProg=/bin/true
 KillWait=60
 MinJobAge=3600
 {node_lines}
-PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """)
 
     def _start(self, name: str, cmd: list[str]) -> None:
         out = open(self.dir / "log" / f"{name}.out", "ab")
-        self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self.env(), start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env(),
+            start_new_session=True,
+        )
         out.close()
 
     def env(self) -> dict[str, str]:
@@ -143,11 +181,29 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
         self._write_config()
         d = self.dir
         try:
-            self._start("munged", ["munged", "--foreground", "--force", f"--socket={d}/munge.sock",
-                                   f"--key-file={d}/munge.key", f"--log-file={d}/log/munged.log",
-                                   f"--pid-file={d}/munged.pid", f"--seed-file={d}/munged.seed"])
-            self._wait(lambda: subprocess.run(["munge", "-S", f"{d}/munge.sock", "-n"], capture_output=True)
-                       .returncode == 0, timeout, "munged")
+            self._start(
+                "munged",
+                [
+                    "munged",
+                    "--foreground",
+                    "--force",
+                    f"--socket={d}/munge.sock",
+                    f"--key-file={d}/munge.key",
+                    f"--log-file={d}/log/munged.log",
+                    f"--pid-file={d}/munged.pid",
+                    f"--seed-file={d}/munged.seed",
+                ],
+            )
+            self._wait(
+                lambda: (
+                    subprocess.run(
+                        ["munge", "-S", f"{d}/munge.sock", "-n"], capture_output=True
+                    ).returncode
+                    == 0
+                ),
+                timeout,
+                "munged",
+            )
             self._start("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
             for node in NODES:
                 self._start(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", str(self.conf)])
@@ -159,9 +215,13 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
     def _nodes_idle(self) -> bool:
         for name, p in self.procs.items():
             if p.poll() is not None:
-                raise Unavailable(f"{name} exited with code {p.returncode}: "
-                                  f"{(self.dir / 'log' / f'{name}.out').read_text()[-1500:]}")
-        r = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, env=self.env())
+                raise Unavailable(
+                    f"{name} exited with code {p.returncode}: "
+                    f"{(self.dir / 'log' / f'{name}.out').read_text()[-1500:]}"
+                )
+        r = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, env=self.env()
+        )
         states = dict(line.split() for line in r.stdout.splitlines() if line.strip())
         return r.returncode == 0 and all(states.get(n) == "idle" for n in NODES)
 
@@ -175,7 +235,9 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
 
     # ------------------------------------------------------------ use
     def run(self, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, env=kw.pop("env", self.env()), **kw)
+        proc = subprocess.run(
+            list(cmd), capture_output=True, text=True, env=kw.pop("env", self.env()), **kw
+        )
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
@@ -194,10 +256,17 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
     def stop(self) -> None:
         """Cancel what still runs, then stop every daemon this object started, by pid."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            subprocess.run(["scancel", "--full", "--user", "root"], capture_output=True, env=self.env(), timeout=30)
+            subprocess.run(
+                ["scancel", "--full", "--user", "root"],
+                capture_output=True,
+                env=self.env(),
+                timeout=30,
+            )
             deadline = time.time() + 30
             while time.time() < deadline:
-                q = subprocess.run(["squeue", "-h", "-t", "R,CG"], capture_output=True, text=True, env=self.env())
+                q = subprocess.run(
+                    ["squeue", "-h", "-t", "R,CG"], capture_output=True, text=True, env=self.env()
+                )
                 if q.returncode != 0 or not q.stdout.strip():
                     break
                 time.sleep(0.5)
@@ -217,7 +286,12 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, default=None, help="state, logs and slurm.conf (default: a temp dir)")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="state, logs and slurm.conf (default: a temp dir)",
+    )
     args = ap.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="slurm-local-"))
     cluster = LocalCluster(workdir)
@@ -227,11 +301,14 @@ def main() -> None:
     except Unavailable as e:
         sys.exit(f"cannot start the local cluster: {e}")
     try:
-        print(f"local SLURM cluster up ({', '.join(f'{n}={a}' for n, a in NODES.items())}); "
-              f"daemon pids {', '.join(f'{n}={p.pid}' for n, p in cluster.procs.items())}\n"
-              f"in another shell:\n  export SLURM_CONF={cluster.conf}\n  sinfo; sbatch --nodes=2 "
-              f"launch/slurm/ppo.sbatch --config launch/configs/tiny.yaml --output_dir runs/slurm-tiny\n"
-              f"logs: {workdir}/log   Ctrl-C stops the daemons.", flush=True)
+        print(
+            f"local SLURM cluster up ({', '.join(f'{n}={a}' for n, a in NODES.items())}); "
+            f"daemon pids {', '.join(f'{n}={p.pid}' for n, p in cluster.procs.items())}\n"
+            f"in another shell:\n  export SLURM_CONF={cluster.conf}\n  sinfo; sbatch --nodes=2 "
+            f"launch/slurm/ppo.sbatch --config launch/configs/tiny.yaml --output_dir runs/slurm-tiny\n"
+            f"logs: {workdir}/log   Ctrl-C stops the daemons.",
+            flush=True,
+        )
         while all(p.poll() is None for p in cluster.procs.values()):
             time.sleep(1)
         print("a daemon exited; stopping the others", file=sys.stderr)

@@ -11,6 +11,7 @@
 Needs root (the daemons) and apt-get when slurm-wlm/munge are missing; skips with the reason
 otherwise (RLHF_REQUIRE_SLURM_TESTS=1 turns the skip into a failure).
 """
+
 import json
 import os
 import re
@@ -22,8 +23,17 @@ import pytest
 from launch_util import REPO, TINY
 from local_cluster import LocalCluster, Unavailable
 
-TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED")
+TERMINAL = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+)
 PPO = REPO / "launch" / "slurm" / "ppo.sbatch"
 
 
@@ -36,16 +46,30 @@ def cluster(tmp_path_factory):
         if os.environ.get("RLHF_REQUIRE_SLURM_TESTS") == "1":
             pytest.fail(f"local SLURM cluster required but unavailable: {e}")
         pytest.skip(f"local SLURM cluster unavailable: {e}")
-    print(f"local cluster in {c.dir}: daemons {', '.join(f'{n}={p.pid}' for n, p in c.procs.items())}")
+    print(
+        f"local cluster in {c.dir}: daemons {', '.join(f'{n}={p.pid}' for n, p in c.procs.items())}"
+    )
     yield c
     c.stop()
 
 
 def _submit(cluster, submit_dir: Path, *args: str) -> str:
     submit_dir.mkdir(parents=True, exist_ok=True)
-    env = {**cluster.env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = cluster.run("sbatch", "--parsable", "--nodes=2", str(PPO), "--config", str(TINY), *args,
-                       cwd=submit_dir, env=env)
+    env = {
+        **cluster.env(),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    proc = cluster.run(
+        "sbatch",
+        "--parsable",
+        "--nodes=2",
+        str(PPO),
+        "--config",
+        str(TINY),
+        *args,
+        cwd=submit_dir,
+        env=env,
+    )
     return proc.stdout.strip().split(";")[0]
 
 
@@ -65,14 +89,21 @@ def _finished(cluster, job_id, timeout=900):
 
 def _logs(submit_dir: Path, job_id: str) -> str:
     """The batch log and every per-node log, for assertion messages."""
-    parts = [f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(submit_dir.glob("slurm-*.out"))]
-    parts += [f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-              for p in sorted((submit_dir / "logs" / "slurm" / job_id).glob("*.log"))]
+    parts = [
+        f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+        for p in sorted(submit_dir.glob("slurm-*.out"))
+    ]
+    parts += [
+        f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+        for p in sorted((submit_dir / "logs" / "slurm" / job_id).glob("*.log"))
+    ]
     return "\n".join(parts)
 
 
 def _node_log(submit_dir, job_id, attempt, node):
-    return (submit_dir / "logs" / "slurm" / job_id / f"attempt{attempt}-node{node}.log").read_text(errors="replace")
+    return (submit_dir / "logs" / "slurm" / job_id / f"attempt{attempt}-node{node}.log").read_text(
+        errors="replace"
+    )
 
 
 def _tensorboard_scalars(folder):
@@ -105,13 +136,17 @@ def test_pipeline_on_two_nodes(two_node_run):
     assert "world size 2," in rank0 and "ranks by node: node1: 0; node2: 1" in rank0, logs
     assert re.search(r"node node1 \(.*\): node rank 0 of 2", rank0), logs
     assert re.search(r"node node2 \(.*\): node rank 1 of 2", rank1), logs
-    assert "dist_world_size=2" in rank1 and "rendezvous 127.0.0.2:" in rank1  # the first node's NodeAddr
+    assert (
+        "dist_world_size=2" in rank1 and "rendezvous 127.0.0.2:" in rank1
+    )  # the first node's NodeAddr
     for stage in ("sft", "reward", "ppo"):
         assert (out / stage / "model" / "model.safetensors").is_file(), stage
         assert list((out / stage / "tensorboard").rglob("events.out.tfevents.*")), stage
     assert json.loads((out / "summary.json").read_text())["ppo"]["iterations"] == 5
     batch = (sub / f"slurm-rlhf-ppo-{job_id}.out").read_text()
-    assert "on 2 node(s) (node1,node2) x 1 rank(s)" in batch and "finished with exit code 0" in batch
+    assert (
+        "on 2 node(s) (node1,node2) x 1 rank(s)" in batch and "finished with exit code 0" in batch
+    )
 
 
 def _ppo_only(two_node_run, tmp_path):
@@ -160,8 +195,16 @@ def _wait_for_checkpoint(cluster, job_id, out, sub, timeout=600):
 
 def test_scontrol_requeue_resumes_from_the_checkpoint(cluster, two_node_run, tmp_path):
     sub, out = _ppo_only(two_node_run, tmp_path)
-    job_id = _submit(cluster, sub, "--output_dir", str(out), "--save_steps", "1",
-                     "--ppo.num_iterations", str(ITERATIONS))
+    job_id = _submit(
+        cluster,
+        sub,
+        "--output_dir",
+        str(out),
+        "--save_steps",
+        "1",
+        "--ppo.num_iterations",
+        str(ITERATIONS),
+    )
     at = _wait_for_checkpoint(cluster, job_id, out, sub)
     cluster.run("scontrol", "requeue", job_id)
     print(f"job {job_id}: scontrol requeue with checkpoint {at} on disk")
@@ -169,17 +212,29 @@ def test_scontrol_requeue_resumes_from_the_checkpoint(cluster, two_node_run, tmp
     job = _finished(cluster, job_id)
     _check_resumed(sub, out, job_id, job)
     batch = (sub / f"slurm-rlhf-ppo-{job_id}.out").read_text()
-    assert "attempt 0" in batch and "attempt 1" in batch and "requeueing" not in batch  # SLURM requeued it
+    assert (
+        "attempt 0" in batch and "attempt 1" in batch and "requeueing" not in batch
+    )  # SLURM requeued it
 
 
 def test_stop_signal_checkpoints_and_the_job_requeues_itself(cluster, two_node_run, tmp_path):
     sub, out = _ppo_only(two_node_run, tmp_path)
-    job_id = _submit(cluster, sub, "--output_dir", str(out), "--save_steps", "0",  # only the signal saves
-                     "--ppo.num_iterations", str(ITERATIONS))
+    job_id = _submit(
+        cluster,
+        sub,
+        "--output_dir",
+        str(out),
+        "--save_steps",
+        "0",  # only the signal saves
+        "--ppo.num_iterations",
+        str(ITERATIONS),
+    )
     metrics = out / "ppo" / "metrics.jsonl"
     deadline = time.time() + 600
     while not (metrics.is_file() and "ppo/policy_loss" in metrics.read_text()):  # PPO is training
-        assert cluster.job(job_id).get("JobState") not in TERMINAL and time.time() < deadline, _logs(sub, job_id)
+        assert cluster.job(job_id).get("JobState") not in TERMINAL and time.time() < deadline, (
+            _logs(sub, job_id)
+        )
         time.sleep(0.2)
     # What `#SBATCH --signal=B:USR1@180` does before the time limit: SIGUSR1 to the batch shell only.
     cluster.run("scancel", "--batch", "--signal=USR1", job_id)

@@ -6,6 +6,7 @@ Llama `config.json`, exactly as the embedded default task does (`pipeline.defaul
 difference: held-out prompts are drawn first and no training row (SFT, pairs, PPO) ever uses one
 of them, so every evaluation is on prompts never seen in training.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,14 @@ SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 MAX_LEN = 24  # prompts and responses (EOS included) fit the default data.max_response_len and max_prompt_len
 MAX_POSITIONS = 48
 FILES = ("sft", "sft_eval", "pairs", "pairs_eval", "prompts", "prompts_eval")
-FLAG_OF = {"sft": "--data.sft_data_path", "sft_eval": "--data.sft_eval_data_path",
-           "pairs": "--data.reward_data_path", "pairs_eval": "--data.reward_eval_data_path",
-           "prompts": "--data.prompt_data_path", "prompts_eval": "--data.eval_prompt_data_path"}
+FLAG_OF = {
+    "sft": "--data.sft_data_path",
+    "sft_eval": "--data.sft_eval_data_path",
+    "pairs": "--data.reward_data_path",
+    "pairs_eval": "--data.reward_eval_data_path",
+    "prompts": "--data.prompt_data_path",
+    "prompts_eval": "--data.eval_prompt_data_path",
+}
 
 
 def vocabulary(words) -> list[str]:
@@ -38,25 +44,44 @@ def build_tokenizer(folder: Path, words) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     bos = SPECIAL_TOKENS["bos"]
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])])
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+    )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=bos, eos_token=SPECIAL_TOKENS["eos"],
-        pad_token=SPECIAL_TOKENS["pad"], unk_token=SPECIAL_TOKENS["unk"], padding_side="right")
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=SPECIAL_TOKENS["eos"],
+        pad_token=SPECIAL_TOKENS["pad"],
+        unk_token=SPECIAL_TOKENS["unk"],
+        padding_side="right",
+    )
     fast.save_pretrained(str(folder))
 
 
-def model_config(vocab_size: int, hidden_size: int, num_hidden_layers: int, num_attention_heads: int,
-                 intermediate_size: int) -> dict:
+def model_config(
+    vocab_size: int,
+    hidden_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    intermediate_size: int,
+) -> dict:
     """A tiny from-scratch Llama (config only: the pipeline initialises the weights)."""
     from transformers import LlamaConfig
 
     ids = {k: i for i, k in enumerate(SPECIAL_TOKENS)}
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads, num_key_value_heads=num_attention_heads,
-        intermediate_size=intermediate_size, max_position_embeddings=MAX_POSITIONS,
-        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
-        tie_word_embeddings=True, rms_norm_eps=1e-5).to_dict()
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=MAX_POSITIONS,
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+    ).to_dict()
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -66,7 +91,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    return [
+        json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line
+    ]
 
 
 def held_out_prompts(rng: random.Random, sample_prompt: Callable, n: int) -> list[str]:
@@ -87,10 +114,24 @@ def training_prompt(rng: random.Random, sample_prompt: Callable, held_out: set) 
             return p
 
 
-def write_task(folder: Path, seed: int, *, words, sample_prompt: Callable, demo: Callable,
-               pair: Callable, num_sft: int, num_pairs: int, num_prompts: int, num_eval: int,
-               label_noise: float, hidden_size: int, num_hidden_layers: int,
-               num_attention_heads: int, intermediate_size: int) -> dict[str, Path]:
+def write_task(
+    folder: Path,
+    seed: int,
+    *,
+    words,
+    sample_prompt: Callable,
+    demo: Callable,
+    pair: Callable,
+    num_sft: int,
+    num_pairs: int,
+    num_prompts: int,
+    num_eval: int,
+    label_noise: float,
+    hidden_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    intermediate_size: int,
+) -> dict[str, Path]:
     """Write the six JSONL files, `tokenizer/` and `model/config.json`; deterministic per seed.
 
     `demo(rng, prompt) -> response`; `pair(rng, prompt, noise) -> (chosen, rejected)`.
@@ -110,7 +151,10 @@ def write_task(folder: Path, seed: int, *, words, sample_prompt: Callable, demo:
         return {"prompt": p, "chosen": chosen, "rejected": rejected}
 
     rows = {
-        "sft": [{"prompt": p, "response": demo(rng, p)} for p in (train_prompt() for _ in range(num_sft))],
+        "sft": [
+            {"prompt": p, "response": demo(rng, p)}
+            for p in (train_prompt() for _ in range(num_sft))
+        ],
         "sft_eval": [{"prompt": p, "response": demo(rng, p)} for p in held],
         "pairs": [pair_row(train_prompt(), label_noise) for _ in range(num_pairs)],
         "pairs_eval": [pair_row(p, 0.0) for p in held],
@@ -126,8 +170,13 @@ def write_task(folder: Path, seed: int, *, words, sample_prompt: Callable, demo:
     build_tokenizer(folder / "tokenizer", words)
     paths["tokenizer"] = folder / "tokenizer"
     (folder / "model").mkdir(exist_ok=True)
-    config = model_config(len(vocabulary(words)), hidden_size, num_hidden_layers,
-                          num_attention_heads, intermediate_size)
+    config = model_config(
+        len(vocabulary(words)),
+        hidden_size,
+        num_hidden_layers,
+        num_attention_heads,
+        intermediate_size,
+    )
     (folder / "model" / "config.json").write_text(json.dumps(config, indent=2))
     paths["model"] = folder / "model"
     return paths
@@ -136,14 +185,20 @@ def write_task(folder: Path, seed: int, *, words, sample_prompt: Callable, demo:
 def flags(folder: Path) -> list[str]:
     """Command-line flags pointing the pipeline at a task folder written by `write_task`."""
     folder = Path(folder).resolve()
-    out = ["--model.model_name_or_path", str(folder / "model"),
-           "--data.tokenizer_path", str(folder / "tokenizer")]
+    out = [
+        "--model.model_name_or_path",
+        str(folder / "model"),
+        "--data.tokenizer_path",
+        str(folder / "tokenizer"),
+    ]
     for name in FILES:
         out += [FLAG_OF[name], str(folder / f"{name}.jsonl")]
     return out
 
 
-def choose(rng: random.Random, a: str, b: str, ga: float, gb: float, noise: float) -> tuple[str, str]:
+def choose(
+    rng: random.Random, a: str, b: str, ga: float, gb: float, noise: float
+) -> tuple[str, str]:
     """(chosen, rejected) by gold score, flipped with probability `noise`."""
     chosen, rejected = (a, b) if ga > gb else (b, a)
     if rng.random() < noise:

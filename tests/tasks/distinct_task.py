@@ -22,6 +22,7 @@ likes best (`apple apple apple apple .`) may score high under the reward model w
 Nor does it see a list of another length: an empty or one-word answer is another way out (the one
 PPO took in the first baseline run, see tests/tasks/README.md).
 """
+
 from __future__ import annotations
 
 import random
@@ -30,8 +31,11 @@ from pathlib import Path
 
 try:
     from . import common
-except ImportError:  # run as a script, or loaded from its file path (--ppo.eval_reward_fn FILE.py:NAME)
+except (
+    ImportError
+):  # run as a script, or loaded from its file path (--ppo.eval_reward_fn FILE.py:NAME)
     import importlib.util
+
     _name = "rlhf_test_tasks_common"
     if _name not in sys.modules:
         _spec = importlib.util.spec_from_file_location(_name, Path(__file__).with_name("common.py"))
@@ -49,12 +53,31 @@ CATEGORIES = {
 }
 COUNTS = {"two": 2, "three": 3, "four": 4, "five": 5}
 VERBS = ["name", "list", "give me", "tell me"]
-NAMES = ["ana", "ben", "chloe", "dev", "emma", "farid", "grace", "hugo", "iris", "jon", "kira", "leo"]
+NAMES = [
+    "ana",
+    "ben",
+    "chloe",
+    "dev",
+    "emma",
+    "farid",
+    "grace",
+    "hugo",
+    "iris",
+    "jon",
+    "kira",
+    "leo",
+]
 ON_CATEGORY = 0.8  # probability that an SFT demonstration's word is a member of the asked category
 MIN_GOLD_GAP = 0.2  # preference pairs closer than this in gold are near-ties and are skipped
 CATEGORY_OF = {w: c for c, ws in CATEGORIES.items() for w in ws}
-WORDS = (list(CATEGORY_OF) + list(CATEGORIES) + list(COUNTS) + NAMES
-         + [w for v in VERBS for w in v.split()] + ["asks", ":", "."])
+WORDS = (
+    list(CATEGORY_OF)
+    + list(CATEGORIES)
+    + list(COUNTS)
+    + NAMES
+    + [w for v in VERBS for w in v.split()]
+    + ["asks", ":", "."]
+)
 
 
 def asked(prompt: str) -> tuple[str, int]:
@@ -117,15 +140,37 @@ def pair(rng: random.Random, prompt: str, noise: float) -> tuple[str, str]:
             return common.choose(rng, a, b, ga, gb, noise)
 
 
-def generate(folder: Path, seed: int, num_sft=3000, num_pairs=3000, num_prompts=2000, num_eval=128,
-             label_noise=0.1, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
-             intermediate_size=344) -> dict[str, Path]:
+def generate(
+    folder: Path,
+    seed: int,
+    num_sft=3000,
+    num_pairs=3000,
+    num_prompts=2000,
+    num_eval=128,
+    label_noise=0.1,
+    hidden_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=344,
+) -> dict[str, Path]:
     """Write the task into `folder` (see common.write_task); deterministic per seed."""
     return common.write_task(
-        folder, seed, words=WORDS, sample_prompt=sample_prompt, demo=demo, pair=pair,
-        num_sft=num_sft, num_pairs=num_pairs, num_prompts=num_prompts, num_eval=num_eval,
-        label_noise=label_noise, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads, intermediate_size=intermediate_size)
+        folder,
+        seed,
+        words=WORDS,
+        sample_prompt=sample_prompt,
+        demo=demo,
+        pair=pair,
+        num_sft=num_sft,
+        num_pairs=num_pairs,
+        num_prompts=num_prompts,
+        num_eval=num_eval,
+        label_noise=label_noise,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+    )
 
 
 def flags(folder: Path) -> list[str]:

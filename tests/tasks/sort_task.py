@@ -18,6 +18,7 @@ The hack it invites: the reward model never sees a malformed response, so an asc
 is not the prompt's numbers (`0 1 2 3 4 .`, a number dropped or repeated) may score high under the
 reward model while its gold is 0.
 """
+
 from __future__ import annotations
 
 import random
@@ -26,8 +27,11 @@ from pathlib import Path
 
 try:
     from . import common
-except ImportError:  # run as a script, or loaded from its file path (--ppo.eval_reward_fn FILE.py:NAME)
+except (
+    ImportError
+):  # run as a script, or loaded from its file path (--ppo.eval_reward_fn FILE.py:NAME)
     import importlib.util
+
     _name = "rlhf_test_tasks_common"
     if _name not in sys.modules:
         _spec = importlib.util.spec_from_file_location(_name, Path(__file__).with_name("common.py"))
@@ -37,7 +41,9 @@ except ImportError:  # run as a script, or loaded from its file path (--ppo.eval
 
 NUMBERS = [str(i) for i in range(20)]
 MIN_LEN, MAX_LEN = 4, 6
-NEAR_SORTED = 0.25  # share of SFT demonstrations that are sorted then disturbed by 1-3 adjacent swaps
+NEAR_SORTED = (
+    0.25  # share of SFT demonstrations that are sorted then disturbed by 1-3 adjacent swaps
+)
 MIN_GOLD_GAP = 0.1  # preference pairs closer than this in gold are near-ties and are skipped
 WORDS = NUMBERS + ["sort", ":", "."]
 
@@ -118,18 +124,40 @@ def pair(rng: random.Random, prompt: str, noise: float) -> tuple[str, str]:
             return common.choose(rng, a, b, ga, gb, noise)
 
 
-def generate(folder: Path, seed: int, num_sft=10000, num_pairs=2000, num_prompts=2000, num_eval=128,
-             label_noise=0.1, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
-             intermediate_size=344) -> dict[str, Path]:
+def generate(
+    folder: Path,
+    seed: int,
+    num_sft=10000,
+    num_pairs=2000,
+    num_prompts=2000,
+    num_eval=128,
+    label_noise=0.1,
+    hidden_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=344,
+) -> dict[str, Path]:
     """Write the task into `folder` (see common.write_task); deterministic per seed. 2000 pairs
     (not 3000): enough for held-out RM accuracy 0.95 with the defaults, and a shorter RM stage.
     10,000 demonstrations (not 3,000): with 3,000 the SFT policy copied the prompt's numbers into
     a well-formed list in only 31% of its responses, too weak a start for the task to test."""
     return common.write_task(
-        folder, seed, words=WORDS, sample_prompt=sample_prompt, demo=demo, pair=pair,
-        num_sft=num_sft, num_pairs=num_pairs, num_prompts=num_prompts, num_eval=num_eval,
-        label_noise=label_noise, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads, intermediate_size=intermediate_size)
+        folder,
+        seed,
+        words=WORDS,
+        sample_prompt=sample_prompt,
+        demo=demo,
+        pair=pair,
+        num_sft=num_sft,
+        num_pairs=num_pairs,
+        num_prompts=num_prompts,
+        num_eval=num_eval,
+        label_noise=label_noise,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+    )
 
 
 def flags(folder: Path) -> list[str]:

@@ -1,6 +1,7 @@
 """Unit tests for the benchmark's pure parts (launch/bench_lib.py): FLOP counting, targets,
 table, JSON. The benchmark is a launcher script, not part of the package: launch/ is put on
 sys.path as `deepspeed launch/bench.py` puts it."""
+
 import json
 import math
 import sys
@@ -8,10 +9,20 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
-from bench_lib import (TARGETS, Workload, body_params, check, format_table, forward_flops,  # noqa: E402
-                       iteration_flops, write_json)
+from bench_lib import (
+    TARGETS,
+    Workload,
+    body_params,
+    check,
+    format_table,
+    forward_flops,  # noqa: E402
+    iteration_flops,
+    write_json,
+)
 
-TINY = Workload(layers=1, hidden=2, intermediate=3, heads=1, vocab=5, prompts=2, prompt_len=2, new_tokens=2)
+TINY = Workload(
+    layers=1, hidden=2, intermediate=3, heads=1, vocab=5, prompts=2, prompt_len=2, new_tokens=2
+)
 
 
 def test_body_params_of_the_benchmark_model():
@@ -22,7 +33,9 @@ def test_body_params_of_the_benchmark_model():
 def test_forward_flops_by_hand():
     # body: 4 * 2^2 + 3 * 2 * 3 = 34 weights -> 2 * 34 * 4 positions = 272
     # attention: 4 * 1 layer * 2 hidden * 10 pairs = 80; head: 2 * 2 hidden * 5 wide * 3 positions = 60
-    assert forward_flops(TINY, positions=4, pairs=10, head_positions=3, head_width=5) == 272 + 80 + 60
+    assert (
+        forward_flops(TINY, positions=4, pairs=10, head_positions=3, head_width=5) == 272 + 80 + 60
+    )
 
 
 def test_iteration_flops_phases_by_hand():
@@ -46,22 +59,50 @@ def test_training_flops_follow_the_6_params_tokens_rule():
 
 
 def test_check_against_targets():
-    assert check("hybrid/floor generation", 1.3)["met"] and not check("hybrid/floor generation", 1.31)["met"]
-    assert check("naive/hybrid generation", 5.0)["met"] and not check("naive/hybrid generation", 4.9)["met"]
-    assert check("RSS after/before generation", 1.09)["met"] and check("RSS after/before generation", 0.91)["met"]
+    assert (
+        check("hybrid/floor generation", 1.3)["met"]
+        and not check("hybrid/floor generation", 1.31)["met"]
+    )
+    assert (
+        check("naive/hybrid generation", 5.0)["met"]
+        and not check("naive/hybrid generation", 4.9)["met"]
+    )
+    assert (
+        check("RSS after/before generation", 1.09)["met"]
+        and check("RSS after/before generation", 0.91)["met"]
+    )
     assert not check("RSS after/before generation", 1.11)["met"]
     assert not check("iteration/floor", math.nan)["met"]
     assert check("iteration/floor", 1.0)["target"] == "<= 1.5"
-    assert set(TARGETS) == {"hybrid/floor generation", "naive/hybrid generation", "iteration/floor",
-                            "RSS after/before generation"}
+    assert set(TARGETS) == {
+        "hybrid/floor generation",
+        "naive/hybrid generation",
+        "iteration/floor",
+        "RSS after/before generation",
+    }
 
 
 def _results() -> dict:
-    return {"date": "2026-01-01T00:00:00+00:00", "smoke": True, "world_size": 2, "threads_per_rank": 1,
-            "machine": {"platform": "Linux-x", "cpu": "some cpu", "cores": 2, "torch": "2.13.0",
-                        "deepspeed": "0.19.8", "transformers": "5.23.0"},
-            "checks": [check("hybrid/floor generation", 1.2), check("naive/hybrid generation", 2.0)],
-            "figures": {"iteration s": 12.345, "peak RSS MiB per rank": [600.0, 590.4], "FLOPs per iteration": 4.2e11}}
+    return {
+        "date": "2026-01-01T00:00:00+00:00",
+        "smoke": True,
+        "world_size": 2,
+        "threads_per_rank": 1,
+        "machine": {
+            "platform": "Linux-x",
+            "cpu": "some cpu",
+            "cores": 2,
+            "torch": "2.13.0",
+            "deepspeed": "0.19.8",
+            "transformers": "5.23.0",
+        },
+        "checks": [check("hybrid/floor generation", 1.2), check("naive/hybrid generation", 2.0)],
+        "figures": {
+            "iteration s": 12.345,
+            "peak RSS MiB per rank": [600.0, 590.4],
+            "FLOPs per iteration": 4.2e11,
+        },
+    }
 
 
 def test_format_table():

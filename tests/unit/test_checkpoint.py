@@ -1,4 +1,5 @@
 """Tier 1: the pieces of checkpointing that need no process group."""
+
 import json
 import random
 
@@ -19,9 +20,13 @@ def _checkpoint(folder):
     (folder / "model").mkdir(parents=True)
     torch.save({"w": torch.arange(10.0)}, folder / "model" / "states.pt")
     (folder / "state.json").write_text(json.dumps({"step": 3}))
-    files = {rel: [(folder / rel).stat().st_size, checkpoint._sha256(folder / rel)]
-             for rel in checkpoint._files(folder)}
-    (folder / "manifest.json").write_text(json.dumps({"step": 3, "world_size": 1, "identity": {}, "files": files}))
+    files = {
+        rel: [(folder / rel).stat().st_size, checkpoint._sha256(folder / rel)]
+        for rel in checkpoint._files(folder)
+    }
+    (folder / "manifest.json").write_text(
+        json.dumps({"step": 3, "world_size": 1, "identity": {}, "files": files})
+    )
     return folder
 
 
@@ -29,13 +34,24 @@ def test_an_intact_checkpoint_verifies(tmp_path):
     assert verify(_checkpoint(tmp_path / "ck")) is None
 
 
-@pytest.mark.parametrize("damage,needle", [
-    (lambda f: (f / "model" / "states.pt").unlink(), "is missing"),
-    (lambda f: (f / "model" / "states.pt").write_bytes((f / "model" / "states.pt").read_bytes()[:50]), "truncated"),
-    (lambda f: (f / "state.json").write_text(json.dumps({"step": 4})), "checksum"),
-    (lambda f: (f / "manifest.json").write_text("{\"files\": "), "manifest.json is missing or unreadable"),
-    (lambda f: (f / "manifest.json").unlink(), "manifest.json is missing or unreadable"),
-])
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        (lambda f: (f / "model" / "states.pt").unlink(), "is missing"),
+        (
+            lambda f: (f / "model" / "states.pt").write_bytes(
+                (f / "model" / "states.pt").read_bytes()[:50]
+            ),
+            "truncated",
+        ),
+        (lambda f: (f / "state.json").write_text(json.dumps({"step": 4})), "checksum"),
+        (
+            lambda f: (f / "manifest.json").write_text('{"files": '),
+            "manifest.json is missing or unreadable",
+        ),
+        (lambda f: (f / "manifest.json").unlink(), "manifest.json is missing or unreadable"),
+    ],
+)
 def test_damage_is_reported(tmp_path, damage, needle):
     folder = _checkpoint(tmp_path / "ck")
     damage(folder)
@@ -53,7 +69,10 @@ def test_pickles_with_arbitrary_objects_are_refused(tmp_path, capsys):
     evil = folder / "model" / "states.pt"
     torch.save({"w": torch.zeros(2), "x": Payload()}, evil)
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"]["model/states.pt"] = [evil.stat().st_size, checkpoint._sha256(evil)]  # a consistent manifest
+    manifest["files"]["model/states.pt"] = [
+        evil.stat().st_size,
+        checkpoint._sha256(evil),
+    ]  # a consistent manifest
     (folder / "manifest.json").write_text(json.dumps(manifest))
     problem = verify(folder)
     assert problem is not None and "objects other than tensors" in problem
@@ -61,8 +80,16 @@ def test_pickles_with_arbitrary_objects_are_refused(tmp_path, capsys):
 
 
 def test_identity_diff_names_what_changed():
-    saved = {"section": {"learning_rate": 0.003, "epochs": 1}, "seed": 42, "inputs": {"model": "a" * 64}}
-    now = {"section": {"learning_rate": 0.5, "epochs": 1}, "seed": 42, "inputs": {"model": "b" * 64}}
+    saved = {
+        "section": {"learning_rate": 0.003, "epochs": 1},
+        "seed": 42,
+        "inputs": {"model": "a" * 64},
+    }
+    now = {
+        "section": {"learning_rate": 0.5, "epochs": 1},
+        "seed": 42,
+        "inputs": {"model": "b" * 64},
+    }
     diff = identity_diff(saved, now)
     assert "section.learning_rate: 0.003 -> 0.5" in diff
     assert any(d.startswith("inputs.model: aaaaaaaaaaaa... -> bbbbbbbbbbbb...") for d in diff)
@@ -87,7 +114,9 @@ def test_epoch_sampler_matches_distributed_sampler_order():
 
     for rank in range(2):
         ours = EpochSampler(103, seed=5, d=_dist(rank, 2))
-        ref = DistributedSampler(range(103), num_replicas=2, rank=rank, shuffle=True, seed=5, drop_last=True)
+        ref = DistributedSampler(
+            range(103), num_replicas=2, rank=rank, shuffle=True, seed=5, drop_last=True
+        )
         ours.set_epoch(3)
         ref.set_epoch(3)
         assert list(ours) == list(ref)

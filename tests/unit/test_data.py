@@ -16,9 +16,11 @@ from pipeline.errors import UserError
 
 SFT = ("prompt", "response")
 PAIRS = ("prompt", "chosen", "rejected")
-ROWS = [{"prompt": "ana asks for a review of the pizza .", "response": "the pizza is amazing ."},
-        {"prompt": "please review the movie for ben .", "response": "overall a dull movie ."},
-        {"prompt": "café ☕ prompt", "response": "naïve – ünïcode"}]
+ROWS = [
+    {"prompt": "ana asks for a review of the pizza .", "response": "the pizza is amazing ."},
+    {"prompt": "please review the movie for ben .", "response": "overall a dull movie ."},
+    {"prompt": "café ☕ prompt", "response": "naïve – ünïcode"},
+]
 
 
 def _jsonl(path, rows):
@@ -52,8 +54,10 @@ def test_csv(tmp_path):
 def test_hand_written_csv_with_quoted_commas(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text('prompt,response\n"a, b",c\nd,"e ""quoted"""\n', encoding="utf-8")
-    assert load_rows(str(path), SFT) == [{"prompt": "a, b", "response": "c"},
-                                         {"prompt": "d", "response": 'e "quoted"'}]
+    assert load_rows(str(path), SFT) == [
+        {"prompt": "a, b", "response": "c"},
+        {"prompt": "d", "response": 'e "quoted"'},
+    ]
 
 
 @pytest.mark.parametrize("cells", [["4", "12"], ["None", "NA"]], ids=["numeric-text", "na-words"])
@@ -61,9 +65,12 @@ def test_csv_cells_are_text_as_written(tmp_path, cells):
     # A CSV cell is text: "4" or "NA" is a valid, non-empty response (e.g. arithmetic answers),
     # not a number to reject as "not text" nor a missing value.
     path = tmp_path / "d.csv"
-    path.write_text("prompt,response\n" + "".join(f"q{i},{c}\n" for i, c in enumerate(cells)),
-                    encoding="utf-8")
-    assert load_rows(str(path), SFT) == [{"prompt": f"q{i}", "response": c} for i, c in enumerate(cells)]
+    path.write_text(
+        "prompt,response\n" + "".join(f"q{i},{c}\n" for i, c in enumerate(cells)), encoding="utf-8"
+    )
+    assert load_rows(str(path), SFT) == [
+        {"prompt": f"q{i}", "response": c} for i, c in enumerate(cells)
+    ]
 
 
 def test_parquet(tmp_path):
@@ -140,8 +147,11 @@ def test_field_missing_in_one_row_names_row_and_field(tmp_path):
 
 @pytest.mark.parametrize("bad", ["", "   ", "\n"])
 def test_empty_string_names_row_and_field(tmp_path, bad):
-    rows = [{"prompt": "p", "response": "r"}, {"prompt": "p", "response": "r"},
-            {"prompt": "p", "response": bad}]
+    rows = [
+        {"prompt": "p", "response": "r"},
+        {"prompt": "p", "response": "r"},
+        {"prompt": "p", "response": bad},
+    ]
     path = _jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(UserError, match=r"row 2\b.*'response'") as e:
         load_rows(path, SFT)
@@ -162,13 +172,18 @@ def test_non_text_value(tmp_path):
 
 
 def test_chosen_equal_to_rejected(tmp_path):
-    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "same", "rejected": "same"}]
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "same", "rejected": "same"},
+    ]
     path = _jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(UserError, match=r"row 1\b.*identical"):
         load_rows(path, PAIRS)
     rows[1] = {"prompt": "p", "chosen": "same ", "rejected": " same"}  # differ only in spacing
     path = _jsonl(tmp_path / "d.jsonl", rows)
-    with pytest.raises(UserError, match=re.escape(f"dataset {path}, row 1: 'chosen' and 'rejected' are identical")):
+    with pytest.raises(
+        UserError, match=re.escape(f"dataset {path}, row 1: 'chosen' and 'rejected' are identical")
+    ):
         load_rows(path, PAIRS)
 
 
@@ -188,25 +203,33 @@ def test_empty_file_is_a_user_error(tmp_path):
 
 def test_non_utf8_jsonl_names_the_file_and_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes('{"prompt": "café", "response": "r"}\n'.encode()  # valid UTF-8 (é is 2 bytes)
-                     + b'{"prompt": "caf\xe9 \xff", "response": "r"}\n')
+    path.write_bytes(
+        '{"prompt": "café", "response": "r"}\n'.encode()  # valid UTF-8 (é is 2 bytes)
+        + b'{"prompt": "caf\xe9 \xff", "response": "r"}\n'
+    )
     with pytest.raises(UserError) as e:
         load_rows(str(path), SFT)
-    assert str(e.value) == (f"dataset {path}, line 2: not UTF-8 text (byte 0xe9 at column 16, file offset "
-                            f"52); save the file as UTF-8.")
+    assert str(e.value) == (
+        f"dataset {path}, line 2: not UTF-8 text (byte 0xe9 at column 16, file offset "
+        f"52); save the file as UTF-8."
+    )
 
 
 def test_non_utf8_csv_names_the_file_and_line(tmp_path):
     path = tmp_path / "latin1.csv"
     path.write_bytes(b"prompt,response\np,r\ncaf\xe9 \xff,r\n")
-    with pytest.raises(UserError, match=re.escape(f"dataset {path}, line 3: not UTF-8 text (byte 0xe9")):
+    with pytest.raises(
+        UserError, match=re.escape(f"dataset {path}, line 3: not UTF-8 text (byte 0xe9")
+    ):
         load_rows(str(path), SFT)
 
 
 def test_non_utf8_file_in_a_folder_names_that_file(tmp_path):
     _jsonl(tmp_path / "a.jsonl", ROWS)
     (tmp_path / "b.jsonl").write_bytes(b'{"prompt": "\x80", "response": "r"}\n')
-    with pytest.raises(UserError, match=re.escape(f"dataset {tmp_path / 'b.jsonl'}, line 1: not UTF-8")):
+    with pytest.raises(
+        UserError, match=re.escape(f"dataset {tmp_path / 'b.jsonl'}, line 1: not UTF-8")
+    ):
         load_rows(str(tmp_path), SFT)
 
 
@@ -248,8 +271,10 @@ def test_prompt_gets_bos_and_response_gets_eos(task_tokenizer):
 
 def test_sft_labels_mask_the_prompt_and_keep_response_and_eos(task_tokenizer):
     tok = task_tokenizer
-    rows = [{"prompt": PROMPT, "response": RESPONSE},
-            {"prompt": "please review the movie for ben .", "response": "overall a dull movie ."}]
+    rows = [
+        {"prompt": PROMPT, "response": RESPONSE},
+        {"prompt": "please review the movie for ben .", "response": "overall a dull movie ."},
+    ]
     for row, ex in zip(rows, sft_examples(rows, tok, 24, 24)):
         n_prompt = 1 + len(_ids(tok, row["prompt"]))
         response = _ids(tok, row["response"]) + [tok.eos_token_id]
@@ -263,9 +288,11 @@ def test_sft_labels_mask_the_prompt_and_keep_response_and_eos(task_tokenizer):
 
 def test_long_prompt_is_cut_from_the_left_and_counted(task_tokenizer, caplog):
     tok = task_tokenizer
-    rows = [{"prompt": PROMPT, "response": RESPONSE},
-            {"prompt": "please review the movie for ben .", "response": RESPONSE},
-            {"prompt": "the pizza .", "response": RESPONSE}]  # 4 tokens with BOS: fits
+    rows = [
+        {"prompt": PROMPT, "response": RESPONSE},
+        {"prompt": "please review the movie for ben .", "response": RESPONSE},
+        {"prompt": "the pizza .", "response": RESPONSE},
+    ]  # 4 tokens with BOS: fits
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         out = sft_examples(rows, tok, max_prompt_len=4, max_response_len=24, what="sft-test")
     p0 = out[0]["input_ids"][:4]
@@ -276,18 +303,24 @@ def test_long_prompt_is_cut_from_the_left_and_counted(task_tokenizer, caplog):
     assert out[0]["labels"][4:] == _ids(tok, RESPONSE) + [tok.eos_token_id]
     assert out[1]["input_ids"][:4] == [tok.bos_token_id] + _ids(tok, "for ben .")
     assert out[2]["input_ids"][:4] == [tok.bos_token_id] + _ids(tok, "the pizza .")
-    warnings = [r.getMessage() for r in caplog.records if "truncated from the left" in r.getMessage()]
+    warnings = [
+        r.getMessage() for r in caplog.records if "truncated from the left" in r.getMessage()
+    ]
     assert len(warnings) == 1
     # counts, the longest, and the option to raise (PROMPT is 10 tokens with BOS)
-    assert warnings[0] == ("sft-test: 2 of 3 prompts were longer than max_prompt_len=4 tokens (the longest has "
-                           "10) and were truncated from the left; raise --data.max_prompt_len to keep them whole.")
+    assert warnings[0] == (
+        "sft-test: 2 of 3 prompts were longer than max_prompt_len=4 tokens (the longest has "
+        "10) and were truncated from the left; raise --data.max_prompt_len to keep them whole."
+    )
     assert not any("responses" in r.getMessage() for r in caplog.records)
 
 
 def test_a_32_token_prompt_is_not_cut_at_the_default_max_prompt_len(task_tokenizer, caplog):
     from pipeline.config import Config
 
-    prompt = " ".join(["please review the movie for ben ."] * 5)[:-2]  # 30 words + BOS: over the old 24
+    prompt = " ".join(["please review the movie for ben ."] * 5)[
+        :-2
+    ]  # 30 words + BOS: over the old 24
     assert len(task_tokenizer(prompt)["input_ids"]) > 24
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         (ex,) = prompt_examples([{"prompt": prompt}], task_tokenizer, Config().data.max_prompt_len)
@@ -297,8 +330,10 @@ def test_a_32_token_prompt_is_not_cut_at_the_default_max_prompt_len(task_tokeniz
 
 def test_long_response_is_cut_to_max_response_len(task_tokenizer, caplog):
     tok = task_tokenizer
-    rows = [{"prompt": PROMPT, "response": RESPONSE},              # 5 + EOS = 6 tokens
-            {"prompt": PROMPT, "response": "the pizza is ."}]      # 4 + EOS = 5 tokens: fits
+    rows = [
+        {"prompt": PROMPT, "response": RESPONSE},  # 5 + EOS = 6 tokens
+        {"prompt": PROMPT, "response": "the pizza is ."},
+    ]  # 4 + EOS = 5 tokens: fits
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         out = sft_examples(rows, tok, max_prompt_len=24, max_response_len=5)
     response = out[0]["input_ids"][10:]
@@ -307,8 +342,14 @@ def test_long_response_is_cut_to_max_response_len(task_tokenizer, caplog):
     assert len(out[0]["input_ids"]) == 10 + 5
     assert out[1]["input_ids"][10:] == _ids(tok, "the pizza is .") + [tok.eos_token_id]
     msgs = [r.getMessage() for r in caplog.records]
-    assert any(re.search(r"\b1 of 2 responses\b.*max_response_len=5 tokens, EOS included \(the longest has 6\)"
-                         r".*--data.max_response_len", m) for m in msgs), msgs
+    assert any(
+        re.search(
+            r"\b1 of 2 responses\b.*max_response_len=5 tokens, EOS included \(the longest has 6\)"
+            r".*--data.max_response_len",
+            m,
+        )
+        for m in msgs
+    ), msgs
 
 
 def test_no_warning_when_everything_fits(task_tokenizer, caplog):
@@ -343,7 +384,10 @@ def test_pad_right_and_left():
 
 def test_collate_sft_right_pads(task_tokenizer):
     tok = task_tokenizer
-    rows = [{"prompt": PROMPT, "response": RESPONSE}, {"prompt": "the pizza .", "response": "the pizza is ."}]
+    rows = [
+        {"prompt": PROMPT, "response": RESPONSE},
+        {"prompt": "the pizza .", "response": "the pizza is ."},
+    ]
     ex = sft_examples(rows, tok, 24, 24)
     n0, n1 = len(ex[0]["input_ids"]), len(ex[1]["input_ids"])
     assert n0 > n1
@@ -365,15 +409,19 @@ def test_collate_prompts_left_pads(task_tokenizer):
     b = collate_prompts(prompt_examples(rows, tok, 24), tok.pad_token_id)
     assert b["prompts"] == [PROMPT, "the pizza ."]
     assert b["input_ids"].shape == (2, 10)
-    assert b["input_ids"][1].tolist() == [tok.pad_token_id] * 6 + [tok.bos_token_id] + _ids(tok, "the pizza .")
+    assert b["input_ids"][1].tolist() == [tok.pad_token_id] * 6 + [tok.bos_token_id] + _ids(
+        tok, "the pizza ."
+    )
     assert b["attention_mask"].tolist() == [[1] * 10, [0] * 6 + [1] * 4]
     assert (b["input_ids"][:, -1] == tok.convert_tokens_to_ids(".")).all()  # prompts end together
 
 
 def test_collate_pairs_chosen_rows_first(task_tokenizer):
     tok = task_tokenizer
-    rows = [{"prompt": PROMPT, "chosen": "the pizza is amazing .", "rejected": "the pizza is bad"},
-            {"prompt": "the movie .", "chosen": "the movie is great and good .", "rejected": "dull ."}]
+    rows = [
+        {"prompt": PROMPT, "chosen": "the pizza is amazing .", "rejected": "the pizza is bad"},
+        {"prompt": "the movie .", "chosen": "the movie is great and good .", "rejected": "dull ."},
+    ]
     ex = pair_examples(rows, tok, 24, 24)
     b = collate_pairs(ex, tok.pad_token_id)
     order = [ex[0]["chosen_ids"], ex[1]["chosen_ids"], ex[0]["rejected_ids"], ex[1]["rejected_ids"]]
@@ -391,13 +439,15 @@ EOS = 2
 def test_response_mask():
     from pipeline.generation import response_mask
 
-    responses = torch.tensor([
-        [5, 6, EOS, 0, 0],    # ends early: EOS included, zeros after
-        [5, 6, 7, 8, 9],      # runs to the limit without EOS: all ones
-        [EOS, 0, 0, 0, 0],    # empty response: only the EOS
-        [5, EOS, EOS, 7, 0],  # only the first EOS counts
-        [5, 6, 7, 8, EOS],    # EOS on the last position
-    ])
+    responses = torch.tensor(
+        [
+            [5, 6, EOS, 0, 0],  # ends early: EOS included, zeros after
+            [5, 6, 7, 8, 9],  # runs to the limit without EOS: all ones
+            [EOS, 0, 0, 0, 0],  # empty response: only the EOS
+            [5, EOS, EOS, 7, 0],  # only the first EOS counts
+            [5, 6, 7, 8, EOS],  # EOS on the last position
+        ]
+    )
     assert response_mask(responses, EOS).tolist() == [
         [1, 1, 1, 0, 0],
         [1, 1, 1, 1, 1],
@@ -417,13 +467,9 @@ def test_response_mask_when_pad_is_eos():
 def test_position_ids_start_at_zero_on_the_first_real_token():
     from pipeline.generation import position_ids
 
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1],
-                         [1, 1, 1, 1, 1, 1],
-                         [0, 0, 0, 0, 0, 1]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]])
     pos = position_ids(mask)
-    assert pos.tolist() == [[0, 0, 0, 1, 2, 3],
-                            [0, 1, 2, 3, 4, 5],
-                            [0, 0, 0, 0, 0, 0]]
+    assert pos.tolist() == [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 0, 0]]
     first_real = mask.argmax(dim=1)
     assert (pos.gather(1, first_real[:, None]) == 0).all()
     # same positions as the unpadded sequence
@@ -454,25 +500,40 @@ def test_reencode_for_a_reward_model_with_another_tokenizer(task_tokenizer, tmp_
     words = list(reversed(vocabulary()[4:])) + ["[PAD]", "[EOS]", "[UNK]"]
     inner = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    other = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="[PAD]", eos_token="[EOS]",
-                                    unk_token="[UNK]")
+    other = PreTrainedTokenizerFast(
+        tokenizer_object=inner, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]"
+    )
     actor = task_tokenizer
-    response = actor("the pizza is great .", add_special_tokens=False)["input_ids"] + [actor.eos_token_id]
-    ids, mask = reencode(["ana asks for a review of the pizza .", "please review the sofa for leo ."],
-                         [response, [actor.eos_token_id]], actor, other, 24, 24)
+    response = actor("the pizza is great .", add_special_tokens=False)["input_ids"] + [
+        actor.eos_token_id
+    ]
+    ids, mask = reencode(
+        ["ana asks for a review of the pizza .", "please review the sofa for leo ."],
+        [response, [actor.eos_token_id]],
+        actor,
+        other,
+        24,
+        24,
+    )
     assert ids.shape[0] == 2 and mask.shape == ids.shape
     first = ids[0][mask[0].bool()].tolist()
     assert other.decode(first[:-1]) == "ana asks for a review of the pizza . the pizza is great ."
     assert first[-1] == other.eos_token_id
     empty = ids[1][mask[1].bool()].tolist()  # an empty response is just the target's EOS
-    assert other.decode(empty[:-1]) == "please review the sofa for leo ." and empty[-1] == other.eos_token_id
+    assert (
+        other.decode(empty[:-1]) == "please review the sofa for leo ."
+        and empty[-1] == other.eos_token_id
+    )
     assert mask[1].sum() < mask[0].sum() and ids[1][mask[1] == 0].eq(other.pad_token_id).all()
 
 
 # ---------------------------------------------------------------- tokenised-example cache
 def _identity(data_digest="d1", tokenizer="t1", max_prompt_len=24):
-    return {"inputs": {"sft_data": data_digest, "tokenizer": tokenizer},
-            "data": {"max_prompt_len": max_prompt_len}, "model": {"trust_remote_code": False}}
+    return {
+        "inputs": {"sft_data": data_digest, "tokenizer": tokenizer},
+        "data": {"max_prompt_len": max_prompt_len},
+        "model": {"trust_remote_code": False},
+    }
 
 
 def test_the_cache_key_follows_data_tokenizer_and_options_only(tmp_path):
@@ -481,23 +542,39 @@ def test_the_cache_key_follows_data_tokenizer_and_options_only(tmp_path):
     path = examples_cache_file(str(tmp_path), "sft", "sft_data", _identity())
     assert path.parent == tmp_path / "tokenized" and path.name.startswith("sft-sft_data-")
     assert path == examples_cache_file(str(tmp_path), "sft", "sft_data", _identity())
-    for changed in (_identity(data_digest="d2"), _identity(tokenizer="t2"), _identity(max_prompt_len=32)):
+    for changed in (
+        _identity(data_digest="d2"),
+        _identity(tokenizer="t2"),
+        _identity(max_prompt_len=32),
+    ):
         assert examples_cache_file(str(tmp_path), "sft", "sft_data", changed) != path
 
 
-def test_cached_examples_come_back_with_the_warnings_of_their_build(tmp_path, task_tokenizer, caplog):
+def test_cached_examples_come_back_with_the_warnings_of_their_build(
+    tmp_path, task_tokenizer, caplog
+):
     from pipeline.data.cache import build_cached, read_cached
 
-    rows = [{"prompt": "ana asks for a review of the pizza . " * 3, "response": "the pizza is good ."}] * 2
+    rows = [
+        {"prompt": "ana asks for a review of the pizza . " * 3, "response": "the pizza is good ."}
+    ] * 2
     path = tmp_path / "c" / "sft.json"
     with caplog.at_level("WARNING"):
-        assert build_cached(path, lambda: sft_examples(rows, task_tokenizer, 8, 24, what="data.jsonl")) is None
-    assert "truncated" not in caplog.text  # held back: read_cached says it, so the building rank says it once
+        assert (
+            build_cached(path, lambda: sft_examples(rows, task_tokenizer, 8, 24, what="data.jsonl"))
+            is None
+        )
+    assert (
+        "truncated" not in caplog.text
+    )  # held back: read_cached says it, so the building rank says it once
     expected = sft_examples(rows, task_tokenizer, 8, 24)
     caplog.clear()
     with caplog.at_level("WARNING"):
         assert read_cached(path) == expected
-    assert caplog.text.count("data.jsonl: 2 of 2 prompts were longer than max_prompt_len=8 tokens") == 1
+    assert (
+        caplog.text.count("data.jsonl: 2 of 2 prompts were longer than max_prompt_len=8 tokens")
+        == 1
+    )
     assert not list(path.parent.glob("*.tmp"))
 
 
@@ -507,7 +584,10 @@ def test_a_failed_build_writes_nothing_and_says_why(tmp_path):
     def bad():
         raise UserError("dataset x.jsonl, row 3: field 'prompt' is empty")
 
-    assert build_cached(tmp_path / "sft.json", bad) == "dataset x.jsonl, row 3: field 'prompt' is empty"
+    assert (
+        build_cached(tmp_path / "sft.json", bad)
+        == "dataset x.jsonl, row 3: field 'prompt' is empty"
+    )
     assert not list(tmp_path.iterdir())
     blocked = tmp_path / "file"
     blocked.write_text("")  # a file where the cache folder should be

@@ -33,8 +33,9 @@ def _item(text):
 def task(tmp_path_factory):
     """A small task with ~2000 noisy training pairs (to measure the flip rate)."""
     folder = tmp_path_factory.mktemp("task")
-    paths = generate(folder, seed=1, num_sft=300, num_pairs=2000, num_prompts=40, num_eval=300,
-                     label_noise=0.1)
+    paths = generate(
+        folder, seed=1, num_sft=300, num_pairs=2000, num_prompts=40, num_eval=300, label_noise=0.1
+    )
     return {name: _read(p) for name, p in paths.items()}
 
 
@@ -47,7 +48,9 @@ def test_generate_is_deterministic_for_a_seed(tmp_path):
     assert set(a) == set(b) == FILES
     for name in FILES:
         assert a[name].read_bytes() == b[name].read_bytes(), name
-    assert all(a[name].parent == tmp_path / "a" and a[name].name == f"{name}.jsonl" for name in FILES)
+    assert all(
+        a[name].parent == tmp_path / "a" and a[name].name == f"{name}.jsonl" for name in FILES
+    )
     differing = [name for name in FILES if a[name].read_bytes() != c[name].read_bytes()]
     assert set(differing) == FILES  # another seed changes every file
 
@@ -60,16 +63,25 @@ def test_generate_rewrites_the_same_bytes_in_place(tmp_path):
 
 
 def test_row_counts_match_the_arguments(tmp_path):
-    paths = generate(tmp_path, seed=0, num_sft=7, num_pairs=11, num_prompts=13, num_eval=3,
-                     label_noise=0.2)
+    paths = generate(
+        tmp_path, seed=0, num_sft=7, num_pairs=11, num_prompts=13, num_eval=3, label_noise=0.2
+    )
     counts = {name: len(_read(p)) for name, p in paths.items()}
-    assert counts == {"sft": 7, "sft_eval": 3, "pairs": 11, "pairs_eval": 3,
-                      "prompts": 13, "prompts_eval": 3}
+    assert counts == {
+        "sft": 7,
+        "sft_eval": 3,
+        "pairs": 11,
+        "pairs_eval": 3,
+        "prompts": 13,
+        "prompts_eval": 3,
+    }
 
 
 def test_row_fields(task):
     assert all(set(r) == {"prompt", "response"} for r in task["sft"] + task["sft_eval"])
-    assert all(set(r) == {"prompt", "chosen", "rejected"} for r in task["pairs"] + task["pairs_eval"])
+    assert all(
+        set(r) == {"prompt", "chosen", "rejected"} for r in task["pairs"] + task["pairs_eval"]
+    )
     assert all(set(r) == {"prompt"} for r in task["prompts"] + task["prompts_eval"])
 
 
@@ -110,14 +122,16 @@ def test_pairs_are_never_near_ties(task):
 def test_training_label_noise_rate(task):
     pairs = task["pairs"]
     assert len(pairs) == 2000
-    flipped = sum(gold_score(r["prompt"], r["chosen"]) < gold_score(r["prompt"], r["rejected"])
-                  for r in pairs)
+    flipped = sum(
+        gold_score(r["prompt"], r["chosen"]) < gold_score(r["prompt"], r["rejected"]) for r in pairs
+    )
     assert flipped / len(pairs) == pytest.approx(0.1, abs=0.03)
 
 
 def test_no_label_noise_means_no_flips(tmp_path):
-    paths = generate(tmp_path, seed=5, num_sft=1, num_pairs=300, num_prompts=1, num_eval=1,
-                     label_noise=0.0)
+    paths = generate(
+        tmp_path, seed=5, num_sft=1, num_pairs=300, num_prompts=1, num_eval=1, label_noise=0.0
+    )
     for r in _read(paths["pairs"]):
         assert gold_score(r["prompt"], r["chosen"]) > gold_score(r["prompt"], r["rejected"])
 
@@ -142,28 +156,35 @@ def test_some_training_pairs_contain_flawed_responses(task):
 PIZZA = "ana asks for a review of the pizza ."
 
 
-@pytest.mark.parametrize("response, expected", [
-    ("the pizza is amazing .", 1.0),
-    ("the pizza is dreadful .", -1.0),
-    ("the movie is amazing .", 0.0),                        # wrong item: -1
-    ("the pizza and the movie are amazing .", 0.0),         # another item besides the asked one: -1
-    ("the place is amazing .", 0.5),                        # no item: -0.5
-    ("the pizza is amazing", 0.75),                         # no final " .": -0.25
-    ("the movie is amazing", -0.25),                        # both
-    ("the pizza is amazing and dreadful .", 0.0),           # mean over adjectives
-    ("the pizza is amazing and good .", (1.0 + 0.53) / 2),
-    ("the pizza felt amazing , great and bad .", (1.0 + 0.73 - 0.6) / 3),
-    ("the pizza is amazing and amazing .", 1.0),            # repeats do not add up
-    ("the pizza .", 0.0),                                   # no adjective: 0
-    ("the pizza is amazing.", -0.25),                       # "amazing." is not a word of the task
-])
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("the pizza is amazing .", 1.0),
+        ("the pizza is dreadful .", -1.0),
+        ("the movie is amazing .", 0.0),  # wrong item: -1
+        ("the pizza and the movie are amazing .", 0.0),  # another item besides the asked one: -1
+        ("the place is amazing .", 0.5),  # no item: -0.5
+        ("the pizza is amazing", 0.75),  # no final " .": -0.25
+        ("the movie is amazing", -0.25),  # both
+        ("the pizza is amazing and dreadful .", 0.0),  # mean over adjectives
+        ("the pizza is amazing and good .", (1.0 + 0.53) / 2),
+        ("the pizza felt amazing , great and bad .", (1.0 + 0.73 - 0.6) / 3),
+        ("the pizza is amazing and amazing .", 1.0),  # repeats do not add up
+        ("the pizza .", 0.0),  # no adjective: 0
+        ("the pizza is amazing.", -0.25),  # "amazing." is not a word of the task
+    ],
+)
 def test_gold_score_hand_examples(response, expected):
     assert gold_score(PIZZA, response) == pytest.approx(expected)
 
 
 def test_gold_score_uses_the_prompt_item():
-    assert gold_score("please review the movie for ben .", "the movie is great .") == pytest.approx(0.73)
-    assert gold_score("please review the movie for ben .", "the pizza is great .") == pytest.approx(-0.27)
+    assert gold_score("please review the movie for ben .", "the movie is great .") == pytest.approx(
+        0.73
+    )
+    assert gold_score("please review the movie for ben .", "the pizza is great .") == pytest.approx(
+        -0.27
+    )
 
 
 def test_gold_score_ceiling_and_best_response():
@@ -233,15 +254,23 @@ def test_tokenizer_folder_is_a_normal_hf_folder(tmp_path):
     build_tokenizer(tmp_path / "tok")
     assert (tmp_path / "tok" / "tokenizer.json").is_file()
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
-    assert tok("the pizza .")["input_ids"] == [vocabulary().index(w) for w in ("<s>", "the", "pizza", ".")]
+    assert tok("the pizza .")["input_ids"] == [
+        vocabulary().index(w) for w in ("<s>", "the", "pizza", ".")
+    ]
 
 
 # ---------------------------------------------------------------- model config
 def test_model_config_is_a_llama_config_matching_the_tokenizer(task_tokenizer):
     from transformers import LlamaConfig
 
-    d = model_config(len(vocabulary()), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_positions=48)
+    d = model_config(
+        len(vocabulary()),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_positions=48,
+    )
     json.dumps(d)  # written as config.json
     assert d["model_type"] == "llama"
     cfg = LlamaConfig.from_dict(d)
@@ -250,8 +279,13 @@ def test_model_config_is_a_llama_config_matching_the_tokenizer(task_tokenizer):
     assert cfg.pad_token_id == task_tokenizer.pad_token_id
     assert cfg.bos_token_id == task_tokenizer.bos_token_id
     assert cfg.eos_token_id == task_tokenizer.eos_token_id
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size,
-            cfg.max_position_embeddings) == (16, 1, 2, 32, 48)
+    assert (
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.intermediate_size,
+        cfg.max_position_embeddings,
+    ) == (16, 1, 2, 32, 48)
     assert cfg.num_key_value_heads == 2
     assert cfg.tie_word_embeddings is True
 
@@ -283,6 +317,7 @@ def test_item_swap_pairs_are_a_large_share(task):
                 swapped = [w for w, v in zip(good, bad) if w != v]
                 if len(good) == len(bad) and swapped == [item] and any(w in ITEMS for w in bad):
                     swaps += 1
-                    assert gold_score(r["prompt"], " ".join(good)) - gold_score(r["prompt"], " ".join(bad)) \
-                        == pytest.approx(1.0)
+                    assert gold_score(r["prompt"], " ".join(good)) - gold_score(
+                        r["prompt"], " ".join(bad)
+                    ) == pytest.approx(1.0)
         assert 0.35 < swaps / len(rows) < 0.5, swaps / len(rows)

@@ -7,6 +7,7 @@ call of a torch factory (`torch.tensor`, `torch.zeros`, ...) in pipeline/ or lau
 `device=`. It passes only when the call is the direct argument of a helper that moves its input to
 `collectives.device()` itself, or sits in a function of ALLOWED, each with the reason it is CPU-only.
 """
+
 import ast
 from pathlib import Path
 
@@ -15,37 +16,86 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2] / "pipeline"
 LAUNCH = ROOT.parent / "launch"  # its modules are named launch/..., pipeline/'s from pipeline/
-FACTORIES = {"tensor", "as_tensor", "scalar_tensor", "zeros", "ones", "full", "empty", "arange", "linspace",
-             "logspace", "eye", "rand", "randn", "randint", "randperm", "Generator"}
+FACTORIES = {
+    "tensor",
+    "as_tensor",
+    "scalar_tensor",
+    "zeros",
+    "ones",
+    "full",
+    "empty",
+    "arange",
+    "linspace",
+    "logspace",
+    "eye",
+    "rand",
+    "randn",
+    "randint",
+    "randperm",
+    "Generator",
+}
 # Helpers that move their argument to collectives.device() before it meets anything (collectives.all_reduce_sum).
 MOVES_TO_DEVICE = {"all_reduce_sum"}
 ALLOWED = {  # (module, function): why its factory calls never meet a device tensor
-    ("data/collate.py", "pad"): "collation: token ids built on CPU; callers move the batch to the device",
-    ("stages/common.py", "EpochSampler._mine"): "data order: a CPU generator's permutation, turned into a list",
-    ("stages/ppo.py", "PPOTrainer._epochs"): "mini-batch order from a CPU generator; the indices are moved to "
-                                             "the rollout's device (`.to(exp.sequences.device)`) before use",
-    ("stages/ppo.py", "PPOTrainer._check_finite"): "a Python bool as a tensor, handed only to all_reduce_sum",
-    ("stages/ppo_eval.py", "evaluate"): "gold and baseline scores come from the Python gold scorer and meet "
-                                              "only each other; global_mean builds on its input's device",
+    (
+        "data/collate.py",
+        "pad",
+    ): "collation: token ids built on CPU; callers move the batch to the device",
+    (
+        "stages/common.py",
+        "EpochSampler._mine",
+    ): "data order: a CPU generator's permutation, turned into a list",
+    (
+        "stages/ppo.py",
+        "PPOTrainer._epochs",
+    ): "mini-batch order from a CPU generator; the indices are moved to "
+    "the rollout's device (`.to(exp.sequences.device)`) before use",
+    (
+        "stages/ppo.py",
+        "PPOTrainer._check_finite",
+    ): "a Python bool as a tensor, handed only to all_reduce_sum",
+    (
+        "stages/ppo_eval.py",
+        "evaluate",
+    ): "gold and baseline scores come from the Python gold scorer and meet "
+    "only each other; global_mean builds on its input's device",
     ("stages/ppo_setup.py", "PromptOrder.__init__"): "prompt order: a CPU generator",
-    ("stages/ppo_setup.py", "PromptOrder.take"): "prompt order: a CPU generator's permutation, turned into a list",
+    (
+        "stages/ppo_setup.py",
+        "PromptOrder.take",
+    ): "prompt order: a CPU generator's permutation, turned into a list",
     ("stages/ppo_setup.py", "PromptOrder.load_state_dict"): "RNG state of the CPU generator",
-    ("stages/sft.py", "run.<locals>.evaluate"): "CPU accumulator of Python floats (`.item()`), reduced by "
-                                                "all_reduce_sum",
-    ("stages/reward.py", "run.<locals>.evaluate"): "CPU accumulator of Python floats (`.item()`), reduced by "
-                                                   "all_reduce_sum",
-    ("launch/bench_floor.py", "per_rank"): "benchmark figures (Python floats) summed by all_reduce_sum",
-    ("launch/bench_floor.py", "plain_iteration"): "the single-process floor: mini-batch order from a CPU "
-                                                  "generator",
-    ("launch/bench_floor.py", "floors"): "the single-process CPU floor: the machine's CPU matmul speed, on "
-                                         "purpose",
+    (
+        "stages/sft.py",
+        "run.<locals>.evaluate",
+    ): "CPU accumulator of Python floats (`.item()`), reduced by all_reduce_sum",
+    (
+        "stages/reward.py",
+        "run.<locals>.evaluate",
+    ): "CPU accumulator of Python floats (`.item()`), reduced by all_reduce_sum",
+    (
+        "launch/bench_floor.py",
+        "per_rank",
+    ): "benchmark figures (Python floats) summed by all_reduce_sum",
+    (
+        "launch/bench_floor.py",
+        "plain_iteration",
+    ): "the single-process floor: mini-batch order from a CPU generator",
+    (
+        "launch/bench_floor.py",
+        "floors",
+    ): "the single-process CPU floor: the machine's CPU matmul speed, on purpose",
 }
 
 
 def _factory(call: ast.Call) -> str | None:
     f = call.func
-    if isinstance(f, ast.Attribute) and f.attr in FACTORIES and isinstance(f.value, ast.Name) \
-            and f.value.id == "torch":
+    if (
+        isinstance(f, ast.Attribute)
+        and f.attr in FACTORIES
+        and isinstance(f.value, ast.Name)
+        and f.value.id == "torch"
+    ):
         return f.attr
     return None
 
@@ -65,7 +115,11 @@ def _unplaced(tree: ast.AST, module: str) -> list[tuple]:
         if isinstance(node, ast.Call):
             if _moves_to_device(node):
                 exempt.update(id(a) for a in node.args)
-            if _factory(node) and id(node) not in exempt and not any(k.arg == "device" for k in node.keywords):
+            if (
+                _factory(node)
+                and id(node) not in exempt
+                and not any(k.arg == "device" for k in node.keywords)
+            ):
                 found.append((module, ".".join(scope), node.lineno, ast.unparse(node)[:80]))
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -90,19 +144,28 @@ def unplaced_factory_calls(root: Path = ROOT) -> list[tuple]:
 
 def scanned() -> list[tuple]:
     """The unplaced calls of pipeline/ and of launch/ (the benchmark's modules)."""
-    return unplaced_factory_calls() + [("launch/" + m, *rest) for m, *rest in unplaced_factory_calls(LAUNCH)]
+    return unplaced_factory_calls() + [
+        ("launch/" + m, *rest) for m, *rest in unplaced_factory_calls(LAUNCH)
+    ]
 
 
 def test_every_tensor_built_on_ranks_names_its_device():
-    bad = [f"{m}:{line} in {fn or '<module>'}: {src}" for m, fn, line, src in scanned()
-           if (m, fn) not in ALLOWED]
-    assert not bad, ("tensors built without device= (use x.new_tensor / device=x.device / collectives.device(), "
-                     "or add the function to ALLOWED with the reason it is CPU-only):\n" + "\n".join(bad))
+    bad = [
+        f"{m}:{line} in {fn or '<module>'}: {src}"
+        for m, fn, line, src in scanned()
+        if (m, fn) not in ALLOWED
+    ]
+    assert not bad, (
+        "tensors built without device= (use x.new_tensor / device=x.device / collectives.device(), "
+        "or add the function to ALLOWED with the reason it is CPU-only):\n" + "\n".join(bad)
+    )
 
 
 def test_the_allowlist_has_no_stale_entries():
     used = {(m, fn) for m, fn, *_ in scanned()}
-    assert not set(ALLOWED) - used, f"ALLOWED entries without an unplaced call: {set(ALLOWED) - used}"
+    assert not set(ALLOWED) - used, (
+        f"ALLOWED entries without an unplaced call: {set(ALLOWED) - used}"
+    )
 
 
 def test_the_scan_finds_a_scalar_stacked_without_its_device(tmp_path):
@@ -116,7 +179,8 @@ def test_the_scan_finds_a_scalar_stacked_without_its_device(tmp_path):
         "    def g(self):\n"
         "        def h():\n"
         "            return torch.ones(3)\n"
-        "        return h\n")
+        "        return h\n"
+    )
     found = [(fn, line) for _, fn, line, _ in unplaced_factory_calls(tmp_path)]
     assert found == [("f", 5), ("C.g.<locals>.h", 9)]
 
@@ -153,11 +217,15 @@ def test_collective_helpers_return_on_the_engine_device(one_rank):
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]], device=dev)
     summed = collectives.all_reduce_sum(x)
     assert summed.device == dev and torch.equal(summed, x)
-    assert collectives.all_reduce_sum(torch.tensor([1.0])).device == dev  # moved there by the helper
+    assert (
+        collectives.all_reduce_sum(torch.tensor([1.0])).device == dev
+    )  # moved there by the helper
     white = collectives.global_whiten(x, mask)
     assert white.device == dev
     assert white[mask.bool()].mean().abs() < 1e-6 and torch.all(white[~mask.bool()] == 0)
     assert collectives.global_mean(x) == pytest.approx(2.5)
-    assert collectives.global_mean(torch.tensor([1.0, 2.0], dtype=torch.float64)) == pytest.approx(1.5)
+    assert collectives.global_mean(torch.tensor([1.0, 2.0], dtype=torch.float64)) == pytest.approx(
+        1.5
+    )
     assert collectives.broadcast_object({"a": 1}) == {"a": 1}
     assert collectives.all_gather_object(3) == [3]

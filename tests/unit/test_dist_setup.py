@@ -1,4 +1,5 @@
 """Process-group set-up: the timeout option, and a SLURM step that started ranks without a launcher."""
+
 import pytest
 
 from pipeline.cli import parse_config
@@ -16,12 +17,15 @@ def test_srun_without_a_launcher_is_refused_naming_the_tasks_and_the_scripts():
     assert "launch/slurm/ppo.sbatch" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("env", [
-    {},  # not under SLURM
-    {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"},  # srun --ntasks=1
-    {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"},  # the batch script itself (not an srun step)
-    {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "junk"},
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},  # not under SLURM
+        {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"},  # srun --ntasks=1
+        {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"},  # the batch script itself (not an srun step)
+        {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "junk"},
+    ],
+)
 def test_single_task_or_no_slurm_is_fine(env):
     check_slurm_world_size(env, 1)
 

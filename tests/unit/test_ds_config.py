@@ -1,4 +1,5 @@
 """DeepSpeed JSON files: the run config owns batch sizes, clipping, optimizer and schedule."""
+
 import json
 import re
 
@@ -10,7 +11,11 @@ from pipeline.distributed.ds_config import check_precision, ds_configs, load_ds_
 from pipeline.errors import UserError
 
 ZERO3 = {"zero_optimization": {"stage": 3}}
-FILL = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0}
+FILL = {
+    "train_micro_batch_size_per_gpu": 16,
+    "gradient_accumulation_steps": 1,
+    "gradient_clipping": 1.0,
+}
 
 
 def _ds(tmp_path, content, name="ds.json"):
@@ -27,13 +32,22 @@ def test_batch_sizes_come_from_the_run_config(tmp_path):
     assert load_ds_config(_ds(tmp_path, same), **FILL)["train_micro_batch_size_per_gpu"] == 16
 
 
-@pytest.mark.parametrize("key, value", [
-    ("train_micro_batch_size_per_gpu", 4), ("gradient_accumulation_steps", 8), ("gradient_clipping", 0.5)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("train_micro_batch_size_per_gpu", 4),
+        ("gradient_accumulation_steps", 8),
+        ("gradient_clipping", 0.5),
+    ],
+)
 def test_contradicting_batch_key_is_refused_naming_file_key_and_both_values(tmp_path, key, value):
     path = _ds(tmp_path, {**ZERO3, key: value})
     with pytest.raises(UserError) as e:
         load_ds_config(path, **FILL)
-    assert f"DeepSpeed config {path} sets {key}={value!r} but the run config gives {FILL[key]!r}" in str(e.value)
+    assert (
+        f"DeepSpeed config {path} sets {key}={value!r} but the run config gives {FILL[key]!r}"
+        in str(e.value)
+    )
 
 
 def test_train_batch_size_is_refused(tmp_path):
@@ -51,12 +65,15 @@ def test_optimizer_or_scheduler_section_is_refused(tmp_path, key):
         load_ds_config(path, **FILL)
 
 
-@pytest.mark.parametrize("content, needle", [
-    ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage must be 3 (got 2)"),
-    ({"zero_optimization": 3}, "zero_optimization.stage must be 3 (got None)"),
-    ([1, 2], "the top level must be an object"),
-    ('{"zero_optimization": {"stage": 3},}', "is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage must be 3 (got 2)"),
+        ({"zero_optimization": 3}, "zero_optimization.stage must be 3 (got None)"),
+        ([1, 2], "the top level must be an object"),
+        ('{"zero_optimization": {"stage": 3},}', "is not valid JSON"),
+    ],
+)
 def test_malformed_ds_config_names_the_file(tmp_path, content, needle):
     path = _ds(tmp_path, content)
     with pytest.raises(UserError) as e:
@@ -84,9 +101,13 @@ def test_stage_ds_configs_fill_each_stage_from_its_section(tmp_path):
     with pytest.raises(UserError, match=re.escape(f"{infer} sets gradient_accumulation_steps=2")):
         ds_configs(cfg, "ppo", 2)
     cfg.ds_inference_config = str(train)
-    assert ds_configs(cfg, "ppo", 2)["train"]["gradient_accumulation_steps"] == 2  # 16 / 2 ranks / 4
+    assert (
+        ds_configs(cfg, "ppo", 2)["train"]["gradient_accumulation_steps"] == 2
+    )  # 16 / 2 ranks / 4
     cfg.ppo = PPOConfig(rollout_batch_size=32, mini_batch_size=12, micro_batch_size_per_gpu=4)
-    with pytest.raises(UserError, match=r"ppo\.rollout_batch_size=32 must be a multiple of ppo\.mini_batch_size=12"):
+    with pytest.raises(
+        UserError, match=r"ppo\.rollout_batch_size=32 must be a multiple of ppo\.mini_batch_size=12"
+    ):
         ds_configs(cfg, "ppo", 2)
 
 
@@ -96,33 +117,50 @@ def test_precision_sections_come_from_model_dtype(tmp_path, dtype):
     # the shipped files: both sections present and off
     for name in ("zero3_train.json", "zero3_offload_inference.json"):
         cfg = load_ds_config(REPO_ROOT / "ds_configs" / name, dtype, **FILL)
-        assert (cfg["bf16"]["enabled"], cfg["fp16"]["enabled"]) == (dtype == "bf16", dtype == "fp16")
+        assert (cfg["bf16"]["enabled"], cfg["fp16"]["enabled"]) == (
+            dtype == "bf16",
+            dtype == "fp16",
+        )
     cfg = load_ds_config(_ds(tmp_path, ZERO3), dtype, **FILL)  # a file without the sections
     assert (cfg["bf16"]["enabled"], cfg["fp16"]["enabled"]) == (dtype == "bf16", dtype == "fp16")
     assert ("loss_scale" in cfg["fp16"]) == (dtype == "fp16")
 
 
 def test_fp16_uses_dynamic_loss_scaling_unless_the_file_tunes_it(tmp_path):
-    assert load_ds_config(_ds(tmp_path, ZERO3), "fp16", **FILL)["fp16"] == {"enabled": True, "loss_scale": 0}
+    assert load_ds_config(_ds(tmp_path, ZERO3), "fp16", **FILL)["fp16"] == {
+        "enabled": True,
+        "loss_scale": 0,
+    }
     tuned = {**ZERO3, "fp16": {"loss_scale_window": 500, "initial_scale_power": 12}}
     fp16 = load_ds_config(_ds(tmp_path, tuned), "fp16", **FILL)["fp16"]
-    assert fp16 == {"enabled": True, "loss_scale": 0, "loss_scale_window": 500, "initial_scale_power": 12}
+    assert fp16 == {
+        "enabled": True,
+        "loss_scale": 0,
+        "loss_scale_window": 500,
+        "initial_scale_power": 12,
+    }
 
 
-@pytest.mark.parametrize("section, dtype", [
-    ("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "fp16"), ("fp16", "bf16"), ("bfloat16", "fp32")])
+@pytest.mark.parametrize(
+    "section, dtype",
+    [("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "fp16"), ("fp16", "bf16"), ("bfloat16", "fp32")],
+)
 def test_precision_enabled_in_the_file_against_model_dtype_is_refused(tmp_path, section, dtype):
     path = _ds(tmp_path, {**ZERO3, section: {"enabled": True}})
     with pytest.raises(UserError) as e:
         load_ds_config(path, dtype, **FILL)
-    assert (f"DeepSpeed config {path} enables {section} but the run config has model.dtype={dtype!r}"
-            in str(e.value)) and "--model.dtype" in str(e.value)
+    assert (
+        f"DeepSpeed config {path} enables {section} but the run config has model.dtype={dtype!r}"
+        in str(e.value)
+    ) and "--model.dtype" in str(e.value)
 
 
 @pytest.mark.parametrize("enabled", [True, "auto"])
 def test_precision_enabled_in_the_file_that_agrees_is_accepted(tmp_path, enabled):
     cfg = load_ds_config(_ds(tmp_path, {**ZERO3, "bfloat16": {"enabled": enabled}}), "bf16", **FILL)
-    assert cfg["bf16"] == {"enabled": True} and "bfloat16" not in cfg  # one section, DeepSpeed's name
+    assert (
+        cfg["bf16"] == {"enabled": True} and "bfloat16" not in cfg
+    )  # one section, DeepSpeed's name
     cfg = load_ds_config(_ds(tmp_path, {**ZERO3, "bf16": {"enabled": "auto"}}), "fp32", **FILL)
     assert cfg["bf16"] == {"enabled": False}
 
@@ -164,10 +202,17 @@ def test_fp16_on_an_accelerator_without_it_is_refused_naming_the_option_and_the_
     check_precision("fp32", CPU)
     with pytest.raises(UserError) as e:
         check_precision("fp16", CPU)
-    assert str(e.value) == ("option model.dtype=fp16: the cpu accelerator does not support fp16 (DeepSpeed's "
-                            "is_fp16_supported() is false); use --model.dtype bf16 or fp32.")
-    with pytest.raises(UserError, match=re.escape("does not support bf16 (DeepSpeed's is_bf16_supported() is "
-                                                  "false); use --model.dtype fp16 or fp32.")):
+    assert str(e.value) == (
+        "option model.dtype=fp16: the cpu accelerator does not support fp16 (DeepSpeed's "
+        "is_fp16_supported() is false); use --model.dtype bf16 or fp32."
+    )
+    with pytest.raises(
+        UserError,
+        match=re.escape(
+            "does not support bf16 (DeepSpeed's is_bf16_supported() is "
+            "false); use --model.dtype fp16 or fp32."
+        ),
+    ):
         check_precision("bf16", OLD_GPU)
 
 
@@ -191,18 +236,26 @@ def test_fingerprint_follows_dtype_but_not_gradient_checkpointing(tmp_path):
         for k, v in model.items():
             setattr(cfg.model, k, v)
         inputs = stage_inputs(cfg, tmp_path / "run", tmp_path / "task")
-        return [fingerprint(identity(s, cfg, inputs[s], tmp_path / "run")) for s in ("sft", "reward", "ppo")]
+        return [
+            fingerprint(identity(s, cfg, inputs[s], tmp_path / "run"))
+            for s in ("sft", "reward", "ppo")
+        ]
 
     base = fps()
     # memory and time only: switching it on to fit in memory keeps finished stages and checkpoints
     assert fps(gradient_checkpointing=True) == base
     assert all(a != b for a, b in zip(fps(dtype="bf16"), base))
     ident = identity("sft", Config(), {}, tmp_path)
-    assert not {"dtype", "gradient_checkpointing"} & set(ident["model"])  # fp32 runs keep their identity
+    assert not {"dtype", "gradient_checkpointing"} & set(
+        ident["model"]
+    )  # fp32 runs keep their identity
 
 
 # ---------------------------------------------------------------- per-accelerator defaults ("auto")
-CPU_FILES = {"ds_config": "ds_configs/zero3_train.json", "ds_inference_config": "ds_configs/zero3_offload_inference.json"}
+CPU_FILES = {
+    "ds_config": "ds_configs/zero3_train.json",
+    "ds_inference_config": "ds_configs/zero3_offload_inference.json",
+}
 
 
 def _explicit_cpu() -> Config:
@@ -211,12 +264,16 @@ def _explicit_cpu() -> Config:
     return cfg
 
 
-@pytest.mark.parametrize("acc, dtype, kind", [(CPU, "fp32", "cpu"), (GPU, "bf16", "gpu"), (OLD_GPU, "fp32", "gpu")])
+@pytest.mark.parametrize(
+    "acc, dtype, kind", [(CPU, "fp32", "cpu"), (GPU, "bf16", "gpu"), (OLD_GPU, "fp32", "gpu")]
+)
 def test_auto_resolves_dtype_and_ds_files_for_the_accelerator(acc, dtype, kind):
     from pipeline.distributed.ds_config import AUTO_DS_CONFIGS, resolve_auto
 
     cfg = resolve_auto(Config(), acc)
-    assert cfg.model.dtype == dtype  # bf16 only off the CPU and where supported; fp16-only GPUs: fp32
+    assert (
+        cfg.model.dtype == dtype
+    )  # bf16 only off the CPU and where supported; fp16-only GPUs: fp32
     assert (cfg.ds_config, cfg.ds_inference_config) == AUTO_DS_CONFIGS[kind]
     assert Config().model.dtype == "auto"  # the input is not changed
 
@@ -228,7 +285,10 @@ def test_explicit_choices_win_over_auto():
     cfg.model.dtype = "fp16"
     got = resolve_auto(cfg, GPU)
     assert (got.model.dtype, got.ds_config, got.ds_inference_config) == (
-        "fp16", "mine.json", "ds_configs/zero3_offload_inference_gpu.json")
+        "fp16",
+        "mine.json",
+        "ds_configs/zero3_offload_inference_gpu.json",
+    )
     assert resolve_auto(_explicit_cpu(), GPU) == _explicit_cpu()
 
 
@@ -238,7 +298,9 @@ def test_cpu_deepspeed_configs_are_byte_identical_to_the_explicit_ones(world):
 
     for stage in ("sft", "reward", "ppo"):
         auto = ds_configs(resolve_auto(Config(), CPU), stage, world)
-        assert json.dumps(auto, sort_keys=False) == json.dumps(ds_configs(_explicit_cpu(), stage, world))
+        assert json.dumps(auto, sort_keys=False) == json.dumps(
+            ds_configs(_explicit_cpu(), stage, world)
+        )
         # on this (CPU) machine the real accelerator resolves the same way
         assert json.dumps(ds_configs(Config(), stage, world)) == json.dumps(auto)
 
@@ -247,15 +309,30 @@ def test_cpu_identity_is_the_one_of_the_explicit_cpu_settings(tmp_path):
     from pipeline.inputs import identity
 
     for stage in ("sft", "reward", "ppo"):
-        assert identity(stage, Config(), {}, tmp_path) == identity(stage, _explicit_cpu(), {}, tmp_path)
+        assert identity(stage, Config(), {}, tmp_path) == identity(
+            stage, _explicit_cpu(), {}, tmp_path
+        )
 
 
 def test_the_cpu_and_gpu_files_say_what_they_are_for():
-    cpu = json.loads((REPO_ROOT / "ds_configs" / "zero3_train.json").read_text())["zero_optimization"]
-    gpu = json.loads((REPO_ROOT / "ds_configs" / "zero3_train_gpu.json").read_text())["zero_optimization"]
-    assert (cpu["overlap_comm"], cpu["reduce_bucket_size"]) == (False, 5e7)  # gloo: the CPU numbers rely on it
-    assert gpu["overlap_comm"] and gpu["reduce_bucket_size"] >= 2e8 and gpu["stage3_prefetch_bucket_size"] >= 2e8
-    inference = json.loads((REPO_ROOT / "ds_configs" / "zero3_offload_inference_gpu.json").read_text())
+    cpu = json.loads((REPO_ROOT / "ds_configs" / "zero3_train.json").read_text())[
+        "zero_optimization"
+    ]
+    gpu = json.loads((REPO_ROOT / "ds_configs" / "zero3_train_gpu.json").read_text())[
+        "zero_optimization"
+    ]
+    assert (cpu["overlap_comm"], cpu["reduce_bucket_size"]) == (
+        False,
+        5e7,
+    )  # gloo: the CPU numbers rely on it
+    assert (
+        gpu["overlap_comm"]
+        and gpu["reduce_bucket_size"] >= 2e8
+        and gpu["stage3_prefetch_bucket_size"] >= 2e8
+    )
+    inference = json.loads(
+        (REPO_ROOT / "ds_configs" / "zero3_offload_inference_gpu.json").read_text()
+    )
     assert inference["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
     for name in ("zero3_train_gpu.json", "zero3_offload_inference_gpu.json"):
         load_ds_config(REPO_ROOT / "ds_configs" / name, "bf16", **FILL)  # accepted as shipped

@@ -30,8 +30,10 @@ def close(a, b, tol=1e-6):
 # Padding holds garbage (99) that must not count anywhere.
 GROUP_IDS = torch.tensor([5, 9, 5, 5, 9])
 MASK = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]])
-REWARDS = torch.tensor([[0.0, 1.0, 99.0], [0.5, 99.0, 99.0], [-0.5, 0.0, 2.5], [6.0, 99.0, 99.0], [0.0, 0.5, 99.0]],
-                       dtype=torch.float64)
+REWARDS = torch.tensor(
+    [[0.0, 1.0, 99.0], [0.5, 99.0, 99.0], [-0.5, 0.0, 2.5], [6.0, 99.0, 99.0], [0.0, 0.5, 99.0]],
+    dtype=torch.float64,
+)
 SEQ_REWARD = [1.0, 0.5, 2.0, 6.0, 0.5]
 
 
@@ -45,12 +47,28 @@ def _on_tokens(per_row):
 
 
 def test_the_registry_declares_what_each_estimator_needs():
-    assert list(ADVANTAGE_ESTIMATORS) == ["gae", "sequence", "grpo", "dr_grpo", "rloo", "reinforce_pp",
-                                          "reinforce_pp_baseline"]
-    needs = {name: (e.needs_critic, e.needs_groups, e.whitens) for name, e in ADVANTAGE_ESTIMATORS.items()}
-    assert needs == {"gae": (True, False, False), "sequence": (True, False, False),
-                     "grpo": (False, True, False), "dr_grpo": (False, True, False), "rloo": (False, True, False),
-                     "reinforce_pp": (False, False, True), "reinforce_pp_baseline": (False, True, True)}
+    assert list(ADVANTAGE_ESTIMATORS) == [
+        "gae",
+        "sequence",
+        "grpo",
+        "dr_grpo",
+        "rloo",
+        "reinforce_pp",
+        "reinforce_pp_baseline",
+    ]
+    needs = {
+        name: (e.needs_critic, e.needs_groups, e.whitens)
+        for name, e in ADVANTAGE_ESTIMATORS.items()
+    }
+    assert needs == {
+        "gae": (True, False, False),
+        "sequence": (True, False, False),
+        "grpo": (False, True, False),
+        "dr_grpo": (False, True, False),
+        "rloo": (False, True, False),
+        "reinforce_pp": (False, False, True),
+        "reinforce_pp_baseline": (False, True, True),
+    }
 
 
 def test_group_stats_in_any_row_order():
@@ -59,7 +77,9 @@ def test_group_stats_in_any_row_order():
     close(mean, [3.0, 0.5])
     close(std, [math.sqrt(7.0), 0.0])
     close(n, [3.0, 2.0])
-    _, _, std1, _ = group_stats(torch.tensor([4.0, 2.0]), torch.tensor([0, 1]))  # groups of one: std 0
+    _, _, std1, _ = group_stats(
+        torch.tensor([4.0, 2.0]), torch.tensor([0, 1])
+    )  # groups of one: std 0
     close(std1, [0.0, 0.0])
 
 
@@ -86,11 +106,15 @@ def test_rloo_leave_one_out_mean():
 def test_reinforce_pp_returns_to_go_then_global_whitening():
     adv, ret = ADVANTAGE_ESTIMATORS["reinforce_pp"].fn(_inputs(gamma=1.0))
     # returns-to-go: row 0 [1, 1]; row 2 [-0.5 + 0 + 2.5, 0 + 2.5, 2.5] = [2, 2.5, 2.5]; row 4 [0.5, 0.5]
-    expected = torch.tensor([[1.0, 1.0, 0], [0.5, 0, 0], [2.0, 2.5, 2.5], [6.0, 0, 0], [0.5, 0.5, 0]])
+    expected = torch.tensor(
+        [[1.0, 1.0, 0], [0.5, 0, 0], [2.0, 2.5, 2.5], [6.0, 0, 0], [0.5, 0.5, 0]]
+    )
     close(adv, expected)
     close(ret, expected)
     adv, _ = ADVANTAGE_ESTIMATORS["reinforce_pp"].fn(_inputs(gamma=0.5))
-    close(adv[2], [-0.5 + 0.5 * 1.25, 0.5 * 2.5, 2.5])  # G1 = 0 + 0.5 * 2.5 = 1.25, G0 = -0.5 + 0.5 * 1.25
+    close(
+        adv[2], [-0.5 + 0.5 * 1.25, 0.5 * 2.5, 2.5]
+    )  # G1 = 0 + 0.5 * 2.5 = 1.25, G0 = -0.5 + 0.5 * 1.25
     # whitening over the rollout is part of the estimator: done even with whiten=False.
     # Hand-worked on two rows: returns-to-go {1, 1} and {-1}: mean 1/3, unbiased var 4/3
     x = AdvantageInputs(torch.tensor([[0.0, 1.0], [-1.0, 7.0]]), torch.tensor([[1, 1], [1, 0]]))
@@ -103,7 +127,9 @@ def test_reinforce_pp_baseline_subtracts_the_group_mean_then_whitens():
     est = ADVANTAGE_ESTIMATORS["reinforce_pp_baseline"]
     adv, ret = est.fn(_inputs(gamma=1.0))
     # returns-to-go minus the group mean of the sequence reward (3 for group 5, 0.5 for group 9)
-    close(adv, torch.tensor([[-2.0, -2.0, 0], [0, 0, 0], [-1.0, -0.5, -0.5], [3.0, 0, 0], [0, 0, 0]]))
+    close(
+        adv, torch.tensor([[-2.0, -2.0, 0], [0, 0, 0], [-1.0, -0.5, -0.5], [3.0, 0, 0], [0, 0, 0]])
+    )
     close(ret[2], [2.0, 2.5, 2.5])
     white, _ = estimate_advantages("reinforce_pp_baseline", _inputs(gamma=1.0), whiten=False)
     close(white, masked_whiten(adv, MASK))
@@ -196,7 +222,9 @@ def test_sequence_advantages():
     for b in range(4):
         R = sum(rewards[b, t].item() for t in range(5) if mask[b, t])
         for t in range(5):
-            assert adv[b, t].item() == pytest.approx((R - pv[b].item()) if mask[b, t] else 0.0, abs=1e-12)
+            assert adv[b, t].item() == pytest.approx(
+                (R - pv[b].item()) if mask[b, t] else 0.0, abs=1e-12
+            )
             assert ret[b, t].item() == pytest.approx(R if mask[b, t] else 0.0, abs=1e-12)
 
 
@@ -205,14 +233,22 @@ def test_sequence_advantages():
 
 def test_critic_estimators_through_the_registry():
     # the GAE example above: gamma 0.9, lambda 0.95
-    x = AdvantageInputs(torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0]]), torch.tensor([[1, 1, 1, 0, 0]]),
-                        values=torch.tensor([[0.5, 0.6, 0.7, 5.0, -9.0]]), gamma=0.9, lam=0.95)
+    x = AdvantageInputs(
+        torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0]]),
+        torch.tensor([[1, 1, 1, 0, 0]]),
+        values=torch.tensor([[0.5, 0.6, 0.7, 5.0, -9.0]]),
+        gamma=0.9,
+        lam=0.95,
+    )
     adv, ret = estimate_advantages("gae", x, whiten=False)
     close(adv, [[0.2849575, 0.2865, 0.3, 0.0, 0.0]])
     close(ret, [[0.7849575, 0.8865, 1.0, 0.0, 0.0]])
     # sequence: R = 0.75 and 2.0, V(prompt) = 0.25 and 1.0
-    x = AdvantageInputs(torch.tensor([[0.5, 0.25, 1.0], [2.0, 8.0, 8.0]]), torch.tensor([[1, 1, 0], [1, 0, 0]]),
-                        prompt_values=torch.tensor([0.25, 1.0]))
+    x = AdvantageInputs(
+        torch.tensor([[0.5, 0.25, 1.0], [2.0, 8.0, 8.0]]),
+        torch.tensor([[1, 1, 0], [1, 0, 0]]),
+        prompt_values=torch.tensor([0.25, 1.0]),
+    )
     adv, ret = estimate_advantages("sequence", x, whiten=False)
     close(adv, [[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
     # whiten=True whitens with the given function (the stage passes the all-rank one)
@@ -221,17 +257,22 @@ def test_critic_estimators_through_the_registry():
     assert len(seen) == 1
 
 
-@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
+@pytest.mark.parametrize(
+    "name", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+)
 def test_critic_free_estimators_ignore_padding_and_row_order(name):
     adv, ret = estimate_advantages(name, _inputs(), whiten=False)
     assert torch.all(adv[MASK == 0] == 0) and torch.all(ret[MASK == 0] == 0)
     other = REWARDS.clone()
     other[MASK == 0] = -1e6
-    adv2, _ = estimate_advantages(name, AdvantageInputs(other, MASK, group_ids=GROUP_IDS), whiten=False)
+    adv2, _ = estimate_advantages(
+        name, AdvantageInputs(other, MASK, group_ids=GROUP_IDS), whiten=False
+    )
     close(adv2, adv)
     perm = torch.tensor([3, 1, 4, 0, 2])  # the same rollout, rows shuffled
-    adv3, _ = estimate_advantages(name, AdvantageInputs(REWARDS[perm], MASK[perm], group_ids=GROUP_IDS[perm]),
-                                  whiten=False)
+    adv3, _ = estimate_advantages(
+        name, AdvantageInputs(REWARDS[perm], MASK[perm], group_ids=GROUP_IDS[perm]), whiten=False
+    )
     close(adv3, adv[perm])
 
 

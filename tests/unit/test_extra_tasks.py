@@ -28,19 +28,22 @@ def written(request, tmp_path_factory):
 SORT_PROMPT = "sort : 7 2 19 4 ."
 
 
-@pytest.mark.parametrize("response, expected", [
-    ("2 4 7 19 .", 1.0),
-    ("19 7 4 2 .", 0.0),
-    ("2 4 19 7 .", 5 / 6),       # one of six pairs out of order
-    ("4 2 7 19 .", 5 / 6),
-    ("7 2 19 4 .", 3 / 6),       # (7,19) (2,19) (2,4) ascending
-    ("2 4 7 19", 0.0),           # not terminated
-    ("2 4 7 .", 0.0),            # a number missing
-    ("2 2 4 7 19 .", 0.0),       # a number repeated
-    ("0 1 2 3 .", 0.0),          # ascending, but not the prompt's numbers
-    ("2 4 7 19 . .", 0.0),
-    ("", 0.0),
-])
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("2 4 7 19 .", 1.0),
+        ("19 7 4 2 .", 0.0),
+        ("2 4 19 7 .", 5 / 6),  # one of six pairs out of order
+        ("4 2 7 19 .", 5 / 6),
+        ("7 2 19 4 .", 3 / 6),  # (7,19) (2,19) (2,4) ascending
+        ("2 4 7 19", 0.0),  # not terminated
+        ("2 4 7 .", 0.0),  # a number missing
+        ("2 2 4 7 19 .", 0.0),  # a number repeated
+        ("0 1 2 3 .", 0.0),  # ascending, but not the prompt's numbers
+        ("2 4 7 19 . .", 0.0),
+        ("", 0.0),
+    ],
+)
 def test_sort_gold(response, expected):
     assert sort_task.gold([SORT_PROMPT], [response]) == [pytest.approx(expected)]
 
@@ -54,20 +57,23 @@ def test_sort_well_formed():
 FRUITS = "name four fruits ."
 
 
-@pytest.mark.parametrize("prompt, response, expected", [
-    (FRUITS, "apple pear kiwi plum .", 1.0),
-    (FRUITS, "apple pear cat plum .", 0.5),            # (3 on - 1 off) / 4
-    (FRUITS, "apple pear pear kiwi .", 0.5),           # (3 on - 1 repeat) / 4
-    (FRUITS, "apple apple apple apple .", 0.0),        # (1 - 3) / 4, clipped
-    (FRUITS, "apple pear .", 0.5),                     # too short
-    (FRUITS, "apple pear kiwi plum mango .", 1.0),     # clipped at 1
-    (FRUITS, "apple pear kiwi plum", 0.0),             # not terminated
-    (FRUITS, "cat dog red blue .", 0.0),               # all off-category
-    (FRUITS, "apple cat cat plum .", 0.0),             # (2 on - 1 off - 1 repeat) / 4
-    ("ana asks : list three animals .", "cat dog horse .", 1.0),
-    ("tell me two colors .", "red apple .", 0.0),
-    ("give me five tools .", "saw axe rake cat .", 0.4),
-])
+@pytest.mark.parametrize(
+    "prompt, response, expected",
+    [
+        (FRUITS, "apple pear kiwi plum .", 1.0),
+        (FRUITS, "apple pear cat plum .", 0.5),  # (3 on - 1 off) / 4
+        (FRUITS, "apple pear pear kiwi .", 0.5),  # (3 on - 1 repeat) / 4
+        (FRUITS, "apple apple apple apple .", 0.0),  # (1 - 3) / 4, clipped
+        (FRUITS, "apple pear .", 0.5),  # too short
+        (FRUITS, "apple pear kiwi plum mango .", 1.0),  # clipped at 1
+        (FRUITS, "apple pear kiwi plum", 0.0),  # not terminated
+        (FRUITS, "cat dog red blue .", 0.0),  # all off-category
+        (FRUITS, "apple cat cat plum .", 0.0),  # (2 on - 1 off - 1 repeat) / 4
+        ("ana asks : list three animals .", "cat dog horse .", 1.0),
+        ("tell me two colors .", "red apple .", 0.0),
+        ("give me five tools .", "saw axe rake cat .", 0.4),
+    ],
+)
 def test_distinct_gold(prompt, response, expected):
     assert distinct_task.gold([prompt], [response]) == [pytest.approx(expected)]
 
@@ -90,7 +96,9 @@ def test_categories_do_not_share_words():
 def test_generate_is_deterministic_for_a_seed(name, tmp_path):
     module = TASKS[name]
     kw = dict(num_sft=30, num_pairs=30, num_prompts=20, num_eval=10)
-    a, b, c = (module.generate(tmp_path / d, seed=s, **kw) for d, s in (("a", 3), ("b", 3), ("c", 4)))
+    a, b, c = (
+        module.generate(tmp_path / d, seed=s, **kw) for d, s in (("a", 3), ("b", 3), ("c", 4))
+    )
     for f in common.FILES:
         assert a[f].read_bytes() == b[f].read_bytes(), f
         assert a[f].read_bytes() != c[f].read_bytes(), f
@@ -133,7 +141,10 @@ def test_pair_labels(written):
 
     def golds(f):
         ps = [r["prompt"] for r in rows[f]]
-        return (module.gold(ps, [r["chosen"] for r in rows[f]]), module.gold(ps, [r["rejected"] for r in rows[f]]))
+        return (
+            module.gold(ps, [r["chosen"] for r in rows[f]]),
+            module.gold(ps, [r["rejected"] for r in rows[f]]),
+        )
 
     c, r = golds("pairs_eval")  # noise-free, no near-ties
     assert all(a - b >= module.MIN_GOLD_GAP for a, b in zip(c, r))
@@ -149,9 +160,17 @@ def test_tokenizer_round_trips_every_row_within_24_tokens(written):
     module, folder, _, rows = written
     tok = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
     assert tok.convert_tokens_to_ids(["<pad>", "<s>", "</s>", "<unk>"]) == [0, 1, 2, 3]
-    assert (tok.pad_token, tok.bos_token, tok.eos_token, tok.unk_token) == ("<pad>", "<s>", "</s>", "<unk>")
-    texts = [(r["prompt"], [r[k] for k in ("response", "chosen", "rejected") if k in r])
-             for f in common.FILES for r in rows[f]]
+    assert (tok.pad_token, tok.bos_token, tok.eos_token, tok.unk_token) == (
+        "<pad>",
+        "<s>",
+        "</s>",
+        "<unk>",
+    )
+    texts = [
+        (r["prompt"], [r[k] for k in ("response", "chosen", "rejected") if k in r])
+        for f in common.FILES
+        for r in rows[f]
+    ]
     for prompt, responses in texts:
         ids = tok(prompt, add_special_tokens=True)["input_ids"]
         assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
@@ -181,8 +200,22 @@ def test_model_config_and_flags(written):
 
 
 def test_command_line_prints_the_flags(tmp_path, capsys):
-    common.main(sort_task, [str(tmp_path / "t"), "--seed", "2", "--num_sft", "5", "--num_pairs", "5",
-                            "--num_prompts", "5", "--num_eval", "4"])
+    common.main(
+        sort_task,
+        [
+            str(tmp_path / "t"),
+            "--seed",
+            "2",
+            "--num_sft",
+            "5",
+            "--num_pairs",
+            "5",
+            "--num_prompts",
+            "5",
+            "--num_eval",
+            "4",
+        ],
+    )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.split() == sort_task.flags(tmp_path / "t")
     assert len(common.read_jsonl(tmp_path / "t" / "sft.jsonl")) == 5

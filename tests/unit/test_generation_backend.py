@@ -1,4 +1,5 @@
 """The generation backend: one documented interface, and DeepSpeed's hybrid engine refused."""
+
 import inspect
 import json
 
@@ -11,7 +12,9 @@ from pipeline.generation import BACKENDS, GenerationBackend, HybridEngine, make_
 ZERO3 = {"zero_optimization": {"stage": 3}}
 
 
-@pytest.mark.parametrize("section", [{"enabled": True}, {"enabled": True, "inference_tp_size": 2}, True])
+@pytest.mark.parametrize(
+    "section", [{"enabled": True}, {"enabled": True, "inference_tp_size": 2}, True]
+)
 def test_deepspeed_hybrid_engine_is_refused_naming_the_file_and_the_way_out(tmp_path, section):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({**ZERO3, "hybrid_engine": section}))
@@ -34,7 +37,11 @@ def test_every_backend_has_the_interface_the_stage_uses():
     for cls in BACKENDS.values():
         for name in ("generation_mode", "generate"):
             assert callable(getattr(cls, name)), (cls, name)
-        assert list(inspect.signature(cls).parameters)[:3] == ["actor_engine", "tokenizer", "gather_modules"]
+        assert list(inspect.signature(cls).parameters)[:3] == [
+            "actor_engine",
+            "tokenizer",
+            "gather_modules",
+        ]
         got = list(inspect.signature(cls.generate).parameters)
         assert got == list(inspect.signature(GenerationBackend.generate).parameters), got
     assert make_backend.__annotations__["return"] in ("GenerationBackend", GenerationBackend)

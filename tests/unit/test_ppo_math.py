@@ -30,7 +30,9 @@ from pipeline.ppo_math import (
 
 
 def _f64(x):
-    return x.detach().double() if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64)
+    return (
+        x.detach().double() if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64)
+    )
 
 
 def close(a, b, tol=1e-6):
@@ -59,7 +61,9 @@ def test_masked_sum_mean_var_basic_and_empty_rows():
 def test_masked_whiten():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, generator=g) * 3 + 5
-    m = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.float32)
+    m = torch.tensor(
+        [[1, 1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.float32
+    )
     w = masked_whiten(x, m)
     close(masked_mean(w, m), 0.0, tol=1e-5)
     close(masked_var(w, m), 1.0, tol=1e-4)
@@ -157,7 +161,9 @@ def test_last_token_index():
 
 def test_shape_rewards():
     score = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 1, 1]], dtype=torch.float32)
+    mask = torch.tensor(
+        [[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 1, 1]], dtype=torch.float32
+    )
     kl = torch.full((4, 4), 0.5)
     kl[mask == 0] = 100.0  # garbage on padding must not be penalised
     r = shape_rewards(score, kl, mask, kl_coef=0.1, score_clip=None)
@@ -210,7 +216,9 @@ def test_policy_loss_gradients_zero_where_clipped_in_advantage_direction():
     # d(-A * ratio)/d logprob = -A * ratio where the unclipped branch is active, else 0
     expected = torch.tensor([[0.0, 0.0, 1.5, -0.5, -1.1]], dtype=torch.float64) / 5
     close(lp.grad, expected, tol=1e-12)
-    assert lp.grad[0, 2] != 0 and lp.grad[0, 3] != 0  # clipped region against A: still gets gradient
+    assert (
+        lp.grad[0, 2] != 0 and lp.grad[0, 3] != 0
+    )  # clipped region against A: still gets gradient
     close(stats["clip_fraction"], 2 / 5)
     # loss = (-1.2 + 0.8 + 1.5 - 0.5 - 1.1) / 5
     close(loss, (-1.2 + 0.8 + 1.5 - 0.5 - 1.1) / 5, tol=1e-12)
@@ -219,7 +227,9 @@ def test_policy_loss_gradients_zero_where_clipped_in_advantage_direction():
 def _batch(seed):
     g = torch.Generator().manual_seed(seed)
     B, R = 4, 6
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]]).float()
+    mask = torch.tensor(
+        [[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]]
+    ).float()
     t = lambda s=1.0: torch.randn(B, R, generator=g, dtype=torch.float64) * s  # noqa: E731
     return mask, t
 
@@ -251,7 +261,10 @@ def test_loss_normalisation_whole_vs_halves():
     assert lp_a.grad[mask == 0].abs().sum() == 0 and lp_a.grad.abs().sum() > 0
     # per-part losses are NOT the local masked means (those would not add up)
     local = policy_loss(lp0[:2], old_lp[:2], A[:2], mask[:2], 0.2, mask[:2].sum().item())[0]
-    assert abs(local.item() - policy_loss(lp0[:2], old_lp[:2], A[:2], mask[:2], 0.2, n)[0].item()) > 1e-6
+    assert (
+        abs(local.item() - policy_loss(lp0[:2], old_lp[:2], A[:2], mask[:2], 0.2, n)[0].item())
+        > 1e-6
+    )
 
 
 # ------------------------------------------------ loss aggregation, clip-higher, dual clip, KL loss
@@ -264,7 +277,12 @@ def test_loss_aggregation_modes_hand_worked():
     # token means 2 and 4, over 2 responses
     close(aggregate_loss(PER_TOKEN, LOSS_MASK, 4, "seq_mean_token_mean", num_seqs=2), 3.0)
     # token sums 6 and 4, each / 3 (the generation budget), over 2 responses
-    close(aggregate_loss(PER_TOKEN, LOSS_MASK, 4, "seq_mean_token_sum_norm", num_seqs=2, norm_const=3.0), 5 / 3)
+    close(
+        aggregate_loss(
+            PER_TOKEN, LOSS_MASK, 4, "seq_mean_token_sum_norm", num_seqs=2, norm_const=3.0
+        ),
+        5 / 3,
+    )
     with pytest.raises(ValueError, match="seq_mean"):
         aggregate_loss(PER_TOKEN, LOSS_MASK, 4, "sum")
 
@@ -273,20 +291,31 @@ def test_loss_aggregation_modes_hand_worked():
 def test_loss_aggregation_shards_add_up_with_global_counts(mode):
     x = PER_TOKEN.clone().requires_grad_(True)
     whole = aggregate_loss(x, LOSS_MASK, 4, mode, num_seqs=2, norm_const=3.0)
-    parts = [aggregate_loss(x[r], LOSS_MASK[r], 4, mode, num_seqs=2, norm_const=3.0) for r in (slice(0, 1), slice(1, 2))]
+    parts = [
+        aggregate_loss(x[r], LOSS_MASK[r], 4, mode, num_seqs=2, norm_const=3.0)
+        for r in (slice(0, 1), slice(1, 2))
+    ]
     close(sum(parts), whole, tol=1e-12)
     whole.backward()
-    per_token_weight = {"token_mean": [[1 / 4] * 3, [1 / 4, 0, 0]],
-                        "seq_mean_token_mean": [[1 / 6] * 3, [1 / 2, 0, 0]],  # a short response's tokens weigh more
-                        "seq_mean_token_sum_norm": [[1 / 6] * 3, [1 / 6, 0, 0]]}[mode]  # every token the same
+    per_token_weight = {
+        "token_mean": [[1 / 4] * 3, [1 / 4, 0, 0]],
+        "seq_mean_token_mean": [[1 / 6] * 3, [1 / 2, 0, 0]],  # a short response's tokens weigh more
+        "seq_mean_token_sum_norm": [[1 / 6] * 3, [1 / 6, 0, 0]],
+    }[mode]  # every token the same
     close(x.grad, per_token_weight, tol=1e-12)
 
 
 def _ratios_loss(ratios, advantages, **kw):
     old = torch.full((1, len(ratios)), -1.0, dtype=torch.float64)
     lp = (old + torch.tensor([ratios], dtype=torch.float64).log()).requires_grad_(True)
-    loss, stats = policy_loss(lp, old, torch.tensor([advantages], dtype=torch.float64), torch.ones(1, len(ratios)),
-                              num_tokens=len(ratios), **kw)
+    loss, stats = policy_loss(
+        lp,
+        old,
+        torch.tensor([advantages], dtype=torch.float64),
+        torch.ones(1, len(ratios)),
+        num_tokens=len(ratios),
+        **kw,
+    )
     loss.backward()
     return loss, stats, lp.grad[0]
 
@@ -298,7 +327,9 @@ def test_asymmetric_clipping_clip_higher():
     close(loss, (-1.2 + 0.8 - 0.75) / 3)
     close(stats["clip_fraction"], 2 / 3)
     # clip-higher 0.28: token 0 is inside [0.8, 1.28] now: -1.25, with gradient -A * ratio / 3
-    loss, stats, grad = _ratios_loss([1.25, 0.75, 0.75], [1.0, -1.0, 1.0], clip_eps=0.2, clip_eps_high=0.28)
+    loss, stats, grad = _ratios_loss(
+        [1.25, 0.75, 0.75], [1.0, -1.0, 1.0], clip_eps=0.2, clip_eps_high=0.28
+    )
     close(loss, (-1.25 + 0.8 - 0.75) / 3)
     close(stats["clip_fraction"], 1 / 3)
     close(grad, [-1.25 / 3, 0.0, -0.75 / 3])
@@ -313,7 +344,9 @@ def test_dual_clip_caps_the_loss_of_negative_advantages():
     loss, stats, grad = _ratios_loss([5.0, 2.0, 5.0], [-1.0, -1.0, 1.0], clip_eps=0.2)
     close(loss, (5 + 2 - 1.2) / 3)
     assert "dual_clip_fraction" not in stats
-    loss, stats, grad = _ratios_loss([5.0, 2.0, 5.0], [-1.0, -1.0, 1.0], clip_eps=0.2, dual_clip=3.0)
+    loss, stats, grad = _ratios_loss(
+        [5.0, 2.0, 5.0], [-1.0, -1.0, 1.0], clip_eps=0.2, dual_clip=3.0
+    )
     close(loss, (3 + 2 - 1.2) / 3)
     close(stats["dual_clip_fraction"], 1 / 3)
     close(grad, [0.0, 2.0 / 3, 0.0])
@@ -397,13 +430,17 @@ def test_adaptive_kl_controller():
     c.update(torch.tensor(6.0), 256)  # on target: unchanged (tensors accepted)
     assert c.value == pytest.approx(0.100256)
     c3 = AdaptiveKLController(0.1, 2.0, 64)
-    c3.update(0.0, 256)  # 256 samples > horizon 64: the step share is capped at 1 -> beta * 0.8, not 0
+    c3.update(
+        0.0, 256
+    )  # 256 samples > horizon 64: the step share is capped at 1 -> beta * 0.8, not 0
     assert c3.value == pytest.approx(0.08)
     c3.update(10.0, 32)  # error 4 -> 0.2; share 32/64 -> x 1.1
     assert c3.value == pytest.approx(0.088)
     c2 = AdaptiveKLController(1.0, 1.0, 1.0)
     c2.load_state_dict(c.state_dict())
-    assert c2.state_dict() == c.state_dict() == {"value": c.value, "target": 6.0, "horizon": 10000.0}
+    assert (
+        c2.state_dict() == c.state_dict() == {"value": c.value, "target": 6.0, "horizon": 10000.0}
+    )
     assert all(type(x) is float for x in c.state_dict().values())
 
 

@@ -1,5 +1,6 @@
 """The orchestrator's checks before the first stage: every given path, sizes and data, all before
 anything is written, and the default task generated only when a stage that runs reads it."""
+
 import json
 
 import pytest
@@ -38,15 +39,25 @@ def _refused(tmp_path, argv, stages=inputs.STAGES) -> str:
 
 def test_a_missing_tokenizer_is_refused_even_when_both_model_paths_make_it_unused(tmp_path, models):
     message = _refused(tmp_path, [*models, "--data.tokenizer_path", "/nonexistent"])
-    assert message == ("option data.tokenizer_path: /nonexistent does not exist (expected a local tokenizer "
-                       "folder or a hub name).")
+    assert message == (
+        "option data.tokenizer_path: /nonexistent does not exist (expected a local tokenizer "
+        "folder or a hub name)."
+    )
 
 
-@pytest.mark.parametrize("option", [
-    "model.model_name_or_path", "model.reward_model_name_or_path", "data.sft_data_path",
-    "data.reward_eval_data_path", "data.prompt_data_path", "data.eval_prompt_data_path",
-    "ppo.ptx_data_path", "ppo.actor_model_path",
-])
+@pytest.mark.parametrize(
+    "option",
+    [
+        "model.model_name_or_path",
+        "model.reward_model_name_or_path",
+        "data.sft_data_path",
+        "data.reward_eval_data_path",
+        "data.prompt_data_path",
+        "data.eval_prompt_data_path",
+        "ppo.ptx_data_path",
+        "ppo.actor_model_path",
+    ],
+)
 def test_every_given_path_is_checked_whichever_stages_run(tmp_path, option):
     message = _refused(tmp_path, [f"--{option}", str(tmp_path / "missing")], stages=("sft",))
     assert message.startswith(f"option {option}: {tmp_path / 'missing'} does not exist (expected ")
@@ -59,9 +70,11 @@ def test_one_missing_dataset_of_several_is_named(tmp_path, prompts):
 
 def test_reward_functions_and_deepspeed_files_are_checked_by_every_launcher(tmp_path):
     assert "the file /x/gold.py does not exist" in _refused(
-        tmp_path, ["--ppo.eval_reward_fn", "/x/gold.py:gold"], stages=("sft",))
+        tmp_path, ["--ppo.eval_reward_fn", "/x/gold.py:gold"], stages=("sft",)
+    )
     assert _refused(tmp_path, ["--ds_inference_config", "/x/ds.json"], stages=("sft",)) == (
-        "option ds_inference_config: /x/ds.json does not exist (expected a DeepSpeed JSON file, or auto).")
+        "option ds_inference_config: /x/ds.json does not exist (expected a DeepSpeed JSON file, or auto)."
+    )
 
 
 def test_sizes_that_do_not_divide_are_refused_before_the_default_task_is_written(tmp_path):
@@ -83,7 +96,9 @@ def test_chat_rows_for_the_default_tokenizer_are_checked_before_it_is_written(tm
     assert "chat template" in message and str(tmp_path / "run" / "task" / "tokenizer") in message
 
 
-def test_the_default_task_is_generated_only_when_a_stage_that_runs_reads_it(tmp_path, models, prompts):
+def test_the_default_task_is_generated_only_when_a_stage_that_runs_reads_it(
+    tmp_path, models, prompts
+):
     out = ["--output_dir", str(tmp_path / "run")]
     assert inputs.needs_task(parse_config(out))  # the default run
     assert inputs.needs_task(parse_config([*out, *models]), ("ppo",))  # the task's prompts
@@ -93,31 +108,57 @@ def test_the_default_task_is_generated_only_when_a_stage_that_runs_reads_it(tmp_
     assert inputs.needs_task(own)  # SFT would read the task's model, were it run
 
 
-def test_ppo_from_two_given_models_on_own_prompts_writes_no_default_task(tmp_path, models, prompts, monkeypatch):
+def test_ppo_from_two_given_models_on_own_prompts_writes_no_default_task(
+    tmp_path, models, prompts, monkeypatch
+):
     ran = []
-    monkeypatch.setattr(orchestrator, "_stage_fn", lambda name: lambda ctx: ran.append(name) or {"done": 1})
+    monkeypatch.setattr(
+        orchestrator, "_stage_fn", lambda name: lambda ctx: ran.append(name) or {"done": 1}
+    )
     monkeypatch.setattr(collectives, "barrier", lambda: None)  # one rank, no process group
-    cfg = parse_config(["--output_dir", str(tmp_path / "run"), *models, "--data.prompt_data_path", prompts,
-                        "--resume", "false"])
+    cfg = parse_config(
+        [
+            "--output_dir",
+            str(tmp_path / "run"),
+            *models,
+            "--data.prompt_data_path",
+            prompts,
+            "--resume",
+            "false",
+        ]
+    )
     summary = orchestrator.run(cfg, ONE_RANK)
     assert ran == ["ppo"] and summary["ppo"]["done"] == 1
     assert not (tmp_path / "run" / "task").exists()
 
 
 def test_a_check_that_fails_on_another_rank_only_is_raised_on_every_rank(monkeypatch):
-    monkeypatch.setattr(collectives, "all_gather_object", lambda obj: [None, "option x: /p does not exist."])
+    monkeypatch.setattr(
+        collectives, "all_gather_object", lambda obj: [None, "option x: /p does not exist."]
+    )
     monkeypatch.setattr(orchestrator, "node_name", lambda: "node2")
     with pytest.raises(UserError, match=r"^on rank 1 \(node2\): option x: /p does not exist\.$"):
         orchestrator._agreed(collectives.Dist(0, 2, 0, 2), lambda: None)
     monkeypatch.setattr(collectives, "all_gather_object", lambda obj: [obj, obj])
     with pytest.raises(UserError, match=r"^boom$"):
-        orchestrator._agreed(collectives.Dist(0, 2, 0, 2), lambda: (_ for _ in ()).throw(UserError("boom")))
+        orchestrator._agreed(
+            collectives.Dist(0, 2, 0, 2), lambda: (_ for _ in ()).throw(UserError("boom"))
+        )
 
 
-@pytest.mark.parametrize("error, printed", [(SharedUserError("agreed: every rank has it"), False),
-                                            (UserError("only rank 1 saw this row"), True)])
-def test_rank_1_prints_a_mistake_only_it_met_and_leaves_an_agreed_one_to_rank_0(monkeypatch, capsys, error, printed):
-    monkeypatch.setattr(collectives, "init_distributed", lambda timeout: collectives.Dist(1, 2, 1, 2))
+@pytest.mark.parametrize(
+    "error, printed",
+    [
+        (SharedUserError("agreed: every rank has it"), False),
+        (UserError("only rank 1 saw this row"), True),
+    ],
+)
+def test_rank_1_prints_a_mistake_only_it_met_and_leaves_an_agreed_one_to_rank_0(
+    monkeypatch, capsys, error, printed
+):
+    monkeypatch.setattr(
+        collectives, "init_distributed", lambda timeout: collectives.Dist(1, 2, 1, 2)
+    )
     monkeypatch.setattr(orchestrator, "setup_logging", lambda main: None)
     monkeypatch.setattr(orchestrator, "placement", lambda names: "")
     monkeypatch.setattr(collectives, "all_gather_object", lambda obj: [obj, obj])

@@ -1,11 +1,12 @@
 """User reward / evaluation functions (pipeline/reward_fns.py) and their options."""
+
 import pytest
 
 from pipeline import reward_fns
 from pipeline.cli import parse_config
 from pipeline.errors import UserError
 
-FUNCS = '''
+FUNCS = """
 import math
 def length(prompts, responses):
     return [float(len(r.split())) for r in responses]
@@ -33,7 +34,7 @@ def strings(prompts, responses):
 def scalar(prompts, responses):
     return 3.0
 NOT_A_FUNCTION = 3
-'''
+"""
 
 
 @pytest.fixture
@@ -59,13 +60,16 @@ def test_module_function_default_task_gold():
     assert fn([prompt, prompt], ["the pizza is amazing .", "the movie is amazing ."]) == [1.0, 0.0]
 
 
-@pytest.mark.parametrize("spec, words", [
-    ("no_colon", "expected FILE.py:NAME"),
-    ("file.py:", "expected FILE.py:NAME"),
-    (":name", "expected FILE.py:NAME"),
-    ("missing_file.py:gold", "does not exist"),
-    ("no_such_module_xyz:gold", "no module 'no_such_module_xyz'"),
-])
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("no_colon", "expected FILE.py:NAME"),
+        ("file.py:", "expected FILE.py:NAME"),
+        (":name", "expected FILE.py:NAME"),
+        ("missing_file.py:gold", "does not exist"),
+        ("no_such_module_xyz:gold", "no module 'no_such_module_xyz'"),
+    ],
+)
 def test_malformed_or_missing_specs_are_refused(spec, words):
     with pytest.raises(UserError, match="option ppo.reward_fn") as e:
         reward_fns.load(spec, "ppo.reward_fn")
@@ -98,8 +102,9 @@ def test_non_finite_value_names_the_row(funcs):
         fn(["p", "q"], ["fine", ""])
 
 
-@pytest.mark.parametrize("name, words", [("strings", "returned '1' for row 0"),
-                                         ("scalar", "returned float, not a list")])
+@pytest.mark.parametrize(
+    "name, words", [("strings", "returned '1' for row 0"), ("scalar", "returned float, not a list")]
+)
 def test_non_numbers_are_refused(funcs, name, words):
     with pytest.raises(UserError, match=words):
         reward_fns.load(f"{funcs}:{name}", "ppo.reward_fn")(["p"], ["r"])
@@ -127,21 +132,39 @@ def test_options_parse_and_default_off():
     assert cfg.reward.ensemble_size >= 1 and cfg.ppo.reward_model_coef == 1.0
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--ppo.reward_model_coef", "0"], "leaves no reward"),
-    (["--ppo.reward_fn", "f.py:g", "--ppo.reward_model_coef", "0", "--ppo.reward_model_path", "rm"],
-     "uses no reward model"),
-    (["--reward.ensemble_size", "1", "--ppo.ensemble_penalty", "1"], "train an ensemble"),
-    (["--reward.ensemble_size", "0"], "reward.ensemble_size=0 must be >= 1"),
-    (["--reward.ensemble_size", "3", "--ppo.reward_model_path", "rm"], "scores with one given model"),
-    (["--ppo.reward_fn", "gold"], "ppo.reward_fn='gold': expected FILE.py:NAME"),
-    (["--ppo.eval_reward_fn", "x.py:1a"], "ppo.eval_reward_fn='x.py:1a'"),
-    (["--ppo.reward_fn_coef", "nan", "--ppo.reward_fn", "f.py:g"], "finite"),
-    (["--ppo.kl_alarm", "-1"], "ppo.kl_alarm=-1.0 must be >= 0"),
-    (["--task.num_eval", "600"], "task.num_eval=600 must be <= 576"),
-    (["--ppo.select_best", "gold"], "ppo.select_best='gold': expected an evaluation metric"),
-    (["--ppo.score_norm", "zscore"], "ppo.score_norm='zscore': expected one of none, sft, running"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--ppo.reward_model_coef", "0"], "leaves no reward"),
+        (
+            [
+                "--ppo.reward_fn",
+                "f.py:g",
+                "--ppo.reward_model_coef",
+                "0",
+                "--ppo.reward_model_path",
+                "rm",
+            ],
+            "uses no reward model",
+        ),
+        (["--reward.ensemble_size", "1", "--ppo.ensemble_penalty", "1"], "train an ensemble"),
+        (["--reward.ensemble_size", "0"], "reward.ensemble_size=0 must be >= 1"),
+        (
+            ["--reward.ensemble_size", "3", "--ppo.reward_model_path", "rm"],
+            "scores with one given model",
+        ),
+        (["--ppo.reward_fn", "gold"], "ppo.reward_fn='gold': expected FILE.py:NAME"),
+        (["--ppo.eval_reward_fn", "x.py:1a"], "ppo.eval_reward_fn='x.py:1a'"),
+        (["--ppo.reward_fn_coef", "nan", "--ppo.reward_fn", "f.py:g"], "finite"),
+        (["--ppo.kl_alarm", "-1"], "ppo.kl_alarm=-1.0 must be >= 0"),
+        (["--task.num_eval", "600"], "task.num_eval=600 must be <= 576"),
+        (["--ppo.select_best", "gold"], "ppo.select_best='gold': expected an evaluation metric"),
+        (
+            ["--ppo.score_norm", "zscore"],
+            "ppo.score_norm='zscore': expected one of none, sft, running",
+        ),
+    ],
+)
 def test_bad_reward_options_are_refused(argv, words):
     with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
         parse_config(argv)
@@ -157,15 +180,22 @@ def test_help_lists_inherited_comments():
     assert "passes over the training set" in section
 
 
-
 # ---------------------------------------------------------------- which stages run, what PPO reads
 def test_reward_function_alone_needs_no_reward_stage(tmp_path):
     from pipeline.inputs import STAGES, needed_stages, stage_inputs
 
     fn = tmp_path / "f.py"
     fn.write_text("def r(prompts, responses):\n    return [0.0] * len(prompts)\n")
-    cfg = parse_config(["--ppo.reward_fn", f"{fn}:r", "--ppo.reward_model_coef", "0",
-                        "--output_dir", str(tmp_path / "run")])
+    cfg = parse_config(
+        [
+            "--ppo.reward_fn",
+            f"{fn}:r",
+            "--ppo.reward_model_coef",
+            "0",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     stages, not_run = needed_stages(cfg, STAGES)
     assert stages == ("sft", "ppo") and "ppo.reward_fn alone" in not_run["reward"]
     ppo = stage_inputs(cfg, tmp_path / "run", tmp_path / "task")["ppo"]
@@ -176,15 +206,22 @@ def test_an_ensemble_is_one_stage_per_member_and_ppo_reads_them_all(tmp_path):
     from pipeline.inputs import identity, reward_members, stage_config, stage_inputs
 
     out = tmp_path / "run"
-    cfg = parse_config(["--reward.ensemble_size", "3", "--ppo.ensemble_penalty", "1", "--seed", "5"])
+    cfg = parse_config(
+        ["--reward.ensemble_size", "3", "--ppo.ensemble_penalty", "1", "--seed", "5"]
+    )
     assert reward_members(cfg) == ("reward", "reward_1", "reward_2")
     assert [stage_config(cfg, m).seed for m in reward_members(cfg)] == [5, 6, 7]
     inputs = stage_inputs(cfg, out, tmp_path / "task")
     assert {k: v for k, v in inputs["ppo"].items() if k.startswith("reward_model")} == {
-        "reward_model": str(out / "reward" / "model"), "reward_model_1": str(out / "reward_1" / "model"),
-        "reward_model_2": str(out / "reward_2" / "model")}
+        "reward_model": str(out / "reward" / "model"),
+        "reward_model_1": str(out / "reward_1" / "model"),
+        "reward_model_2": str(out / "reward_2" / "model"),
+    }
     # Member 0 is the run of one reward model: an ensemble size does not change its identity.
     single = parse_config(["--seed", "5"])
-    assert identity("reward", cfg, inputs["reward"], out) == identity("reward", single, inputs["reward"], out)
+    assert identity("reward", cfg, inputs["reward"], out) == identity(
+        "reward", single, inputs["reward"], out
+    )
     assert identity("reward_1", stage_config(cfg, "reward_1"), inputs["reward"], out) != identity(
-        "reward", cfg, inputs["reward"], out)
+        "reward", cfg, inputs["reward"], out
+    )

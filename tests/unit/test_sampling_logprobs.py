@@ -3,6 +3,7 @@
 Hugging Face `generate(..., output_scores=True)` returns the processed scores it sampled from; the
 log-softmax of those at every response position must be what the PPO stage records as pi_old.
 """
+
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -19,10 +20,20 @@ VOCAB, PAD, BOS, EOS = 8, 0, 1, 2  # a tiny vocabulary, so EOS is sampled often
 
 def _tiny_lm():
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=BOS, eos_token_id=EOS,
-        pad_token_id=PAD)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+        )
+    ).eval()
 
 
 class _PlainGenerator:
@@ -42,8 +53,11 @@ class _PlainGenerator:
 def _trainer(model, params: SamplingParams) -> PPOTrainer:
     """A PPOTrainer with only what `generate` reads (no engines)."""
     trainer = object.__new__(PPOTrainer)
-    trainer.tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS,  # generate() decodes the responses
-                                        decode=lambda ids, skip_special_tokens: " ".join(map(str, ids.tolist())))
+    trainer.tokenizer = SimpleNamespace(
+        pad_token_id=PAD,
+        eos_token_id=EOS,  # generate() decodes the responses
+        decode=lambda ids, skip_special_tokens: " ".join(map(str, ids.tolist())),
+    )
     trainer.p = SimpleNamespace(micro_batch_size_per_gpu=3)
     trainer.sizes = SimpleNamespace(micro_batch_size_per_gpu=3)
     trainer.sampling = params
@@ -67,28 +81,41 @@ def _recording(model):
 @pytest.mark.parametrize("temperature, min_new_tokens", [(0.7, 0), (0.7, 4), (1.0, 0), (1.3, 6)])
 def test_pi_old_is_the_log_softmax_of_the_scores_generate_sampled_from(temperature, min_new_tokens):
     model = _tiny_lm()
-    params = SamplingParams(max_new_tokens=10, temperature=temperature, min_new_tokens=min_new_tokens)
+    params = SamplingParams(
+        max_new_tokens=10, temperature=temperature, min_new_tokens=min_new_tokens
+    )
     trainer = _trainer(model, params)
     scores = _recording(model)
-    prompts = [[BOS, 3, 4, 5, 6], [BOS, 7], [BOS, 5, 3], [BOS, 4, 4, 4], [BOS, 6, 3, 7, 5, 4], [BOS, 3]]
+    prompts = [
+        [BOS, 3, 4, 5, 6],
+        [BOS, 7],
+        [BOS, 5, 3],
+        [BOS, 4, 4, 4],
+        [BOS, 6, 3, 7, 5, 4],
+        [BOS, 3],
+    ]
     batch = [{"prompt_ids": p, "prompt": str(p)} for p in prompts]
     exp = trainer.generate(batch, seed=3, params=params)
     steps = scores[0].shape[1]
     lp_hf = torch.log_softmax(scores[0], dim=-1)  # (B, steps, V)
     m = exp.response_mask[:, :steps].bool()
-    sampled = exp.sequences[:, exp.prompt_width:][:, :steps]
+    sampled = exp.sequences[:, exp.prompt_width :][:, :steps]
     picked = lp_hf.gather(-1, sampled[..., None]).squeeze(-1)
     torch.testing.assert_close(exp.old_logprobs[:, :steps][m], picked[m], atol=1e-5, rtol=0)
     assert (exp.old_logprobs[:, steps:] == 0).all()  # every row had ended: nothing left unmasked
     # The whole distribution agrees, -inf at a blocked EOS included (not only the sampled token).
     logits, _ = trainer._logits_logprobs(model, exp.sequences, exp.attention_mask, exp.prompt_width)
-    torch.testing.assert_close(torch.log_softmax(logits[:, :steps], -1)[m], lp_hf[m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.log_softmax(logits[:, :steps], -1)[m], lp_hf[m], atol=1e-5, rtol=0
+    )
     ends = exp.response_mask.sum(1)
     assert (ends > min_new_tokens).all()  # min_new_tokens held EOS back ...
     if min_new_tokens:
         assert torch.isinf(logits[:, :min_new_tokens, EOS]).all()
         assert torch.isfinite(logits[:, min_new_tokens:, EOS]).all()
-    assert (exp.sequences[:, exp.prompt_width:] == EOS).any(1).sum() >= 2  # ... and EOS was sampled after it
+    assert (exp.sequences[:, exp.prompt_width :] == EOS).any(
+        1
+    ).sum() >= 2  # ... and EOS was sampled after it
     if temperature != 1.0:  # the check can tell: raw T=1 log-probs are far from pi_old
         raw = ppo_math.logprobs_from_logits(logits * temperature, sampled)
         assert (raw[m] - exp.old_logprobs[:, :steps][m]).abs().max() > 1e-2
@@ -125,7 +152,9 @@ def test_several_samples_per_prompt_come_out_grouped_with_their_prompt():
     w = exp.prompt_width
     for row in range(9):
         ids = prompts[row // 3]
-        assert exp.sequences[row, w - len(ids):w].tolist() == ids  # left-padded prompt of its group
+        assert (
+            exp.sequences[row, w - len(ids) : w].tolist() == ids
+        )  # left-padded prompt of its group
         assert exp.attention_mask[row, :w].tolist() == [0] * (w - len(ids)) + [1] * len(ids)
     responses = {tuple(exp.sequences[r, w:].tolist()) for r in range(3)}
     assert len(responses) > 1  # a group's samples differ
