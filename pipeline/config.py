@@ -176,6 +176,13 @@ class PPOConfig:
     target_kl: float = 3.0  # adaptive controller target (sequence KL, nats per response)
     kl_horizon: int = 128  # adaptive controller horizon (samples): beta moves by up to 0.2 x min(rollout_batch_size / horizon, 1) per iteration (5% at 32 rollouts)
     kl_alarm: float = 0.0  # warn (alarm/kl_to_ref) when the rollout KL to the reference exceeds this many nats (0: 2 x target_kl with adaptive_kl, else off)
+    # keep the rollout's mean per-token NLL under the reference (entropy + KL) at most this multiple
+    # of its first-iteration value: a reward penalty lambda x -log ref(y_t) whose lambda grows by
+    # dual ascent while it is above (ppo_math.RefNLLConstraint); 0: off
+    ref_nll_limit: float = 0.0
+    ref_nll_lr: float = (
+        1.0  # dual-ascent step of that lambda per iteration, per unit of relative excess
+    )
     score_clip: float = 5.0  # clip the reward-model score to +-score_clip (0: off)
     reward_model_coef: float = 1.0  # weight of the reward model's score in the reward; 0: no reward model (needs reward_fn), no reward stage, the critic starts from the policy with a fresh value head
     reward_fn: str = ""  # FILE.py:NAME or module:NAME, f(prompts, responses) -> floats: a rule-based reward added to the score (weight reward_fn_coef)

@@ -115,6 +115,12 @@ def validate(cfg: Config) -> None:
             f"base model of its own; drop one of the two."
         )
     validate_estimator(p)
+    if p.ref_nll_limit != 0 and p.ref_nll_limit <= 1:
+        raise UserError(
+            f"option ppo.ref_nll_limit={p.ref_nll_limit} must be 0 (off) or above 1: it is the "
+            f"allowed multiple of the first iteration's per-token NLL under the reference."
+        )
+    positive("ppo.ref_nll_lr", p.ref_nll_lr)
     if p.score_norm not in SCORE_NORMS:
         raise UserError(
             f"option ppo.score_norm={p.score_norm!r}: expected one of {', '.join(SCORE_NORMS)}."

@@ -322,6 +322,41 @@ class AdaptiveKLController:
         )
 
 
+class RefNLLConstraint:
+    """Keeps the rollout's mean per-token negative log-likelihood under the reference, E[-log
+    ref(y_t)] (= the policy's entropy + its KL to the reference), at most `limit` x its value at the
+    first iteration (the reference's own, when the policy starts as the reference).
+
+    A policy that sharpens within what the reference finds likely lowers its entropy as its KL rises,
+    and this stays flat; one that leaves it for outputs the reward model never saw (its blind spot)
+    raises both. The constraint acts through a multiplier lambda >= 0 on log ref(y_t) in every
+    token's reward, moved by dual ascent after each iteration: lambda <- max(0, lambda + lr x
+    (nll / (limit x first) - 1)) (a Lagrangian relaxation, as in constrained RLHF: Moskovitz et al.
+    2023). Lambda stays 0 while the limit holds, so a run that never reaches it is unchanged.
+    """
+
+    def __init__(self, limit: float, lr: float) -> None:
+        self.limit, self.lr = float(limit), float(lr)
+        self.value, self.first = 0.0, None
+
+    def update(self, nll: float) -> None:
+        if self.first is None:
+            self.first = float(nll)
+            return
+        excess = float(nll) / (self.limit * max(self.first, 1e-8)) - 1.0
+        self.value = max(0.0, self.value + self.lr * excess)
+
+    def ratio(self, nll: float) -> float:
+        """nll / its first-iteration value (1.0 before the first update)."""
+        return 1.0 if self.first is None else float(nll) / max(self.first, 1e-8)
+
+    def state_dict(self) -> dict[str, float | None]:
+        return {"value": self.value, "first": self.first}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.value, self.first = float(d["value"]), d["first"]
+
+
 class FixedKLController:
     """Constant KL coefficient with the AdaptiveKLController interface; update() does nothing."""
 

@@ -76,6 +76,7 @@ class PPOTrainer:
             else ppo_math.FixedKLController(p.kl_coef)
         )
         self.score_moments = ppo_math.RunningMoments()
+        self.ref_nll = ppo_math.RefNLLConstraint(p.ref_nll_limit, p.ref_nll_lr)
         self.nonfinite_in_a_row = 0
         self.sft_eval: list[float] | None = None  # step-0 gold score per eval prompt (win rate)
         # Ensemble members are put on one scale: (score - mean) / std of each member over the first
@@ -98,6 +99,7 @@ class PPOTrainer:
             "member_norm": self.member_norm,
             "best": self.best,
             "alarms": self.alarms,
+            "ref_nll": self.ref_nll.state_dict(),
         }
         return {**s, "ptx_order": self.ptx_order.state_dict()} if self.ptx_order else s
 
@@ -107,6 +109,8 @@ class PPOTrainer:
         self.nonfinite_in_a_row, self.sft_eval = s["nonfinite_in_a_row"], s["sft_eval"]
         self.member_norm, self.best = s.get("member_norm"), s.get("best")
         self.alarms = s.get("alarms", self.alarms)
+        if "ref_nll" in s:
+            self.ref_nll.load_state_dict(s["ref_nll"])
         if self.ptx_order:
             self.ptx_order.load_state_dict(s["ptx_order"])
 
@@ -218,6 +222,8 @@ class PPOTrainer:
             self.kl_ctl.value if p.kl_penalty == "reward" else 0.0
         )  # else a term of the actor loss
         rewards = ppo_math.shape_rewards(scores, kl, m, beta, p.score_clip or None)
+        if self.ref_nll.value > 0:  # ppo.ref_nll_limit: lambda x log ref(y_t), a penalty
+            rewards = rewards + self.ref_nll.value * exp.ref_logprobs * m
         inputs = estimators.AdvantageInputs(
             rewards, m, exp.old_values, exp.prompt_values, exp.group_ids, p.gamma, p.lam
         )
@@ -405,6 +411,10 @@ class PPOTrainer:
             metrics["rollout/kl_to_ref"], self.p.rollout_batch_size * self.p.num_samples_per_prompt
         )
         metrics["ppo/kl_coef"] = self.kl_ctl.value
+        if self.p.ref_nll_limit:
+            metrics.update(ppo_eval.ref_nll_alarm(self, step, metrics["rollout/ref_nll"]))
+            self.ref_nll.update(metrics["rollout/ref_nll"])
+            metrics["ppo/ref_nll_coef"] = self.ref_nll.value
         metrics.update(ppo_eval.engine_and_time_metrics(self, exp, timer))
         return metrics
 

@@ -47,6 +47,7 @@ def rollout_metrics(t: PPOTrainer, exp: Experience) -> dict:
         "rollout/score_std": math.sqrt(max(_global_mean(exp.scores**2) - score_mean**2, 0.0)),
         "rollout/reward_mean": _global_mean(exp.rewards.sum(1)),
         "rollout/kl_to_ref": _global_mean(seq_kl),
+        "rollout/ref_nll": _masked_global_mean(-exp.ref_logprobs, m),
         "rollout/response_length_mean": _global_mean(lengths),
         "rollout/truncated_fraction": _global_mean(truncated.float()),
         "ppo/advantage_mean": _global_mean(ppo_math.masked_mean(exp.advantages, m, dim=1)),
@@ -64,6 +65,31 @@ def rollout_metrics(t: PPOTrainer, exp: Experience) -> dict:
     if exp.fn_scores is not None and exp.rm_scores is not None:  # the two parts of the score
         out["rollout/reward_fn_mean"] = _global_mean(exp.fn_scores)
     return out
+
+
+def _masked_global_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of x over the masked entries of every rank (each token weighs the same). Collective."""
+    m = mask.to(x.dtype)
+    total, n = collectives.all_reduce_sum(torch.stack([(x * m).sum(), m.sum()]).double()).tolist()
+    return total / max(n, 1.0)
+
+
+def ref_nll_alarm(t: PPOTrainer, step: int, nll: float) -> dict:
+    """alarm/ref_nll_ratio: the rollout's per-token NLL under the reference over its first value;
+    a warning when it first goes above ppo.ref_nll_limit (the constraint then acts)."""
+    ratio = t.ref_nll.ratio(nll)
+    if ratio > t.p.ref_nll_limit and not t.alarms.get("ref_nll_on"):
+        log.warning(
+            "iteration %d: the policy's responses are %.2fx less likely under the reference than "
+            "at the start (per-token NLL %.3f), above ppo.ref_nll_limit=%.2f: it is leaving what "
+            "the reward model was trained on; the penalty on -log ref now grows until it is back.",
+            step,
+            ratio,
+            nll,
+            t.p.ref_nll_limit,
+        )
+    t.alarms["ref_nll_on"] = ratio > t.p.ref_nll_limit
+    return {"alarm/ref_nll_ratio": ratio}
 
 
 def ensemble_metrics(t: PPOTrainer, exp: Experience, phase: str) -> dict:

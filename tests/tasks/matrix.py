@@ -41,6 +41,9 @@ VARIANTS = {
     "form_reward": ["--ppo.reward_fn", str(HERE / "sort_task.py") + ":form"],
     "ensemble": ["--reward.ensemble_size", "3", "--ppo.ensemble_penalty", "1"],
 }
+# `ref_nllX`: the samples' per-token NLL under the reference held to X times its first value
+# (ppo.ref_nll_limit, a dual-ascent penalty on -log ref).
+VARIANTS.update({f"ref_nll{x}": ["--ppo.ref_nll_limit", x] for x in ("1.1", "1.2", "1.3")})
 # The estimator recipes of launch/configs/ (`defaults` is the PPO-GAE recipe): compared with
 # `--iterations VARIANT=N` giving each the iterations of one wall-time budget.
 RECIPES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")

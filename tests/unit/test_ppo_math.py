@@ -10,6 +10,7 @@ import torch
 from pipeline.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
+    RefNLLConstraint,
     RunningMoments,
     aggregate_loss,
     entropy_from_logits,
@@ -415,6 +416,30 @@ def test_explained_variance():
 
 
 # ------------------------------------------------------------------------------------------ controllers
+
+
+def test_ref_nll_constraint_by_hand():
+    c = RefNLLConstraint(limit=1.25, lr=0.5)
+    assert c.ratio(3.0) == 1.0 and c.value == 0.0  # no first value yet
+    c.update(2.0)  # the first iteration fixes the reference level; lambda stays 0
+    assert (c.first, c.value) == (2.0, 0.0)
+    c.update(2.4)  # 2.4 / (1.25 * 2) - 1 = -0.04: inside the limit, lambda floored at 0
+    assert c.value == 0.0 and c.ratio(2.4) == pytest.approx(1.2)
+    c.update(3.0)  # 3 / 2.5 - 1 = 0.2 -> lambda = 0.5 * 0.2
+    assert c.value == pytest.approx(0.1)
+    c.update(3.5)  # + 0.5 * 0.4
+    assert c.value == pytest.approx(0.3)
+    c.update(2.0)  # 2 / 2.5 - 1 = -0.2 -> 0.3 - 0.1
+    assert c.value == pytest.approx(0.2)
+    c.update(1.0)  # -0.3 -> floored at 0, not negative
+    assert c.value == 0.0
+    c.update(3.0)
+    restored = RefNLLConstraint(1.25, 0.5)
+    restored.load_state_dict(c.state_dict())
+    assert restored.state_dict() == c.state_dict() == {"value": pytest.approx(0.1), "first": 2.0}
+    restored.update(3.0)
+    c.update(3.0)
+    assert restored.value == c.value == pytest.approx(0.2)
 
 
 def test_adaptive_kl_controller():
