@@ -4,8 +4,9 @@ Here: the metrics of an iteration (rollout, engines, timers, throughput), the ev
 held-out prompts (reward and gold score, win rate against the step-0 SFT policy), the
 over-optimisation alarms (KL to the reference, ensemble disagreement), model_best (ppo.select_best)
 and the stage's summary. They read the trainer's phases (`generate`, `score`) and keep its
-bookkeeping state (`sft_eval`, `best`, `alarms`, checkpointed by `PPOTrainer.state_dict`).
-Not here: the phases themselves (pipeline/stages/ppo.py), construction (pipeline/stages/ppo_setup.py).
+bookkeeping state (`sft_eval`, `best`, `alarms`: started and checkpointed in ppo_checkpoint.py).
+Not here: the phases themselves (pipeline/stages/ppo.py), construction
+(pipeline/stages/ppo_setup.py).
 """
 
 from __future__ import annotations
