@@ -2,7 +2,8 @@
 
 Where each concern lives:
 - orchestrator.py   runs the stages in order, skipping those up to date; inputs.py says what each
-                    stage reads and fingerprints it; checkpoint.py: checkpoints and exact resume
+                    stage reads, fingerprint.py when it is up to date (identity, fingerprint);
+                    checkpoint.py: checkpoints and exact resume; stop_signals.py: SIGTERM/SIGUSR1
 - config.py         the options (typed dataclasses, one home); config_checks.py validates them;
                     cli.py: the command line (--config files, flags, --help, did-you-mean)
 - data/             datasets: sources, formats, tokenisation, the tokenised cache, collation

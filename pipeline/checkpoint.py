@@ -19,7 +19,9 @@ the manifest (sizes, checksums) and that every pickle holds only tensors and Dee
 types, and falls back to an older checkpoint when the newest is damaged.
 
 No DeepSpeed here: each engine's own files are written, read and converted by
-pipeline/distributed/checkpoint.py, and every collective comes from pipeline/distributed/collectives.py.
+pipeline/distributed/checkpoint.py, and every collective comes from
+pipeline/distributed/collectives.py. Not here either: the stop signals that ask for a last
+checkpoint (pipeline/stop_signals.py), what a stage's identity holds (pipeline/fingerprint.py).
 """
 
 from __future__ import annotations
@@ -386,32 +388,3 @@ class Checkpointer:
     def _agree(self, errors: list[str]) -> list[str]:
         """Every rank's errors, on every rank (so all ranks take the same branch)."""
         return [e for part in collectives.all_gather_object(errors) for e in part]
-
-
-# ---------------------------------------------------------------- stop signals
-class StopRequest:
-    """SIGTERM and SIGUSR1 (what SLURM sends before a time limit) ask the run to stop cleanly.
-
-    The handler only sets a flag; training checks it at step boundaries with `requested()`,
-    which agrees over ranks (a signal delivered to one rank stops all of them at the same step).
-    """
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self):
-        self.signal: str | None = None
-
-    def install(self) -> None:
-        import signal
-
-        for name in self.SIGNALS:
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), self._handle)
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        import signal
-
-        self.signal = signal.Signals(signum).name
-
-    def requested(self) -> bool:
-        return collectives.all_reduce_sum(torch.tensor(float(self.signal is not None))).item() > 0

@@ -5,7 +5,8 @@ of the stage's config section, the seed, the DeepSpeed configs and the content o
 files, and the fingerprints of the stages whose models it reads). An unfinished stage resumes from
 its newest intact checkpoint (see pipeline/checkpoint.py).
 Here: the checks before the first stage (agreed over ranks), running the stages, the summary and
-the launchers' entry point. What each stage reads and its fingerprint: pipeline/inputs.py.
+the launchers' entry point. What each stage reads: pipeline/inputs.py; its identity and
+fingerprint: pipeline/fingerprint.py; stop signals: pipeline/stop_signals.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from pipeline import default_task, reward_fns
 from pipeline.cli import parse_config
 from pipeline.config import Config, save_config
-from pipeline.checkpoint import Checkpointer, StopRequest
+from pipeline.checkpoint import Checkpointer
 from pipeline.data import FIELDS, load_role
 from pipeline.errors import (
     PREEMPTED_EXIT_CODE,
@@ -31,13 +32,12 @@ from pipeline.errors import (
     TrainingHalted,
     UserError,
 )
+from pipeline.fingerprint import fingerprint, identity, up_to_date
 from pipeline.inputs import (
     STAGES,
     base_stage,
     check_exists,
     check_given_paths,
-    fingerprint,
-    identity,
     in_task,
     needed_stages,
     needs_task,
@@ -45,12 +45,12 @@ from pipeline.inputs import (
     reward_members,
     stage_config,
     stage_inputs,
-    up_to_date,
 )
 from pipeline.monitoring import setup_logging
 from pipeline.distributed import collectives, ds_config
 from pipeline.distributed.ds_config import ds_configs
 from pipeline.stages.common import StageContext
+from pipeline.stop_signals import StopRequest
 
 log = logging.getLogger("pipeline")
 

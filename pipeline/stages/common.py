@@ -15,11 +15,12 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from pipeline import data
-from pipeline.checkpoint import Checkpointer, Resume, StopRequest
+from pipeline.checkpoint import Checkpointer, Resume
 from pipeline.config import Config, TrainConfig, global_batch
 from pipeline.distributed import collectives, ds_config, engines
 from pipeline.errors import Preempted, SharedUserError, UserError
 from pipeline.monitoring import MetricLogger, progress
+from pipeline.stop_signals import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class StageContext:
     resume: Resume | None = None  # the checkpoint this attempt resumes from
     stop: StopRequest = field(default_factory=StopRequest)
     identity: dict | None = (
-        None  # inputs.identity of the stage; None: tokenised examples are not cached
+        None  # fingerprint.identity of the stage; None: tokenised examples are not cached
     )
 
     def __post_init__(self):
