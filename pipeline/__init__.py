@@ -9,8 +9,9 @@ Where each concern lives:
 - data/             datasets: sources, formats, tokenisation, the tokenised cache, collation
 - default_task/     the embedded task (data, tokenizer, from-scratch model, gold scorer)
 - models.py         loading models and tokenizers, LoRA, the forward helpers (log-probs, values)
-- stages/           sft.py, reward.py, and PPO: ppo.py the algorithm; ppo_setup, ppo_reward, ppo_eval,
-                    ppo_types, ppo_checkpoint (resumable state, checkpoint, resume, final save)
+- stages/           sft.py, reward.py, and PPO: ppo.py the algorithm; ppo_setup, ppo_reward,
+                    ppo_eval, ppo_types, ppo_checkpoint (resumable state, checkpoint, resume,
+                    final save)
 - ppo_math.py       losses, KL estimators, controllers (pure torch); estimators.py: the registry of
                     advantage estimators (gae, grpo, rloo, ...)
 - generation.py     the hybrid engine (materialised weights for decoding) and its backends

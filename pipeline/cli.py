@@ -80,7 +80,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
 
 
 def _from_dict(cls, data: dict, where: str, default=None):
-    """A `cls` instance from a mapping, starting from `default` (so sections keep their defaults)."""
+    """A `cls` instance from a mapping, starting from `default` (so sections keep their
+    defaults)."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a mapping of options, got {type(data).__name__}.")
     default = cls() if default is None else default
@@ -139,17 +140,28 @@ def _flat_fields(cls, prefix: str = ""):
 
 
 def _field_comments(cls) -> dict:
-    """The trailing `# comment` of each field in the class source: the help text."""
+    """Each field's comment in the class source, its help text: the comment lines right above the
+    field and any comment on the field's own lines, joined by spaces (so a long one can be wrapped
+    over several lines, and the formatter's parentheses around a value do not lose it)."""
+    import ast
     import inspect
+    import io
+    import textwrap
+    import tokenize
 
     out = {}
-    for line in (
-        line for c in reversed(cls.__mro__[:-1]) for line in inspect.getsource(c).splitlines()
-    ):
-        line = line.strip()
-        if ":" in line and "#" in line and not line.startswith(("#", '"')):
-            name = line.split(":", 1)[0].strip()
-            out[name] = line.split("#", 1)[1].strip()
+    for c in reversed(cls.__mro__[:-1]):
+        source = textwrap.dedent(inspect.getsource(c))
+        tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+        comments = {t.start[0]: t.string for t in tokens if t.type == tokenize.COMMENT}
+        lines = source.splitlines()
+        for node in ast.parse(source).body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                first = node.lineno
+                while first - 1 in comments and lines[first - 2].lstrip().startswith("#"):
+                    first -= 1
+                text = [comments[i] for i in range(first, node.end_lineno + 1) if i in comments]
+                out[node.target.id] = " ".join(t[1:].strip() for t in text)
     return out
 
 
@@ -295,7 +307,8 @@ def parse_config(argv: Optional[list[str]] = None, description: str = "RLHF pipe
 
 
 def _merged(base: dict, over: dict) -> dict:
-    """`over` on top of `base`, section by section (a later config file overrides single options)."""
+    """`over` on top of `base`, section by section (a later config file overrides single
+    options)."""
     out = dict(base)
     for key, value in over.items():
         out[key] = (

@@ -3,8 +3,9 @@
 Here: the stages and the reward ensemble's member runs, the role -> path / data `Source` map of
 every stage (the user's paths, else `data.data_path`'s share, else the embedded default task, which
 `prepare_task` writes), which requested stages must run, and the checks that every given path
-exists. Not here: when a stage is up to date, its identity and fingerprint (pipeline/fingerprint.py),
-running the stages and the checks before the first one (pipeline/orchestrator.py).
+exists. Not here: when a stage is up to date, its identity and fingerprint
+(pipeline/fingerprint.py), running the stages and the checks before the first one
+(pipeline/orchestrator.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ STAGES = ("sft", "reward", "ppo")
 
 
 def base_stage(stage: str) -> str:
-    """The stage a run belongs to: `reward_2`, the third member of a reward ensemble, is `reward`."""
+    """The stage a run belongs to: `reward_2`, the third member of a reward ensemble, is
+    `reward`."""
     return stage.partition("_")[0]
 
 
@@ -141,9 +143,9 @@ def ptx_source(cfg: Config, task: Path) -> dict[str, Source | str]:
         data_sources(cfg, "ppo", task)["prompt_data"], Source
     ):
         raise UserError(
-            f"option ppo.ptx_coef={p.ptx_coef}: PTX needs supervised rows, and this run gives no SFT "
-            f"data (it would fall back to the embedded default task's reviews while PPO reads your "
-            f"prompts). Give --ppo.ptx_data_path, or --data.sft_data_path / --data.data_path."
+            f"option ppo.ptx_coef={p.ptx_coef}: PTX needs supervised rows, and this run gives no "
+            "SFT data (it would fall back to the embedded default task's reviews while PPO reads "
+            "your prompts). Give --ppo.ptx_data_path, or --data.sft_data_path / --data.data_path."
         )
     return {"ptx_data": sft_rows}
 
@@ -255,7 +257,8 @@ def in_task(spec, task: Path) -> bool:
 
 def needs_task(cfg: Config, stages: tuple[str, ...] = STAGES) -> bool:
     """The default task is generated only when a stage that runs reads from it: its data, its
-    tokenizer or its from-scratch model. PPO from two given models on prompts of one's own does not."""
+    tokenizer or its from-scratch model. PPO from two given models on prompts of one's own does
+    not."""
     out = Path(cfg.output_dir)
     inputs = stage_inputs(cfg, out, out / "task")
     return any(
@@ -273,7 +276,9 @@ PATH_OPTIONS = {
     "model.reward_model_name_or_path": _MODEL,
     "data.tokenizer_path": "a local tokenizer folder or a hub name",
     "ppo.actor_model_path": "a policy model folder, e.g. <output_dir>/sft/model of an earlier run",
-    "ppo.reward_model_path": "a reward model folder, e.g. <output_dir>/reward/model of an earlier run",
+    "ppo.reward_model_path": (
+        "a reward model folder, e.g. <output_dir>/reward/model of an earlier run"
+    ),
     **{f"data.{role}_path": _DATASETS for roles in DATA_ROLES.values() for role in roles},
     "data.data_path": _DATASETS,
     "ppo.ptx_data_path": _DATASETS,
@@ -296,7 +301,8 @@ def check_given_paths(cfg: Config) -> None:
         value = getattr(cfg, option)
         if value != AUTO and not resolve_path(value).is_file():
             raise UserError(
-                f"option {option}: {value} does not exist (expected a DeepSpeed JSON file, or auto)."
+                f"option {option}: {value} does not exist (expected a DeepSpeed JSON file, or "
+                "auto)."
             )
 
 

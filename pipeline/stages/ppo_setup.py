@@ -70,7 +70,8 @@ class PPOModels:
 
 
 def load_inputs(ctx: StageContext) -> PPOInputs:
-    """Tokenizers, prompts, PTX rows and reward functions, all validated before anything is written."""
+    """Tokenizers, prompts, PTX rows and reward functions, all validated before anything is
+    written."""
     cfg, p = ctx.cfg, ctx.cfg.ppo
     tokenizer = load_tokenizer(ctx.inputs["tokenizer"], cfg.model.trust_remote_code)
     # The reward models: the stage's (one, or an ensemble's members), or none (reward_fn alone).
@@ -304,8 +305,8 @@ def build_engines(
             log.info("engine %s", engines.describe(engine, name))
     if critic is None:
         log.info(
-            "no critic: ppo.advantage_mode=%s needs none (no critic engine, optimizer, scoring, update "
-            "or checkpoint)",
+            "no critic: ppo.advantage_mode=%s needs none (no critic engine, optimizer, scoring, "
+            "update or checkpoint)",
             p.advantage_mode,
         )
     for i, engine in enumerate(rewards):  # "reward", or "reward 0", "reward 1", ... of an ensemble
@@ -321,7 +322,8 @@ def build_engines(
 
 
 class PromptOrder:
-    """Rows (prompts, PTX rows) in a fresh seeded permutation per pass; resumable (the state is JSON)."""
+    """Rows (prompts, PTX rows) in a fresh seeded permutation per pass; resumable (the state is
+    JSON)."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.g, self.queue = n, torch.Generator().manual_seed(seed), []
