@@ -80,7 +80,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
 
 
 def _from_dict(cls, data: dict, where: str, default=None):
-    """A `cls` instance from a mapping, starting from `default` (so sections keep their defaults)."""
+    """A `cls` instance from a mapping, starting from `default` (so sections keep their
+    defaults)."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a mapping of options, got {type(data).__name__}.")
     default = cls() if default is None else default
@@ -314,7 +315,8 @@ def parse_config(argv: Optional[list[str]] = None, description: str = "RLHF pipe
 
 
 def _merged(base: dict, over: dict) -> dict:
-    """`over` on top of `base`, section by section (a later config file overrides single options)."""
+    """`over` on top of `base`, section by section (a later config file overrides single
+    options)."""
     out = dict(base)
     for key, value in over.items():
         out[key] = (
