@@ -337,8 +337,8 @@ class RefNLLConstraint:
     ref(y_t)] (= the policy's entropy + its KL to the reference), at most `limit` x its value at the
     first iteration (the reference's own, when the policy starts as the reference).
 
-    A policy that sharpens within what the reference finds likely lowers its entropy as its KL rises,
-    and this stays flat; one that leaves it for outputs the reward model never saw (its blind spot)
+    A policy that sharpens within what the reference finds likely lowers its entropy as its KL
+    rises, and this stays flat; one that leaves it for outputs the reward model never saw (its blind spot)
     raises both. The constraint acts through a multiplier lambda >= 0 on log ref(y_t) in every
     token's reward, moved by dual ascent after each iteration: lambda <- max(0, lambda + lr x
     (nll / (limit x first) - 1)) (a Lagrangian relaxation, as in constrained RLHF: Moskovitz et al.
