@@ -333,16 +333,17 @@ class AdaptiveKLController:
 
 
 class RefNLLConstraint:
-    """Keeps the rollout's mean per-token negative log-likelihood under the reference, E[-log
-    ref(y_t)] (= the policy's entropy + its KL to the reference), at most `limit` x its value at the
-    first iteration (the reference's own, when the policy starts as the reference).
+    """Keeps the rollout's mean per-token negative log-likelihood under the reference, E[-log ref(y_t)]
+    (= the policy's entropy + its KL to the reference), at most `limit` x its value at the first
+    iteration (the reference's own, when the policy starts as the reference).
 
     A policy that sharpens within what the reference finds likely lowers its entropy as its KL
-    rises, and this stays flat; one that leaves it for outputs the reward model never saw (its blind spot)
-    raises both. The constraint acts through a multiplier lambda >= 0 on log ref(y_t) in every
-    token's reward, moved by dual ascent after each iteration: lambda <- max(0, lambda + lr x
-    (nll / (limit x first) - 1)) (a Lagrangian relaxation, as in constrained RLHF: Moskovitz et al.
-    2023). Lambda stays 0 while the limit holds, so a run that never reaches it is unchanged.
+    rises, and this stays flat; one that leaves it for outputs the reward model never saw (its
+    blind spot) raises both. The constraint acts through a multiplier lambda >= 0 on log
+    ref(y_t) in every token's reward, moved by dual ascent after each iteration: lambda <-
+    max(0, lambda + lr x (nll / (limit x first) - 1)) (a Lagrangian relaxation, as in
+    constrained RLHF: Moskovitz et al. 2023). Lambda stays 0 while the limit holds, so a run
+    that never reaches it is unchanged.
     """
 
     def __init__(self, limit: float, lr: float) -> None:
