@@ -333,7 +333,8 @@ class AdaptiveKLController:
 
 
 class RefNLLConstraint:
-    """Keeps the rollout's mean per-token negative log-likelihood under the reference, E[-log ref(y_t)]
+    """Keeps the rollout's mean per-token negative log-likelihood under the reference,
+    E[-log ref(y_t)]
     (= the policy's entropy + its KL to the reference), at most `limit` x its value at the first
     iteration (the reference's own, when the policy starts as the reference).
 
