@@ -334,9 +334,8 @@ class AdaptiveKLController:
 
 class RefNLLConstraint:
     """Keeps the rollout's mean per-token negative log-likelihood under the reference,
-    E[-log ref(y_t)]
-    (= the policy's entropy + its KL to the reference), at most `limit` x its value at the first
-    iteration (the reference's own, when the policy starts as the reference).
+    E[-log ref(y_t)] (= the policy's entropy + its KL to the reference), at most `limit` x its
+    value at the first iteration (the reference's own, when the policy starts as the reference).
 
     A policy that sharpens within what the reference finds likely lowers its entropy as its KL
     rises, and this stays flat; one that leaves it for outputs the reward model never saw (its
