@@ -90,6 +90,9 @@ def ref_nll_alarm(t: PPOTrainer, step: int, nll: float) -> dict:
             t.p.ref_nll_limit,
         )
     t.alarms["ref_nll_on"] = ratio > t.p.ref_nll_limit
+    t.alarms["ref_nll_iterations"] = t.alarms.get("ref_nll_iterations", 0) + int(
+        t.alarms["ref_nll_on"]
+    )
     return {"alarm/ref_nll_ratio": ratio}
 
 
@@ -288,6 +291,8 @@ def stage_result(
     result.update(
         alarm_kl_iterations=a["kl_iterations"], alarm_ensemble_evaluations=a["ensemble_evaluations"]
     )
+    if t.p.ref_nll_limit:
+        result["alarm_ref_nll_iterations"] = a.get("ref_nll_iterations", 0)
     if t.best is not None:
         result.update(best_iteration=t.best["iteration"], best_value=t.best["value"])
     elif d.is_main:  # not a stale model_best of an earlier run next to this run's model

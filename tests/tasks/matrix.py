@@ -120,6 +120,7 @@ def row(task: str, seed: int, variant: str, out: Path, wall: float) -> dict:
         "ensemble_std_ppo": ppo.get("ensemble_std_final"),
         "alarm_kl": ppo.get("alarm_kl_iterations"),
         "alarm_ensemble": ppo.get("alarm_ensemble_evaluations"),
+        "alarm_ref_nll": ppo.get("alarm_ref_nll_iterations"),
         "best_iteration": ppo.get("best_iteration"),
         "ppo_s_per_iter": ppo["seconds_per_iteration"],
         "iterations": ppo["iterations"],
@@ -178,14 +179,14 @@ def table(rows: list[dict]) -> str:
         return "-" if x is None else f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
     lines = [
-        "| task | seed | variant | RM acc | gold SFT -> PPO | win rate | KL | ens. std SFT -> PPO | alarms (KL it., ens. evals) | wall s |",
+        "| task | seed | variant | RM acc | gold SFT -> PPO | win rate | KL | ens. std SFT -> PPO | alarms (KL it., ens. evals, ref-NLL it.) | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['task']} | {r['seed']} | {r['variant']} | {f(r['rm_accuracy'])} | {f(r['gold_sft'])} -> "
             f"{f(r['gold_ppo'])} | {f(r['win_rate'])} | {f(r['kl'], 2)} | {f(r['ensemble_std_sft'])} -> "
-            f"{f(r['ensemble_std_ppo'])} | {f(r['alarm_kl'])}, {f(r['alarm_ensemble'])} | {r['wall_s']} |"
+            f"{f(r['ensemble_std_ppo'])} | {f(r['alarm_kl'])}, {f(r['alarm_ensemble'])}, {f(r.get('alarm_ref_nll'))} | {r['wall_s']} |"
         )
     lines += [
         "",
