@@ -139,13 +139,24 @@ def last_token_index(mask: Tensor) -> Tensor:
 
 @torch.no_grad()
 def shape_rewards(
-    score: Tensor, kl: Tensor, response_mask: Tensor, kl_coef: float, score_clip: float | None
+    score: Tensor,
+    kl: Tensor,
+    response_mask: Tensor,
+    kl_coef: float,
+    score_clip: float | None,
+    ref_logprobs: Tensor | None = None,
+    ref_nll_coef: float = 0.0,
 ) -> Tensor:
     """Per-token rewards (B, R): -kl_coef * kl on masked tokens, plus the (clipped) sequence score
     (B,) added at the last real response token. Rows with an empty mask are all zero. Reward shaping
     with a per-token KL penalty: Ziegler et al. 2019; Ouyang et al. 2022 (InstructGPT).
+    With ref_nll_coef > 0 (RefNLLConstraint's lambda), also + ref_nll_coef * log ref(y_t) on
+    masked tokens: a penalty on the tokens' NLL under the reference.
     """
-    rewards = -kl_coef * torch.where(_m(response_mask), kl, torch.zeros_like(kl))
+    on = _m(response_mask)
+    rewards = -kl_coef * torch.where(on, kl, torch.zeros_like(kl))
+    if ref_nll_coef > 0:
+        rewards = rewards + ref_nll_coef * torch.where(on, ref_logprobs, torch.zeros_like(kl))
     score = score.to(rewards.dtype)
     if score_clip is not None:
         score = score.clamp(-score_clip, score_clip)

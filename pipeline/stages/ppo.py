@@ -181,9 +181,9 @@ class PPOTrainer:
             scores = (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-6)
         kl = ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, p.kl_estimator) * m
         beta = self.kl_ctl.value if p.kl_penalty == "reward" else 0.0  # else in the actor loss
-        rewards = ppo_math.shape_rewards(scores, kl, m, beta, p.score_clip or None)
-        if self.ref_nll.value > 0:  # ppo.ref_nll_limit: lambda x log ref(y_t), a penalty
-            rewards = rewards + self.ref_nll.value * exp.ref_logprobs * m
+        rewards = ppo_math.shape_rewards(
+            scores, kl, m, beta, p.score_clip or None, exp.ref_logprobs, self.ref_nll.value
+        )
         inputs = estimators.AdvantageInputs(
             rewards, m, exp.old_values, exp.prompt_values, exp.group_ids, p.gamma, p.lam
         )

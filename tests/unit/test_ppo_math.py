@@ -185,6 +185,20 @@ def test_shape_rewards():
     # kl_coef = 0: only the score
     r = shape_rewards(score, kl, mask.bool(), kl_coef=0.0, score_clip=None)
     assert r.sum().item() == pytest.approx(1 + 2 + 4)
+    # ref_nll_coef (ppo.ref_nll_limit's lambda): + 0.5 x log ref on real tokens, garbage ignored
+    ref_lp = torch.full((4, 4), -2.0)
+    ref_lp[mask == 0] = -1000.0
+    r = shape_rewards(score, kl, mask, 0.1, None, ref_logprobs=ref_lp, ref_nll_coef=0.5)
+    close(
+        r,
+        torch.tensor([[p, p + 1.0, 0, 0], [p, p, p, p + 2.0], [0.0] * 4, [0, 0, p, p + 4.0]])
+        + torch.where(mask.bool(), torch.tensor(-1.0), torch.tensor(0.0)),
+    )
+    # lambda 0 leaves the rewards bitwise as without the reference's log-probs
+    assert torch.equal(
+        shape_rewards(score, kl, mask, 0.1, None, ref_lp, 0.0),
+        shape_rewards(score, kl, mask, 0.1, None),
+    )
 
 
 # --------------------------------------------------------------------------------------------- losses
