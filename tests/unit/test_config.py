@@ -625,7 +625,8 @@ def test_global_batch():
 
 # ---------------------------------------------------------------- help
 def _leaves(obj, prefix=""):
-    """(dotted name, default) of every leaf option, from a Config instance (independently of config.py)."""
+    """(dotted name, default) of every leaf option, from a Config instance (independently of
+    config.py)."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
@@ -889,7 +890,8 @@ def test_group_sizes_count_rows_and_keep_each_group_on_one_rank():
         UserError, match=r"8 x 4 = 32 rollout rows must be a multiple of ppo.mini_batch_size=12"
     ):
         ppo_sizes(dataclasses.replace(p, mini_batch_size=12), 1)
-    # 2 prompts x 4 samples = 8 rows would divide over 4 ranks, but a group would then span two ranks
+    # 2 prompts x 4 samples = 8 rows would divide over 4 ranks, but a group would then span two
+    # ranks
     with pytest.raises(
         UserError,
         match=r"ppo.rollout_batch_size=2 \(prompts\) must be a multiple of the number "
