@@ -692,7 +692,8 @@ def test_help_text_is_read_from_every_comment_form_the_formatter_leaves():
 
     assert _field_comments(_Documented) == {
         "plain": "a trailing comment",
-        "wrapped": "the formatter puts a long line's comment inside parentheses, as it did to this one",
+        "wrapped": "the formatter puts a long line's comment inside parentheses, "
+        "as it did to this one",
         "above": "a comment-only line above the field and a second one then its trailing part",
     }
 
