@@ -44,7 +44,8 @@ VOLATILE = (
 
 
 def metric_rows(path: Path) -> list[dict]:
-    """A stage's metrics.jsonl without its VOLATILE readings: equal for two runs that trained alike."""
+    """A stage's metrics.jsonl without its VOLATILE readings: equal for two runs that trained
+    alike."""
     return [
         {k: v for k, v in json.loads(line).items() if not k.startswith(VOLATILE)}
         for line in path.read_text().splitlines()

@@ -1,6 +1,8 @@
 """Run under `deepspeed --num_gpus 2`: `verify <folder>` has both ranks find the newest intact
-checkpoint of a fake stage, each hashing a share of the files; `timeout <folder> <minutes>` has
-rank 1 arrive at a barrier late. Each rank writes <folder>/<mode>.rank<R> (JSON). Used by
+checkpoint of a fake stage, each hashing a share of the files; `timeout <folder> <minutes> <late_s>`
+has rank 1 arrive at a barrier late_s seconds late, or as soon as rank 0 has written its report
+(a rank 0 that timed out does not wait for it: the launcher then ends without the rest of the
+sleep). Each rank writes <folder>/<mode>.rank<R> (JSON). Used by
 test_collectives_two_ranks.py."""
 
 import json
@@ -60,9 +62,11 @@ def verify_mode(d: collectives.Dist, folder: Path) -> dict:
     }
 
 
-def timeout_mode(d: collectives.Dist, late_s: float) -> dict:
-    if d.rank == 1:
-        time.sleep(late_s)
+def timeout_mode(d: collectives.Dist, folder: Path, late_s: float) -> dict:
+    if d.rank == 1:  # late by late_s, or until rank 0 has given up and written its report
+        deadline = time.monotonic() + late_s
+        while time.monotonic() < deadline and not (folder / "timeout.rank0").exists():
+            time.sleep(0.1)
     start = time.monotonic()
     try:
         collectives.barrier()
@@ -77,7 +81,7 @@ def main() -> None:
     folder = Path(folder)
     minutes = float(rest[0]) if rest else 120.0
     d = collectives.init_distributed(minutes)
-    out = verify_mode(d, folder) if mode == "verify" else timeout_mode(d, float(rest[1]))
+    out = verify_mode(d, folder) if mode == "verify" else timeout_mode(d, folder, float(rest[1]))
     (folder / f"{mode}.rank{d.rank}").write_text(json.dumps(out))
     sys.stdout.flush()
     import os

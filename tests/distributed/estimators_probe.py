@@ -1,10 +1,11 @@
 """Run under `deepspeed --num_gpus 2` (or in-process with one rank): the advantages of every group
-estimator for one fixed rollout, computed as the PPO stage computes them (`estimators.estimate_advantages`
-with the all-rank `collectives.global_whiten`), from this rank's share of the rows. Used by
-test_estimators_two_ranks.py; writes <folder>/estimators.rank<R> (JSON).
+estimator for one fixed rollout, computed as the PPO stage computes them
+(`estimators.estimate_advantages` with the all-rank `collectives.global_whiten`), from this rank's
+share of the rows. Used by test_estimators_two_ranks.py; writes <folder>/estimators.rank<R> (JSON).
 
-`grouped`: rank r holds prompts r*P..(r+1)*P-1 and all their samples (as the stage's generate() does);
-`split`: rank r holds every other row, so each group is cut across the ranks (what must not happen)."""
+`grouped`: rank r holds prompts r*P..(r+1)*P-1 and all their samples (as the stage's generate()
+does); `split`: rank r holds every other row, so each group is cut across the ranks (what must not
+happen)."""
 
 import json
 import sys
@@ -48,7 +49,8 @@ def rows_of(rank: int, world: int, layout: str) -> torch.Tensor:
 
 
 def advantages(rank: int, world: int, layout: str) -> dict:
-    """{estimator: [[row, advantages...], ...]} of this rank's rows (whitening on, as by default)."""
+    """{estimator: [[row, advantages...], ...]} of this rank's rows (whitening on, as by
+    default)."""
     full, idx = rollout(), rows_of(rank, world, layout)
     dev = collectives.device()
     mine = estimators.AdvantageInputs(

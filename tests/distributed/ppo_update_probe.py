@@ -1,10 +1,10 @@
-"""Run under `deepspeed --num_gpus N` (N = 1 or 2): one PPO update (`PPOTrainer.update`) of one fixed
-global rollout, each rank training on its contiguous share of the rows. The trainer is built by
-`PPOTrainer(ctx)` (ZeRO-3 actor and critic, frozen reference and reward model) from the folders the
-test wrote: <work>/policy (causal LM and tokenizer), <work>/reward (scalar model), <work>/prompts.jsonl.
-Rank 0 writes <out> (torch.save): the gathered actor and critic weights before and after, the
-gathered fp32 gradient of every optimizer step (taken just before DeepSpeed's step at the
-accumulation boundary), each step's global gradient norm, and the stats `update` returns.
+"""Run under `deepspeed --num_gpus N` (N = 1 or 2): one PPO update (`PPOTrainer.update`) of one
+fixed global rollout, each rank training on its contiguous share of the rows. The trainer is built
+by `PPOTrainer(ctx)` (ZeRO-3 actor and critic, frozen reference and reward model) from the folders
+the test wrote: <work>/policy (causal LM and tokenizer), <work>/reward (scalar model),
+<work>/prompts.jsonl. Rank 0 writes <out> (torch.save): the gathered actor and critic weights before
+and after, the gathered fp32 gradient of every optimizer step (taken just before DeepSpeed's step at
+the accumulation boundary), each step's global gradient norm, and the stats `update` returns.
 Used by test_ppo_update_ranks.py."""
 
 import sys
@@ -28,7 +28,8 @@ ROWS = PROMPTS * SAMPLES
 def options(work: Path) -> list[str]:
     """One mini-batch holding the whole rollout (so 1 and 2 ranks take the same optimizer steps on
     the same rows), two epochs (the second step starts from ratios != 1), micro-batches of 2 rows
-    (gradient accumulation 4 on one rank, 2 on two), no warmup (the first step moves the weights)."""
+    (gradient accumulation 4 on one rank, 2 on two), no warmup (the first step moves the
+    weights)."""
     return [
         "--output_dir",
         str(work / "run"),
@@ -103,7 +104,8 @@ def rollout(vocab_size: int, eos: int, pad: int) -> dict:
 
 def my_experience(trainer: PPOTrainer, rank: int, world: int) -> Experience:
     """This rank's contiguous share of the global rollout; pi_old and old values are the engines'
-    own (each rank computes its rows, as the stage's generate() and score() do) plus fixed offsets."""
+    own (each rank computes its rows, as the stage's generate() and score() do) plus fixed
+    offsets."""
     tok = trainer.tokenizer
     full = rollout(len(tok), tok.eos_token_id, tok.pad_token_id)
     per_rank = ROWS // world

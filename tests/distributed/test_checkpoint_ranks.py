@@ -1,5 +1,6 @@
-"""Tier 2: a ZeRO-3 checkpoint written by 2 ranks, resumed on 1 (DeepSpeed's universal form) and on 2,
-with an EMA of the weights kept on the shards (checked against the EMA of the gathered weights)."""
+"""Tier 2: a ZeRO-3 checkpoint written by 2 ranks, resumed on 1 (DeepSpeed's universal form) and on
+2, with an EMA of the weights kept on the shards (checked against the EMA of the gathered
+weights)."""
 
 import json
 import subprocess

@@ -105,14 +105,14 @@ def test_every_format_and_a_mix_on_two_ranks(files, tmp_path):
     log = proc.stdout
     # SFT: 200 chat rows; the explicit prompt/response eval file (40 rows).
     assert (
-        f"stage sft: 200 training rows from {f['messages']}; 40 eval rows from {f['prompt_response']}"
-        in log
+        f"stage sft: 200 training rows from {f['messages']}; "
+        f"40 eval rows from {f['prompt_response']}" in log
     )
     # Reward model: 2/5 of each 200-row dataset = 80 + 80, 4 + 4 held out, the 152 left mixed 1:3.
     mix = f"{f['prompt_chosen_rejected']} + {f['hh']} (share 2 of data_split 2,4,4"
     assert (
-        f"stage reward: 152 training rows from {mix}; without its held-out eval slice); 8 eval rows from {mix}; held-out eval slice)"
-        in log
+        f"stage reward: 152 training rows from {mix}; without its held-out eval slice); "
+        f"8 eval rows from {mix}; held-out eval slice)" in log
     )
     # PPO: the last 2/5 of both datasets (no hold-out: the eval prompts have their own file).
     assert (

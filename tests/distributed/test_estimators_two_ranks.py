@@ -1,11 +1,11 @@
 """Tier 2: a group estimator gives the same advantages on 1 and 2 ranks for the same rollout.
 
-The stage keeps each prompt's samples on one rank (each rank samples num_samples_per_prompt responses
-to each of its own prompts), so the group baselines are local and only the whitening is a collective
-(`collectives.global_whiten`). The probe computes every estimator the way the stage does from each
-rank's share of one fixed rollout; the 1-rank reference is the same code in this process on a
-one-rank gloo group. Cutting the groups across ranks instead gives different advantages: the layout
-the stage keeps is what makes them agree."""
+The stage keeps each prompt's samples on one rank (each rank samples num_samples_per_prompt
+responses to each of its own prompts), so the group baselines are local and only the whitening is a
+collective (`collectives.global_whiten`). The probe computes every estimator the way the stage does
+from each rank's share of one fixed rollout; the 1-rank reference is the same code in this process
+on a one-rank gloo group. Cutting the groups across ranks instead gives different advantages: the
+layout the stage keeps is what makes them agree."""
 
 import json
 import subprocess

@@ -29,8 +29,8 @@ def _gathers(counts: dict) -> int:
 
 
 def test_no_collective_while_decoding(probe):
-    """pipeline/generation.py: inside generation mode "each rank then decodes its own prompts with no
-    collective calls". Every torch.distributed / deepspeed.comm collective and every ProcessGroup
+    """pipeline/generation.py: inside generation mode "each rank then decodes its own prompts with
+    no collective calls". Every torch.distributed / deepspeed.comm collective and every ProcessGroup
     collective method is counted (hybrid_probe.count_collectives)."""
     for rank in probe:
         assert rank["collectives_while_decoding"] == {}, rank[

@@ -50,7 +50,8 @@ PROMPTS = [
 
 
 def _write_inputs(work):
-    """A tiny policy and reward model with weights on disk, so both runs start from the same ones."""
+    """A tiny policy and reward model with weights on disk, so both runs start from the same
+    ones."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     from pipeline import default_task
@@ -125,7 +126,8 @@ def _compare(one, two, engine):
     names = ACTOR_STATS if engine == "actor" else CRITIC_STATS
     for k in names:
         assert two["stats"][k] == pytest.approx(one["stats"][k], rel=1e-5, abs=1e-7), k
-    # the fixed pi_old and value offsets put rows outside the clip range: clipped terms are compared too
+    # the fixed pi_old and value offsets put rows outside the clip range: clipped terms are compared
+    # too
     assert one["stats"]["clip_fraction" if engine == "actor" else "value_clip_fraction"] > 0
 
 

@@ -1,5 +1,5 @@
-"""Tier 2, two ranks: the pipeline trained in bf16 (with gradient checkpointing), and the PPO stage's
-losses unchanged by gradient checkpointing."""
+"""Tier 2, two ranks: the pipeline trained in bf16 (with gradient checkpointing), and the PPO
+stage's losses unchanged by gradient checkpointing."""
 
 import json
 import math

@@ -66,7 +66,8 @@ def _checkpointed(run, tag):
 
 
 def _keep(run, name):
-    """Copy what a later run in the same folder overwrites: the final policy and the step-1 checkpoint."""
+    """Copy what a later run in the same folder overwrites: the final policy and the step-1
+    checkpoint."""
     dst = run.parent / name
     shutil.copytree(run / "ppo" / "model", dst / "ppo" / "model")
     shutil.copytree(run / "ppo" / "checkpoints", dst / "ppo" / "checkpoints")
@@ -159,7 +160,8 @@ def test_ptx_moves_the_actor_towards_the_ptx_data_and_resumes_exactly(runs):
         _lm_loss(base / "ppo" / "model", sft_rows),
     )
     print(
-        f"LM loss on 128 PTX rows: with PTX {with_ptx:.5f}, without {without:.5f}; ptx_loss logged {ptx}"
+        f"LM loss on 128 PTX rows: with PTX {with_ptx:.5f}, without {without:.5f}; "
+        f"ptx_loss logged {ptx}"
     )
     assert with_ptx < without
 

@@ -1,4 +1,5 @@
-"""Tier 2: every stage on two ranks with real ZeRO-3 engines over gloo, through the real launcher."""
+"""Tier 2: every stage on two ranks with real ZeRO-3 engines over gloo, through the real
+launcher."""
 
 import json
 

@@ -1,11 +1,11 @@
 """Tier 3: every kind of bad input against one finished run, through the real launchers.
 
-A small pipeline runs once (module fixture); each case then runs a launcher as a plain process
-(one rank) on the same output folder and checks: exit code 2, one `error:` line naming the file,
-row, field or option, no traceback, and not one byte of the finished run changed. The one-stage
-launchers get `--force`, so their stage would otherwise rerun; `ppo.py` runs all three stages and
-does not (a forced run may retrain SFT and the reward model): the bad input changes the PPO
-stage's fingerprint, so PPO would rerun.
+The session's finished tiny pipeline is copied once (module fixture); each case then runs a
+launcher as a plain process (one rank) on the same output folder and checks: exit code 2, one
+`error:` line naming the file, row, field or option, no traceback, and not one byte of the finished
+run changed. The one-stage launchers get `--force`, so their stage would otherwise rerun; `ppo.py`
+runs all three stages and does not (a forced run may retrain SFT and the reward model): the bad
+input changes the PPO stage's fingerprint, so PPO would rerun.
 """
 
 import hashlib
@@ -18,12 +18,6 @@ import torch
 import yaml
 from launch_util import TINY, launch
 
-# Smaller than tiny.yaml: the fixture only needs finished outputs to protect, not a good policy.
-SMALL = {
-    "task": {"num_sft": 128, "num_pairs": 128, "num_prompts": 32, "num_eval": 16},
-    "ppo": {"num_iterations": 1},
-}
-
 
 def _digest(folder: pathlib.Path) -> str:
     """Names and bytes of every file under `folder` (the whole run: task, stages, summary)."""
@@ -35,17 +29,15 @@ def _digest(folder: pathlib.Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """(output_dir, config file) of one finished small pipeline."""
+def run(pristine_run, tmp_path_factory):
+    """(output_dir, config file) of one finished tiny pipeline: a copy of the session's finished
+    run (tests/e2e/conftest.py), with a config file that points at the copy."""
     root = tmp_path_factory.mktemp("bad_input")
+    shutil.copytree(pristine_run[0], root / "run")
     config = yaml.safe_load(TINY.read_text())
-    for section, values in SMALL.items():
-        config[section].update(values)
     config["output_dir"] = str(root / "run")
-    path = root / "small.yaml"
+    path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = launch("ppo.py", "--config", str(path), launcher=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run", path
 
 
@@ -139,8 +131,8 @@ def test_batch_sizes_that_do_not_divide(refused):
     refused(
         "sft.py",
         "--sft.micro_batch_size_per_gpu",
-        "512",
-        needles=["stage sft: 128 training rows are fewer than one global batch of 512"],
+        "2048",
+        needles=["stage sft: 1200 training rows are fewer than one global batch of 2048"],
     )
 
 
@@ -184,7 +176,8 @@ def test_missing_files(run, refused, tmp_path):
         str(tmp_path / "nope.json"),
         needles=[f"option ds_inference_config: {tmp_path / 'nope.json'} does not exist"],
     )
-    # a path no stage that runs reads is checked too (PPO from two given models ignores the tokenizer)
+    # a path no stage that runs reads is checked too (PPO from two given models ignores the
+    # tokenizer)
     refused(
         "ppo.py",
         "--ppo.actor_model_path",
@@ -258,7 +251,8 @@ def test_hh_dialogue_without_an_assistant_turn(refused, tmp_path):
         "--data.data_path",
         path,
         needles=[
-            f"dataset {path}, row 20: field 'chosen' is not an HH dialogue: it has no 'Assistant:' turn"
+            f"dataset {path}, row 20: field 'chosen' is not an HH dialogue: "
+            "it has no 'Assistant:' turn"
         ],
     )
 
@@ -280,7 +274,8 @@ def test_chat_messages_need_a_chat_template(refused, tmp_path):
 
 # ---------------------------------------------------------------- model and tokenizer folders
 def test_tokenizer_without_pad_token_uses_eos_with_a_warning(run, tmp_path):
-    """Not an error: the run goes on with EOS as padding, says so, and writes only its own folder."""
+    """Not an error: the run goes on with EOS as padding, says so, and writes only its own
+    folder."""
     out, config = run
     before = _digest(out)
     tok = tmp_path / "tok"

@@ -1,16 +1,19 @@
 """Tier 3: a critic-free recipe (launch/configs/grpo.yaml) on the tiny preset: no critic engine is
 built, scored with, trained or checkpointed; the group metrics are logged; the run finishes; and a
 resume from its iteration-2 checkpoint ends exactly where the uninterrupted run ended. The same
-recipe with a reward function instead of a reward model (`--ppo.reward_model_coef 0 --ppo.reward_fn`)
-trains no reward model and scores with the function alone; so does PPO-GAE, whose critic then
-starts from the policy with a fresh value head."""
+recipe with a reward function instead of a reward model (`--ppo.reward_model_coef 0
+--ppo.reward_fn`) trains no reward model and scores with the function alone; so does PPO-GAE, whose
+critic then starts from the policy with a fresh value head."""
 
+import json
 import shutil
 
+import pytest
 from launch_util import REPO, TINY, launch, metric_rows
 
 GRPO = REPO / "launch" / "configs" / "grpo.yaml"
-# 4 prompts x 4 samples = 16 rows per iteration, the tiny preset's 16; checkpoint at iteration 2 of 4 (the last before the end)
+# 4 prompts x 4 samples = 16 rows per iteration, the tiny preset's 16; checkpoint at iteration 2 of
+# 4 (the last before the end)
 ARGS = (
     "--config",
     str(TINY),
@@ -32,6 +35,38 @@ CRITIC_KEYS = (
 )
 
 
+def _check_group_metrics(row):
+    """What the group metrics of 4 groups of 4 must satisfy given the batch's own statistics: a
+    whole number of uniform groups; no spread within groups exactly when all are uniform (up to
+    float32 rounding of the group means); and, by the law of total variance, a mean within-group
+    (unbiased) std of at most sqrt(4/3) x the batch's std."""
+    frac, std = row["rollout/group_all_equal_fraction"], row["rollout/group_score_std"]
+    assert frac * 4 == round(frac * 4), row
+    if frac == 1:
+        assert std <= 1e-5 * (1 + abs(row["rollout/score_mean"])), row
+    else:
+        assert std > 0, row
+    assert std <= (4 / 3) ** 0.5 * row["rollout/score_std"] + 1e-4, row
+
+
+def _group_metrics(calls):
+    """(all-equal fraction, mean unbiased std) of each training rollout's 4 groups of 4, computed
+    from the scores the reward function returned (rows are prompt-major: a group is 4 adjacent rows
+    with one prompt); evaluation calls (64 held-out prompts, one response each) are left out."""
+    import torch
+
+    out = []
+    for call in calls:
+        if len(call["prompts"]) != 16:
+            continue
+        prompts = [call["prompts"][i : i + 4] for i in range(0, 16, 4)]
+        assert all(len(set(g)) == 1 for g in prompts), call["prompts"]
+        groups = torch.tensor(call["scores"], dtype=torch.float32).view(4, 4)  # as the pipeline
+        equal = (groups.max(1).values == groups.min(1).values).double().mean().item()
+        out.append((equal, groups.double().std(1).mean().item()))
+    return out
+
+
 def test_grpo_runs_without_a_critic_and_resumes_exactly(pristine_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(pristine_run[0], out)  # SFT and reward model finished: only PPO runs
@@ -47,7 +82,7 @@ def test_grpo_runs_without_a_critic_and_resumes_exactly(pristine_run, tmp_path):
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for r in train:
         assert not [k for k in r if k in CRITIC_KEYS or "critic" in k], r
-        assert 0 <= r["rollout/group_all_equal_fraction"] <= 1 and r["rollout/group_score_std"] >= 0
+        _check_group_metrics(r)
         assert r["ppo/kl_loss"] >= 0 and r["ppo/kl_coef"] == 0.04  # the k3 loss term, fixed beta
     assert (ppo / "model" / "model.safetensors").is_file()
     checkpoint = ppo / "checkpoints" / "step_00000002"
@@ -66,18 +101,32 @@ def test_grpo_runs_without_a_critic_and_resumes_exactly(pristine_run, tmp_path):
 
 # The default task's gold shifted by 100: scores no reward model gives, so the metrics show whose
 # scores they are (GRPO's group normalisation ignores the shift).
-SHIFTED_GOLD = """from pipeline.default_task import gold
+# It also records each call (prompts and the scores it returned) in calls.jsonl next to itself.
+SHIFTED_GOLD = """import json
+from pathlib import Path
+
+from pipeline.default_task import gold
 
 
 def shifted_gold(prompts, responses):
-    return [100.0 + g for g in gold(prompts, responses)]
+    scores = [100.0 + g for g in gold(prompts, responses)]
+    with Path(__file__).with_name("calls.jsonl").open("a") as f:
+        f.write(json.dumps({"prompts": list(prompts), "scores": scores}) + "\\n")
+    return scores
 """
 
 
-def test_grpo_with_a_reward_function_instead_of_a_reward_model(tmp_path):
+def _sft_only(pristine_run, out):
+    """A copy of the session's finished run with its task and SFT stage only (no reward model)."""
+    for part in ("task", "sft"):
+        shutil.copytree(pristine_run[0] / part, out / part)
+
+
+def test_grpo_with_a_reward_function_instead_of_a_reward_model(pristine_run, tmp_path):
     fn = tmp_path / "my_reward.py"
     fn.write_text(SHIFTED_GOLD)
     out = tmp_path / "run"
+    _sft_only(pristine_run, out)  # SFT finished: it is reused, and no reward model is trained
     proc = launch(
         "ppo.py",
         *ARGS,
@@ -91,7 +140,7 @@ def test_grpo_with_a_reward_function_instead_of_a_reward_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert (
-        "stage sft: starting" in log
+        "stage sft is up to date" in log
         and "stage ppo: starting" in log
         and "stage reward: starting" not in log
     )
@@ -102,9 +151,16 @@ def test_grpo_with_a_reward_function_instead_of_a_reward_model(tmp_path):
     rows = metric_rows(out / "ppo" / "metrics.jsonl")
     train = [r for r in rows if "ppo/policy_loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
-    for r in train:  # the training rollouts are scored by the function (gold is in [-2.25, 1])
+    calls = [json.loads(x) for x in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    groups = _group_metrics(calls)
+    assert len(groups) == len(train)  # one call per training rollout
+    for r, (equal, std) in zip(train, groups):
+        # the training rollouts are scored by the function (gold is in [-2.25, 1]), and the group
+        # metrics are those of the scores it returned
         assert 97.75 <= r["rollout/score_mean"] <= 101, r
-        assert 0 <= r["rollout/group_all_equal_fraction"] <= 1 and r["rollout/group_score_std"] >= 0
+        assert r["rollout/group_all_equal_fraction"] == equal, (r, equal)
+        assert r["rollout/group_score_std"] == pytest.approx(std, rel=1e-4, abs=1e-4), (r, std)
+        _check_group_metrics(r)
     evals = [r for r in rows if "eval/reward_score" in r]
     assert evals
     for r in evals:  # the same held-out responses: the function's score is the gold + 100
@@ -112,12 +168,13 @@ def test_grpo_with_a_reward_function_instead_of_a_reward_model(tmp_path):
     assert (out / "ppo" / "model" / "model.safetensors").is_file()
 
 
-def test_ppo_gae_with_a_reward_function_starts_its_critic_from_the_policy(tmp_path):
+def test_ppo_gae_with_a_reward_function_starts_its_critic_from_the_policy(pristine_run, tmp_path):
     """PPO-GAE (launch/configs/ppo.yaml) needs a critic: with no reward model to start it from, the
     critic is the policy with a fresh value head, and training runs on the function's scores."""
     fn = tmp_path / "my_reward.py"
     fn.write_text(SHIFTED_GOLD)
     out = tmp_path / "run"
+    _sft_only(pristine_run, out)
     proc = launch(
         "ppo.py",
         "--config",
@@ -142,7 +199,8 @@ def test_ppo_gae_with_a_reward_function_starts_its_critic_from_the_policy(tmp_pa
     assert [r["step"] for r in train] == [1, 2]
     for r in train:
         assert 97.75 <= r["rollout/score_mean"] <= 101, r
-        # the fresh value head starts near 0 against returns near 100: a large loss the critic reduces
+        # the fresh value head starts near 0 against returns near 100: a large loss the critic
+        # reduces
         assert r["ppo/value_loss"] > 1.0 and r["ppo/critic_grad_norm"] > 0, r
     assert train[1]["ppo/value_loss"] < train[0]["ppo/value_loss"]
     assert (out / "ppo" / "model" / "model.safetensors").is_file()

@@ -4,8 +4,8 @@ A change that is not meant to change what the pipeline computes (a refactor, a n
 is off by default) must reproduce `reference_tiny_run.json`: the SFT and reward-model loss
 sequences, their evaluations, and every logged PPO step of the preset's 5 iterations (the step-0
 evaluation, each iteration's rollout sampled from the policy the previous updates made, its scores,
-losses and entropy, and the evaluations at iterations 2, 4 and 5). When a change is meant to change the numbers,
-regenerate the file from a fresh tiny run and say why in the commit:
+losses and entropy, and the evaluations at iterations 2, 4 and 5). When a change is meant to change
+the numbers, regenerate the file from a fresh tiny run and say why in the commit:
     deepspeed launch/ppo.py --config launch/configs/tiny.yaml --output_dir /tmp/tiny
     python tests/e2e/test_reference_run.py /tmp/tiny
 """

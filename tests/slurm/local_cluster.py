@@ -61,7 +61,8 @@ def _free_port() -> int:
 
 
 def ensure_installed(log=print) -> None:
-    """Install slurm-wlm and munge with apt-get when a binary is missing; Unavailable if it cannot."""
+    """Install slurm-wlm and munge with apt-get when a binary is missing; Unavailable if it
+    cannot."""
     missing = [b for b in BINARIES if shutil.which(b) is None]
     if not missing:
         return
@@ -92,7 +93,8 @@ def ensure_installed(log=print) -> None:
 
 
 class LocalCluster:
-    """munged + slurmctld + slurmd node1/node2, all children of this process, state under `workdir`."""
+    """munged + slurmctld + slurmd node1/node2, all children of this process, state under
+    `workdir`."""
 
     def __init__(self, workdir: Path, cpus_per_node: int = 2):
         self.dir = Path(workdir).resolve()
@@ -112,11 +114,12 @@ class LocalCluster:
         host = socket.gethostname()
         ctld_port = _free_port()
         node_lines = "\n".join(
-            f"NodeName={n} NodeAddr={addr} NodeHostname={host} Port={_free_port()} CPUs={self.cpus} "
-            f"RealMemory=4000 State=UNKNOWN"
+            f"NodeName={n} NodeAddr={addr} NodeHostname={host} Port={_free_port()} "
+            f"CPUs={self.cpus} RealMemory=4000 State=UNKNOWN"
             for n, addr in NODES.items()
         )
-        self.conf.write_text(f"""# A two-node SLURM cluster on one machine (tests/slurm/local_cluster.py)
+        self.conf.write_text(
+            f"""# A two-node SLURM cluster on one machine (tests/slurm/local_cluster.py)
 ClusterName=rlhftest
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
@@ -149,7 +152,8 @@ KillWait=60
 MinJobAge=3600
 {node_lines}
 PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
-""")
+"""
+        )
 
     def _start(self, name: str, cmd: list[str]) -> None:
         out = open(self.dir / "log" / f"{name}.out", "ab")
@@ -305,7 +309,8 @@ def main() -> None:
             f"local SLURM cluster up ({', '.join(f'{n}={a}' for n, a in NODES.items())}); "
             f"daemon pids {', '.join(f'{n}={p.pid}' for n, p in cluster.procs.items())}\n"
             f"in another shell:\n  export SLURM_CONF={cluster.conf}\n  sinfo; sbatch --nodes=2 "
-            f"launch/slurm/ppo.sbatch --config launch/configs/tiny.yaml --output_dir runs/slurm-tiny\n"
+            f"launch/slurm/ppo.sbatch --config launch/configs/tiny.yaml "
+            f"--output_dir runs/slurm-tiny\n"
             f"logs: {workdir}/log   Ctrl-C stops the daemons.",
             flush=True,
         )

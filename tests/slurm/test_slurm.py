@@ -4,9 +4,9 @@
 - the whole tiny pipeline submitted with `sbatch --nodes=2 launch/slurm/ppo.sbatch ...` completes
   with 2 ranks on 2 nodes and leaves the final models and TensorBoard events;
 - `scontrol requeue` mid-PPO: the job restarts and resumes from its checkpoint, and completes;
-- the stop signal SLURM sends before the time limit (`--signal=B:USR1@N`, here `scancel -b -s USR1`):
-  every rank checkpoints, the job requeues itself, resumes and completes, with a TensorBoard step
-  axis without gap or duplicate.
+- the stop signal SLURM sends before the time limit (`--signal=B:USR1@N`, here
+  `scancel -b -s USR1`): every rank checkpoints, the job requeues itself, resumes and completes,
+  with a TensorBoard step axis without gap or duplicate.
 
 Needs root (the daemons) and apt-get when slurm-wlm/munge are missing; skips with the reason
 otherwise (RLHF_REQUIRE_SLURM_TESTS=1 turns the skip into a failure).
@@ -236,7 +236,8 @@ def test_stop_signal_checkpoints_and_the_job_requeues_itself(cluster, two_node_r
             _logs(sub, job_id)
         )
         time.sleep(0.2)
-    # What `#SBATCH --signal=B:USR1@180` does before the time limit: SIGUSR1 to the batch shell only.
+    # What `#SBATCH --signal=B:USR1@180` does before the time limit: SIGUSR1 to the batch shell
+    # only.
     cluster.run("scancel", "--batch", "--signal=USR1", job_id)
     _wait(cluster, job_id, lambda j: j.get("Restarts") == "1", 300, "the self-requeue")
     job = _finished(cluster, job_id)

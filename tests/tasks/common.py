@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
-MAX_LEN = 24  # prompts and responses (EOS included) fit the default data.max_response_len and max_prompt_len
+# prompts and responses (EOS included) fit the default data.max_response_len and max_prompt_len
+MAX_LEN = 24
 MAX_POSITIONS = 48
 FILES = ("sft", "sft_eval", "pairs", "pairs_eval", "prompts", "prompts_eval")
 FLAG_OF = {
@@ -207,7 +208,8 @@ def choose(
 
 
 def main(module, argv=None) -> None:
-    """`python TASK.py OUT --seed S [--num_sft N ...]`: write the task, print the flags (last line)."""
+    """`python TASK.py OUT --seed S [--num_sft N ...]`: write the task, print the flags (last
+    line)."""
     import argparse
     import inspect
 

@@ -49,7 +49,9 @@ CATEGORIES = {
     "colors": "red blue green yellow purple pink brown black white gray orange violet".split(),
     "tools": "hammer saw drill wrench chisel pliers shovel rake axe file ladder clamp".split(),
     "vehicles": "car bus truck bicycle train tram boat ship plane taxi scooter van".split(),
-    "instruments": "piano guitar violin drum flute harp cello trumpet banjo organ oboe tuba".split(),
+    "instruments": (
+        "piano guitar violin drum flute harp cello trumpet banjo organ oboe tuba".split()
+    ),
 }
 COUNTS = {"two": 2, "three": 3, "four": 4, "five": 5}
 VERBS = ["name", "list", "give me", "tell me"]

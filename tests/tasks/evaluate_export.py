@@ -1,15 +1,17 @@
 """Independent check of an exported run on a test task, with plain `transformers` only.
 
-    python tests/tasks/evaluate_export.py RUN_DIR --task sort|distinct --task_dir F [--n 128] [--seed 0]
+    python tests/tasks/evaluate_export.py RUN_DIR --task sort|distinct --task_dir F \\
+        [--n 128] [--seed 0]
 
 Loads `RUN_DIR/sft/model` and `RUN_DIR/ppo/model` (AutoModelForCausalLM, AutoTokenizer), samples
 one response per held-out prompt of `F/prompts_eval.jsonl` (the first n; temperature 1, no top-k or
-top-p, at most 24 new tokens, EOS included, seeded: the same seed for both policies), and prints JSON
-with, for each policy: mean gold, fraction well formed, mean distinct-word ratio (distinct words /
-words, the final `.` excluded), mean response length in tokens (EOS included, as the pipeline's
-`response_length_mean`) and, when `RUN_DIR/reward/model` exists, the mean reward-model score of those
-responses: the score head read at the last real token of `BOS prompt response EOS` (the attention
-mask's last 1 of right-padded inputs, as the pipeline reads it; not Hugging Face's pooled logits).
+top-p, at most 24 new tokens, EOS included, seeded: the same seed for both policies), and prints
+JSON with, for each policy: mean gold, fraction well formed, mean distinct-word ratio (distinct
+words / words, the final `.` excluded), mean response length in tokens (EOS included, as the
+pipeline's `response_length_mean`) and, when `RUN_DIR/reward/model` exists, the mean reward-model
+score of those responses: the score head read at the last real token of `BOS prompt response EOS`
+(the attention mask's last 1 of right-padded inputs, as the pipeline reads it; not Hugging Face's
+pooled logits).
 """
 
 from __future__ import annotations

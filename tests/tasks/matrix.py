@@ -6,9 +6,10 @@ and with the defaults, and print what a user would see side by side.
 Per (task, seed): the task's data are generated (the default task generates its own), then
 `deepspeed launch/ppo.py` runs with only the data and model flags plus each variant's (VARIANTS);
 the first variant trains the SFT and reward stages, the others reuse them (copied, so those stages
-are skipped as up to date) and rerun PPO. A cell with a finished summary is not rerun. Rows: reward-model held-out
-accuracy, gold SFT -> PPO, win rate against the SFT policy, KL to the reference, ensemble
-disagreement, alarms, wall time. `--jobs 2` runs two (task, seed) cells at once (one thread each).
+are skipped as up to date) and rerun PPO. A cell with a finished summary is not rerun. Rows:
+reward-model held-out accuracy, gold SFT -> PPO, win rate against the SFT policy, KL to the
+reference, ensemble disagreement, alarms, wall time. `--jobs 2` runs two (task, seed) cells at once
+(one thread each).
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def row(task: str, seed: int, variant: str, out: Path, wall: float) -> dict:
 
 
 def _peak_rss(metrics: Path) -> float | None:
-    """The PPO process's peak resident memory (GB, per rank: every rank logs its own; rank 0's here)."""
+    """The PPO process's peak resident memory (GB, per rank: every rank logs its own; rank 0's
+    here)."""
     peaks = [json.loads(x).get("memory/peak_rss_gb") for x in metrics.read_text().splitlines()]
     return max((p for p in peaks if p is not None), default=None)
 
@@ -179,18 +181,22 @@ def table(rows: list[dict]) -> str:
         return "-" if x is None else f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
     lines = [
-        "| task | seed | variant | RM acc | gold SFT -> PPO | win rate | KL | ens. std SFT -> PPO | alarms (KL it., ens. evals, ref-NLL it.) | wall s |",
+        "| task | seed | variant | RM acc | gold SFT -> PPO | win rate | KL | ens. std SFT -> PPO "
+        "| alarms (KL it., ens. evals, ref-NLL it.) | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['task']} | {r['seed']} | {r['variant']} | {f(r['rm_accuracy'])} | {f(r['gold_sft'])} -> "
-            f"{f(r['gold_ppo'])} | {f(r['win_rate'])} | {f(r['kl'], 2)} | {f(r['ensemble_std_sft'])} -> "
-            f"{f(r['ensemble_std_ppo'])} | {f(r['alarm_kl'])}, {f(r['alarm_ensemble'])}, {f(r.get('alarm_ref_nll'))} | {r['wall_s']} |"
+            f"| {r['task']} | {r['seed']} | {r['variant']} | {f(r['rm_accuracy'])} | "
+            f"{f(r['gold_sft'])} -> {f(r['gold_ppo'])} | {f(r['win_rate'])} | {f(r['kl'], 2)} | "
+            f"{f(r['ensemble_std_sft'])} -> {f(r['ensemble_std_ppo'])} | "
+            f"{f(r['alarm_kl'])}, {f(r['alarm_ensemble'])}, {f(r.get('alarm_ref_nll'))} | "
+            f"{r['wall_s']} |"
         )
     lines += [
         "",
-        "| task | variant | seeds | gold gain mean (min) | runs with gold >= SFT | win rate mean (min) | KL mean (max) |",
+        "| task | variant | seeds | gold gain mean (min) | runs with gold >= SFT "
+        "| win rate mean (min) | KL mean (max) |",
         "|---|---|---|---|---|---|---|",
     ]
     for key in dict.fromkeys((r["task"], r["variant"]) for r in rows):
@@ -203,13 +209,16 @@ def table(rows: list[dict]) -> str:
             [r["kl"] for r in rs],
         )
         lines.append(
-            f"| {key[0]} | {key[1]} | {len(rs)} | {sum(gains) / len(rs):+.3f} ({min(gains):+.3f}) | "
-            f"{sum(g >= 0 for g in gains)}/{len(rs)} | {sum(wins) / len(rs):.3f} ({min(wins):.3f}) | "
+            f"| {key[0]} | {key[1]} | {len(rs)} | "
+            f"{sum(gains) / len(rs):+.3f} ({min(gains):+.3f}) | "
+            f"{sum(g >= 0 for g in gains)}/{len(rs)} | "
+            f"{sum(wins) / len(rs):.3f} ({min(wins):.3f}) | "
             f"{sum(kls) / len(rs):.2f} ({max(kls):.2f}) |"
         )
     lines += [
         "",
-        "| task | variant | seeds | iterations | gold PPO mean (min) | win rate mean (min) | KL mean (max) | "
+        "| task | variant | seeds | iterations | gold PPO mean (min) | win rate mean (min) "
+        "| KL mean (max) | "
         "PPO s/iteration | PPO wall s | peak RSS GB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -220,7 +229,8 @@ def table(rows: list[dict]) -> str:
         mean = lambda k, rs=rs: sum(r[k] for r in rs) / len(rs)  # noqa: E731
         lines.append(
             f"| {key[0]} | {key[1]} | {len(rs)} | {rs[0]['iterations']} | {mean('gold_ppo'):.3f} "
-            f"({min(r['gold_ppo'] for r in rs):.3f}) | {mean('win_rate'):.3f} ({min(r['win_rate'] for r in rs):.3f}) | "
+            f"({min(r['gold_ppo'] for r in rs):.3f}) | "
+            f"{mean('win_rate'):.3f} ({min(r['win_rate'] for r in rs):.3f}) | "
             f"{mean('kl'):.2f} ({max(r['kl'] for r in rs):.2f}) | {mean('ppo_s_per_iter'):.2f} | "
             f"{sum(r['stage_wall_s'].get('ppo', 0) for r in rs) / len(rs):.0f} | "
             f"{f(max((r['peak_rss_gb'] or 0) for r in rs), 2)} |"
@@ -253,7 +263,8 @@ def main() -> None:
         nargs="+",
         default=[],
         metavar="VARIANT=N",
-        help="PPO iterations of a variant (e.g. the same wall-time budget for each estimator recipe)",
+        help="PPO iterations of a variant "
+        "(e.g. the same wall-time budget for each estimator recipe)",
     )
     ap.add_argument(
         "--extra", nargs=argparse.REMAINDER, default=[], help="flags added to every run"

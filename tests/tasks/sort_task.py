@@ -10,9 +10,10 @@ shuffle: 0.5 on average).
 
 SFT demonstrations are noisy: with probability NEAR_SORTED = 0.25 the sorted list disturbed by 1-3
 random adjacent swaps, else a uniform shuffle; they average gold 0.59, and the SFT policy, which
-also writes malformed lists (a number dropped or repeated), sits well below 1. Preference pairs are two well-formed permutations of one prompt's numbers (never a
-malformed one), chosen = higher gold, pairs closer than MIN_GOLD_GAP skipped, labels flipped with
-probability `label_noise`; held-out pairs are noise-free.
+also writes malformed lists (a number dropped or repeated), sits well below 1. Preference pairs are
+two well-formed permutations of one prompt's numbers (never a malformed one), chosen = higher gold,
+pairs closer than MIN_GOLD_GAP skipped, labels flipped with probability `label_noise`; held-out
+pairs are noise-free.
 
 The hack it invites: the reward model never sees a malformed response, so an ascending list that
 is not the prompt's numbers (`0 1 2 3 4 .`, a number dropped or repeated) may score high under the

@@ -32,7 +32,8 @@ def test_body_params_of_the_benchmark_model():
 
 def test_forward_flops_by_hand():
     # body: 4 * 2^2 + 3 * 2 * 3 = 34 weights -> 2 * 34 * 4 positions = 272
-    # attention: 4 * 1 layer * 2 hidden * 10 pairs = 80; head: 2 * 2 hidden * 5 wide * 3 positions = 60
+    # attention: 4 * 1 layer * 2 hidden * 10 pairs = 80;
+    # head: 2 * 2 hidden * 5 wide * 3 positions = 60
     assert (
         forward_flops(TINY, positions=4, pairs=10, head_positions=3, head_width=5) == 272 + 80 + 60
     )
@@ -51,7 +52,8 @@ def test_iteration_flops_phases_by_hand():
 
 
 def test_training_flops_follow_the_6_params_tokens_rule():
-    """Attention is a few percent at T = 96: training ~ 6 x (actor + critic matmul params) x tokens."""
+    """Attention is a few percent at T = 96: training ~ 6 x (actor + critic matmul params) x
+    tokens."""
     w = Workload()
     tokens = w.prompts * (w.prompt_len + w.new_tokens)
     rule = 6 * (2 * body_params(w) + w.hidden * w.vocab + w.hidden) * tokens

@@ -628,7 +628,8 @@ def test_global_batch():
 
 # ---------------------------------------------------------------- help
 def _leaves(obj, prefix=""):
-    """(dotted name, default) of every leaf option, from a Config instance (independently of config.py)."""
+    """(dotted name, default) of every leaf option, from a Config instance (independently of
+    config.py)."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
@@ -694,7 +695,8 @@ def test_help_text_is_read_from_every_comment_form_the_formatter_leaves():
 
     assert _field_comments(_Documented) == {
         "plain": "a trailing comment",
-        "wrapped": "the formatter puts a long line's comment inside parentheses, as it did to this one",
+        "wrapped": "the formatter puts a long line's comment inside parentheses, "
+        "as it did to this one",
         "above": "a comment-only line above the field and a second one then its trailing part",
     }
 
@@ -892,7 +894,8 @@ def test_group_sizes_count_rows_and_keep_each_group_on_one_rank():
         UserError, match=r"8 x 4 = 32 rollout rows must be a multiple of ppo.mini_batch_size=12"
     ):
         ppo_sizes(dataclasses.replace(p, mini_batch_size=12), 1)
-    # 2 prompts x 4 samples = 8 rows would divide over 4 ranks, but a group would then span two ranks
+    # 2 prompts x 4 samples = 8 rows would divide over 4 ranks, but a group would then span two
+    # ranks
     with pytest.raises(
         UserError,
         match=r"ppo.rollout_batch_size=2 \(prompts\) must be a multiple of the number "

@@ -120,8 +120,8 @@ def test_given_format_must_match_the_columns(tmp_path):
     with pytest.raises(
         UserError,
         match=re.escape(
-            f"dataset {path}: field 'chosen' is missing (columns: prompt, response; --data.data_format "
-            f"prompt_chosen_rejected expects prompt, chosen, rejected)"
+            f"dataset {path}: field 'chosen' is missing (columns: prompt, response; "
+            f"--data.data_format prompt_chosen_rejected expects prompt, chosen, rejected)"
         ),
     ):
         load_role(Source((path,), format="prompt_chosen_rejected"), "sft_data")
@@ -129,7 +129,7 @@ def test_given_format_must_match_the_columns(tmp_path):
     assert load_role(Source((path,), format="prompt"), "prompt_data") == [{"prompt": "p"}]
 
 
-# ---------------------------------------------------------------- prompt/chosen/rejected (rm-static)
+# --------------------------------------------------------------- prompt/chosen/rejected (rm-static)
 RM_STATIC = [
     {
         "prompt": "\n\nHuman: review the pizza\n\nAssistant:",
@@ -199,7 +199,10 @@ def test_hh_is_split_at_the_last_assistant_turn_keeping_earlier_turns_in_the_pro
 
 
 def test_hh_assistant_quoted_inside_a_turn_is_not_a_turn(tmp_path):
-    text = "\n\nHuman: what does Assistant: mean ?\n\nAssistant: it names the speaker. Assistant: is a label"
+    text = (
+        "\n\nHuman: what does Assistant: mean ?\n\nAssistant: it names the speaker. "
+        "Assistant: is a label"
+    )
     rows = [
         {"chosen": text, "rejected": "\n\nHuman: what does Assistant: mean ?\n\nAssistant: no idea"}
     ]
@@ -265,10 +268,11 @@ def test_messages_render_the_prompt_with_the_chat_template(tmp_path, chat_tokeni
     ]
     path = _jsonl(tmp_path / "chat.jsonl", rows)
     [row] = load_role(path, "sft_data", chat_tokenizer)
-    # multi-turn: every turn before the last assistant message is the prompt, with the generation prompt
+    # multi-turn: every turn before the last assistant message is the prompt, with the generation
+    # prompt
     assert row == {
-        "prompt": "[system] be kind [user] review the pizza [assistant] great [user] and the movie ? "
-        "[assistant]",
+        "prompt": "[system] be kind [user] review the pizza [assistant] great [user] "
+        "and the movie ? [assistant]",
         "response": "the movie is dull .",
     }
     # the template's BOS text is dropped: the tokenizer adds BOS itself, so it appears once
@@ -360,7 +364,8 @@ def test_chat_tokenizer_is_loaded_only_when_chat_rows_need_it(tmp_path, chat_tok
         (
             {"messages": [_m("user", "p"), _m("user", "q")]},
             "sft_data",
-            "field 'messages' must end with an 'assistant' message (the response), but its last message is from 'user'",
+            "field 'messages' must end with an 'assistant' message (the response), "
+            "but its last message is from 'user'",
         ),
         (
             {"messages": [_m("user", "p"), {"role": "assistant"}]},
@@ -412,7 +417,7 @@ def test_message_pair_whose_prompts_differ_is_refused(tmp_path):
         load_role(path, "reward_data")
 
 
-# ---------------------------------------------------------------- data_split, held-out slices, mixing
+# -------------------------------------------------------------- data_split, held-out slices, mixing
 def test_split_shares_are_disjoint_cover_every_row_and_follow_the_ratios():
     parts = [split_indices(100, (2, 4, 4), k, seed=7) for k in range(3)]
     assert [len(p) for p in parts] == [20, 40, 40]
@@ -743,8 +748,8 @@ def test_an_unreachable_hub_dataset_is_one_paragraph_naming_it(tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     ).stdout
     assert (
-        "USERERROR dataset someorg/no-such-prefs is not a local file or folder, and the Hugging Face hub"
-        in out
+        "USERERROR dataset someorg/no-such-prefs is not a local file or folder, "
+        "and the Hugging Face hub" in out
     )
 
 

@@ -1,4 +1,5 @@
-"""Unit tests for pipeline/default_task: data generation, the gold preference, tokenizer, model config."""
+"""Unit tests for pipeline/default_task: data generation, the gold preference, tokenizer, model
+config."""
 
 import json
 

@@ -5,7 +5,8 @@ On CPU every tensor lives on one device, so `torch.stack([x.sum(), torch.tensor(
 CPU test and crashes on CUDA (issue #14: PPO died at its step-0 evaluation). The scan finds every
 call of a torch factory (`torch.tensor`, `torch.zeros`, ...) in pipeline/ or launch/ that names no
 `device=`. It passes only when the call is the direct argument of a helper that moves its input to
-`collectives.device()` itself, or sits in a function of ALLOWED, each with the reason it is CPU-only.
+`collectives.device()` itself, or sits in a function of ALLOWED, each with the reason it is
+CPU-only.
 """
 
 import ast
@@ -34,7 +35,8 @@ FACTORIES = {
     "randperm",
     "Generator",
 }
-# Helpers that move their argument to collectives.device() before it meets anything (collectives.all_reduce_sum).
+# Helpers that move their argument to collectives.device() before it meets anything
+# (collectives.all_reduce_sum).
 MOVES_TO_DEVICE = {"all_reduce_sum"}
 ALLOWED = {  # (module, function): why its factory calls never meet a device tensor
     (
@@ -187,7 +189,8 @@ def test_the_scan_finds_a_scalar_stacked_without_its_device(tmp_path):
 
 # ---------------------------------------------------------------- the helpers' devices
 def test_local_statistics_are_built_on_the_input_device():
-    """On the meta device a CPU-built scalar cannot join the input: the helpers must use its device."""
+    """On the meta device a CPU-built scalar cannot join the input: the helpers must use its
+    device."""
     from pipeline.distributed import collectives
 
     x = torch.ones(3, 4, device="meta")
@@ -197,7 +200,8 @@ def test_local_statistics_are_built_on_the_input_device():
 
 @pytest.fixture(scope="module")
 def one_rank():
-    """A world-size-1 gloo group in this process (what init_distributed makes without a launcher)."""
+    """A world-size-1 gloo group in this process (what init_distributed makes without a
+    launcher)."""
     import torch.distributed as dist
 
     from pipeline.distributed import collectives

@@ -1,4 +1,5 @@
-"""Process-group set-up: the timeout option, and a SLURM step that started ranks without a launcher."""
+"""Process-group set-up: the timeout option, and a SLURM step that started ranks without a
+launcher."""
 
 import pytest
 

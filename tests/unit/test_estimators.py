@@ -99,13 +99,15 @@ def test_dr_grpo_group_mean_without_std():
 
 def test_rloo_leave_one_out_mean():
     adv, _ = ADVANTAGE_ESTIMATORS["rloo"].fn(_inputs())
-    # row 0: 1 - (2 + 6) / 2 = -3; row 2: 2 - (1 + 6) / 2 = -1.5; row 3: 6 - (1 + 2) / 2 = 4.5; group 9: 0
+    # row 0: 1 - (2 + 6) / 2 = -3; row 2: 2 - (1 + 6) / 2 = -1.5; row 3: 6 - (1 + 2) / 2 = 4.5;
+    # group 9: 0
     close(adv, _on_tokens([-3.0, 0.0, -1.5, 4.5, 0.0]))
 
 
 def test_reinforce_pp_returns_to_go_then_global_whitening():
     adv, ret = ADVANTAGE_ESTIMATORS["reinforce_pp"].fn(_inputs(gamma=1.0))
-    # returns-to-go: row 0 [1, 1]; row 2 [-0.5 + 0 + 2.5, 0 + 2.5, 2.5] = [2, 2.5, 2.5]; row 4 [0.5, 0.5]
+    # returns-to-go: row 0 [1, 1]; row 2 [-0.5 + 0 + 2.5, 0 + 2.5, 2.5] = [2, 2.5, 2.5];
+    # row 4 [0.5, 0.5]
     expected = torch.tensor(
         [[1.0, 1.0, 0], [0.5, 0, 0], [2.0, 2.5, 2.5], [6.0, 0, 0], [0.5, 0.5, 0]]
     )
@@ -139,7 +141,8 @@ def test_reinforce_pp_baseline_subtracts_the_group_mean_then_whitens():
 
 
 def naive_gae(rewards, values, mask, gamma, lam):
-    """Per-row Python loop over the real tokens of each row (in order); value after the last is 0."""
+    """Per-row Python loop over the real tokens of each row (in order); value after the last is
+    0."""
     B, R = len(rewards), len(rewards[0])
     adv = [[0.0] * R for _ in range(B)]
     ret = [[0.0] * R for _ in range(B)]
@@ -165,8 +168,10 @@ def test_gae_hand_worked_gamma1_lam1():
 
 
 def test_gae_hand_worked_gamma09_lam095():
-    # delta_2 = 1 + 0 - 0.7 = 0.3 ; delta_1 = 0 + 0.9*0.7 - 0.6 = 0.03 ; delta_0 = 0 + 0.9*0.6 - 0.5 = 0.04
-    # gamma*lam = 0.855: A_2 = 0.3 ; A_1 = 0.03 + 0.855*0.3 = 0.2865 ; A_0 = 0.04 + 0.855*0.2865 = 0.2849575
+    # delta_2 = 1 + 0 - 0.7 = 0.3 ; delta_1 = 0 + 0.9*0.7 - 0.6 = 0.03 ;
+    # delta_0 = 0 + 0.9*0.6 - 0.5 = 0.04
+    # gamma*lam = 0.855: A_2 = 0.3 ; A_1 = 0.03 + 0.855*0.3 = 0.2865 ;
+    # A_0 = 0.04 + 0.855*0.2865 = 0.2849575
     rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0]])
     values = torch.tensor([[0.5, 0.6, 0.7, 5.0, -9.0]])  # last two positions are padding
     mask = torch.tensor([[1, 1, 1, 0, 0]])

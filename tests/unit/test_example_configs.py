@@ -1,5 +1,6 @@
-"""The example configs in launch/configs/ load, validate and divide for the world size they are for; the
-recipes (ppo, grpo, dr_grpo, rloo, reinforce_pp) alone, on top of the tiny preset, and with a reward function."""
+"""The example configs in launch/configs/ load, validate and divide for the world size they are for;
+the recipes (ppo, grpo, dr_grpo, rloo, reinforce_pp) alone, on top of the tiny preset, and with a
+reward function."""
 
 import pytest
 

@@ -8,7 +8,8 @@ import sys
 def test_light_modules_import_without_deepspeed():
     code = (
         "import sys\n"
-        "import pipeline.config, pipeline.config_checks, pipeline.cli, pipeline.data, pipeline.ppo_math, pipeline.estimators, "
+        "import pipeline.config, pipeline.config_checks, pipeline.cli, pipeline.data, "
+        "pipeline.ppo_math, pipeline.estimators, "
         "pipeline.monitoring, pipeline.default_task, pipeline.errors, pipeline.models\n"
         "heavy = [m for m in ('deepspeed',) if m in sys.modules]\n"
         "print(heavy)\n"

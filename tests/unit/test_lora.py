@@ -48,7 +48,8 @@ def _base(kind: str):
 
 
 def _adapted(kind: str, targets=("all-linear",)):
-    """The base model and a copy with LoRA whose B is non-zero (fresh adapters are B = 0, a no-op)."""
+    """The base model and a copy with LoRA whose B is non-zero (fresh adapters are B = 0, a
+    no-op)."""
     base = _base(kind)
     model = add_lora(copy.deepcopy(base), 4, 8.0, list(targets), "test model")
     g = torch.Generator().manual_seed(1)

@@ -68,7 +68,8 @@ def test_score_is_read_at_the_last_real_token_for_left_and_right_padding():
 
 # ---------------------------------------------------------------- tokenizer and model folders
 def _tokenizer_folder(tmp_path, task_tokenizer, **changes):
-    """The task tokenizer saved to a folder, with tokenizer_config.json entries changed or removed."""
+    """The task tokenizer saved to a folder, with tokenizer_config.json entries changed or
+    removed."""
     import json
 
     folder = tmp_path / "tok"

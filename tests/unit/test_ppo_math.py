@@ -40,7 +40,7 @@ def close(a, b, tol=1e-6):
     torch.testing.assert_close(_f64(a), _f64(b), rtol=0, atol=tol)
 
 
-# ----------------------------------------------------------------------------------------------- masked stats
+# ------------------------------------------------------------------------------------- masked stats
 
 
 def test_masked_sum_mean_var_basic_and_empty_rows():
@@ -80,7 +80,7 @@ def test_masked_whiten():
     assert torch.all(w_keep[m == 0] == 0)
 
 
-# ------------------------------------------------------------------------------------------- logits helpers
+# ----------------------------------------------------------------------------------- logits helpers
 
 
 def test_logprobs_and_entropy_from_logits():
@@ -104,7 +104,7 @@ def test_logprobs_and_entropy_from_logits():
     close(entropy_from_logits(masked), [[math.log(2)]])
 
 
-# -------------------------------------------------------------------------------------------------- KL
+# ----------------------------------------------------------------------------------------------- KL
 
 
 def test_k3_nonnegative_k1_can_be_negative_k2_formula():
@@ -148,7 +148,7 @@ def test_kl_estimate_rejects_unknown_estimator():
     assert "k1" in str(exc.value) and "k3" in str(exc.value)
 
 
-# ---------------------------------------------------------------------------------- rewards / last token
+# ----------------------------------------------------------------------------- rewards / last token
 
 
 def test_last_token_index():
@@ -201,7 +201,7 @@ def test_shape_rewards():
     )
 
 
-# --------------------------------------------------------------------------------------------- losses
+# ------------------------------------------------------------------------------------------- losses
 
 
 def test_policy_loss_hand_worked_two_tokens():
@@ -337,7 +337,8 @@ def _ratios_loss(ratios, advantages, **kw):
 
 def test_asymmetric_clipping_clip_higher():
     # token 0: ratio 1.25, A = +1 ; token 1: ratio 0.75, A = -1 ; token 2: ratio 0.75, A = +1
-    # symmetric eps 0.2: max(-1.25, -1.2) = -1.2 (clipped), max(0.75, 0.8) = 0.8 (clipped), max(-0.75, -0.8) = -0.75
+    # symmetric eps 0.2: max(-1.25, -1.2) = -1.2 (clipped), max(0.75, 0.8) = 0.8 (clipped),
+    # max(-0.75, -0.8) = -0.75
     loss, stats, grad = _ratios_loss([1.25, 0.75, 0.75], [1.0, -1.0, 1.0], clip_eps=0.2)
     close(loss, (-1.2 + 0.8 - 0.75) / 3)
     close(stats["clip_fraction"], 2 / 3)
@@ -355,7 +356,8 @@ def test_asymmetric_clipping_clip_higher():
 
 def test_dual_clip_caps_the_loss_of_negative_advantages():
     # token 0: ratio 5, A = -1: max(5, 1.2) = 5, capped at -A * 3 = 3 (no gradient)
-    # token 1: ratio 2, A = -1: max(2, 1.2) = 2 < 3: unchanged ; token 2: ratio 5, A = +1: max(-5, -1.2) = -1.2
+    # token 1: ratio 2, A = -1: max(2, 1.2) = 2 < 3: unchanged ;
+    # token 2: ratio 5, A = +1: max(-5, -1.2) = -1.2
     loss, stats, grad = _ratios_loss([5.0, 2.0, 5.0], [-1.0, -1.0, 1.0], clip_eps=0.2)
     close(loss, (5 + 2 - 1.2) / 3)
     assert "dual_clip_fraction" not in stats
@@ -379,7 +381,8 @@ def test_policy_loss_aggregation_mode_is_passed_through():
 
 
 def test_kl_penalty_loss_k3_hand_worked_and_padding_safe():
-    # token 0: pi = 0.5, ref = 0.25: k3 = (r - 1) - log r with r = 0.5: log 2 - 0.5; d/d log pi = 1 - r = 0.5
+    # token 0: pi = 0.5, ref = 0.25: k3 = (r - 1) - log r with r = 0.5: log 2 - 0.5;
+    # d/d log pi = 1 - r = 0.5
     # token 1: pi = ref: 0 ; token 2: padding with a log ratio of 150 (exp would overflow)
     ref = torch.tensor([[math.log(0.25), -2.0, -100.0]])
     lp = torch.tensor([[math.log(0.5), -2.0, 50.0]], requires_grad=True)
@@ -429,7 +432,7 @@ def test_explained_variance():
     close(explained_variance(t(), torch.full_like(ret, 2.0), mask), 0.0)
 
 
-# ------------------------------------------------------------------------------------------ controllers
+# -------------------------------------------------------------------------------------- controllers
 
 
 def test_ref_nll_constraint_by_hand():

@@ -87,7 +87,8 @@ def test_sft_normalisation_is_fixed_by_the_first_batch():
 
 def test_ensemble_members_are_normalised_then_mean_minus_penalty_times_std():
     t = _trainer(ensemble_penalty=0.5)
-    # member 1 is member 0 shifted and scaled (same ranking, another offset and scale); member 2 disagrees
+    # member 1 is member 0 shifted and scaled (same ranking, another offset and scale); member 2
+    # disagrees
     rm = [[0.0, 1.0, 2.0, 3.0], [10.0, 12.0, 14.0, 16.0], [3.0, 2.0, 1.0, 0.0]]
     scores = ppo_reward.combine(t, _exp(rm=rm))
     z0 = (torch.tensor(rm[0]) - 1.5) / (5 / 3) ** 0.5

@@ -73,7 +73,8 @@ def test_reward_functions_and_deepspeed_files_are_checked_by_every_launcher(tmp_
         tmp_path, ["--ppo.eval_reward_fn", "/x/gold.py:gold"], stages=("sft",)
     )
     assert _refused(tmp_path, ["--ds_inference_config", "/x/ds.json"], stages=("sft",)) == (
-        "option ds_inference_config: /x/ds.json does not exist (expected a DeepSpeed JSON file, or auto)."
+        "option ds_inference_config: /x/ds.json does not exist "
+        "(expected a DeepSpeed JSON file, or auto)."
     )
 
 

@@ -139,8 +139,9 @@ def test_blocked_eos_gives_finite_gradients_of_logprobs_and_entropy():
 
 
 def test_several_samples_per_prompt_come_out_grouped_with_their_prompt():
-    """num_samples_per_prompt: each prompt's samples are adjacent rows with its own prompt, attention
-    mask and group id, and pi_old of each row is that row's (the rollout of a GRPO/RLOO group)."""
+    """num_samples_per_prompt: each prompt's samples are adjacent rows with its own prompt,
+    attention mask and group id, and pi_old of each row is that row's (the rollout of a GRPO/RLOO
+    group)."""
     model = _tiny_lm()
     params = SamplingParams(max_new_tokens=8, num_samples=3)
     trainer = _trainer(model, params)

@@ -50,7 +50,8 @@ def _eos_pad_tokenizer(tmp_path, task_tokenizer):
 
 
 def _exported_rm(tmp_path, tok):
-    """A tiny scalar model with the pad id the reward stage gives it, saved and loaded back by plain HF."""
+    """A tiny scalar model with the pad id the reward stage gives it, saved and loaded back by plain
+    HF."""
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(
         LlamaConfig(
@@ -215,7 +216,8 @@ def test_ppo_scores_re_encoded_rows_where_the_exported_model_reads_them(tmp_path
     assert mask[:, 0].all() and not mask[:, -1].all()  # no left padding now; right padding in play
     expected = hf(input_ids=ids, attention_mask=mask).logits[:, 0]
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
-    # Re-encoding ends every row with the reward tokenizer's EOS (the truncated one too); read before it.
+    # Re-encoding ends every row with the reward tokenizer's EOS (the truncated one too); read
+    # before it.
     assert (ids.gather(1, last_real_index(mask)[:, None]) == reward_tok.eos_token_id).all()
     assert (score_index(ids, mask, reward_tok.pad_token_id) == last_real_index(mask) - 1).all()
 
