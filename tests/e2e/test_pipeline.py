@@ -53,6 +53,14 @@ def test_pipeline_fills_summary_and_exports_hf_folders(finished):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out / "ppo" / "model").num_parameters() > 0
+    # the reference-likelihood constraint is on by default: its ratio is the logged NLL over the
+    # first iteration's, and the summary counts the iterations above the limit
+    rows = [r for r in metric_rows(out / "ppo" / "metrics.jsonl") if "rollout/ref_nll" in r]
+    first = rows[0]["rollout/ref_nll"]
+    for r in rows:
+        assert r["alarm/ref_nll_ratio"] == pytest.approx(r["rollout/ref_nll"] / first, rel=1e-6)
+    above = sum(r["alarm/ref_nll_ratio"] > 1.2 for r in rows)
+    assert s["ppo"]["alarm_ref_nll_iterations"] == above
 
 
 def _documented_tags() -> dict[str, list[str]]:
