@@ -12,8 +12,9 @@ Where each concern lives:
 - stages/           sft.py, reward.py, and PPO: ppo.py the algorithm; ppo_setup, ppo_reward,
                     ppo_eval, ppo_types, ppo_checkpoint (resumable state, checkpoint, resume,
                     final save)
-- ppo_math.py       losses, KL estimators, controllers (pure torch); estimators.py: the registry of
-                    advantage estimators (gae, grpo, rloo, ...)
+- ppo_math.py       losses, KL estimators, reward shaping (pure torch); controllers.py: KL
+                    coefficient, reference-likelihood constraint, running moments; estimators.py:
+                    the registry of advantage estimators (gae, grpo, rloo, ...)
 - generation.py     the hybrid engine (materialised weights for decoding) and its backends
 - distributed/      DeepSpeed and torch.distributed: collectives, DS JSON, engines, ZeRO-3
                     gathers and export, engine checkpoints

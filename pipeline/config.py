@@ -227,7 +227,7 @@ class PPOConfig:
     kl_alarm: float = 0.0
     # keep the rollout's mean per-token NLL under the reference (entropy + KL) at most this multiple
     # of its first-iteration value: a reward penalty lambda x -log ref(y_t) whose lambda grows by
-    # dual ascent while it is above (ppo_math.RefNLLConstraint); 0: off. 1.2: measured on three
+    # dual ascent while it is above (controllers.RefNLLConstraint); 0: off. 1.2: measured on three
     # tasks x 3 seeds (docs/results.md#over-optimisation-on-three-tasks)
     ref_nll_limit: float = 1.2
     # dual-ascent step of that lambda per iteration, per unit of relative excess

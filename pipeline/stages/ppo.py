@@ -24,7 +24,7 @@ import logging
 
 import torch
 
-from pipeline import data, estimators, ppo_math
+from pipeline import controllers, data, estimators, ppo_math
 from pipeline.config import max_new_tokens, ppo_sizes
 from pipeline.distributed import collectives, engines
 from pipeline.distributed.collectives import global_whiten as _global_whiten
@@ -68,12 +68,12 @@ class PPOTrainer:
             self.sampling, num_samples=p.num_samples_per_prompt
         )
         self.kl_ctl = (
-            ppo_math.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
+            controllers.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon)
             if p.adaptive_kl
-            else ppo_math.FixedKLController(p.kl_coef)
+            else controllers.FixedKLController(p.kl_coef)
         )
-        self.score_moments = ppo_math.RunningMoments()
-        self.ref_nll = ppo_math.RefNLLConstraint(p.ref_nll_limit, p.ref_nll_lr)
+        self.score_moments = controllers.RunningMoments()
+        self.ref_nll = controllers.RefNLLConstraint(p.ref_nll_limit, p.ref_nll_lr)
         # nonfinite_in_a_row, sft_eval, member_norm, best, alarms, ptx_order: the bookkeeping
         ppo_checkpoint.init_bookkeeping(self)
         self.kl_alarm = p.kl_alarm or (2 * p.target_kl if p.adaptive_kl else 0.0)

@@ -7,11 +7,13 @@ import math
 import pytest
 import torch
 
-from pipeline.ppo_math import (
+from pipeline.controllers import (
     AdaptiveKLController,
     FixedKLController,
     RefNLLConstraint,
     RunningMoments,
+)
+from pipeline.ppo_math import (
     aggregate_loss,
     entropy_from_logits,
     explained_variance,
