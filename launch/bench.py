@@ -45,7 +45,7 @@ from bench_floor import current_rss, floors, full_length, on_rank0, per_rank, sl
 from bench_lib import SMOKE, Workload, check, format_table, iteration_flops, write_json
 
 
-# ---------------------------------------------------------------- the workload as folders, the real stage
+# ------------------------------------------------ the workload as folders, the real stage
 def write_fixtures(folder: Path, w: Workload) -> dict[str, str]:
     """Rank 0: a word-level tokenizer (<pad> <s> </s> <unk> w0 w1 ...: `vocab` entries), a policy
     and a scalar (reward/critic) model folder built with seed 0, and `prompts` rows of prompt_len
@@ -290,8 +290,9 @@ def report(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; `--local_rank` (added by the deepspeed launcher) is accepted and ignored."""
     parser = argparse.ArgumentParser(
-        description="Benchmark one PPO iteration (generation, scoring, training) of the real stage against "
-        "plain single-process floors: `deepspeed --num_gpus 2 launch/bench.py --json bench.json`."
+        description="Benchmark one PPO iteration (generation, scoring, training) of the real stage "
+        "against plain single-process floors: "
+        "`deepspeed --num_gpus 2 launch/bench.py --json bench.json`."
     )
     parser.add_argument(
         "--json", metavar="PATH", help="also write every figure to this JSON file (rank 0)"

@@ -36,7 +36,8 @@ def current_rss() -> int:
 
 
 def timed(fn: Callable[[], Any], warmup: int, repeats: int, sync: bool = True) -> list[float]:
-    """Wall seconds of `repeats` calls of `fn` after `warmup` calls; `sync`: ranks start each together."""
+    """Wall seconds of `repeats` calls of `fn` after `warmup` calls; `sync`: ranks start each
+    together."""
     out = []
     for i in range(warmup + repeats):
         if sync:
@@ -61,7 +62,8 @@ def slowest(values: Sequence[float], d) -> float:
 
 
 def on_rank0(fn: Callable[[], Any], d, threads: int) -> Any:
-    """`fn()` on rank 0 with `threads` threads (restored after); the other ranks wait at a barrier."""
+    """`fn()` on rank 0 with `threads` threads (restored after); the other ranks wait at a
+    barrier."""
     before, result = torch.get_num_threads(), None
     try:
         if d.is_main:
@@ -86,11 +88,12 @@ def full_length(seq: torch.Tensor, width: int, w: Workload, eos: int) -> torch.T
     return seq
 
 
-# ---------------------------------------------------------------- the floor: plain PyTorch, one process
+# ------------------------------------------------ the floor: plain PyTorch, one process
 def _logprobs(
     model, seq: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, width: int, params, eos: int
 ):
-    """(response logits, response log-probs) as the stage computes them (of the sampling distribution)."""
+    """(response logits, response log-probs) as the stage computes them (of the sampling
+    distribution)."""
     logits = model(input_ids=seq, attention_mask=mask, position_ids=pos).logits[:, width - 1 : -1]
     logits = ppo_math.sampling_logits(logits, params.temperature, eos, params.min_new_tokens)
     return logits, ppo_math.logprobs_from_logits(logits, seq[:, width:])
@@ -99,9 +102,9 @@ def _logprobs(
 def plain_iteration(
     m: dict[str, Any], tok, batch: list[dict], p, params, w: Workload, seed: int
 ) -> dict[str, float]:
-    """One PPO iteration without DeepSpeed on the whole batch, with the stage's math (`ppo_math`, `estimators`):
-    generate, score, KL-shaped rewards, GAE, whitening, `num_ppo_epochs` passes of mini-batches
-    with AdamW on actor and critic. Returns seconds per phase."""
+    """One PPO iteration without DeepSpeed on the whole batch, with the stage's math (`ppo_math`,
+    `estimators`): generate, score, KL-shaped rewards, GAE, whitening, `num_ppo_epochs` passes of
+    mini-batches with AdamW on actor and critic. Returns seconds per phase."""
     timer, prompts = PhaseTimer(), data.collate_prompts(batch, tok.pad_token_id)
     ids, mask, P = prompts["input_ids"], prompts["attention_mask"], prompts["input_ids"].shape[1]
     with timer("generation"), torch.no_grad():

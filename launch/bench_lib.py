@@ -1,7 +1,7 @@
-"""The benchmark's pure parts (tests/unit/test_bench.py): the workload's shape (`Workload`, `SMOKE`),
-FLOP counting, the targets and their checks, the markdown table and the strict JSON; `median` for
-timings. No torch, no ranks: measuring and the plain-PyTorch floor are in bench_floor.py, the real
-stage, the report and the command line in bench.py.
+"""The benchmark's pure parts (tests/unit/test_bench.py): the workload's shape (`Workload`,
+`SMOKE`), FLOP counting, the targets and their checks, the markdown table and the strict JSON;
+`median` for timings. No torch, no ranks: measuring and the plain-PyTorch floor are in
+bench_floor.py, the real stage, the report and the command line in bench.py.
 """
 
 from __future__ import annotations
@@ -124,12 +124,14 @@ def _fmt(v: Any) -> str:
 
 
 def format_table(results: dict) -> str:
-    """Markdown: a line of context (date, machine, versions, ranks), then figure | value | target | met."""
+    """Markdown: a line of context (date, machine, versions, ranks), then
+    figure | value | target | met."""
     m = results["machine"]
     lines = [
-        f"Benchmark {results['date']}{' (SMOKE workload)' if results['smoke'] else ''}: {m['platform']}, "
-        f"{m['cores']} cores ({m['cpu']}), torch {m['torch']}, deepspeed {m['deepspeed']}, transformers "
-        f"{m['transformers']}; {results['world_size']} rank(s) x {results['threads_per_rank']} thread(s)",
+        f"Benchmark {results['date']}{' (SMOKE workload)' if results['smoke'] else ''}: "
+        f"{m['platform']}, {m['cores']} cores ({m['cpu']}), torch {m['torch']}, deepspeed "
+        f"{m['deepspeed']}, transformers {m['transformers']}; {results['world_size']} rank(s) x "
+        f"{results['threads_per_rank']} thread(s)",
         "",
         "| figure | value | target | met |",
         "|---|---|---|---|",

@@ -1,4 +1,5 @@
-"""Stage 2 alone, reward model: `deepspeed launch/reward.py [--config FILE] [--option value ...]`."""
+"""Stage 2 alone, reward model:
+`deepspeed launch/reward.py [--config FILE] [--option value ...]`."""
 
 from pipeline.orchestrator import main
 

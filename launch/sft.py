@@ -1,4 +1,5 @@
-"""Stage 1 alone, supervised fine-tuning: `deepspeed launch/sft.py [--config FILE] [--option value ...]`."""
+"""Stage 1 alone, supervised fine-tuning:
+`deepspeed launch/sft.py [--config FILE] [--option value ...]`."""
 
 from pipeline.orchestrator import main
 

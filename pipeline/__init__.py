@@ -2,13 +2,16 @@
 
 Where each concern lives:
 - orchestrator.py   runs the stages in order, skipping those up to date; inputs.py says what each
-                    stage reads and fingerprints it; checkpoint.py: checkpoints and exact resume
+                    stage reads, fingerprint.py when it is up to date (identity, fingerprint);
+                    checkpoint.py: checkpoints and exact resume; stop_signals.py: SIGTERM/SIGUSR1
 - config.py         the options (typed dataclasses, one home); config_checks.py validates them;
                     cli.py: the command line (--config files, flags, --help, did-you-mean)
 - data/             datasets: sources, formats, tokenisation, the tokenised cache, collation
 - default_task/     the embedded task (data, tokenizer, from-scratch model, gold scorer)
 - models.py         loading models and tokenizers, LoRA, the forward helpers (log-probs, values)
-- stages/           sft.py, reward.py, and PPO (ppo.py the algorithm, ppo_setup/_reward/_eval/_types)
+- stages/           sft.py, reward.py, and PPO: ppo.py the algorithm; ppo_setup, ppo_reward,
+                    ppo_eval, ppo_types, ppo_checkpoint (resumable state, checkpoint, resume,
+                    final save)
 - ppo_math.py       losses, KL estimators, controllers (pure torch); estimators.py: the registry of
                     advantage estimators (gae, grpo, rloo, ...)
 - generation.py     the hybrid engine (materialised weights for decoding) and its backends

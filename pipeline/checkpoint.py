@@ -19,7 +19,9 @@ the manifest (sizes, checksums) and that every pickle holds only tensors and Dee
 types, and falls back to an older checkpoint when the newest is damaged.
 
 No DeepSpeed here: each engine's own files are written, read and converted by
-pipeline/distributed/checkpoint.py, and every collective comes from pipeline/distributed/collectives.py.
+pipeline/distributed/checkpoint.py, and every collective comes from
+pipeline/distributed/collectives.py. Not here either: the stop signals that ask for a last
+checkpoint (pipeline/stop_signals.py), what a stage's identity holds (pipeline/fingerprint.py).
 """
 
 from __future__ import annotations
@@ -148,7 +150,10 @@ def verify(folder: Path, rank: int = 0, world: int = 1) -> str | None:
             try:
                 check_pickle(p)
             except Exception as e:  # noqa: BLE001 - any failure means: do not load this file
-                return f"{p} holds objects other than tensors and DeepSpeed's state ({e.__class__.__name__})"
+                return (
+                    f"{p} holds objects other than tensors and DeepSpeed's state "
+                    f"({e.__class__.__name__})"
+                )
     return None
 
 
@@ -169,7 +174,8 @@ def identity_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
 
 
 def _shortened(value):
-    """A value as shown in an identity difference: long ones (hashes, file lists) cut to 12 characters."""
+    """A value as shown in an identity difference: long ones (hashes, file lists) cut to 12
+    characters."""
     return value if len(str(value)) <= 40 else str(value)[:12] + "..."
 
 
@@ -221,7 +227,8 @@ class Checkpointer:
         return [str(p) for p in candidates]
 
     def _read(self, folder: Path):
-        """(path, step, world size, state) of a verified checkpoint, or why this run cannot use it."""
+        """(path, step, world size, state) of a verified checkpoint, or why this run cannot use
+        it."""
         m = json.loads((folder / MANIFEST).read_text())
         if m.get("identity") != self.identity:
             diff = identity_diff(m.get("identity", {}), self.identity)
@@ -282,7 +289,8 @@ class Checkpointer:
 
     def every_local(self, resume: Resume) -> list[dict]:
         """The rank-local state of every rank that wrote `resume`, in rank order (to re-cut per-rank
-        state for another rank count). Tensors are memory-mapped: a caller reads only what it slices."""
+        state for another rank count). Tensors are memory-mapped: a caller reads only what it
+        slices."""
         return [
             torch.load(
                 resume.path / f"rank_{r:05d}.pt", map_location="cpu", weights_only=True, mmap=True
@@ -341,11 +349,15 @@ class Checkpointer:
             collectives.barrier()
             previous = self._latest_name()
             free = shutil.disk_usage(self.root).free / 2**30
+            if previous:
+                fallback = f"The previous checkpoint {self.root / previous} is intact"
+            else:
+                fallback = "There is no earlier checkpoint"
             raise CheckpointError(
-                f"the checkpoint of step {step} could not be written ({errors[0]}; {free:.1f} GiB free "
-                f"on that file system, or a file-size limit). "
-                f"{'The previous checkpoint ' + str(self.root / previous) + ' is intact' if previous else 'There is no earlier checkpoint'}; "
-                f"free some space and rerun the same command to resume from it."
+                f"the checkpoint of step {step} could not be written ({errors[0]}; {free:.1f} GiB "
+                "free on that file system, or a file-size limit). "
+                f"{fallback}; "
+                "free some space and rerun the same command to resume from it."
             )
         log.info("checkpoint saved: %s", final)
         return final
@@ -386,32 +398,3 @@ class Checkpointer:
     def _agree(self, errors: list[str]) -> list[str]:
         """Every rank's errors, on every rank (so all ranks take the same branch)."""
         return [e for part in collectives.all_gather_object(errors) for e in part]
-
-
-# ---------------------------------------------------------------- stop signals
-class StopRequest:
-    """SIGTERM and SIGUSR1 (what SLURM sends before a time limit) ask the run to stop cleanly.
-
-    The handler only sets a flag; training checks it at step boundaries with `requested()`,
-    which agrees over ranks (a signal delivered to one rank stops all of them at the same step).
-    """
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self):
-        self.signal: str | None = None
-
-    def install(self) -> None:
-        import signal
-
-        for name in self.SIGNALS:
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), self._handle)
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        import signal
-
-        self.signal = signal.Signals(signum).name
-
-    def requested(self) -> bool:
-        return collectives.all_reduce_sum(torch.tensor(float(self.signal is not None))).item() > 0

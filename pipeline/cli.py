@@ -80,7 +80,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
 
 
 def _from_dict(cls, data: dict, where: str, default=None):
-    """A `cls` instance from a mapping, starting from `default` (so sections keep their defaults)."""
+    """A `cls` instance from a mapping, starting from `default` (so sections keep their
+    defaults)."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a mapping of options, got {type(data).__name__}.")
     default = cls() if default is None else default
@@ -139,17 +140,36 @@ def _flat_fields(cls, prefix: str = ""):
 
 
 def _field_comments(cls) -> dict:
-    """The trailing `# comment` of each field in the class source: the help text."""
+    """Each field's help text: its `# comments`, on the lines of its statement (a trailing comment,
+    also inside the parentheses the formatter wraps a long line in) and on comment-only lines
+    directly above it, joined in order. A subclass's comment replaces its base's."""
+    import ast
     import inspect
+    import io
+    import textwrap
+    import tokenize
 
     out = {}
-    for line in (
-        line for c in reversed(cls.__mro__[:-1]) for line in inspect.getsource(c).splitlines()
-    ):
-        line = line.strip()
-        if ":" in line and "#" in line and not line.startswith(("#", '"')):
-            name = line.split(":", 1)[0].strip()
-            out[name] = line.split("#", 1)[1].strip()
+    for c in reversed(cls.__mro__[:-1]):
+        source = textwrap.dedent(inspect.getsource(c))
+        comments = {
+            tok.start[0]: tok.string.lstrip("#").strip()
+            for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+            if tok.type == tokenize.COMMENT
+        }
+        lines = source.splitlines()
+        for node in ast.parse(source).body[0].body:
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            above = []
+            row = node.lineno - 1  # 1-based number of the line above the statement
+            while row >= 1 and lines[row - 1].strip().startswith("#"):
+                above.insert(0, comments[row])
+                row -= 1
+            inside = [comments[r] for r in range(node.lineno, node.end_lineno + 1) if r in comments]
+            text = " ".join(t for t in above + inside if t)
+            if text:
+                out[node.target.id] = text
     return out
 
 
@@ -295,7 +315,8 @@ def parse_config(argv: Optional[list[str]] = None, description: str = "RLHF pipe
 
 
 def _merged(base: dict, over: dict) -> dict:
-    """`over` on top of `base`, section by section (a later config file overrides single options)."""
+    """`over` on top of `base`, section by section (a later config file overrides single
+    options)."""
     out = dict(base)
     for key, value in over.items():
         out[key] = (

@@ -27,7 +27,9 @@ class TaskConfig:
     num_sft: int = 6000  # SFT demonstrations (prompt, response)
     num_pairs: int = 6000  # preference pairs (prompt, chosen, rejected) for the reward model
     num_prompts: int = 4000  # PPO training prompts
-    num_eval: int = 256  # held-out prompts (distinct, never in training data), SFT demonstrations and preference pairs, each
+    # held-out prompts (distinct, never in training data), SFT demonstrations and preference pairs,
+    # each
+    num_eval: int = 256
     label_noise: float = 0.1  # probability that a training preference label is flipped
 
 
@@ -36,14 +38,21 @@ class ModelConfig:
     """The policy model. Empty `model_name_or_path` builds the default task's Llama from scratch."""
 
     model_name_or_path: str = ""  # HF hub name or local folder; empty = from scratch (below)
-    reward_model_name_or_path: str = ""  # the reward model's (and so the critic's) own base model, e.g. a smaller one; empty = as the policy (see reward_init)
+    # the reward model's (and so the critic's) own base model, e.g. a smaller one; empty = as the
+    # policy (see reward_init)
+    reward_model_name_or_path: str = ""
     hidden_size: int = 256  # from-scratch model: width
     num_hidden_layers: int = 4  # from-scratch model: depth
     num_attention_heads: int = 4  # from-scratch model: heads
     intermediate_size: int = 688  # from-scratch model: MLP width
     trust_remote_code: bool = False  # allow custom modelling code from the model folder
-    dtype: str = "auto"  # precision of every engine: auto (bf16 on an accelerator other than the CPU that supports it, else fp32), fp32, bf16 or fp16 (GPU; dynamic loss scaling); fills the DeepSpeed bf16/fp16 sections
-    gradient_checkpointing: bool = False  # recompute each layer's activations in backward (trained models): less activation memory, ~1/3 more compute
+    # precision of every engine: auto (bf16 on an accelerator other than the CPU that supports it,
+    # else fp32), fp32, bf16 or fp16 (GPU; dynamic loss scaling); fills the DeepSpeed bf16/fp16
+    # sections
+    dtype: str = "auto"
+    # recompute each layer's activations in backward (trained models): less activation memory, ~1/3
+    # more compute
+    gradient_checkpointing: bool = False
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -55,7 +64,9 @@ EVAL_METRICS = (
     "eval/reward_model_raw",
     "eval/reward_lcb",
 )  # ppo.select_best candidates (the stage checks which this run has)
-AUTO = "auto"  # model.dtype, ds_config, ds_inference_config: chosen for the accelerator (distributed.ds_config.resolve_auto)
+# model.dtype, ds_config, ds_inference_config: chosen for the accelerator
+# (distributed.ds_config.resolve_auto)
+AUTO = "auto"
 DATA_FORMATS = ("auto", "prompt_response", "prompt_chosen_rejected", "hh", "messages", "prompt")
 LR_SCHEDULERS = (
     "cosine",
@@ -70,30 +81,33 @@ LR_SCHEDULERS = (
 
 @dataclass
 class DataConfig:
-    """Datasets (local json/jsonl/parquet/csv files or folders). Empty = the embedded default task."""
+    """Datasets (local json/jsonl/parquet/csv files or folders). Empty = the embedded default
+    task."""
 
     tokenizer_path: str = ""  # tokenizer folder or hub name; empty = the model's, or the task's
-    data_path: list[str] = field(
-        default_factory=list
-    )  # one or more datasets feeding every stage (split by data_split); a stage's own path below overrides it
-    data_split: str = (
-        "2,4,4"  # shares of each data_path dataset for SFT, reward model, PPO (seeded, disjoint)
-    )
-    data_weights: list[float] = field(
-        default_factory=list
-    )  # mixing weights of the data_path datasets, one each (empty: concatenate)
-    data_format: str = "auto"  # auto (from the columns), prompt_response, prompt_chosen_rejected, hh, messages or prompt
-    eval_fraction: float = (
-        0.05  # share of a stage's user rows held out for evaluation when it has no eval path
-    )
+    # one or more datasets feeding every stage (split by data_split); a stage's own path below
+    # overrides it
+    data_path: list[str] = field(default_factory=list)
+    # shares of each data_path dataset for SFT, reward model, PPO (seeded, disjoint)
+    data_split: str = "2,4,4"
+    # mixing weights of the data_path datasets, one each (empty: concatenate)
+    data_weights: list[float] = field(default_factory=list)
+    # auto (from the columns), prompt_response, prompt_chosen_rejected, hh, messages or prompt
+    data_format: str = "auto"
+    # share of a stage's user rows held out for evaluation when it has no eval path
+    eval_fraction: float = 0.05
     sft_data_path: str = ""  # rows with `prompt`, `response`
     sft_eval_data_path: str = ""  # held-out rows with `prompt`, `response`
     reward_data_path: str = ""  # rows with `prompt`, `chosen`, `rejected`
     reward_eval_data_path: str = ""  # held-out rows with `prompt`, `chosen`, `rejected`
     prompt_data_path: str = ""  # rows with `prompt` (PPO)
     eval_prompt_data_path: str = ""  # held-out rows with `prompt` (PPO evaluation)
-    max_prompt_len: int = 256  # tokens (the tokenizer's special tokens included); a longer prompt is cut from the left (its BOS kept), and each dataset says once how many it cut
-    max_response_len: int = 24  # tokens, EOS included: the longest dataset response (longer ones are cut, with a warning) and, unless ppo.max_new_tokens says otherwise, the length of PPO's sampled responses
+    # tokens (the tokenizer's special tokens included); a longer prompt is cut from the left (its
+    # BOS kept), and each dataset says once how many it cut
+    max_prompt_len: int = 256
+    # tokens, EOS included: the longest dataset response (longer ones are cut, with a warning) and,
+    # unless ppo.max_new_tokens says otherwise, the length of PPO's sampled responses
+    max_response_len: int = 24
 
 
 @dataclass
@@ -104,9 +118,8 @@ class TrainConfig:
     max_steps: int = -1  # stop after this many optimizer steps (-1: run all epochs)
     learning_rate: float = 1e-3  # peak learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW weight decay
-    lr_scheduler: str = (
-        "cosine"  # transformers scheduler name: cosine, linear, constant_with_warmup
-    )
+    # transformers scheduler name: cosine, linear, constant_with_warmup
+    lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.05  # fraction of steps spent warming up
     micro_batch_size_per_gpu: int = 16  # rows (pairs for the reward model) per rank per micro-step
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
@@ -119,7 +132,9 @@ class TrainConfig:
 class RewardConfig(TrainConfig):
     """The reward-model stage: TrainConfig plus the ensemble."""
 
-    ensemble_size: int = 1  # reward models trained (different seeds: initialisation and data order); PPO scores with all of them (see ppo.ensemble_penalty)
+    # reward models trained (different seeds: initialisation and data order); PPO scores with all of
+    # them (see ppo.ensemble_penalty)
+    ensemble_size: int = 1
 
 
 @dataclass
@@ -129,69 +144,125 @@ class PPOConfig:
     actor_model_path: str = ""  # start from this policy folder; empty = the SFT stage's output
     reward_model_path: str = ""  # reward model folder; empty = the reward stage's output
     num_iterations: int = 60  # PPO iterations (rollout + update)
-    rollout_batch_size: int = 32  # prompts per iteration, over all ranks (each sampled num_samples_per_prompt times: rollout_batch_size x num_samples_per_prompt rows)
-    num_samples_per_prompt: int = 1  # responses sampled for each prompt (a group); each rank samples the groups of its own prompts, so a group never spans ranks. The group estimators (grpo, dr_grpo, rloo, reinforce_pp_baseline) need >= 2
+    # prompts per iteration, over all ranks (each sampled num_samples_per_prompt times:
+    # rollout_batch_size x num_samples_per_prompt rows)
+    rollout_batch_size: int = 32
+    # responses sampled for each prompt (a group); each rank samples the groups of its own prompts,
+    # so a group never spans ranks. The group estimators (grpo, dr_grpo, rloo,
+    # reinforce_pp_baseline) need >= 2
+    num_samples_per_prompt: int = 1
     mini_batch_size: int = 16  # rollout rows (responses) per optimizer step, over all ranks
     micro_batch_size_per_gpu: int = 8  # rows per rank per forward/backward
     num_ppo_epochs: int = 1  # passes over each rollout
     actor_learning_rate: float = 2e-4  # actor peak learning rate
     critic_learning_rate: float = 2e-4  # critic peak learning rate
-    actor_lora_rank: int = 0  # rank of LoRA adapters on the actor (0: off, every weight is trained); LoRA usually wants a higher actor_learning_rate
-    critic_lora_rank: int = 0  # rank of LoRA adapters on the critic (0: off); its scalar score head is trained in full either way
-    lora_alpha: float = (
-        16.0  # LoRA scale: an adapted layer's weight is W + (lora_alpha / rank) * B @ A
-    )
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["all-linear"]
-    )  # layers LoRA adapts: all-linear (every linear layer in the transformer blocks, not the LM or score head) or module names such as q_proj v_proj
+    # rank of LoRA adapters on the actor (0: off, every weight is trained); LoRA usually wants a
+    # higher actor_learning_rate
+    actor_lora_rank: int = 0
+    # rank of LoRA adapters on the critic (0: off); its scalar score head is trained in full either
+    # way
+    critic_lora_rank: int = 0
+    # LoRA scale: an adapted layer's weight is W + (lora_alpha / rank) * B @ A
+    lora_alpha: float = 16.0
+    # layers LoRA adapts: all-linear (every linear layer in the transformer blocks, not the LM or
+    # score head) or module names such as q_proj v_proj
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     warmup_iterations: int = 2  # linear warmup, in iterations
-    temperature: float = 1.0  # sampling temperature; every PPO log-prob (pi_old, pi, reference, KL, entropy) is of logits / temperature, the distribution sampled from
-    top_p: float = 1.0  # nucleus sampling: only 1 (off); a truncated distribution makes the log-probs and KL disagree with the sampler, so other values are refused
+    # sampling temperature; every PPO log-prob (pi_old, pi, reference, KL, entropy) is of logits /
+    # temperature, the distribution sampled from
+    temperature: float = 1.0
+    # nucleus sampling: only 1 (off); a truncated distribution makes the log-probs and KL disagree
+    # with the sampler, so other values are refused
+    top_p: float = 1.0
     top_k: int = 0  # top-k sampling: only 0 (off), refused otherwise for the same reason as top_p
-    max_new_tokens: int = 0  # new tokens sampled per response (EOS included) in PPO rollouts and evaluation; 0: data.max_response_len, the length the SFT and reward-model data were cut to
-    min_new_tokens: int = 0  # EOS is suppressed until this many response tokens, in sampling and in every PPO log-prob alike
+    # new tokens sampled per response (EOS included) in PPO rollouts and evaluation; 0:
+    # data.max_response_len, the length the SFT and reward-model data were cut to
+    max_new_tokens: int = 0
+    # EOS is suppressed until this many response tokens, in sampling and in every PPO log-prob alike
+    min_new_tokens: int = 0
     gather_modules: int = 0  # hybrid engine: submodules gathered at a time to materialise (0: all)
-    clip_eps: float = 0.2  # PPO ratio clip: the ratio is clipped to [1 - clip_eps_low, 1 + clip_eps_high], both clip_eps unless given
+    # PPO ratio clip: the ratio is clipped to [1 - clip_eps_low, 1 + clip_eps_high], both clip_eps
+    # unless given
+    clip_eps: float = 0.2
     clip_eps_low: Optional[float] = None  # lower ratio clip (none: clip_eps)
-    clip_eps_high: Optional[float] = (
-        None  # upper ratio clip (none: clip_eps); above clip_eps_low is DAPO's clip-higher (0.28 with low 0.2), against entropy collapse
-    )
-    dual_clip: float = 0.0  # dual-clip PPO (Ye et al. 2020): the loss of a negative-advantage token is capped at -A x dual_clip (0: off; else > 1, e.g. 3)
-    loss_agg: str = "token_mean"  # how per-token losses (policy, entropy, KL loss) are averaged: token_mean (over the mini-batch's tokens, all ranks), seq_mean_token_mean (each response's token mean, then over responses: GRPO) or seq_mean_token_sum_norm (each response's token sum / data.max_response_len, then over responses: Dr. GRPO)
+    # upper ratio clip (none: clip_eps); above clip_eps_low is DAPO's clip-higher (0.28 with low
+    # 0.2), against entropy collapse
+    clip_eps_high: Optional[float] = None
+    # dual-clip PPO (Ye et al. 2020): the loss of a negative-advantage token is capped at -A x
+    # dual_clip (0: off; else > 1, e.g. 3)
+    dual_clip: float = 0.0
+    # how per-token losses (policy, entropy, KL loss) are averaged: token_mean (over the
+    # mini-batch's tokens, all ranks), seq_mean_token_mean (each response's token mean, then over
+    # responses: GRPO) or seq_mean_token_sum_norm (each response's token sum /
+    # data.max_response_len, then over responses: Dr. GRPO)
+    loss_agg: str = "token_mean"
     value_clip: float = 0.2  # clip of V around old values (0: off)
     vf_coef: float = 0.5  # c1, critic loss weight
     entropy_coef: float = 0.0  # c2, entropy bonus weight
     gamma: float = 1.0  # GAE discount
     lam: float = 0.95  # GAE lambda
-    advantage_mode: str = "gae"  # the advantage estimator (pipeline/estimators.py ADVANTAGE_ESTIMATORS): gae (token-level GAE) or sequence (A = R - V(prompt)), both with a critic; critic-free (no critic engine at all): grpo, dr_grpo, rloo, reinforce_pp_baseline (groups: num_samples_per_prompt >= 2) and reinforce_pp
-    whiten_advantages: bool = True  # whiten advantages over the masked rollout of every rank (reinforce_pp and reinforce_pp_baseline always do)
-    kl_penalty: str = "reward"  # where the KL to the reference goes: reward (-beta KL_t in every token's reward: PPO, REINFORCE++) or loss (+ beta x KL of the current policy in the actor loss, aggregated like it: GRPO; needs kl_estimator k2 or k3)
+    # the advantage estimator (pipeline/estimators.py ADVANTAGE_ESTIMATORS): gae (token-level GAE)
+    # or sequence (A = R - V(prompt)), both with a critic; critic-free (no critic engine at all):
+    # grpo, dr_grpo, rloo, reinforce_pp_baseline (groups: num_samples_per_prompt >= 2) and
+    # reinforce_pp
+    advantage_mode: str = "gae"
+    # whiten advantages over the masked rollout of every rank (reinforce_pp and
+    # reinforce_pp_baseline always do)
+    whiten_advantages: bool = True
+    # where the KL to the reference goes: reward (-beta KL_t in every token's reward: PPO,
+    # REINFORCE++) or loss (+ beta x KL of the current policy in the actor loss, aggregated like it:
+    # GRPO; needs kl_estimator k2 or k3)
+    kl_penalty: str = "reward"
     kl_estimator: str = "k1"  # per-token KL estimator of the penalty: k1 (log-ratio), k2 or k3
-    kl_coef: float = (
-        0.1  # initial beta of the KL penalty (in the reward or the loss, see kl_penalty)
-    )
-    adaptive_kl: bool = (
-        False  # adapt beta towards target_kl (Ziegler et al. 2019); false: beta stays kl_coef
-    )
+    # initial beta of the KL penalty (in the reward or the loss, see kl_penalty)
+    kl_coef: float = 0.1
+    # adapt beta towards target_kl (Ziegler et al. 2019); false: beta stays kl_coef
+    adaptive_kl: bool = False
     target_kl: float = 3.0  # adaptive controller target (sequence KL, nats per response)
-    kl_horizon: int = 128  # adaptive controller horizon (samples): beta moves by up to 0.2 x min(rollout_batch_size / horizon, 1) per iteration (5% at 32 rollouts)
-    kl_alarm: float = 0.0  # warn (alarm/kl_to_ref) when the rollout KL to the reference exceeds this many nats (0: 2 x target_kl with adaptive_kl, else off)
+    # adaptive controller horizon (samples): beta moves by up to 0.2 x min(rollout_batch_size /
+    # horizon, 1) per iteration (5% at 32 rollouts)
+    kl_horizon: int = 128
+    # warn (alarm/kl_to_ref) when the rollout KL to the reference exceeds this many nats (0: 2 x
+    # target_kl with adaptive_kl, else off)
+    kl_alarm: float = 0.0
     score_clip: float = 5.0  # clip the reward-model score to +-score_clip (0: off)
-    reward_model_coef: float = 1.0  # weight of the reward model's score in the reward; 0: no reward model (needs reward_fn), no reward stage, the critic starts from the policy with a fresh value head
-    reward_fn: str = ""  # FILE.py:NAME or module:NAME, f(prompts, responses) -> floats: a rule-based reward added to the score (weight reward_fn_coef)
+    # weight of the reward model's score in the reward; 0: no reward model (needs reward_fn), no
+    # reward stage, the critic starts from the policy with a fresh value head
+    reward_model_coef: float = 1.0
+    # FILE.py:NAME or module:NAME, f(prompts, responses) -> floats: a rule-based reward added to the
+    # score (weight reward_fn_coef)
+    reward_fn: str = ""
     reward_fn_coef: float = 1.0  # weight of reward_fn in the reward
-    ensemble_penalty: float = 0.0  # with a reward-model ensemble (reward.ensemble_size > 1): reward = mean - ensemble_penalty x std over the members, each normalised on its held-out pairs (Coste et al. 2023)
-    eval_reward_fn: str = ""  # FILE.py:NAME or module:NAME, f(prompts, responses) -> floats: your gold metric, logged as eval/gold_score (evaluation only); empty: the default task's gold on its own prompts, none otherwise
-    select_best: str = ""  # also keep the policy with the best value of this evaluation metric (e.g. eval/gold_score) as <ppo>/model_best; empty: off
-    score_norm: str = "none"  # the reward model's score before the KL penalty and score_clip: none, sft (fixed mean/std of the scores of the SFT policy's held-out responses at step 0; beta then means the same on every task) or running (running mean/std of every rollout's scores)
+    # with a reward-model ensemble (reward.ensemble_size > 1): reward = mean - ensemble_penalty x
+    # std over the members, each normalised on its held-out pairs (Coste et al. 2023)
+    ensemble_penalty: float = 0.0
+    # FILE.py:NAME or module:NAME, f(prompts, responses) -> floats: your gold metric, logged as
+    # eval/gold_score (evaluation only); empty: the default task's gold on its own prompts, none
+    # otherwise
+    eval_reward_fn: str = ""
+    # also keep the policy with the best value of this evaluation metric (e.g. eval/gold_score) as
+    # <ppo>/model_best; empty: off
+    select_best: str = ""
+    # the reward model's score before the KL penalty and score_clip: none, sft (fixed mean/std of
+    # the scores of the SFT policy's held-out responses at step 0; beta then means the same on every
+    # task) or running (running mean/std of every rollout's scores)
+    score_norm: str = "none"
     early_stop_kl: float = 0.0  # stop the epoch loop when approx KL to pi_old exceeds this (0: off)
     max_nonfinite_skips: int = 3  # stop after this many non-finite updates in a row
     gradient_clipping: float = 1.0  # max global gradient norm for actor and critic
-    eval_steps: int = 10  # evaluate on held-out prompts every N iterations (and at 0 and the end); 0: no evaluation (no eval/ metrics, no eval-based summary fields; select_best refused)
+    # evaluate on held-out prompts every N iterations (and at 0 and the end); 0: no evaluation (no
+    # eval/ metrics, no eval-based summary fields; select_best refused)
+    eval_steps: int = 10
     logging_steps: int = 1  # log every N iterations
-    ptx_coef: float = 0.0  # PPO-ptx (InstructGPT): weight of a supervised LM loss on ptx data added to the actor loss (0: off)
-    ptx_data_path: str = ""  # PPO-ptx dataset in any SFT format (prompt/response, messages, hh, ...); empty = the SFT stage's training data
-    ema_beta: float = 0.0  # EMA of the actor weights after each optimizer step, saved as <ppo>/model_ema (0: off; e.g. 0.992)
+    # PPO-ptx (InstructGPT): weight of a supervised LM loss on ptx data added to the actor loss (0:
+    # off)
+    ptx_coef: float = 0.0
+    # PPO-ptx dataset in any SFT format (prompt/response, messages, hh, ...); empty = the SFT
+    # stage's training data
+    ptx_data_path: str = ""
+    # EMA of the actor weights after each optimizer step, saved as <ppo>/model_ema (0: off; e.g.
+    # 0.992)
+    ema_beta: float = 0.0
 
 
 @dataclass
@@ -201,17 +272,27 @@ class Config:
     output_dir: str = "runs/default"  # each stage writes <output_dir>/<stage>
     seed: int = 42  # seeds data generation, initialisation, shuffling and sampling
     force: bool = False  # rerun stages from scratch even when their outputs are up to date
-    dist_timeout_minutes: float = 120.0  # process-group timeout: a rank waiting longer in a collective (a dead node, a hung rank) fails instead of hanging; covers rank-0 work the others wait for (task generation, tokenising, checkpoint conversion)
+    # process-group timeout: a rank waiting longer in a collective (a dead node, a hung rank) fails
+    # instead of hanging; covers rank-0 work the others wait for (task generation, tokenising,
+    # checkpoint conversion)
+    dist_timeout_minutes: float = 120.0
     save_steps: int = 50  # checkpoint every N optimizer steps (SFT, RM) or PPO iterations; 0: never
     keep_last: int = 2  # checkpoints kept per stage (older ones are deleted)
-    resume: bool = (
-        True  # an unfinished stage resumes from its newest intact checkpoint; false: start over
-    )
+    # an unfinished stage resumes from its newest intact checkpoint; false: start over
+    resume: bool = True
     deepspeed_monitor: bool = False  # also log DeepSpeed's engine metrics to <stage>/tensorboard
-    ds_config: str = "auto"  # DeepSpeed JSON of trained engines; auto: ds_configs/zero3_train.json on CPU, ds_configs/zero3_train_gpu.json on other accelerators
-    ds_inference_config: str = "auto"  # DeepSpeed JSON of the frozen reference and reward model; auto: ds_configs/zero3_offload_inference.json on CPU, ..._gpu.json (pinned offload) elsewhere
-    cache_dir: str = ""  # tokenised examples are cached here by content hash, built once per node (empty: ~/.cache/rlhf-pipeline)
-    reward_init: str = "auto"  # reward model starts from: sft (SFT output), base (the SFT's start), auto (base for a from-scratch model, else sft)
+    # DeepSpeed JSON of trained engines; auto: ds_configs/zero3_train.json on CPU,
+    # ds_configs/zero3_train_gpu.json on other accelerators
+    ds_config: str = "auto"
+    # DeepSpeed JSON of the frozen reference and reward model; auto:
+    # ds_configs/zero3_offload_inference.json on CPU, ..._gpu.json (pinned offload) elsewhere
+    ds_inference_config: str = "auto"
+    # tokenised examples are cached here by content hash, built once per node (empty:
+    # ~/.cache/rlhf-pipeline)
+    cache_dir: str = ""
+    # reward model starts from: sft (SFT output), base (the SFT's start), auto (base for a
+    # from-scratch model, else sft)
+    reward_init: str = "auto"
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -272,9 +353,9 @@ def ppo_sizes(ppo: PPOConfig, world_size: int) -> PPOSizes:
     )
     need(
         ppo.rollout_batch_size % world_size == 0,
-        f"ppo.rollout_batch_size={ppo.rollout_batch_size} (prompts) must be a multiple of the number of ranks: "
-        f"each rank samples ppo.num_samples_per_prompt responses to each of its own prompts, so that a "
-        f"group lives on one rank",
+        f"ppo.rollout_batch_size={ppo.rollout_batch_size} (prompts) must be a multiple of the "
+        "number of ranks: each rank samples ppo.num_samples_per_prompt responses to each of its "
+        "own prompts, so that a group lives on one rank",
     )
     per_rank_mini = ppo.mini_batch_size // world_size
     micro = min(ppo.micro_batch_size_per_gpu, per_rank_mini)
@@ -295,12 +376,14 @@ def ppo_sizes(ppo: PPOConfig, world_size: int) -> PPOSizes:
 
 
 def max_new_tokens(cfg: Config) -> int:
-    """Tokens sampled per PPO response (EOS included): ppo.max_new_tokens, or data.max_response_len."""
+    """Tokens sampled per PPO response (EOS included): ppo.max_new_tokens, or
+    data.max_response_len."""
     return cfg.ppo.max_new_tokens or cfg.data.max_response_len
 
 
 def parse_split(text: str) -> tuple[float, ...]:
-    """`--data.data_split 2,4,4`: three non-negative shares (SFT, reward model, PPO), not all zero."""
+    """`--data.data_split 2,4,4`: three non-negative shares (SFT, reward model, PPO), not all
+    zero."""
     try:
         shares = tuple(float(x) for x in text.split(","))
     except ValueError:

@@ -142,8 +142,9 @@ def validate(cfg: Config) -> None:
 
     if cfg.task.num_eval > MAX_EVAL_PROMPTS:
         raise UserError(
-            f"option task.num_eval={cfg.task.num_eval} must be <= {MAX_EVAL_PROMPTS}: the default task "
-            f"keeps its held-out prompts out of training, and has twice that many distinct prompts."
+            f"option task.num_eval={cfg.task.num_eval} must be <= {MAX_EVAL_PROMPTS}: the default "
+            "task keeps its held-out prompts out of training, and has twice that many distinct "
+            "prompts."
         )
     if not 0 <= cfg.task.label_noise < 0.5:
         raise UserError(f"option task.label_noise={cfg.task.label_noise} must be in [0, 0.5).")
@@ -169,7 +170,8 @@ def validate_rewards(cfg: Config) -> None:
     p = cfg.ppo
     if not cfg.reward.ensemble_size >= 1:
         raise UserError(
-            f"option reward.ensemble_size={cfg.reward.ensemble_size} must be >= 1 (1: one reward model)."
+            f"option reward.ensemble_size={cfg.reward.ensemble_size} must be >= 1 (1: one reward "
+            "model)."
         )
     if not math.isfinite(p.reward_fn_coef):
         raise UserError(f"option ppo.reward_fn_coef={p.reward_fn_coef} must be a finite number.")
@@ -180,20 +182,20 @@ def validate_rewards(cfg: Config) -> None:
         )
     if p.reward_model_coef == 0 and p.reward_model_path:
         raise UserError(
-            f"option ppo.reward_model_path={p.reward_model_path!r} is given but ppo.reward_model_coef=0 "
-            f"uses no reward model; drop one of the two."
+            f"option ppo.reward_model_path={p.reward_model_path!r} is given but "
+            "ppo.reward_model_coef=0 uses no reward model; drop one of the two."
         )
     if p.ensemble_penalty > 0 and cfg.reward.ensemble_size < 2:
         raise UserError(
-            f"option ppo.ensemble_penalty={p.ensemble_penalty} penalises disagreement between reward "
-            f"models, but reward.ensemble_size={cfg.reward.ensemble_size}: train an ensemble "
-            f"(--reward.ensemble_size 3) or set ppo.ensemble_penalty 0."
+            f"option ppo.ensemble_penalty={p.ensemble_penalty} penalises disagreement between "
+            f"reward models, but reward.ensemble_size={cfg.reward.ensemble_size}: train an "
+            "ensemble (--reward.ensemble_size 3) or set ppo.ensemble_penalty 0."
         )
     if cfg.reward.ensemble_size > 1 and p.reward_model_path:
         raise UserError(
-            f"option reward.ensemble_size={cfg.reward.ensemble_size} trains an ensemble for PPO, but "
-            f"ppo.reward_model_path={p.reward_model_path!r} scores with one given model; drop one of "
-            f"the two."
+            f"option reward.ensemble_size={cfg.reward.ensemble_size} trains an ensemble for PPO, "
+            f"but ppo.reward_model_path={p.reward_model_path!r} scores with one given model; drop "
+            "one of the two."
         )
     if p.select_best and p.select_best not in EVAL_METRICS:
         raise UserError(
@@ -202,8 +204,9 @@ def validate_rewards(cfg: Config) -> None:
         )
     if p.select_best and p.eval_steps == 0:
         raise UserError(
-            f"option ppo.select_best={p.select_best!r} keeps the policy with the best evaluation, but "
-            f"ppo.eval_steps=0 turns evaluation off; give ppo.eval_steps > 0 or drop select_best."
+            f"option ppo.select_best={p.select_best!r} keeps the policy with the best evaluation, "
+            "but ppo.eval_steps=0 turns evaluation off; give ppo.eval_steps > 0 or drop "
+            "select_best."
         )
     for option in ("reward_fn", "eval_reward_fn"):
         if getattr(p, option):
@@ -213,15 +216,16 @@ def validate_rewards(cfg: Config) -> None:
 
 
 def validate_estimator(p: PPOConfig) -> None:
-    """The advantage estimator (a name of the registry in pipeline/estimators.py), groups, the KL placement and the
-    policy-loss variants."""
+    """The advantage estimator (a name of the registry in pipeline/estimators.py), groups, the KL
+    placement and the policy-loss variants."""
     from pipeline.estimators import ADVANTAGE_ESTIMATORS
     from pipeline.ppo_math import KL_ESTIMATORS, LOSS_AGG_MODES
 
     name = p.advantage_mode
     if name not in ADVANTAGE_ESTIMATORS:
         raise UserError(
-            f"option ppo.advantage_mode={name!r}: expected one of {', '.join(ADVANTAGE_ESTIMATORS)}."
+            f"option ppo.advantage_mode={name!r}: expected one of "
+            f"{', '.join(ADVANTAGE_ESTIMATORS)}."
         )
     est = ADVANTAGE_ESTIMATORS[name]
     if not p.num_samples_per_prompt >= 1:
@@ -230,35 +234,36 @@ def validate_estimator(p: PPOConfig) -> None:
         )
     if est.needs_groups and p.num_samples_per_prompt < 2:
         raise UserError(
-            f"option ppo.num_samples_per_prompt={p.num_samples_per_prompt}: ppo.advantage_mode={name} "
-            f"compares each response with the other responses to the same prompt, so it needs "
-            f"ppo.num_samples_per_prompt >= 2 (e.g. 4)."
+            f"option ppo.num_samples_per_prompt={p.num_samples_per_prompt}: "
+            f"ppo.advantage_mode={name} compares each response with the other responses to the "
+            "same prompt, so it needs ppo.num_samples_per_prompt >= 2 (e.g. 4)."
         )
     if est.whitens and not p.whiten_advantages:
         raise UserError(
-            f"option ppo.whiten_advantages=false: ppo.advantage_mode={name} (REINFORCE++) whitens its "
-            f"advantages over the global rollout by definition; set whiten_advantages true or choose "
-            f"another estimator."
+            f"option ppo.whiten_advantages=false: ppo.advantage_mode={name} (REINFORCE++) whitens "
+            "its advantages over the global rollout by definition; set whiten_advantages true or "
+            "choose another estimator."
         )
     if not est.needs_critic and p.critic_lora_rank:
         raise UserError(
-            f"option ppo.critic_lora_rank={p.critic_lora_rank}: ppo.advantage_mode={name} uses no critic; "
-            f"set critic_lora_rank 0."
+            f"option ppo.critic_lora_rank={p.critic_lora_rank}: ppo.advantage_mode={name} uses no "
+            "critic; set critic_lora_rank 0."
         )
     if p.kl_estimator not in KL_ESTIMATORS:
         raise UserError(
-            f"option ppo.kl_estimator={p.kl_estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}."
+            f"option ppo.kl_estimator={p.kl_estimator!r}: expected one of "
+            f"{', '.join(KL_ESTIMATORS)}."
         )
     if p.kl_penalty not in ("reward", "loss"):
         raise UserError(
-            f"option ppo.kl_penalty={p.kl_penalty!r}: expected 'reward' (in every token's reward) or "
-            f"'loss' (a term of the actor loss)."
+            f"option ppo.kl_penalty={p.kl_penalty!r}: expected 'reward' (in every token's reward) "
+            "or 'loss' (a term of the actor loss)."
         )
     if p.kl_penalty == "loss" and p.kl_estimator == "k1":
         raise UserError(
-            "option ppo.kl_estimator=k1 with ppo.kl_penalty=loss: the gradient of the k1 estimate (the "
-            "log-ratio) is zero in expectation on the policy's own samples, so it would not pull towards "
-            "the reference; use k3 (GRPO) or k2."
+            "option ppo.kl_estimator=k1 with ppo.kl_penalty=loss: the gradient of the k1 estimate "
+            "(the log-ratio) is zero in expectation on the policy's own samples, so it would not "
+            "pull towards the reference; use k3 (GRPO) or k2."
         )
     if p.loss_agg not in LOSS_AGG_MODES:
         raise UserError(
@@ -273,8 +278,9 @@ def validate_estimator(p: PPOConfig) -> None:
             )
     if not (p.dual_clip == 0 or p.dual_clip > 1):
         raise UserError(
-            f"option ppo.dual_clip={p.dual_clip} must be 0 (off) or > 1: the loss of a negative-advantage "
-            f"token is capped at -A x dual_clip, which must lie above the clipped PPO loss (e.g. 3)."
+            f"option ppo.dual_clip={p.dual_clip} must be 0 (off) or > 1: the loss of a "
+            "negative-advantage token is capped at -A x dual_clip, which must lie above the "
+            "clipped PPO loss (e.g. 3)."
         )
 
 
@@ -282,20 +288,23 @@ def validate_sampling(p: PPOConfig) -> None:
     """Sampling settings PPO can compute log-probs for (as TRL does): pi_old, pi and the reference
     are all read from logits / temperature (with EOS blocked before min_new_tokens), exactly the
     distribution the sampler draws from. A truncated distribution (top-k, top-p) cannot be matched:
-    the reference would need the same truncation, and KL(pi || ref) is infinite where ref is zero."""
+    the reference would need the same truncation, and KL(pi || ref) is infinite where ref is
+    zero."""
     why = (
         "PPO's log-probs (pi_old, pi, the reference) and the KL penalty are computed from the full "
         "distribution logits / ppo.temperature, so sampling from a truncated one would make them "
-        "disagree with the sampler (and the KL to an untruncated reference infinite); use ppo.temperature "
-        "to make sampling less random"
+        "disagree with the sampler (and the KL to an untruncated reference infinite); use "
+        "ppo.temperature to make sampling less random"
     )
     if p.top_k != 0:
         raise UserError(
-            f"option ppo.top_k={p.top_k}: top-k sampling is not supported, set it to 0 (off). {why}."
+            f"option ppo.top_k={p.top_k}: top-k sampling is not supported, set it to 0 (off). "
+            f"{why}."
         )
     if p.top_p != 1:
         raise UserError(
-            f"option ppo.top_p={p.top_p}: nucleus sampling is not supported, set it to 1 (off). {why}."
+            f"option ppo.top_p={p.top_p}: nucleus sampling is not supported, set it to 1 (off). "
+            f"{why}."
         )
 
 
@@ -308,13 +317,15 @@ def validate_lora(p: PPOConfig) -> None:
             )
     if not p.lora_alpha > 0:
         raise UserError(
-            f"option ppo.lora_alpha={p.lora_alpha} must be > 0 (adapters are scaled by lora_alpha / rank)."
+            f"option ppo.lora_alpha={p.lora_alpha} must be > 0 (adapters are scaled by lora_alpha "
+            "/ rank)."
         )
     names = p.lora_target_modules
     if (p.actor_lora_rank or p.critic_lora_rank) and not names:
         raise UserError(
-            "option ppo.lora_target_modules is empty but a LoRA rank is set: name the layers to adapt "
-            "(e.g. q_proj v_proj), or all-linear for every linear layer of the transformer blocks."
+            "option ppo.lora_target_modules is empty but a LoRA rank is set: name the layers to "
+            "adapt (e.g. q_proj v_proj), or all-linear for every linear layer of the transformer "
+            "blocks."
         )
     if "all-linear" in names and len(names) > 1:
         raise UserError(
@@ -327,7 +338,8 @@ def validate_data(dc: DataConfig) -> None:
     parse_split(dc.data_split)
     if dc.data_format not in DATA_FORMATS:
         raise UserError(
-            f"option data.data_format={dc.data_format!r}: expected one of {', '.join(DATA_FORMATS)}."
+            f"option data.data_format={dc.data_format!r}: expected one of "
+            f"{', '.join(DATA_FORMATS)}."
         )
     if dc.data_weights:
         if not dc.data_path:
@@ -342,7 +354,8 @@ def validate_data(dc: DataConfig) -> None:
             )
         if not all(w >= 0 for w in dc.data_weights) or not sum(dc.data_weights) > 0:
             raise UserError(
-                f"option data.data_weights={dc.data_weights}: weights must be >= 0 and not all zero."
+                f"option data.data_weights={dc.data_weights}: weights must be >= 0 and not all "
+                "zero."
             )
     if not 0 < dc.eval_fraction <= 0.5:
         raise UserError(f"option data.eval_fraction={dc.eval_fraction} must be in (0, 0.5].")

@@ -31,9 +31,10 @@ def gae_advantages(
     """Token-level GAE (Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE").
 
     rewards, values, response_mask: (B, R) -> (advantages, returns), both (B, R), float32 or wider.
-    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1}; V after the last
-    real token is 0 (episode ends). Masked-out positions are skipped (transparent: the recursion runs
-    over real tokens only), so padding never leaks into real positions; they are 0 in the outputs.
+    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1};
+    V after the last real token is 0 (episode ends). Masked-out positions are skipped (transparent:
+    the recursion runs over real tokens only), so padding never leaks into real positions; they are
+    0 in the outputs.
     returns = advantages + values on masked positions.
     """
     dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
@@ -60,8 +61,9 @@ def sequence_advantages(
     """Sequence-level (bandit) advantages: one return per sequence, baseline = value of the prompt.
 
     rewards (B, R), prompt_values (B,), response_mask (B, R) -> (advantages, returns), both (B, R):
-    R_seq = sum of masked rewards; A = R_seq - V(prompt), broadcast over masked tokens (0 elsewhere);
-    returns = R_seq broadcast over masked tokens. (REINFORCE with a learned baseline, Williams 1992.)
+    R_seq = sum of masked rewards; A = R_seq - V(prompt), broadcast over masked tokens (0
+    elsewhere); returns = R_seq broadcast over masked tokens. (REINFORCE with a learned baseline,
+    Williams 1992.)
     """
     m = response_mask.bool()
     ret = masked_sum(rewards, response_mask, dim=-1)
@@ -75,7 +77,9 @@ def sequence_advantages(
 class AdvantageInputs:
     """What an advantage estimator reads; the fields an estimator does not need may be None."""
 
-    rewards: Tensor  # (B, R) per-token rewards (shape_rewards): -beta KL_t if the KL is in the reward, + score at the last token
+    # (B, R) per-token rewards (shape_rewards): -beta KL_t if the KL is in the reward, + score at
+    # the last token
+    rewards: Tensor
     response_mask: Tensor  # (B, R)
     values: Tensor | None = None  # (B, R) critic V(s_t) before each response token (gae)
     prompt_values: Tensor | None = None  # (B,) critic V at the prompt's last token (sequence)
@@ -95,7 +99,9 @@ class AdvantageEstimator:
     needs_groups: (
         bool  # compares the responses to one prompt: needs ppo.num_samples_per_prompt >= 2
     )
-    whitens: bool  # whitened over the global rollout by definition (REINFORCE++), whatever ppo.whiten_advantages says
+    # whitened over the global rollout by definition (REINFORCE++), whatever ppo.whiten_advantages
+    # says
+    whitens: bool
 
 
 ADVANTAGE_ESTIMATORS: dict[
@@ -124,9 +130,10 @@ def estimate_advantages(
     whiten: bool,
     whiten_fn: Callable[[Tensor, Tensor], Tensor] = masked_whiten,
 ) -> tuple[Tensor, Tensor]:
-    """Estimator `name` on `inputs`, then `whiten_fn(advantages, mask)` when `whiten` or the estimator
-    whitens by definition. -> (advantages, returns), (B, R), 0 on padding. The PPO stage passes
-    `distributed.collectives.global_whiten` (statistics of every rank's rows); the default whitens locally."""
+    """Estimator `name` on `inputs`, then `whiten_fn(advantages, mask)` when `whiten` or the
+    estimator whitens by definition. -> (advantages, returns), (B, R), 0 on padding. The PPO stage
+    passes `distributed.collectives.global_whiten` (statistics of every rank's rows); the default
+    whitens locally."""
     est = ADVANTAGE_ESTIMATORS[name]
     adv, ret = est.fn(inputs)
     if whiten or est.whitens:
@@ -136,8 +143,8 @@ def estimate_advantages(
 
 def group_stats(x: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Statistics of x (B,) per group of rows with the same id (group_ids (B,), rows in any order):
-    (group of each row (B,) long in 0..G-1, then per group (G,) in x's dtype: mean, unbiased std (0 for
-    a group of one), size)."""
+    (group of each row (B,) long in 0..G-1, then per group (G,) in x's dtype: mean, unbiased std (0
+    for a group of one), size)."""
     _, group, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     n = counts.to(x.dtype)
     mean = x.new_zeros(len(n)).index_add_(0, group, x) / n
@@ -177,9 +184,9 @@ GRPO_EPS = 1e-6  # added to the group std (DeepSeekMath's GRPO, verl's default e
 
 @register_advantage_estimator("grpo", needs_critic=False, needs_groups=True)
 def _grpo(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
-    """GRPO (Shao et al. 2024, DeepSeekMath, sec. 4.1.2, outcome supervision): A_i = (R_i - mean_g R) /
-    (std_g R + 1e-6) over the responses g to the same prompt, broadcast over the response's tokens.
-    returns = R_i broadcast."""
+    """GRPO (Shao et al. 2024, DeepSeekMath, sec. 4.1.2, outcome supervision):
+    A_i = (R_i - mean_g R) / (std_g R + 1e-6) over the responses g to the same prompt, broadcast
+    over the response's tokens. returns = R_i broadcast."""
     ret = _sequence_return(x)
     g, mean, std, _ = group_stats(ret, x.group_ids)
     return _broadcast((ret - mean[g]) / (std[g] + GRPO_EPS), x.response_mask), _broadcast(
@@ -237,7 +244,8 @@ def _reinforce_pp_baseline(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
 
 def group_score_metrics(scores: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
     """Per group (G,): 1.0 where every response to the prompt got the same score (a group baseline
-    then gives it no learning signal), and the unbiased std of its scores. scores, group_ids: (B,)."""
+    then gives it no learning signal), and the unbiased std of its scores. scores, group_ids:
+    (B,)."""
     g, _, std, n = group_stats(scores, group_ids)
     hi = scores.new_full(n.shape, -math.inf).scatter_reduce(0, g, scores, "amax")
     lo = scores.new_full(n.shape, math.inf).scatter_reduce(0, g, scores, "amin")

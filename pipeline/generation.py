@@ -9,7 +9,8 @@ and the weights are freed afterwards.
 The PPO stage sees a generation backend only through `GenerationBackend` and builds it with
 `make_backend`: another backend (an inference server such as vLLM) is one class and one entry in
 `BACKENDS`, with no change to the stage. DeepSpeed's own hybrid engine is refused
-(`pipeline.distributed.ds_config.load_ds_config`): with DeepSpeed 0.19 and transformers 5 it does not run (issue #14).
+(`pipeline.distributed.ds_config.load_ds_config`): with DeepSpeed 0.19 and transformers 5 it does
+not run (issue #14).
 """
 
 from __future__ import annotations
@@ -128,9 +129,9 @@ class HybridEngine:
 class GenerationBackend(Protocol):
     """What the PPO stage asks of a generation backend, once per generation phase:
 
-        with backend.generation_mode() as model:   # 1. the actor's current weights, ready to decode
+        with backend.generation_mode() as model:  # 1. the actor's current weights, ready to decode
             seq = backend.generate(ids, mask, params)  # 2. sample (inside the mode only)
-            logits = model(seq, ...)                   # 3. pi_old log-probs from the training weights
+            logits = model(seq, ...)  # 3. pi_old log-probs from the training weights
 
     1. `generation_mode()` makes the training engine's current weights available for decoding
        (materialised into a plain module here; loaded into an inference engine by a server-based
@@ -139,8 +140,9 @@ class GenerationBackend(Protocol):
        at 1 (a backend whose decoder computes differently, e.g. vLLM's kernels, yields the ZeRO-3
        engine itself here).
     2. `generate(input_ids, attention_mask, params)`: left-padded prompts (B, P) on
-       `collectives.device()` -> (B * params.num_samples, P + params.max_new_tokens) token ids on the
-       same device, right-padded with the pad id, prompt-major. Each rank decodes its own prompts.
+       `collectives.device()` -> (B * params.num_samples, P + params.max_new_tokens) token ids on
+       the same device, right-padded with the pad id, prompt-major. Each rank decodes its own
+       prompts.
     """
 
     def generation_mode(self) -> AbstractContextManager[torch.nn.Module]: ...

@@ -1,25 +1,24 @@
-"""What each stage reads, and when a stage is up to date: input resolution and fingerprints.
+"""What each stage reads: input resolution.
 
 Here: the stages and the reward ensemble's member runs, the role -> path / data `Source` map of
 every stage (the user's paths, else `data.data_path`'s share, else the embedded default task, which
-`prepare_task` writes), which requested stages must run, the checks that every given path exists,
-and the fingerprint of a stage (a hash of its config section, the seed, the DeepSpeed configs and
-the content of its inputs) that `stage.json` records. Not here: running the stages and the checks
-before the first one (pipeline/orchestrator.py).
+`prepare_task` writes), which requested stages must run, and the checks that every given path
+exists. Not here: when a stage is up to date, its identity and fingerprint
+(pipeline/fingerprint.py), running the stages and the checks before the first one
+(pipeline/orchestrator.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from pathlib import Path
 
 from pipeline import default_task, reward_fns
-from pipeline.config import AUTO, Config, ModelConfig, max_new_tokens, parse_split, resolve_path
-from pipeline.data import Source, file_digest, is_hub_name
-from pipeline.distributed import collectives, ds_config
+from pipeline.config import AUTO, Config, max_new_tokens, parse_split, resolve_path
+from pipeline.data import Source, is_hub_name
+from pipeline.distributed import collectives
 from pipeline.errors import UserError
 
 log = logging.getLogger("pipeline")
@@ -27,7 +26,8 @@ STAGES = ("sft", "reward", "ppo")
 
 
 def base_stage(stage: str) -> str:
-    """The stage a run belongs to: `reward_2`, the third member of a reward ensemble, is `reward`."""
+    """The stage a run belongs to: `reward_2`, the third member of a reward ensemble, is
+    `reward`."""
     return stage.partition("_")[0]
 
 
@@ -98,9 +98,6 @@ _DEFAULT_FILES = {
     "prompt_data": "prompts.jsonl",
     "eval_prompt_data": "prompts_eval.jsonl",
 }
-# The data options that shape a stage's rows: fingerprinted through the stage's Sources (so a new
-# split reruns only the stages that read data_path), not through the data section of every stage.
-SOURCE_OPTIONS = ("data_path", "data_split", "data_weights", "data_format", "eval_fraction")
 
 
 def data_sources(cfg: Config, stage: str, task: Path) -> dict[str, Source | str]:
@@ -146,9 +143,9 @@ def ptx_source(cfg: Config, task: Path) -> dict[str, Source | str]:
         data_sources(cfg, "ppo", task)["prompt_data"], Source
     ):
         raise UserError(
-            f"option ppo.ptx_coef={p.ptx_coef}: PTX needs supervised rows, and this run gives no SFT "
-            f"data (it would fall back to the embedded default task's reviews while PPO reads your "
-            f"prompts). Give --ppo.ptx_data_path, or --data.sft_data_path / --data.data_path."
+            f"option ppo.ptx_coef={p.ptx_coef}: PTX needs supervised rows, and this run gives no "
+            "SFT data (it would fall back to the embedded default task's reviews while PPO reads "
+            "your prompts). Give --ppo.ptx_data_path, or --data.sft_data_path / --data.data_path."
         )
     return {"ptx_data": sft_rows}
 
@@ -260,7 +257,8 @@ def in_task(spec, task: Path) -> bool:
 
 def needs_task(cfg: Config, stages: tuple[str, ...] = STAGES) -> bool:
     """The default task is generated only when a stage that runs reads from it: its data, its
-    tokenizer or its from-scratch model. PPO from two given models on prompts of one's own does not."""
+    tokenizer or its from-scratch model. PPO from two given models on prompts of one's own does
+    not."""
     out = Path(cfg.output_dir)
     inputs = stage_inputs(cfg, out, out / "task")
     return any(
@@ -278,7 +276,9 @@ PATH_OPTIONS = {
     "model.reward_model_name_or_path": _MODEL,
     "data.tokenizer_path": "a local tokenizer folder or a hub name",
     "ppo.actor_model_path": "a policy model folder, e.g. <output_dir>/sft/model of an earlier run",
-    "ppo.reward_model_path": "a reward model folder, e.g. <output_dir>/reward/model of an earlier run",
+    "ppo.reward_model_path": (
+        "a reward model folder, e.g. <output_dir>/reward/model of an earlier run"
+    ),
     **{f"data.{role}_path": _DATASETS for roles in DATA_ROLES.values() for role in roles},
     "data.data_path": _DATASETS,
     "ppo.ptx_data_path": _DATASETS,
@@ -301,7 +301,8 @@ def check_given_paths(cfg: Config) -> None:
         value = getattr(cfg, option)
         if value != AUTO and not resolve_path(value).is_file():
             raise UserError(
-                f"option {option}: {value} does not exist (expected a DeepSpeed JSON file, or auto)."
+                f"option {option}: {value} does not exist (expected a DeepSpeed JSON file, or "
+                "auto)."
             )
 
 
@@ -320,87 +321,3 @@ def check_exists(stage: str, inputs: dict, out: Path) -> None:
                 f"stage {stage}: {role} path {path} does not exist ({role.split('_')[0]} "
                 f"inputs are {kinds})."
             )
-
-
-# ---------------------------------------------------------------- fingerprints
-def _digest(spec, out: Path) -> str | dict:
-    if isinstance(spec, Source):  # the datasets' content and how they are cut, converted and mixed
-        return {
-            "files": [file_digest(p) if is_hub_name(p) else _digest(p, out) for p in spec.paths],
-            **spec.describe(),
-        }
-    path = spec
-    p = Path(path)
-    stage_json = p.parent / "stage.json"
-    if p.name == "model" and stage_json.is_file():  # a model one of our stages produced
-        return json.loads(stage_json.read_text())["fingerprint"]
-    if not p.exists():
-        return f"missing:{path}"
-    if p.is_dir() and sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) > 2**28:
-        return json.dumps(
-            sorted(
-                (str(f), f.stat().st_size, f.stat().st_mtime_ns)
-                for f in p.rglob("*")
-                if f.is_file()
-            )
-        )
-    return file_digest(path)
-
-
-def identity(stage: str, cfg: Config, inputs: dict[str, str], out: Path) -> dict:
-    """What a stage's result depends on, except the rank count: its config section, the seed,
-    the data and model options, the DeepSpeed configs and the content of its inputs. A checkpoint
-    records it; resuming needs the same."""
-    cfg = ds_config.resolve_auto(cfg)  # what "auto" means here is what the stage depends on
-    section = dataclasses.asdict(
-        {"sft": cfg.sft, "reward": cfg.reward, "ppo": cfg.ppo}[base_stage(stage)]
-    )
-    section.pop("ensemble_size", None)  # each member is a run of its own (stage reward_i, seed + i)
-    return {
-        "stage": stage,
-        "section": section,
-        "seed": cfg.seed,
-        "data": {
-            k: v
-            for k, v in dataclasses.asdict(cfg.data).items()
-            if not k.endswith("_path") and k not in SOURCE_OPTIONS
-        },
-        "model": _model_identity(cfg.model),
-        "ds": {
-            "train": _file_text(cfg.ds_config),
-            "inference": _file_text(cfg.ds_inference_config),
-        },
-        "inputs": {role: _digest(path, out) for role, path in sorted(inputs.items())},
-    }
-
-
-def _model_identity(m: ModelConfig) -> dict:
-    """The model options a stage's result depends on. Gradient checkpointing changes memory and
-    time, not results, so switching it on to fit in memory keeps finished stages and checkpoints;
-    options added later are left out at their defaults so that earlier runs stay up to date."""
-    out = dataclasses.asdict(m)
-    del out["gradient_checkpointing"]
-    for key, default in (("dtype", "fp32"), ("reward_model_name_or_path", "")):
-        if out[key] == default:
-            del out[key]
-    return out
-
-
-def _file_text(path: str) -> str:
-    p = resolve_path(path)
-    return p.read_text() if p.is_file() else path
-
-
-def fingerprint(stage_identity: dict) -> str:
-    """The stage's identity, hashed: a finished stage is up to date while it is unchanged. The rank
-    count is left out: a stage trained on 8 GPUs stays done when the next run has 4."""
-    return hashlib.sha256(json.dumps(stage_identity, sort_keys=True).encode()).hexdigest()
-
-
-def up_to_date(stage_dir: Path, fp: str) -> dict | None:
-    marker = stage_dir / "stage.json"
-    if marker.is_file() and (stage_dir / "model").is_dir():
-        record = json.loads(marker.read_text())
-        if record.get("fingerprint") == fp:
-            return record
-    return None

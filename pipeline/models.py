@@ -146,7 +146,8 @@ def load_scalar_model(path: str, trust_remote_code: bool = False, dtype: str = "
 def enable_gradient_checkpointing(model) -> None:
     """Hugging Face gradient checkpointing: each decoder layer's activations are recomputed in
     backward instead of kept; HF does this only in train mode. Non-reentrant torch checkpointing
-    (inputs need not require grad). transformers 5 renamed `gradient_checkpointing_enable` to this."""
+    (inputs need not require grad). transformers 5 renamed `gradient_checkpointing_enable` to
+    this."""
     if not model.supports_gradient_checkpointing:
         raise UserError(
             f"option model.gradient_checkpointing: the {type(model).__name__} model does not "
@@ -158,8 +159,9 @@ def enable_gradient_checkpointing(model) -> None:
 def disable_dropout(model: torch.nn.Module) -> None:
     """Dropout off for good, so train mode computes exactly what eval mode does.
 
-    Dropout modules get p=0; HF attention and some layers read float attributes (`attention_dropout`,
-    OPT's `dropout`) or config values (Falcon, Persimmon) in train mode, so those become 0 too.
+    Dropout modules get p=0; HF attention and some layers read float attributes
+    (`attention_dropout`, OPT's `dropout`) or config values (Falcon, Persimmon) in train mode, so
+    those become 0 too.
     """
     configs = {}
     for module in model.modules():
@@ -216,16 +218,17 @@ def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
 def score_index(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None
 ) -> torch.Tensor:
-    """(B,) the position a reward model's score is read at, in training, in PPO and by plain Hugging Face:
-    the last attended token that is not the pad token (left and right padding alike).
+    """(B,) the position a reward model's score is read at, in training, in PPO and by plain Hugging
+    Face: the last attended token that is not the pad token (left and right padding alike).
 
     `AutoModelForSequenceClassification` pools the rightmost token that is not `config.pad_token_id`
-    (the last one when that is unset); the reward stage sets it to the tokenizer's pad, so an exported
-    reward model scores with HF / TRL / OpenRLHF-style consumers exactly what it was trained on. With a
-    pad distinct from EOS (the default task) this is the last attended position, the response's EOS.
-    When a tokenizer without a pad token pads with EOS, it is the token BEFORE the EOS: such a reward
-    model cannot see whether a response was terminated or cut off at max_response_len, so it cannot
-    learn to penalise truncation (give the tokenizer a pad token of its own for that).
+    (the last one when that is unset); the reward stage sets it to the tokenizer's pad, so an
+    exported reward model scores with HF / TRL / OpenRLHF-style consumers exactly what it was
+    trained on. With a pad distinct from EOS (the default task) this is the last attended position,
+    the response's EOS. When a tokenizer without a pad token pads with EOS, it is the token BEFORE
+    the EOS: such a reward model cannot see whether a response was terminated or cut off at
+    max_response_len, so it cannot learn to penalise truncation (give the tokenizer a pad token of
+    its own for that).
     """
     real = attention_mask.bool()
     if pad_token_id is not None:

@@ -160,7 +160,8 @@ class PhaseTimer:
 
     def memory_metrics(self) -> dict[str, float]:
         """`memory/accelerator_peak_gb` (peak allocated since the process started) and
-        `memory/<phase>_allocated_gb` / `_reserved_gb` at each phase's end; {} without an accelerator."""
+        `memory/<phase>_allocated_gb` / `_reserved_gb` at each phase's end; {} without an
+        accelerator."""
         if self.acc is None:
             return {}
         out = {"memory/accelerator_peak_gb": self.acc.max_memory_allocated() / 2**30}

@@ -5,7 +5,8 @@ of the stage's config section, the seed, the DeepSpeed configs and the content o
 files, and the fingerprints of the stages whose models it reads). An unfinished stage resumes from
 its newest intact checkpoint (see pipeline/checkpoint.py).
 Here: the checks before the first stage (agreed over ranks), running the stages, the summary and
-the launchers' entry point. What each stage reads and its fingerprint: pipeline/inputs.py.
+the launchers' entry point. What each stage reads: pipeline/inputs.py; its identity and
+fingerprint: pipeline/fingerprint.py; stop signals: pipeline/stop_signals.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from pipeline import default_task, reward_fns
 from pipeline.cli import parse_config
 from pipeline.config import Config, save_config
-from pipeline.checkpoint import Checkpointer, StopRequest
+from pipeline.checkpoint import Checkpointer
 from pipeline.data import FIELDS, load_role
 from pipeline.errors import (
     PREEMPTED_EXIT_CODE,
@@ -31,13 +32,12 @@ from pipeline.errors import (
     TrainingHalted,
     UserError,
 )
+from pipeline.fingerprint import fingerprint, identity, up_to_date
 from pipeline.inputs import (
     STAGES,
     base_stage,
     check_exists,
     check_given_paths,
-    fingerprint,
-    identity,
     in_task,
     needed_stages,
     needs_task,
@@ -45,12 +45,12 @@ from pipeline.inputs import (
     reward_members,
     stage_config,
     stage_inputs,
-    up_to_date,
 )
 from pipeline.monitoring import setup_logging
 from pipeline.distributed import collectives, ds_config
 from pipeline.distributed.ds_config import ds_configs
 from pipeline.stages.common import StageContext
+from pipeline.stop_signals import StopRequest
 
 log = logging.getLogger("pipeline")
 
@@ -145,7 +145,8 @@ def run(
     for stage, why in not_run.items():
         log.info("stage %s is not needed: %s.", stage, why)
 
-    def checks():  # everything that can be checked before the first stage, before anything is written
+    def checks():
+        """Everything that can be checked before the first stage, before anything is written."""
         check_given_paths(cfg)
         ds_config.check_precision(cfg.model.dtype)
         preflight(cfg, d, stages, out, task)
@@ -226,7 +227,8 @@ def format_summary(summary: dict) -> str:
 
 
 def node_name() -> str:
-    """This process's node: SLURM's node name under SLURM (several may share a host), else the host."""
+    """This process's node: SLURM's node name under SLURM (several may share a host), else the
+    host."""
     import os
     import socket
 
@@ -246,10 +248,10 @@ def main(stages: tuple[str, ...], description: str, argv: list[str] | None = Non
 
     A mistake every rank meets (SharedUserError, or any before the process group exists) is reported
     by rank 0 alone; the other ranks exit with the same code without repeating it; a mistake met by
-    one rank only is printed by that rank. Every rank meets the same mistakes: the command line and config file are the same,
-    and the checks before the first stage agree over ranks (`_agreed`). Before the process group
-    exists a rank cannot know that rank 0 saw the same, so then the first rank of each other node
-    reports too (a config file may be missing on one node only)."""
+    one rank only is printed by that rank. Every rank meets the same mistakes: the command line and
+    config file are the same, and the checks before the first stage agree over ranks (`_agreed`).
+    Before the process group exists a rank cannot know that rank 0 saw the same, so then the first
+    rank of each other node reports too (a config file may be missing on one node only)."""
     stop = StopRequest()
     stop.install()  # first: a signal during start-up is not lost, and the launcher's SIGTERM, sent
     # when a quiet rank exits, does not cut rank 0 off before it has printed the error

@@ -44,7 +44,8 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 
 
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Scalar variance of x over all masked positions (0 if too few positions: <2 unbiased, 0 biased)."""
+    """Scalar variance of x over all masked positions
+    (0 if too few positions: <2 unbiased, 0 biased)."""
     mean = masked_mean(x, mask)
     count = masked_sum(torch.ones_like(x), mask)
     sq = masked_sum((x - mean) ** 2, mask)
@@ -55,7 +56,8 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """(x - mean) / sqrt(var + eps) with mean / unbiased var over masked positions only.
 
-    With shift_mean=False the mean is added back (only the scale changes). Masked-out -> 0. Shape of x.
+    With shift_mean=False the mean is added back (only the scale changes). Masked-out -> 0.
+    Shape of x.
     """
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
@@ -74,10 +76,10 @@ def sampling_logits(
     t predicting response token t -> (B, R, V) float32.
 
     As Hugging Face `generate` processes them (and TRL scores them): divided by the temperature
-    (TemperatureLogitsWarper), and the EOS logit set to -inf at response positions t < min_new_tokens
-    (MinNewTokensLengthLogitsProcessor). Every log-prob and entropy of the policy or the reference
-    in PPO is of these logits, so pi_old, pi and the KL are those of the distribution that sampled.
-    Temperature 1 and min_new_tokens 0 return the logits unchanged (bitwise).
+    (TemperatureLogitsWarper), and the EOS logit set to -inf at response positions t <
+    min_new_tokens (MinNewTokensLengthLogitsProcessor). Every log-prob and entropy of the policy or
+    the reference in PPO is of these logits, so pi_old, pi and the KL are those of the distribution
+    that sampled. Temperature 1 and min_new_tokens 0 return the logits unchanged (bitwise).
     """
     logits = logits.float()
     if temperature != 1.0:
@@ -98,7 +100,8 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy -sum_v p log p of softmax(logits): (B, T, V) -> (B, T) float32 (-inf logits allowed)."""
+    """Entropy -sum_v p log p of softmax(logits): (B, T, V) -> (B, T) float32 (-inf logits
+    allowed)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     p = logp.exp()
     # 0 log 0 = 0; the where sits on logp, not on p * logp, so that a -inf logit (EOS blocked by
@@ -139,8 +142,8 @@ def shape_rewards(
     score: Tensor, kl: Tensor, response_mask: Tensor, kl_coef: float, score_clip: float | None
 ) -> Tensor:
     """Per-token rewards (B, R): -kl_coef * kl on masked tokens, plus the (clipped) sequence score
-    (B,) added at the last real response token. Rows with an empty mask are all zero.
-    Reward shaping with a per-token KL penalty: Ziegler et al. 2019; Ouyang et al. 2022 (InstructGPT).
+    (B,) added at the last real response token. Rows with an empty mask are all zero. Reward shaping
+    with a per-token KL penalty: Ziegler et al. 2019; Ouyang et al. 2022 (InstructGPT).
     """
     rewards = -kl_coef * torch.where(_m(response_mask), kl, torch.zeros_like(kl))
     score = score.to(rewards.dtype)
@@ -184,7 +187,8 @@ def aggregate_loss(
     if agg_mode == "seq_mean_token_sum_norm":
         return masked_sum(per_token, mask, dim=-1).sum() / norm_const / _denom(num_seqs)
     raise ValueError(
-        f"aggregate_loss: unknown agg_mode {agg_mode!r}; allowed values: {', '.join(LOSS_AGG_MODES)}"
+        f"aggregate_loss: unknown agg_mode {agg_mode!r}; allowed values: "
+        f"{', '.join(LOSS_AGG_MODES)}"
     )
 
 
@@ -202,16 +206,18 @@ def policy_loss(
     num_seqs: float | Tensor = 1.0,
     norm_const: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7).
+    """PPO clipped surrogate (Schulman et al. 2017, "Proximal Policy Optimization Algorithms",
+    eq. 7).
 
     All inputs (B, R). ratio = exp(logprobs - old_logprobs);
-    per-token loss = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high)), clip_eps_high
-    defaulting to clip_eps (a larger one is DAPO's clip-higher, Yu et al. 2025). dual_clip c > 1 (0: off)
-    caps the loss of negative-advantage tokens at -A * c, so a huge ratio cannot blow it up (dual-clip
-    PPO, Ye et al. 2020). Aggregated by `aggregate_loss` (default: masked sum / num_tokens).
+    per-token loss = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high)),
+    clip_eps_high defaulting to clip_eps (a larger one is DAPO's clip-higher, Yu et al. 2025).
+    dual_clip c > 1 (0: off) caps the loss of negative-advantage tokens at -A * c, so a huge ratio
+    cannot blow it up (dual-clip PPO, Ye et al. 2020). Aggregated by `aggregate_loss` (default:
+    masked sum / num_tokens).
     Stats (detached scalars): clip_fraction (masked tokens where the clipped branch is active),
-    dual_clip_fraction (where the dual clip is), approx_kl (masked mean of k3 = (ratio - 1) - log ratio,
-    http://joschu.net/blog/kl-approx.html), ratio_mean.
+    dual_clip_fraction (where the dual clip is), approx_kl (masked mean of
+    k3 = (ratio - 1) - log ratio, http://joschu.net/blog/kl-approx.html), ratio_mean.
     """
     # Zero the log ratio on padding so garbage there cannot overflow exp() and NaN the gradient.
     log_ratio = torch.where(_m(response_mask), logprobs - old_logprobs, torch.zeros_like(logprobs))
@@ -246,10 +252,10 @@ def kl_penalty_loss(
     num_seqs: float | Tensor = 1.0,
     norm_const: float = 1.0,
 ) -> Tensor:
-    """The KL to the reference as a loss term (GRPO, Shao et al. 2024, eq. 4, with k3): kl_estimate of
-    the CURRENT policy's log-probs (differentiable) against the reference's, (B, R) each, aggregated
-    like the policy loss. The caller multiplies it by beta. k1 is refused by the config: its
-    gradient is zero in expectation on samples of the policy."""
+    """The KL to the reference as a loss term (GRPO, Shao et al. 2024, eq. 4, with k3): kl_estimate
+    of the CURRENT policy's log-probs (differentiable) against the reference's, (B, R) each,
+    aggregated like the policy loss. The caller multiplies it by beta. k1 is refused by the config:
+    its gradient is zero in expectation on samples of the policy."""
     # Padding: log ratio 0 (so k = 0 and no exp() overflow whose 0 x inf gradient would be NaN).
     lp = torch.where(_m(response_mask), logprobs, ref_logprobs.to(logprobs.dtype))
     kl = kl_estimate(lp, ref_logprobs.to(logprobs.dtype), estimator)
@@ -264,10 +270,13 @@ def value_loss(
     num_tokens: float | Tensor,
     clip_range: float | None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Value-function loss 0.5 * (V - R)^2, optionally clipped around old_values (all inputs (B, R)).
+    """Value-function loss 0.5 * (V - R)^2, optionally clipped around old_values
+    (all inputs (B, R)).
 
-    With clip_range c: V_clip = old + clamp(V - old, -c, c), per-token 0.5 * max((V-R)^2, (V_clip-R)^2)
-    (value clipping as in OpenAI baselines PPO2 / Ziegler et al. 2019). loss = masked sum / num_tokens.
+    With clip_range c: V_clip = old + clamp(V - old, -c, c),
+    per-token 0.5 * max((V-R)^2, (V_clip-R)^2)
+    (value clipping as in OpenAI baselines PPO2 / Ziegler et al. 2019).
+    loss = masked sum / num_tokens.
     Stats (detached scalars): value_clip_fraction (0 without clipping), values_mean.
     """
     unclipped = (values - returns) ** 2
@@ -299,9 +308,10 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
 
 class AdaptiveKLController:
     """Adaptive KL coefficient (Ziegler et al. 2019, "Fine-Tuning Language Models from Human
-    Preferences", sec. 2.2): e = clip(KL / target - 1, -0.2, 0.2); beta <- beta * (1 + e * min(n_steps / horizon, 1)).
-    The step share is capped at 1 so that one update moves beta by at most 20% (a rollout larger than
-    the horizon would otherwise drive beta to 0 or double it at once).
+    Preferences", sec. 2.2): e = clip(KL / target - 1, -0.2, 0.2);
+    beta <- beta * (1 + e * min(n_steps / horizon, 1)).
+    The step share is capped at 1 so that one update moves beta by at most 20% (a rollout larger
+    than the horizon would otherwise drive beta to 0 or double it at once).
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
@@ -341,8 +351,8 @@ class FixedKLController:
 class RunningMoments:
     """Running mean / std of all scalars seen so far (e.g. for reward normalisation).
 
-    Batches are merged with the parallel variance formula of Chan, Golub & LeVeque (1979). Before any
-    update mean = 0, std = 1, count = 0. `std` is the unbiased (n - 1) standard deviation.
+    Batches are merged with the parallel variance formula of Chan, Golub & LeVeque (1979). Before
+    any update mean = 0, std = 1, count = 0. `std` is the unbiased (n - 1) standard deviation.
     """
 
     def __init__(self) -> None:
@@ -350,7 +360,8 @@ class RunningMoments:
         self._m2 = 0.0  # sum of squared deviations from the mean
 
     def update(self, x: Tensor) -> tuple[float, float]:
-        """Merge the values of x (any shape, non-empty); returns (batch mean, unbiased batch std)."""
+        """Merge the values of x (any shape, non-empty); returns (batch mean, unbiased batch
+        std)."""
         xs = x.detach().double().flatten()
         n = xs.numel()
         if n == 0:
@@ -375,6 +386,7 @@ class RunningMoments:
 
 @torch.no_grad()
 def ema_update_(ema: Tensor, weights: Tensor, beta: float) -> Tensor:
-    """ema <- beta * ema + (1 - beta) * weights, in place (DeepSpeed-Chat's `--enable_ema`, there with
-    beta = 0.992). `ema` keeps its dtype (float32 for an EMA of bf16/fp16 weights); same shapes."""
+    """ema <- beta * ema + (1 - beta) * weights, in place (DeepSpeed-Chat's `--enable_ema`, there
+    with beta = 0.992). `ema` keeps its dtype (float32 for an EMA of bf16/fp16 weights); same
+    shapes."""
     return ema.mul_(beta).add_(weights.to(ema.dtype), alpha=1.0 - beta)

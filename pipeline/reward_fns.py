@@ -54,8 +54,8 @@ def source_file(spec: str, option: str) -> Path:
         why = ""
     if found is None or not found.origin or not Path(found.origin).is_file():
         raise UserError(
-            f"option {option}={spec!r}: no module {where!r} can be imported{why}; give FILE.py:NAME "
-            f"for a function in a file."
+            f"option {option}={spec!r}: no module {where!r} can be imported{why}; give "
+            "FILE.py:NAME for a function in a file."
         )
     return Path(found.origin)
 
@@ -74,9 +74,9 @@ class ScoreFn:
             out = self.fn(list(prompts), list(responses))
         except Exception as e:  # the user's code: name the first row that raises on its own
             raise UserError(
-                f"{self._who()} raised {type(e).__name__}: {e}{self._failing_row(prompts, responses)}. "
-                f"PPO stopped; fix the function and rerun (the stage resumes from its last "
-                f"checkpoint)."
+                f"{self._who()} raised {type(e).__name__}: "
+                f"{e}{self._failing_row(prompts, responses)}. PPO stopped; fix the function and "
+                "rerun (the stage resumes from its last checkpoint)."
             ) from None
         if hasattr(out, "tolist"):  # NumPy arrays and tensors
             out = out.tolist()
@@ -88,8 +88,8 @@ class ScoreFn:
             ) from None
         if len(values) != len(prompts):
             raise UserError(
-                f"{self._who()} returned {len(values)} values for {len(prompts)} rows: it must return "
-                f"one number per (prompt, response) row, in order."
+                f"{self._who()} returned {len(values)} values for {len(prompts)} rows: it must "
+                "return one number per (prompt, response) row, in order."
             )
         result = []
         for i, v in enumerate(values):

@@ -22,7 +22,7 @@ log = logging.getLogger(
 
 def examples_cache_file(cache_dir: str, stage: str, role: str, identity: dict) -> Path:
     """Where the examples of a stage's data role are cached: keyed by the content hash of the data
-    and the tokenizer (from the stage's identity, see inputs.identity) and the data options."""
+    and the tokenizer (from the stage's identity, see fingerprint.identity) and the data options."""
     key = hashlib.sha256(
         json.dumps(
             {

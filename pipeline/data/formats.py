@@ -75,10 +75,10 @@ def detect_format(path: str, columns: list[str], rows: list[dict]) -> str:
     if "prompt" in cols:
         return "prompt"
     raise UserError(
-        f"dataset {path}: cannot tell its format from its columns ({', '.join(columns) or 'none'}). "
-        f"Expected prompt/response, prompt/chosen/rejected, chosen/rejected HH dialogues "
-        f"('\\n\\nHuman: ... \\n\\nAssistant: ...'), chat 'messages', or prompt only; rename the "
-        f"columns or set --data.data_format."
+        f"dataset {path}: cannot tell its format from its columns "
+        f"({', '.join(columns) or 'none'}). Expected prompt/response, prompt/chosen/rejected, "
+        "chosen/rejected HH dialogues ('\\n\\nHuman: ... \\n\\nAssistant: ...'), chat 'messages', "
+        "or prompt only; rename the columns or set --data.data_format."
     )
 
 

@@ -102,9 +102,9 @@ def _check_utf8(files: list[str]) -> None:
                     line.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise UserError(
-                        f"dataset {name}, line {lineno}: not UTF-8 text (byte {line[e.start]:#04x} at "
-                        f"column {e.start + 1}, file offset {offset + e.start}); save the file as "
-                        f"UTF-8."
+                        f"dataset {name}, line {lineno}: not UTF-8 text (byte {line[e.start]:#04x} "
+                        f"at column {e.start + 1}, file offset {offset + e.start}); save the file "
+                        "as UTF-8."
                     ) from None
                 offset += len(line)
 
@@ -248,7 +248,8 @@ def split_indices(n: int, ratios: tuple[float, ...], part: int, seed: int) -> li
 
 
 def holdout_indices(idx: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, eval) of a share: a seeded max(1, round(fraction * n)) rows held out for evaluation."""
+    """(train, eval) of a share: a seeded max(1, round(fraction * n)) rows held out for
+    evaluation."""
     import numpy as np
 
     k = max(1, int(round(len(idx) * fraction)))

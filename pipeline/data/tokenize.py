@@ -37,8 +37,9 @@ class Truncations:
     def report(self, what: str, max_prompt_len: int, max_response_len: int) -> None:
         if self.prompts:
             log.warning(
-                "%s: %d of %d prompts were longer than max_prompt_len=%d tokens (the longest has %d) "
-                "and were truncated from the left; raise --data.max_prompt_len to keep them whole.",
+                "%s: %d of %d prompts were longer than max_prompt_len=%d tokens (the longest has "
+                "%d) and were truncated from the left; raise --data.max_prompt_len to keep them "
+                "whole.",
                 what,
                 self.prompts,
                 self.prompts_seen,
@@ -47,8 +48,9 @@ class Truncations:
             )
         if self.responses:
             log.warning(
-                "%s: %d of %d responses were longer than max_response_len=%d tokens, EOS included (the "
-                "longest has %d), and were truncated; raise --data.max_response_len to keep them whole.",
+                "%s: %d of %d responses were longer than max_response_len=%d tokens, EOS included "
+                "(the longest has %d), and were truncated; raise --data.max_response_len to keep "
+                "them whole.",
                 what,
                 self.responses,
                 self.responses_seen,

@@ -152,7 +152,8 @@ def gold_score(prompt: str, response: str) -> float:
 
 
 def gold(prompts: list[str], responses: list[str]) -> list[float]:
-    """`gold_score` batched: the task's built-in `--ppo.eval_reward_fn` (pipeline.default_task:gold)."""
+    """`gold_score` batched: the task's built-in `--ppo.eval_reward_fn`
+    (pipeline.default_task:gold)."""
     return [gold_score(p, r) for p, r in zip(prompts, responses)]
 
 

@@ -74,7 +74,8 @@ def init_distributed(timeout_minutes: float = Config.dist_timeout_minutes) -> Di
         int(os.environ["LOCAL_RANK"]),
         int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))),
     )
-    # The cores this process may use (a SLURM cpuset or `taskset` narrows them), shared by local ranks.
+    # The cores this process may use (a SLURM cpuset or `taskset` narrows them), shared by local
+    # ranks.
     cores = (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     )
@@ -103,9 +104,10 @@ def check_slurm_world_size(env, world_size: int) -> None:
 
 
 def _remove_shm_buffer(rank: int) -> None:
-    """DeepSpeed's CPU shared-memory all-reduce creates /dev/shm/deepspeed_allreduce_buffer_..._<rank>
-    (about 70 MB of RAM) and never unlinks it, so every run would leave one per rank behind.
-    Other ranks keep their mapping; only the name goes."""
+    """DeepSpeed's CPU shared-memory all-reduce creates
+    /dev/shm/deepspeed_allreduce_buffer_..._<rank> (about 70 MB of RAM) and never unlinks it, so
+    every run would leave one per rank behind. Other ranks keep their mapping; only the name
+    goes."""
     port = os.environ.get("MASTER_PORT", "")
     for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_{rank}"):
         f.unlink(missing_ok=True)

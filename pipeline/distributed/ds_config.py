@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def load_ds_config(path: Path, dtype: str = "fp32", **fill) -> dict:
-    """Read a DeepSpeed JSON and fill in batch sizes and precision (`model.dtype`) from the run config.
+    """Read a DeepSpeed JSON and fill in batch sizes and precision (`model.dtype`) from the run
+    config.
 
     Batch sizes and precision live in the run config; a DS file that sets them differently is
     refused rather than silently winning or losing.

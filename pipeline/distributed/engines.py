@@ -94,10 +94,10 @@ def describe(engine, name: str) -> str:
     optim = engine.zero_offload_optimizer()
     total, trained = num_params(engine.module), num_params(engine.module, trainable=True)
     return (
-        f"{name}: ZeRO-{zero}, {model_dtype(engine)}, params offloaded to {param.device if param else 'none'}, "
-        f"optimizer offloaded to {optim.device if optim else 'none'}, "
-        f"{total / 1e6:.2f}M parameters ({trained:,} trained, {100 * trained / max(total, 1):.1f}%), "
-        f"{engine.device}"
+        f"{name}: ZeRO-{zero}, {model_dtype(engine)}, params offloaded to "
+        f"{param.device if param else 'none'}, optimizer offloaded to "
+        f"{optim.device if optim else 'none'}, {total / 1e6:.2f}M parameters ({trained:,} trained, "
+        f"{100 * trained / max(total, 1):.1f}%), {engine.device}"
     )
 
 

@@ -15,18 +15,20 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from pipeline import data
-from pipeline.checkpoint import Checkpointer, Resume, StopRequest
+from pipeline.checkpoint import Checkpointer, Resume
 from pipeline.config import Config, TrainConfig, global_batch
 from pipeline.distributed import collectives, ds_config, engines
 from pipeline.errors import Preempted, SharedUserError, UserError
 from pipeline.monitoring import MetricLogger, progress
+from pipeline.stop_signals import StopRequest
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class StageContext:
-    """What the orchestrator hands a stage: the config, the process group, where to read and write."""
+    """What the orchestrator hands a stage: the config, the process group, where to read and
+    write."""
 
     cfg: Config
     dist: collectives.Dist
@@ -38,7 +40,7 @@ class StageContext:
     resume: Resume | None = None  # the checkpoint this attempt resumes from
     stop: StopRequest = field(default_factory=StopRequest)
     identity: dict | None = (
-        None  # inputs.identity of the stage; None: tokenised examples are not cached
+        None  # fingerprint.identity of the stage; None: tokenised examples are not cached
     )
 
     def __post_init__(self):
@@ -102,7 +104,8 @@ class StageContext:
         self, step: int, last: bool, models: dict, snapshot: Callable[[], tuple[dict, dict]]
     ):
         """Checkpoint every `save_steps` and when a stop signal arrived; after a signalled
-        checkpoint raise Preempted. `snapshot()` returns (state for every rank, this rank's state)."""
+        checkpoint raise Preempted. `snapshot()` returns (state for every rank, this rank's
+        state)."""
         stop = self.stop.requested()
         every = self.cfg.save_steps
         if self.checkpointer is not None and (
@@ -281,7 +284,7 @@ def supervised_loop(
             ctx.end_of_step(step, step == total_steps, {"model": engine}, snapshot)
             if epoch_done or step == total_steps:
                 break
-        else:  # this rank count's share ran out before the epoch's steps (after a resume): next epoch
+        else:  # this rank count's share ran out before the epoch's steps (after a resume)
             epoch, consumed = epoch + 1, 0
     bar.close()
     return {**final_eval, "steps": step}

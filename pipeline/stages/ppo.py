@@ -1,40 +1,40 @@
 """Stage 3, PPO: ZeRO-3 actor and critic, offloaded frozen reference and reward models.
 
 One iteration, one method per phase (see `PPOTrainer.iteration`):
-  1. generate    sample num_samples_per_prompt responses per prompt from the actor (eval mode); pi_old
+  1. generate    num_samples_per_prompt responses per prompt from the actor (eval mode): pi_old
   2. score       reference log-probs, reward-model score at the last real token, critic values
   3. advantages  per-token KL penalty + clipped score; the estimator ppo.advantage_mode (GAE,
                  A = R - V(prompt), or a critic-free one: estimators.ADVANTAGE_ESTIMATORS)
   4. update      num_ppo_epochs x mini-batches: clipped surrogate - c2 entropy (+ beta x KL with
                  kl_penalty loss; + ptx_coef x LM loss on supervised rows: PPO-ptx); clipped value
                  loss (with a critic); EMA of the actor after each step
-  5. bookkeeping KL controller, metrics; `evaluate` on held-out prompts, `checkpoint`, and `run`, the loop
+  5. bookkeeping KL controller, metrics; `evaluate` on held-out prompts, and `run`, the loop
 The critic exists only when the estimator needs one: critic-free runs build, score with, train and
 checkpoint no critic at all.
 Shapes: B rollout rows on this rank, P prompt width (left-padded), R response width.
-Elsewhere: construction (inputs, models, engines) in ppo_setup.py, the reward's parts in
-ppo_reward.py, metrics, evaluation, alarms and model_best in ppo_eval.py, containers in ppo_types.py.
+Elsewhere: construction (inputs, models, engines, PTX micro-batches) in ppo_setup.py, the reward's
+parts in ppo_reward.py, metrics, evaluation, alarms and model_best in ppo_eval.py, containers in
+ppo_types.py, the resumable state, checkpoint, resume and the final save in ppo_checkpoint.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 
 import torch
 
 from pipeline import data, estimators, ppo_math
 from pipeline.config import max_new_tokens, ppo_sizes
-from pipeline.distributed import collectives, engines, zero3
+from pipeline.distributed import collectives, engines
 from pipeline.distributed.collectives import global_whiten as _global_whiten
 from pipeline.distributed.ds_config import ds_configs
 from pipeline.errors import TrainingHalted
 from pipeline.generation import SamplingParams, position_ids, response_mask
-from pipeline.models import causal_lm_loss, lora_merge, token_values
+from pipeline.models import causal_lm_loss, token_values
 from pipeline.monitoring import PhaseTimer, progress
-from pipeline.stages import ppo_eval, ppo_reward, ppo_setup
-from pipeline.stages.common import StageContext, to_device
+from pipeline.stages import ppo_checkpoint, ppo_eval, ppo_reward, ppo_setup
+from pipeline.stages.common import StageContext
 from pipeline.stages.ppo_setup import PromptOrder
 from pipeline.stages.ppo_types import Experience, UpdateStats
 
@@ -51,11 +51,8 @@ class PPOTrainer:
         self.estimator = estimators.ADVANTAGE_ESTIMATORS[p.advantage_mode]
         ds = ds_configs(cfg, "ppo", d.world_size)
         inputs = ppo_setup.load_inputs(ctx)
-        self.tokenizer, self.reward_tokenizer, self.same_tokenizer = (
-            inputs.tokenizer,
-            inputs.reward_tokenizer,
-            inputs.same_tokenizer,
-        )
+        self.tokenizer, self.reward_tokenizer = inputs.tokenizer, inputs.reward_tokenizer
+        self.same_tokenizer = inputs.same_tokenizer
         self.prompts, self.eval_prompts, self.ptx = inputs.prompts, inputs.eval_prompts, inputs.ptx
         self.reward_fn, self.gold = inputs.reward_fn, inputs.gold
         collectives.seed_everything(cfg.seed)
@@ -76,39 +73,10 @@ class PPOTrainer:
             else ppo_math.FixedKLController(p.kl_coef)
         )
         self.score_moments = ppo_math.RunningMoments()
-        self.nonfinite_in_a_row = 0
-        self.sft_eval: list[float] | None = None  # step-0 gold score per eval prompt (win rate)
-        # Ensemble members are put on one scale: (score - mean) / std of each member over the first
-        # scored batch, the SFT policy's responses to the held-out prompts (the step-0 evaluation).
-        self.member_norm: list[list[float]] | None = None  # K x [mean, std]
-        self.best: dict | None = None  # ppo.select_best: {"iteration", "value"} of model_best
-        self.alarms = {"kl_iterations": 0, "ensemble_evaluations": 0, "kl_on": False}
+        # nonfinite_in_a_row, sft_eval, member_norm, best, alarms, ptx_order: the bookkeeping
+        ppo_checkpoint.init_bookkeeping(self)
         self.kl_alarm = p.kl_alarm or (2 * p.target_kl if p.adaptive_kl else 0.0)
-        # PPO-ptx rows are drawn in their own seeded order, a global mini-batch per optimizer step.
-        self.ptx_order = PromptOrder(len(self.ptx), cfg.seed + 1) if self.ptx else None
         self.ema = engines.ShardEMA(self.actor.module, p.ema_beta) if p.ema_beta > 0 else None
-
-    def state_dict(self) -> dict:
-        """What a resumed run needs besides the engines and the EMA (JSON)."""
-        s = {
-            "kl_ctl": self.kl_ctl.state_dict(),
-            "score_moments": self.score_moments.state_dict(),
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "sft_eval": self.sft_eval,
-            "member_norm": self.member_norm,
-            "best": self.best,
-            "alarms": self.alarms,
-        }
-        return {**s, "ptx_order": self.ptx_order.state_dict()} if self.ptx_order else s
-
-    def load_state_dict(self, s: dict) -> None:
-        self.kl_ctl.load_state_dict(s["kl_ctl"])
-        self.score_moments.load_state_dict(s["score_moments"])
-        self.nonfinite_in_a_row, self.sft_eval = s["nonfinite_in_a_row"], s["sft_eval"]
-        self.member_norm, self.best = s.get("member_norm"), s.get("best")
-        self.alarms = s.get("alarms", self.alarms)
-        if self.ptx_order:
-            self.ptx_order.load_state_dict(s["ptx_order"])
 
     # ------------------------------------------------------------ forward helpers
     def micro_slices(self, n: int):
@@ -143,19 +111,16 @@ class PPOTrainer:
         width = ids.shape[1]
         n = params.num_samples  # rows come out prompt-major: a prompt's n samples are adjacent
         mask = prompt_mask.repeat_interleave(n, 0)
-        groups = torch.arange(len(batch), device=ids.device).repeat_interleave(
-            n
-        )  # a group lives on one rank
+        # a group lives on one rank
+        groups = torch.arange(len(batch), device=ids.device).repeat_interleave(n)
         with self.generator.generation_mode() as model:
             torch.manual_seed(seed)
             seq = self.generator.generate(ids, prompt_mask, params)
             resp_mask = response_mask(seq[:, width:], self.tokenizer.eos_token_id)
             full_mask = torch.cat([mask, resp_mask], dim=1)
+            slices = self.micro_slices(len(seq))
             old_logprobs = torch.cat(
-                [
-                    self._logits_logprobs(model, seq[s], full_mask[s], width)[1]
-                    for s in self.micro_slices(len(seq))
-                ]
+                [self._logits_logprobs(model, seq[s], full_mask[s], width)[1] for s in slices]
             )
         texts = [
             self.tokenizer.decode(seq[i, width:][resp_mask[i].bool()], skip_special_tokens=True)
@@ -214,9 +179,7 @@ class PPOTrainer:
             self.score_moments.update(all_scores.flatten())
             scores = (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-6)
         kl = ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, p.kl_estimator) * m
-        beta = (
-            self.kl_ctl.value if p.kl_penalty == "reward" else 0.0
-        )  # else a term of the actor loss
+        beta = self.kl_ctl.value if p.kl_penalty == "reward" else 0.0  # else in the actor loss
         rewards = ppo_math.shape_rewards(scores, kl, m, beta, p.score_clip or None)
         inputs = estimators.AdvantageInputs(
             rewards, m, exp.old_values, exp.prompt_values, exp.group_ids, p.gamma, p.lam
@@ -261,7 +224,8 @@ class PPOTrainer:
         return out
 
     def _mini_batch(self, exp: Experience, idx: torch.Tensor) -> UpdateStats:
-        """One optimizer step of the actor (and critic) on the rollout rows `idx`, micro-batch by micro-batch."""
+        """One optimizer step of the actor (and critic) on the rollout rows `idx`, micro-batch by
+        micro-batch."""
         p, w, world = self.p, exp.prompt_width, self.d.world_size
         mb_mask = exp.response_mask[idx]
         num_tokens = collectives.all_reduce_sum(mb_mask.sum().float()).clamp(min=1)
@@ -279,7 +243,7 @@ class PPOTrainer:
             ptx=bool(self.ptx),
         )
         if self.ptx:
-            ptx_batches, ptx_tokens = self._ptx_micro_batches()
+            ptx_batches, ptx_tokens = ppo_setup.ptx_micro_batches(self)
         steps_before = self.actor.global_steps
         for j, s in enumerate(self.micro_slices(len(idx))):
             rows = idx[s]
@@ -298,17 +262,13 @@ class PPOTrainer:
             )
             ent = ppo_math.aggregate_loss(ppo_math.entropy_from_logits(logits), m, **agg)
             actor_loss = pg_loss - p.entropy_coef * ent
-            if (
-                p.kl_penalty == "loss"
-            ):  # GRPO: beta x KL(pi || ref) of the current policy, in the loss
+            if p.kl_penalty == "loss":  # GRPO: beta x KL(pi || ref) of the current policy
                 kl_loss = ppo_math.kl_penalty_loss(
                     logprobs, exp.ref_logprobs[rows], m, p.kl_estimator, **agg
                 )
                 actor_loss = actor_loss + self.kl_ctl.value * kl_loss
                 stats.add("kl_loss", kl_loss.item())
-            if (
-                self.ptx
-            ):  # PPO-ptx (InstructGPT, eq. 2): + gamma x LM loss, normalised by the global count
+            if self.ptx:  # PPO-ptx (InstructGPT, eq. 2): + gamma x LM loss over the global count
                 b = ptx_batches[j]
                 ptx_loss = (
                     causal_lm_loss(self.actor, b["input_ids"], b["attention_mask"], b["labels"])[0]
@@ -334,7 +294,8 @@ class PPOTrainer:
         return stats
 
     def _value_loss(self, exp: Experience, rows, seq, mask, m, num_tokens) -> tuple:
-        """The critic's clipped value loss on a micro-batch and its stats; (None, {}) without a critic."""
+        """The critic's clipped value loss on a micro-batch and its stats; (None, {}) without a
+        critic."""
         if self.critic is None:
             return None, {}
         values, _ = self._values(self.critic, seq, mask, exp.prompt_width)
@@ -346,19 +307,6 @@ class PPOTrainer:
             num_tokens,
             self.p.value_clip or None,
         )
-
-    def _ptx_micro_batches(self) -> tuple[list[dict], torch.Tensor]:
-        """The next global mini-batch of PTX rows: this rank's share as micro-batches, and the
-        global count of their labelled (response) tokens."""
-        per_rank, r = self.sizes.mini_per_rank, self.d.rank
-        chosen = self.ptx_order.take(self.p.mini_batch_size)[r * per_rank : (r + 1) * per_rank]
-        rows = [self.ptx[i] for i in chosen]
-        batches = [
-            to_device(data.collate_sft(rows[s], self.tokenizer.pad_token_id))
-            for s in self.micro_slices(len(rows))
-        ]
-        tokens = sum((b["labels"][:, 1:] != data.IGNORE_INDEX).sum() for b in batches)
-        return batches, collectives.all_reduce_sum(tokens.float()).clamp(min=1)
 
     def _check_finite(self, *losses: torch.Tensor) -> None:
         """Stop before a non-finite loss reaches the weights (every rank stops together).
@@ -413,71 +361,11 @@ class PPOTrainer:
         """Held-out evaluation (ppo_eval.evaluate), its alarms and model_best, logged with samples.
         `first`: the step-0 evaluation's metrics (None: this is it)."""
         metrics, samples = ppo_eval.evaluate(self, step)
-        metrics.update(
-            ppo_eval.after_evaluation(self, step, metrics, metrics if first is None else first)
-        )
+        first = metrics if first is None else first  # None: this is the step-0 evaluation
+        metrics.update(ppo_eval.after_evaluation(self, step, metrics, first))
         self.logger.log(step, metrics)
         self.logger.text("samples", ppo_eval.samples_text(samples), step)
         return metrics
-
-    def trained_engines(self) -> dict:
-        return {
-            name: e for name, e in (("actor", self.actor), ("critic", self.critic)) if e is not None
-        }
-
-    def checkpoint(self, ctx: StageContext, step: int, loop_state: dict) -> None:
-        """A checkpoint when it is due (ctx.end_of_step): the engines, the loop's and the trainer's
-        state (JSON, every rank the same), this rank's EMA shard."""
-        ctx.end_of_step(
-            step,
-            step == self.p.num_iterations,
-            self.trained_engines(),
-            lambda: (
-                {"step": step, **loop_state, "trainer": self.state_dict()},
-                {"ema": self.ema.state_dict()} if self.ema else {},
-            ),
-        )
-
-    def resume(self, ctx: StageContext) -> dict:
-        """Engines, EMA and trainer state from `ctx.resume`; returns the loop's state."""
-        local = ctx.checkpointer.load(
-            ctx.resume, self.trained_engines()
-        )  # (random states: PPO's draws are seeded)
-        if self.ema is not None:  # per-rank shards; from another rank count, re-cut
-            if local is not None:
-                self.ema.load_state_dict(local["ema"])
-            else:
-                self.ema.load_resharded(
-                    [old["ema"] for old in ctx.checkpointer.every_local(ctx.resume)]
-                )
-        s = ctx.resume.state
-        self.load_state_dict(s["trainer"])
-        log.info(
-            "stage ppo: resuming from iteration %d of %d (checkpoint %s, written by %d rank(s))",
-            s["step"],
-            self.p.num_iterations,
-            ctx.resume.path,
-            ctx.resume.world_size,
-        )
-        return s
-
-    def save(self) -> None:
-        """The final policy `model` (and `model_ema`), LoRA adapters merged: plain models of the base architecture."""
-        merge, d = lora_merge(self.actor.module), self.d
-        zero3.save_hf(
-            self.actor.module, self.tokenizer, self.stage_dir / "model", d.rank, merge=merge
-        )
-        if self.ema is not None:
-            zero3.save_hf(
-                self.actor.module,
-                self.tokenizer,
-                self.stage_dir / "model_ema",
-                d.rank,
-                ema=self.ema,
-                merge=merge,
-            )
-        elif d.is_main:  # not a stale EMA from an earlier run next to this run's model
-            shutil.rmtree(self.stage_dir / "model_ema", ignore_errors=True)
 
 
 def run(ctx: StageContext) -> dict:
@@ -495,14 +383,7 @@ def run(ctx: StageContext) -> dict:
             ppo_eval.calibrate(trainer)
         last_eval = first
     else:
-        s = trainer.resume(ctx)
-        start, first, last_eval, metrics = (
-            s["step"],
-            s["first_eval"],
-            s["last_eval"],
-            s["last_metrics"],
-        )
-        order.load_state_dict(s["order"])
+        start, first, last_eval, metrics = ppo_checkpoint.resume(trainer, ctx, order)
     bar = progress(p.num_iterations, "ppo", d.is_main, initial=start)
     for step in range(start + 1, p.num_iterations + 1):
         chosen = order.take(p.rollout_batch_size)
@@ -516,17 +397,8 @@ def run(ctx: StageContext) -> dict:
         bar.set_postfix(
             score=f"{metrics['rollout/score_mean']:.3f}", kl=f"{metrics['rollout/kl_to_ref']:.3f}"
         )
-        trainer.checkpoint(
-            ctx,
-            step,
-            {
-                "first_eval": first,
-                "last_eval": last_eval,
-                "last_metrics": metrics,
-                "order": order.state_dict(),
-            },
-        )
+        ppo_checkpoint.checkpoint(trainer, ctx, step, first, last_eval, metrics, order)
     bar.close()
-    trainer.save()
+    ppo_checkpoint.save(trainer)
     trainer.logger.close()
     return ppo_eval.stage_result(trainer, ctx, first, last_eval, metrics)

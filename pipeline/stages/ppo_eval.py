@@ -4,8 +4,9 @@ Here: the metrics of an iteration (rollout, engines, timers, throughput), the ev
 held-out prompts (reward and gold score, win rate against the step-0 SFT policy), the
 over-optimisation alarms (KL to the reference, ensemble disagreement), model_best (ppo.select_best)
 and the stage's summary. They read the trainer's phases (`generate`, `score`) and keep its
-bookkeeping state (`sft_eval`, `best`, `alarms`, checkpointed by `PPOTrainer.state_dict`).
-Not here: the phases themselves (pipeline/stages/ppo.py), construction (pipeline/stages/ppo_setup.py).
+bookkeeping state (`sft_eval`, `best`, `alarms`: started and checkpointed in ppo_checkpoint.py).
+Not here: the phases themselves (pipeline/stages/ppo.py), construction
+(pipeline/stages/ppo_setup.py).
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def ensemble_metrics(t: PPOTrainer, exp: Experience, phase: str) -> dict:
 
 
 def engine_and_time_metrics(t: PPOTrainer, exp: Experience, timer: PhaseTimer) -> dict:
-    """Learning rates and gradient norms of the trained engines, seconds per phase, throughput, memory."""
+    """Learning rates and gradient norms of the trained engines, seconds per phase, throughput,
+    memory."""
     metrics = {}
     for name, engine in (("actor", t.actor), ("critic", t.critic)):
         if engine is None:
@@ -122,7 +124,8 @@ def kl_alarm(t: PPOTrainer, step: int, kl: float) -> dict:
 # ------------------------------------------------------------ evaluation on held-out prompts
 @torch.no_grad()
 def _eval_rollout(t: PPOTrainer) -> tuple[list[int], Experience]:
-    """This rank's share of the held-out prompts (their indices), sampled with a fixed seed and scored."""
+    """This rank's share of the held-out prompts (their indices), sampled with a fixed seed and
+    scored."""
     idx = list(range(t.d.rank, len(t.eval_prompts), t.d.world_size))
     n = math.ceil(len(t.eval_prompts) / t.d.world_size)
     idx = idx + idx[: n - len(idx)]  # equal counts on every rank (ZeRO-3 forwards are collective)
@@ -177,10 +180,10 @@ def after_evaluation(t: PPOTrainer, step: int, metrics: dict, first: dict) -> di
         if ratio > ENSEMBLE_ALARM_RATIO:
             t.alarms["ensemble_evaluations"] += 1
             log.warning(
-                "iteration %d: over-optimisation alarm: the reward models disagree %.1fx as much on "
-                "this policy's held-out responses as on the SFT policy's: the policy reaches outputs "
-                "they were not trained on. Compare eval/gold_score, raise ppo.ensemble_penalty or "
-                "stop here.",
+                "iteration %d: over-optimisation alarm: the reward models disagree %.1fx as much "
+                "on this policy's held-out responses as on the SFT policy's: the policy reaches "
+                "outputs they were not trained on. Compare eval/gold_score, raise "
+                "ppo.ensemble_penalty or stop here.",
                 step,
                 ratio,
             )
@@ -216,7 +219,8 @@ def stage_result(
     t: PPOTrainer, ctx: StageContext, first: dict, last_eval: dict, metrics: dict
 ) -> dict:
     """The summary of the stage (summary.json), and the over-optimisation plot; with evaluation off
-    (`first` empty) no evaluation fields. Removes an earlier run's plot or model_best this run did not write."""
+    (`first` empty) no evaluation fields. Removes an earlier run's plot or model_best this run did
+    not write."""
     p, d = ctx.cfg.ppo, ctx.dist
     if d.is_main:
         rows = [

@@ -1,4 +1,5 @@
-"""The sequence reward of a PPO rollout (the score phase's reward part), as functions of a `PPOTrainer`.
+"""The sequence reward of a PPO rollout (the score phase's reward part), as functions of a
+`PPOTrainer`.
 
 Here: the reward models' scores (read where HF's sequence classifier pools; the rollout re-encoded
 when a reward model has a tokenizer of its own), user reward functions run on every rank, the
@@ -69,7 +70,8 @@ def reward_inputs(t: PPOTrainer, exp: Experience) -> tuple[torch.Tensor, torch.T
 
 
 def call_user_fn(fn: reward_fns.ScoreFn, exp: Experience) -> list[float]:
-    """A user function on this rank's rows; a failure on any rank stops every rank with its message."""
+    """A user function on this rank's rows; a failure on any rank stops every rank with its
+    message."""
     try:
         values, error = fn(exp.prompts, exp.responses), None
     except UserError as e:

@@ -2,21 +2,24 @@
 
 Here: the tokenizers, the training, evaluation and PTX rows (validated before anything is written),
 the reward and gold functions, the actor, critic, reference and reward models (LoRA, dropout,
-vocabulary checks), their DeepSpeed engines and the generation backend, and the seeded row order
-(`PromptOrder`). Not here: the algorithm (pipeline/stages/ppo.py), its evaluation and metrics
-(pipeline/stages/ppo_eval.py), the derived sizes (pipeline/config.py: `ppo_sizes`).
+vocabulary checks), their DeepSpeed engines and the generation backend, the seeded row order
+(`PromptOrder`), and the PTX micro-batches drawn in it for each optimizer step. Not here: the
+algorithm (pipeline/stages/ppo.py), its evaluation and metrics (pipeline/stages/ppo_eval.py),
+checkpoints and the final save (pipeline/stages/ppo_checkpoint.py), the derived sizes
+(pipeline/config.py: `ppo_sizes`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline import data, reward_fns
 from pipeline.config import PPOSizes
-from pipeline.distributed import engines
+from pipeline.distributed import collectives, engines
 from pipeline.errors import UserError
 from pipeline.generation import make_backend
 from pipeline.models import (
@@ -29,7 +32,10 @@ from pipeline.models import (
     load_tokenizer,
     pooling_pad_id,
 )
-from pipeline.stages.common import StageContext
+from pipeline.stages.common import StageContext, to_device
+
+if TYPE_CHECKING:
+    from pipeline.stages.ppo import PPOTrainer
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +70,8 @@ class PPOModels:
 
 
 def load_inputs(ctx: StageContext) -> PPOInputs:
-    """Tokenizers, prompts, PTX rows and reward functions, all validated before anything is written."""
+    """Tokenizers, prompts, PTX rows and reward functions, all validated before anything is
+    written."""
     cfg, p = ctx.cfg, ctx.cfg.ppo
     tokenizer = load_tokenizer(ctx.inputs["tokenizer"], cfg.model.trust_remote_code)
     # The reward models: the stage's (one, or an ensemble's members), or none (reward_fn alone).
@@ -298,8 +305,8 @@ def build_engines(
             log.info("engine %s", engines.describe(engine, name))
     if critic is None:
         log.info(
-            "no critic: ppo.advantage_mode=%s needs none (no critic engine, optimizer, scoring, update "
-            "or checkpoint)",
+            "no critic: ppo.advantage_mode=%s needs none (no critic engine, optimizer, scoring, "
+            "update or checkpoint)",
             p.advantage_mode,
         )
     for i, engine in enumerate(rewards):  # "reward", or "reward 0", "reward 1", ... of an ensemble
@@ -315,7 +322,8 @@ def build_engines(
 
 
 class PromptOrder:
-    """Rows (prompts, PTX rows) in a fresh seeded permutation per pass; resumable (the state is JSON)."""
+    """Rows (prompts, PTX rows) in a fresh seeded permutation per pass; resumable (the state is
+    JSON)."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.g, self.queue = n, torch.Generator().manual_seed(seed), []
@@ -332,3 +340,17 @@ class PromptOrder:
     def load_state_dict(self, s: dict) -> None:
         self.queue = list(s["queue"])
         self.g.set_state(torch.tensor(s["generator"], dtype=torch.uint8))
+
+
+def ptx_micro_batches(t: PPOTrainer) -> tuple[list[dict], torch.Tensor]:
+    """The next global mini-batch of PTX rows (drawn in `t.ptx_order`): this rank's share as
+    micro-batches, and the global count of their labelled (response) tokens."""
+    per_rank, r = t.sizes.mini_per_rank, t.d.rank
+    chosen = t.ptx_order.take(t.p.mini_batch_size)[r * per_rank : (r + 1) * per_rank]
+    rows = [t.ptx[i] for i in chosen]
+    batches = [
+        to_device(data.collate_sft(rows[s], t.tokenizer.pad_token_id))
+        for s in t.micro_slices(len(rows))
+    ]
+    tokens = sum((b["labels"][:, 1:] != data.IGNORE_INDEX).sum() for b in batches)
+    return batches, collectives.all_reduce_sum(tokens.float()).clamp(min=1)

@@ -1,4 +1,5 @@
-"""Stage 2, reward model: backbone + scalar head, pairwise loss -log sigmoid(r_chosen - r_rejected)."""
+"""Stage 2, reward model: backbone + scalar head, pairwise loss -log sigmoid(r_chosen -
+r_rejected)."""
 
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ log = logging.getLogger(__name__)
 def pairwise(
     engine, batch: dict, pad_token_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair loss, accuracy and margin; the batch holds chosen rows, then rejected rows. Scores are
-    read where the exported model's HF forward pools them (`models.score_index`; config.pad_token_id
-    is this pad id)."""
+    """Per-pair loss, accuracy and margin; the batch holds chosen rows, then rejected rows. Scores
+    are read where the exported model's HF forward pools them (`models.score_index`;
+    config.pad_token_id is this pad id)."""
     scores = engines.forward(
         engine, sequence_scores, batch["input_ids"], batch["attention_mask"], pad_token_id
     )

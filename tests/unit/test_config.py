@@ -638,7 +638,7 @@ def _help_entries(text):
     """Option name -> its help text (wrapped lines joined), from argparse's options section."""
     entries, current = {}, None
     for line in text.splitlines():
-        m = re.match(r"^  (--[\w.]+)", line)
+        m = re.match(r"^  (--[\w.]+)( [A-Z_.]+| \[BOOL\])?", line)  # the option and its metavar
         if m:
             current = m.group(1)
             entries[current] = line[len(m.group(0)) :]
@@ -671,6 +671,29 @@ def test_help_lists_every_leaf_option_with_its_default():
     # every option has a description besides its default
     for name in leaves:
         assert len(entries[f"--{name}"].split("(default:")[0].strip()) > 3, name
+
+
+@dataclasses.dataclass
+class _Documented:
+    plain: int = 1  # a trailing comment
+    wrapped: float = (
+        0.5  # the formatter puts a long line's comment inside parentheses, as it did to this one
+    )
+    # a comment-only line above the field
+    # and a second one
+    above: str = "x"  # then its trailing part
+
+    undocumented: int = 0
+
+
+def test_help_text_is_read_from_every_comment_form_the_formatter_leaves():
+    from pipeline.cli import _field_comments
+
+    assert _field_comments(_Documented) == {
+        "plain": "a trailing comment",
+        "wrapped": "the formatter puts a long line's comment inside parentheses, as it did to this one",
+        "above": "a comment-only line above the field and a second one then its trailing part",
+    }
 
 
 def test_help_flag_prints_and_exits(capsys):

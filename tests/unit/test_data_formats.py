@@ -601,7 +601,8 @@ def test_stage_sources_own_path_then_data_path_then_default_task(tmp_path):
 
 
 def test_fingerprints_follow_split_and_format_only_where_they_apply(tmp_path):
-    from pipeline.inputs import fingerprint, identity, stage_inputs
+    from pipeline.fingerprint import fingerprint, identity
+    from pipeline.inputs import stage_inputs
 
     data = _jsonl(
         tmp_path / "d.jsonl",
@@ -635,7 +636,8 @@ def test_fingerprints_follow_split_and_format_only_where_they_apply(tmp_path):
 
 def test_default_run_fingerprint_ignores_the_new_options(tmp_path):
     """A default run's stages keep the identity they had before these options existed."""
-    from pipeline.inputs import identity, stage_inputs
+    from pipeline.fingerprint import identity
+    from pipeline.inputs import stage_inputs
 
     cfg = _cfg(tmp_path)
     ident = identity(

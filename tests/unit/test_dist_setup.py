@@ -42,7 +42,7 @@ def test_dist_timeout_option():
 
 
 def test_the_timeout_is_not_part_of_a_stage_identity(tmp_path):
-    from pipeline.inputs import identity
+    from pipeline.fingerprint import identity
 
     a, b = Config(), Config(dist_timeout_minutes=5.0)
     assert identity("ppo", a, {}, tmp_path) == identity("ppo", b, {}, tmp_path)

@@ -229,7 +229,8 @@ def test_unsupported_precision_is_refused_before_anything_is_written(tmp_path, m
 
 
 def test_fingerprint_follows_dtype_but_not_gradient_checkpointing(tmp_path):
-    from pipeline.inputs import fingerprint, identity, stage_inputs
+    from pipeline.fingerprint import fingerprint, identity
+    from pipeline.inputs import stage_inputs
 
     def fps(**model):
         cfg = Config(output_dir=str(tmp_path / "run"))
@@ -306,7 +307,7 @@ def test_cpu_deepspeed_configs_are_byte_identical_to_the_explicit_ones(world):
 
 
 def test_cpu_identity_is_the_one_of_the_explicit_cpu_settings(tmp_path):
-    from pipeline.inputs import identity
+    from pipeline.fingerprint import identity
 
     for stage in ("sft", "reward", "ppo"):
         assert identity(stage, Config(), {}, tmp_path) == identity(

@@ -116,7 +116,8 @@ def test_ptx_rows_come_from_the_option_else_the_sft_training_rows(tmp_path):
 
 
 def test_ptx_data_is_fingerprinted_and_preflighted(tmp_path, task_tokenizer):
-    from pipeline.inputs import fingerprint, identity, stage_inputs
+    from pipeline.fingerprint import fingerprint, identity
+    from pipeline.inputs import stage_inputs
     from pipeline.orchestrator import preflight
 
     out, task = tmp_path / "run", tmp_path / "task"

@@ -203,7 +203,8 @@ def test_reward_function_alone_needs_no_reward_stage(tmp_path):
 
 
 def test_an_ensemble_is_one_stage_per_member_and_ppo_reads_them_all(tmp_path):
-    from pipeline.inputs import identity, reward_members, stage_config, stage_inputs
+    from pipeline.fingerprint import identity
+    from pipeline.inputs import reward_members, stage_config, stage_inputs
 
     out = tmp_path / "run"
     cfg = parse_config(
