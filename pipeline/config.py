@@ -333,7 +333,6 @@ class PPOSizes:
     micro_clamped: bool  # whether that clamp applied
     gradient_accumulation_steps: int  # mini_per_rank / micro_batch_size_per_gpu
     mini_batches_per_epoch: int  # optimizer steps per PPO epoch
-    forward_micro_batch: int  # rows per scoring forward: ppo.forward_micro_batch_size or the micro
 
 
 def ppo_sizes(ppo: PPOConfig, world_size: int) -> PPOSizes:
@@ -383,7 +382,6 @@ def ppo_sizes(ppo: PPOConfig, world_size: int) -> PPOSizes:
         micro_clamped=micro != ppo.micro_batch_size_per_gpu,
         gradient_accumulation_steps=per_rank_mini // micro,
         mini_batches_per_epoch=rows // ppo.mini_batch_size,
-        forward_micro_batch=ppo.forward_micro_batch_size or micro,
     )
 
 

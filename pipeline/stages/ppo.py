@@ -120,7 +120,7 @@ class PPOTrainer:
             seq = self.generator.generate(ids, prompt_mask, params)
             resp_mask = response_mask(seq[:, width:], self.tokenizer.eos_token_id)
             full_mask = torch.cat([mask, resp_mask], dim=1)
-            slices = self.micro_slices(len(seq), self.sizes.forward_micro_batch)
+            slices = self.micro_slices(len(seq), self.p.forward_micro_batch_size)
             old_logprobs = torch.cat(
                 [self._logits_logprobs(model, seq[s], full_mask[s], width)[1] for s in slices]
             )
@@ -144,7 +144,7 @@ class PPOTrainer:
     def score(self, exp: Experience) -> Experience:
         seq, mask, w = exp.sequences, exp.attention_mask, exp.prompt_width
         ref_lp, values, prompt_values = [], [], []
-        for s in self.micro_slices(len(seq), self.sizes.forward_micro_batch):
+        for s in self.micro_slices(len(seq), self.p.forward_micro_batch_size):
             ref_lp.append(self._logits_logprobs(self.ref, seq[s], mask[s], w)[1])
             if self.critic is not None:
                 v, v0 = self._values(self.critic, seq[s], mask[s], w)
