@@ -1,6 +1,7 @@
-"""The benchmark's measuring helpers (timing, per-rank figures, resident memory) and its floors: one
-PPO iteration in plain PyTorch (no DeepSpeed) with the stage's math, either in one process (rank 0
-with every thread: `floors`) or data-parallel on every rank (`data_parallel_floor`).
+"""The benchmark's measuring helpers (timing, per-rank figures, materialised and held bytes) and
+its floors: one PPO iteration in plain PyTorch (no DeepSpeed) with the stage's math, either in one
+process (rank 0 with every thread: `floors`) or data-parallel on every rank
+(`data_parallel_floor`); `combined_floor`, the faster of the two.
 
 The pure parts (workload, FLOPs, targets, table) are in bench_lib.py; the real stage, the report
 and the command line in bench.py.
@@ -8,7 +9,6 @@ and the command line in bench.py.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -30,10 +30,24 @@ from bench_lib import Workload, median
 
 
 # ---------------------------------------------------------------- measuring helpers
-def current_rss() -> int:
-    """Resident bytes now (not the peak), from /proc/self/statm."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def materialised_bytes(model: torch.nn.Module) -> int:
+    """Bytes of `model`'s parameters and buffers that hold memory (not on the meta device)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type != "meta")
+
+
+def placement_of(model) -> str:
+    return "offload" if hasattr(model, "module") else "resident"
+
+
+def held_bytes(model) -> int:
+    """Parameter bytes a frozen model holds on this rank: its ZeRO-3 partition (offloaded), or the
+    whole model (resident)."""
+    if hasattr(model, "module"):
+        return sum(
+            p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.module.parameters()
+        )
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def timed(fn: Callable[[], Any], warmup: int, repeats: int, sync: bool = True) -> list[float]:
@@ -244,4 +258,15 @@ def data_parallel_floor(paths: dict[str, str], trainer, w: Workload, d) -> dict[
     return {
         "iteration_s": slowest(walls, d),
         "phases_s": {k: slowest([r[k] for r in runs], d) for k in runs[0]},
+    }
+
+
+def combined_floor(one: dict, dp: dict) -> dict[str, Any]:
+    """The floor: per figure, the faster of the one-process and the data-parallel plain runs."""
+    return {
+        "iteration_s": min(one["iteration_s"], dp["iteration_s"]),
+        "phases_s": {k: min(v, dp["phases_s"][k]) for k, v in one["phases_s"].items()},
+        "matmul_flops": one["matmul_flops"],
+        "one_process": one,
+        "data_parallel": dp,
     }
