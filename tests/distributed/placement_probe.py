@@ -90,6 +90,7 @@ def main() -> None:
     facts["resident"] = [frozen_facts(m) for m in built["resident"]]
     facts["ensemble_offload"] = [frozen_facts(m) for m in built["offload"]]
     members = {}
+    t.reward_pad_ids = [s.pad_id for s in specs[1:]]
     for how, models in built.items():
         t.rewards = models[1:]
         members[how] = ppo_reward.reward_model_scores(t, exp).cpu()  # (2, B)
