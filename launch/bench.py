@@ -2,14 +2,16 @@
 --json bench.json` (`--smoke` for a tiny check run, `--help`).
 
 All compared figures come from one run. The real figures go through the real stage (`PPOTrainer`
-built from model folders written here); each "floor" is the same work done by one plain process
-(no DeepSpeed) on rank 0 with the threads of all local ranks, while the other ranks wait at a
-barrier. Timings are medians over `repeats` calls after `warmup` calls; where every rank works,
+built from model folders written here); each "floor" is the same work in plain PyTorch (no
+DeepSpeed), the faster of two runs: one process on rank 0 with the threads of all local ranks
+(the other ranks wait at a barrier), and every rank on its share with its own threads, gradients
+averaged over ranks (data parallel); both are reported. Timings are medians over `repeats` calls
+after `warmup` calls; where every rank works,
 each call counts as long as its slowest rank. Rank 0 prints a markdown table and writes `--json`.
 
 Here: the workload as folders, the real stage's measurement, the report and the command line. The
 pure parts (workload shape, FLOPs, targets, table, JSON) are in bench_lib.py; the measuring
-helpers and the plain-PyTorch floor in bench_floor.py. Like a user script, it uses only the
+helpers and the plain-PyTorch floors in bench_floor.py. Like a user script, it uses only the
 pipeline's modules.
 """
 
@@ -41,7 +43,19 @@ from pipeline.monitoring import setup_logging
 from pipeline.stages.common import StageContext
 from pipeline.stages.ppo import PPOTrainer
 
-from bench_floor import current_rss, floors, full_length, on_rank0, per_rank, slowest, timed
+from bench_floor import (
+    combined_floor,
+    data_parallel_floor,
+    floors,
+    full_length,
+    held_bytes,
+    materialised_bytes,
+    on_rank0,
+    per_rank,
+    placement_of,
+    slowest,
+    timed,
+)
 from bench_lib import SMOKE, Workload, check, format_table, iteration_flops, write_json
 
 
@@ -103,8 +117,11 @@ def write_fixtures(folder: Path, w: Workload) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
-def build_trainer(folder: Path, paths: dict[str, str], w: Workload, d) -> Any:
-    """The real PPO stage's trainer on this workload, configured through `parse_config`."""
+def build_trainer(
+    folder: Path, paths: dict[str, str], w: Workload, d, placement: str = "auto"
+) -> Any:
+    """The real PPO stage's trainer on this workload, configured through `parse_config`;
+    `placement` of the reference and reward model (ppo.ref_placement, ppo.reward_placement)."""
     flags = {
         "output_dir": folder / "run",
         "seed": 0,
@@ -120,6 +137,8 @@ def build_trainer(folder: Path, paths: dict[str, str], w: Workload, d) -> Any:
         "ppo.reward_model_path": paths["reward"],
         "data.prompt_data_path": paths["prompts"],
         "data.eval_prompt_data_path": paths["prompts"],
+        "ppo.ref_placement": placement,
+        "ppo.reward_placement": placement,
     }
     cfg = parse_config([s for k, v in flags.items() for s in (f"--{k}", str(v))])
     inputs = {
@@ -140,7 +159,7 @@ def measure(trainer, w: Workload, d) -> dict[str, Any]:
         trainer.generator,
         trainer.sampling,
     )
-    batch, metrics, rss = trainer.prompts[d.rank * n : (d.rank + 1) * n], [], {}
+    batch, metrics, held = trainer.prompts[d.rank * n : (d.rank + 1) * n], [], {}
 
     def iteration() -> None:
         metrics.append(trainer.iteration(len(metrics) + 1, batch))
@@ -149,12 +168,11 @@ def measure(trainer, w: Workload, d) -> dict[str, Any]:
                 f"responses ended early: {metrics[-1]['rollout/response_length_mean']} tokens"
             )
 
-    def hybrid() -> None:
-        rss["before"] = current_rss()
+    def hybrid() -> None:  # the materialised copy's bytes inside the phase, and left after it
         with gen.generation_mode():
             full_length(gen.generate(ids, mask, params), ids.shape[1], w, tok.eos_token_id)
-            rss["inside"] = current_rss()
-        rss["after"] = current_rss()
+            held["inside"] = materialised_bytes(gen.model)
+        held["after"] = materialised_bytes(gen.model)
 
     walls = timed(iteration, w.warmup, w.repeats)
     runs = metrics[w.warmup :]
@@ -188,18 +206,21 @@ def measure(trainer, w: Workload, d) -> dict[str, Any]:
         for e in (trainer.actor, trainer.critic)
     ]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    frozen = [("ref", trainer.ref), *(("reward", r) for r in trainer.rewards)]
     keys = (
         "peak",
-        "before_generation",
-        "inside_generation",
-        "after_generation",
+        "materialised_inside_generation",
+        "materialised_after_generation",
         "actor_partition",
         "actor_whole",
         "critic_partition",
         "critic_whole",
+        *(f"{name}_held" for name, _ in frozen),
     )
-    mine = [peak, rss["before"], rss["inside"], rss["after"], *shares[0], *shares[1]]
+    mine = [peak, held["inside"], held["after"], *shares[0], *shares[1]]
+    mine += [held_bytes(m) for _, m in frozen]
     out["memory_bytes"] = [dict(zip(keys, map(int, r))) for r in per_rank(mine, d)]
+    out["placements"] = {name: placement_of(m) for name, m in frozen}
     return out
 
 
@@ -221,20 +242,29 @@ def report(
         for x in Path("/proc/cpuinfo").read_text().splitlines()
         if x.startswith("model name")
     ]
-    after = [r["after_generation"] / r["before_generation"] for r in mem]
+    one, dp = floor["one_process"], floor["data_parallel"]
     total = threads * d.local_world_size
     figures = {
         f"generation naive s ({w.prompts // d.world_size} prompts a rank, ZeRO-3 generate)": real[
             "naive_s"
         ],
         "generation hybrid s (incl. materialise + free)": real["hybrid_s"],
-        f"generation floor s ({w.prompts} prompts, 1 process, {total} threads)": floor["phases_s"][
+        "generation floor s (the faster below)": floor["phases_s"]["sampling"],
+        f"generation floor s ({w.prompts} prompts, 1 process x {total} threads)": one["phases_s"][
             "sampling"
         ],
+        f"generation floor s ({w.prompts // d.world_size} prompts a rank, {d.world_size} processes"
+        f" x {threads} threads)": dp["phases_s"]["sampling"],
         "iteration s": real["iteration_s"],
         **{f"iteration {k} s": v for k, v in real["phases_s"].items()},
         "iteration floor s": floor["iteration_s"],
         **{f"iteration floor {k} s": v for k, v in floor["phases_s"].items()},
+        f"iteration floor s, 1 process x {total} threads": one["iteration_s"],
+        **{f"iteration floor {k} s, 1 process": v for k, v in one["phases_s"].items()},
+        f"iteration floor s, {d.world_size} processes x {threads} threads": dp["iteration_s"],
+        **{
+            f"iteration floor {k} s, {d.world_size} processes": v for k, v in dp["phases_s"].items()
+        },
         "response tokens/s": tokens / real["iteration_s"],
         "floor response tokens/s": tokens / floor["iteration_s"],
         "FLOPs per iteration": float(flops["total"]),
@@ -244,11 +274,12 @@ def report(
         "achieved / matmul": flops["total"] / real["iteration_s"] / floor["matmul_flops"],
         "floor achieved / matmul": flops["total"] / floor["iteration_s"] / floor["matmul_flops"],
         "peak RSS MiB per rank": [r["peak"] / mib for r in mem],
+        "materialised actor MiB inside generation per rank": [
+            r["materialised_inside_generation"] / mib for r in mem
+        ],
         **{
-            f"RSS MiB before / inside / after generation, rank {i}": [
-                r[k] / mib for k in ("before_generation", "inside_generation", "after_generation")
-            ]
-            for i, r in enumerate(mem)
+            f"{name} ({how}) param MiB held per rank": [r[f"{name}_held"] / mib for r in mem]
+            for name, how in real["placements"].items()
         },
         **{
             f"{e} param MiB per rank, whole": [r[f"{e}_partition"] / mib for r in mem]
@@ -260,7 +291,10 @@ def report(
         check("hybrid/floor generation", real["hybrid_s"] / floor["phases_s"]["sampling"]),
         check("naive/hybrid generation", real["naive_s"] / real["hybrid_s"]),
         check("iteration/floor", real["iteration_s"] / floor["iteration_s"]),
-        check("RSS after/before generation", max(after, key=lambda x: abs(x - 1))),
+        check(
+            "materialised bytes after generation",
+            max(r["materialised_after_generation"] for r in mem),
+        ),
     ]
     machine = {
         "platform": platform.platform(),
@@ -284,6 +318,7 @@ def report(
         "figures": figures,
         "real": real,
         "floor": floor,
+        "placements": real["placements"],
     }
 
 
@@ -291,7 +326,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; `--local_rank` (added by the deepspeed launcher) is accepted and ignored."""
     parser = argparse.ArgumentParser(
         description="Benchmark one PPO iteration (generation, scoring, training) of the real stage "
-        "against plain single-process floors: "
+        "against plain-PyTorch floors (one process, and data parallel): "
         "`deepspeed --num_gpus 2 launch/bench.py --json bench.json`."
     )
     parser.add_argument(
@@ -308,6 +343,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeats", type=int, help="measured calls per figure (default: 5, smoke: 3)"
     )
     parser.add_argument("--warmup", type=int, help="unmeasured calls before them (default: 1)")
+    parser.add_argument(
+        "--placement",
+        choices=("auto", "resident", "offload"),
+        default="auto",
+        help="ppo.ref_placement and ppo.reward_placement of the real stage (default: auto)",
+    )
     parser.add_argument(
         "--local_rank", type=int, help=argparse.SUPPRESS
     )  # set by the deepspeed launcher
@@ -329,9 +370,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     )
     try:
         paths = collectives.broadcast_object(write_fixtures(folder, w) if d.is_main else None)
-        trainer = build_trainer(folder, paths, w, d)
+        trainer = build_trainer(folder, paths, w, d, args.placement)
         real = measure(trainer, w, d)
-        floor = on_rank0(lambda: floors(paths, trainer, w), d, threads * d.local_world_size)
+        one = on_rank0(lambda: floors(paths, trainer, w), d, threads * d.local_world_size)
+        one = collectives.broadcast_object(one)
+        floor = combined_floor(one, data_parallel_floor(paths, trainer, w, d))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -1,5 +1,7 @@
-"""The benchmark's measuring helpers (timing, per-rank figures, resident memory) and its floor: one
-PPO iteration in plain single-process PyTorch (no DeepSpeed) with the stage's math, on rank 0.
+"""The benchmark's measuring helpers (timing, per-rank figures, materialised and held bytes) and
+its floors: one PPO iteration in plain PyTorch (no DeepSpeed) with the stage's math, either in one
+process (rank 0 with every thread: `floors`) or data-parallel on every rank
+(`data_parallel_floor`); `combined_floor`, the faster of the two.
 
 The pure parts (workload, FLOPs, targets, table) are in bench_lib.py; the real stage, the report
 and the command line in bench.py.
@@ -7,7 +9,6 @@ and the command line in bench.py.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -29,10 +30,24 @@ from bench_lib import Workload, median
 
 
 # ---------------------------------------------------------------- measuring helpers
-def current_rss() -> int:
-    """Resident bytes now (not the peak), from /proc/self/statm."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def materialised_bytes(model: torch.nn.Module) -> int:
+    """Bytes of `model`'s parameters and buffers that hold memory (not on the meta device)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type != "meta")
+
+
+def placement_of(model) -> str:
+    return "offload" if hasattr(model, "module") else "resident"
+
+
+def held_bytes(model) -> int:
+    """Parameter bytes a frozen model holds on this rank: its ZeRO-3 partition (offloaded), or the
+    whole model (resident)."""
+    if hasattr(model, "module"):
+        return sum(
+            p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.module.parameters()
+        )
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def timed(fn: Callable[[], Any], warmup: int, repeats: int, sync: bool = True) -> list[float]:
@@ -100,7 +115,15 @@ def _logprobs(
 
 
 def plain_iteration(
-    m: dict[str, Any], tok, batch: list[dict], p, params, w: Workload, seed: int
+    m: dict[str, Any],
+    tok,
+    batch: list[dict],
+    p,
+    params,
+    w: Workload,
+    seed: int,
+    mini: int = 0,
+    reduce: Callable[[torch.nn.Module], None] | None = None,
 ) -> dict[str, float]:
     """One PPO iteration without DeepSpeed on the whole batch, with the stage's math (`ppo_math`,
     `estimators`): generate, score, KL-shaped rewards, GAE, whitening, `num_ppo_epochs` passes of
@@ -135,7 +158,7 @@ def plain_iteration(
     with timer("training"):
         g = torch.Generator().manual_seed(seed)
         for _ in range(p.num_ppo_epochs):
-            for i in torch.randperm(len(seq), generator=g).split(p.mini_batch_size):
+            for i in torch.randperm(len(seq), generator=g).split(mini or p.mini_batch_size):
                 s, fm, rm, ps, n = seq[i], full[i], rmask[i], pos[i], rmask[i].sum()
                 logits, lp = _logprobs(m["actor"], s, fm, ps, P, params, tok.eos_token_id)
                 pg, _ = ppo_math.policy_loss(lp, old_lp[i], adv[i], rm, p.clip_eps, n)
@@ -148,19 +171,17 @@ def plain_iteration(
                 ):
                     m[name + "_opt"].zero_grad(set_to_none=True)
                     loss.backward()
+                    if reduce is not None:
+                        reduce(m[name])
                     if p.gradient_clipping:
                         torch.nn.utils.clip_grad_norm_(m[name].parameters(), p.gradient_clipping)
                     m[name + "_opt"].step()
     return timer.seconds
 
 
-def floors(paths: dict[str, str], trainer, w: Workload) -> dict[str, Any]:
-    """Rank 0 (under `on_rank0`): matmul FLOP/s, and plain iterations of the whole batch (their
-    sampling is the generation floor) on unpartitioned models from the same folders, in eval mode
-    as in the stage, AdamW configured as the stage's."""
-    a, b = torch.randn(w.matmul_n, w.matmul_n), torch.randn(w.matmul_n, w.matmul_n)
-    matmul_s = median(timed(lambda: torch.mm(a, b), 1, w.repeats, sync=False))
-    p, tok, batch = trainer.p, trainer.tokenizer, trainer.prompts[: w.prompts]
+def plain_models(paths: dict[str, str], p) -> dict[str, Any]:
+    """Unpartitioned models from the benchmark's folders, in eval mode as in the stage, actor and
+    critic with AdamW configured as the stage's."""
     with engines.plain_construction():
         m = {
             "actor": load_causal_lm(paths["policy"]),
@@ -174,6 +195,16 @@ def floors(paths: dict[str, str], trainer, w: Workload) -> dict[str, Any]:
         m[name + "_opt"] = torch.optim.AdamW(
             m[name].parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0
         )
+    return m
+
+
+def floors(paths: dict[str, str], trainer, w: Workload) -> dict[str, Any]:
+    """Rank 0 (under `on_rank0`): matmul FLOP/s, and plain iterations of the whole batch in one
+    process (their sampling is this floor's generation) on unpartitioned models."""
+    a, b = torch.randn(w.matmul_n, w.matmul_n), torch.randn(w.matmul_n, w.matmul_n)
+    matmul_s = median(timed(lambda: torch.mm(a, b), 1, w.repeats, sync=False))
+    p, tok, batch = trainer.p, trainer.tokenizer, trainer.prompts[: w.prompts]
+    m = plain_models(paths, p)
     phases: list[dict] = []
     walls = timed(
         lambda: phases.append(plain_iteration(m, tok, batch, p, trainer.sampling, w, len(phases))),
@@ -186,4 +217,56 @@ def floors(paths: dict[str, str], trainer, w: Workload) -> dict[str, Any]:
         "matmul_flops": 2 * w.matmul_n**3 / matmul_s,
         "iteration_s": median(walls),
         "phases_s": {k: median([r[k] for r in runs]) for k in runs[0]},
+    }
+
+
+def average_gradients(model: torch.nn.Module, world: int) -> None:
+    """Data parallelism by hand: every gradient averaged over `world` ranks in one all-reduce."""
+    grads = [q.grad for q in model.parameters() if q.grad is not None]
+    flat = collectives.all_reduce_sum(torch.cat([g.flatten() for g in grads])) / world
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def data_parallel_floor(paths: dict[str, str], trainer, w: Workload, d) -> dict[str, Any]:
+    """Every rank (its own threads): plain iterations of its share of the batch on unpartitioned
+    models, each optimizer step on its share of the mini-batch with gradients averaged over ranks
+    (DDP's work, without DDP's overlap). Each call counts as long as its slowest rank."""
+    p, tok, n = trainer.p, trainer.tokenizer, w.prompts // d.world_size
+    batch = trainer.prompts[d.rank * n : (d.rank + 1) * n]
+    m = plain_models(paths, p)
+    phases: list[dict] = []
+    mini, world = p.mini_batch_size // d.world_size, d.world_size
+    walls = timed(
+        lambda: phases.append(
+            plain_iteration(
+                m,
+                tok,
+                batch,
+                p,
+                trainer.sampling,
+                w,
+                len(phases),
+                mini,
+                lambda model: average_gradients(model, world),
+            )
+        ),
+        w.warmup,
+        w.repeats,
+    )
+    runs = phases[w.warmup :]
+    return {
+        "iteration_s": slowest(walls, d),
+        "phases_s": {k: slowest([r[k] for r in runs], d) for k in runs[0]},
+    }
+
+
+def combined_floor(one: dict, dp: dict) -> dict[str, Any]:
+    """The floor: per figure, the faster of the one-process and the data-parallel plain runs."""
+    return {
+        "iteration_s": min(one["iteration_s"], dp["iteration_s"]),
+        "phases_s": {k: min(v, dp["phases_s"][k]) for k, v in one["phases_s"].items()},
+        "matmul_flops": one["matmul_flops"],
+        "one_process": one,
+        "data_parallel": dp,
     }

@@ -57,6 +57,7 @@ class ModelConfig:
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_NORMS = ("none", "sft", "running")
+PLACEMENTS = ("auto", "resident", "offload")  # ppo.ref_placement, ppo.reward_placement
 EVAL_METRICS = (
     "eval/gold_score",
     "eval/win_rate_vs_sft",
@@ -181,6 +182,15 @@ class PPOConfig:
     # EOS is suppressed until this many response tokens, in sampling and in every PPO log-prob alike
     min_new_tokens: int = 0
     gather_modules: int = 0  # hybrid engine: submodules gathered at a time to materialise (0: all)
+    # rows per rank per scoring forward of the rollout (pi_old, reference, reward models, critic
+    # values); not used in training. 0: ppo.micro_batch_size_per_gpu (after its clamp)
+    forward_micro_batch_size: int = 0
+    # where the frozen reference model lives: resident (a plain copy on the device, built once),
+    # offload (a ZeRO-3 inference engine, parameters offloaded as ds_inference_config says) or
+    # auto (resident when it fits half of the free device memory per rank, else offload)
+    ref_placement: str = "auto"
+    # where each frozen reward model (every ensemble member) lives: as ref_placement
+    reward_placement: str = "auto"
     # PPO ratio clip: the ratio is clipped to [1 - clip_eps_low, 1 + clip_eps_high], both clip_eps
     # unless given
     clip_eps: float = 0.2

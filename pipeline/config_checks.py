@@ -13,6 +13,7 @@ from pipeline.config import (
     DATA_FORMATS,
     EVAL_METRICS,
     LR_SCHEDULERS,
+    PLACEMENTS,
     PRECISIONS,
     SCORE_NORMS,
     Config,
@@ -85,6 +86,7 @@ def validate(cfg: Config) -> None:
         "top_k",
         "min_new_tokens",
         "gather_modules",
+        "forward_micro_batch_size",
         "value_clip",
         "vf_coef",
         "entropy_coef",
@@ -133,6 +135,13 @@ def validate(cfg: Config) -> None:
     if not 0 < p.top_p <= 1:
         raise UserError(f"option ppo.top_p={p.top_p} must be in (0, 1].")
     validate_sampling(p)
+    for f in ("ref_placement", "reward_placement"):
+        if getattr(p, f) not in PLACEMENTS:
+            raise UserError(
+                f"option ppo.{f}={getattr(p, f)!r}: expected one of {', '.join(PLACEMENTS)} "
+                f"(resident: a plain copy on the device; offload: a ZeRO-3 inference engine; "
+                f"auto: resident when it fits the per-rank memory budget)."
+            )
     if cfg.save_steps < 0:
         raise UserError(
             f"option save_steps={cfg.save_steps} must be >= 0 (0: no periodic checkpoints)."

@@ -1,4 +1,4 @@
-"""Stage 3, PPO: ZeRO-3 actor and critic, offloaded frozen reference and reward models.
+"""Stage 3, PPO: ZeRO-3 actor and critic, frozen reference and reward models (resident/offloaded).
 
 One iteration, one method per phase (see `PPOTrainer.iteration`):
   1. generate    num_samples_per_prompt responses per prompt from the actor (eval mode): pi_old
@@ -12,9 +12,10 @@ One iteration, one method per phase (see `PPOTrainer.iteration`):
 The critic exists only when the estimator needs one: critic-free runs build, score with, train and
 checkpoint no critic at all.
 Shapes: B rollout rows on this rank, P prompt width (left-padded), R response width.
-Elsewhere: construction (inputs, models, engines, PTX micro-batches) in ppo_setup.py, the reward's
-parts in ppo_reward.py, metrics, evaluation, alarms and model_best in ppo_eval.py, containers in
-ppo_types.py, the resumable state, checkpoint, resume and the final save in ppo_checkpoint.py.
+Elsewhere: construction (inputs, models, engines, PTX micro-batches) in ppo_setup.py, the frozen
+models' placement in ppo_frozen.py, the reward's parts in ppo_reward.py, metrics, evaluation,
+alarms and model_best in ppo_eval.py, containers in ppo_types.py, the resumable state, checkpoint,
+resume and the final save in ppo_checkpoint.py.
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ class PPOTrainer:
         self.ema = engines.ShardEMA(self.actor.module, p.ema_beta) if p.ema_beta > 0 else None
 
     # ------------------------------------------------------------ forward helpers
-    def micro_slices(self, n: int):
-        mb = self.sizes.micro_batch_size_per_gpu  # clamped to a rank's share of a mini-batch
+    def micro_slices(self, n: int, mb: int = 0):
+        """Rows in slices of `mb` (0: the training micro-batch, clamped to a rank's mini-batch)."""
+        mb = mb or self.sizes.micro_batch_size_per_gpu
         return [slice(i, i + mb) for i in range(0, n, mb)]
 
     def _logits_logprobs(self, model, seq, mask, width):
@@ -119,7 +121,7 @@ class PPOTrainer:
             seq = self.generator.generate(ids, prompt_mask, params)
             resp_mask = response_mask(seq[:, width:], self.tokenizer.eos_token_id)
             full_mask = torch.cat([mask, resp_mask], dim=1)
-            slices = self.micro_slices(len(seq))
+            slices = self.micro_slices(len(seq), self.p.forward_micro_batch_size)
             old_logprobs = torch.cat(
                 [self._logits_logprobs(model, seq[s], full_mask[s], width)[1] for s in slices]
             )
@@ -143,7 +145,7 @@ class PPOTrainer:
     def score(self, exp: Experience) -> Experience:
         seq, mask, w = exp.sequences, exp.attention_mask, exp.prompt_width
         ref_lp, values, prompt_values = [], [], []
-        for s in self.micro_slices(len(seq)):
+        for s in self.micro_slices(len(seq), self.p.forward_micro_batch_size):
             ref_lp.append(self._logits_logprobs(self.ref, seq[s], mask[s], w)[1])
             if self.critic is not None:
                 v, v0 = self._values(self.critic, seq[s], mask[s], w)

@@ -1,8 +1,9 @@
 """Construction of the PPO stage: what `PPOTrainer` is built from, before the first iteration.
 
 Here: the tokenizers, the training, evaluation and PTX rows (validated before anything is written),
-the reward and gold functions, the actor, critic, reference and reward models (LoRA, dropout,
-vocabulary checks), their DeepSpeed engines and the generation backend, the seeded row order
+the reward and gold functions, the actor and critic (LoRA, dropout, vocabulary checks), their
+DeepSpeed engines and the generation backend, the frozen reference and reward models through
+ppo_frozen.py (their placement: resident or offloaded), the seeded row order
 (`PromptOrder`), and the PTX micro-batches drawn in it for each optimizer step. Not here: the
 algorithm (pipeline/stages/ppo.py), its evaluation and metrics (pipeline/stages/ppo_eval.py),
 checkpoints and the final save (pipeline/stages/ppo_checkpoint.py), the derived sizes
@@ -30,8 +31,8 @@ from pipeline.models import (
     load_causal_lm,
     load_scalar_model,
     load_tokenizer,
-    pooling_pad_id,
 )
+from pipeline.stages import ppo_frozen
 from pipeline.stages.common import StageContext, to_device
 
 if TYPE_CHECKING:
@@ -200,8 +201,9 @@ def _load_ptx(ctx: StageContext, tokenizer) -> list[dict]:
 
 
 def load_models(ctx: StageContext, inputs: PPOInputs, ds: dict, needs_critic: bool) -> tuple:
-    """Actor and critic (None without one) under the training ZeRO-3 config, reference and reward
-    models under the inference one; every vocabulary checked against the tokenizer that feeds it."""
+    """Actor and critic (None without one) under the training ZeRO-3 config, and the specs of the
+    reference and reward models (ppo_frozen.py: built once the training engines exist); every
+    vocabulary checked against the tokenizer that feeds it."""
     m = ctx.cfg.model
     actor_path = ctx.inputs["actor"]
     # The critic starts from the (first) reward model, or from the policy with a fresh value head.
@@ -218,16 +220,10 @@ def load_models(ctx: StageContext, inputs: PPOInputs, ds: dict, needs_critic: bo
         disable_dropout(model)
         if m.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-    with engines.zero3_construction(ds["inference"]):
-        ref = load_causal_lm(actor_path, m.trust_remote_code, m.dtype)
-        rewards = [
-            load_scalar_model(path, m.trust_remote_code, m.dtype) for path in inputs.reward_paths
-        ]
     check_vocab(actor, inputs.tokenizer, f"actor model {actor_path}")
-    for path, reward in zip(inputs.reward_paths, rewards):
-        check_vocab(reward, inputs.reward_tokenizer, f"reward model {path}")
+    frozen = ppo_frozen.frozen_specs(ctx, inputs)  # built after the training engines
     if critic is None:
-        return actor, critic, ref, rewards
+        return actor, critic, frozen
     # The critic starts from the reward model but reads the actor's token ids.
     check_vocab(
         critic,
@@ -242,7 +238,7 @@ def load_models(ctx: StageContext, inputs: PPOInputs, ds: dict, needs_critic: bo
             "start out meaningless for them.",
             reward_path,
         )
-    return actor, critic, ref, rewards
+    return actor, critic, frozen
 
 
 def _add_lora(p, actor, critic, actor_path: str, reward_path: str) -> tuple:
@@ -266,12 +262,11 @@ def _add_lora(p, actor, critic, actor_path: str, reward_path: str) -> tuple:
 def build_engines(
     ctx: StageContext, models: tuple, ds: dict, sizes: PPOSizes, tokenizer
 ) -> PPOModels:
-    """Actor and critic: ZeRO-3 training engines; reference and reward: offloaded, frozen."""
+    """Actor and critic: ZeRO-3 training engines; reference and reward: frozen, each placed by the
+    memory plan (ppo_frozen.build_frozen: resident or offloaded)."""
     p = ctx.cfg.ppo
-    actor, critic, ref, rewards = models
-    reward_pad_ids = [
-        pooling_pad_id(r) for r in rewards
-    ]  # the score is read where HF's forward pools it
+    actor, critic, frozen = models
+    reward_pad_ids = [s.pad_id for s in frozen[1:]]  # the score is read where HF's forward pools it
     steps = p.num_iterations * p.num_ppo_epochs * sizes.mini_batches_per_epoch
     warmup = p.warmup_iterations * p.num_ppo_epochs * sizes.mini_batches_per_epoch
     actor = engines.train_engine(
@@ -298,9 +293,7 @@ def build_engines(
     )
     for engine in [e for e in (actor, critic) if e is not None]:
         engine.eval()  # train mode only inside PPOTrainer.update
-    ref = engines.inference_engine(ref, ds["inference"])
-    rewards = [engines.inference_engine(reward, ds["inference"]) for reward in rewards]
-    for name, engine in (("actor", actor), ("critic", critic), ("ref", ref)):
+    for name, engine in (("actor", actor), ("critic", critic)):
         if engine is not None:
             log.info("engine %s", engines.describe(engine, name))
     if critic is None:
@@ -309,10 +302,7 @@ def build_engines(
             "update or checkpoint)",
             p.advantage_mode,
         )
-    for i, engine in enumerate(rewards):  # "reward", or "reward 0", "reward 1", ... of an ensemble
-        log.info(
-            "engine %s", engines.describe(engine, "reward" if len(rewards) == 1 else f"reward {i}")
-        )
+    ref, *rewards = ppo_frozen.build_frozen(ctx, frozen, ds, engines.model_dtype(actor))
     generator = make_backend(actor, tokenizer, p.gather_modules)
     log.info(
         "generation: the actor's weights materialised into a plain module each phase "

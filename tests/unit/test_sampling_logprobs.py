@@ -58,7 +58,7 @@ def _trainer(model, params: SamplingParams) -> PPOTrainer:
         eos_token_id=EOS,  # generate() decodes the responses
         decode=lambda ids, skip_special_tokens: " ".join(map(str, ids.tolist())),
     )
-    trainer.p = SimpleNamespace(micro_batch_size_per_gpu=3)
+    trainer.p = SimpleNamespace(micro_batch_size_per_gpu=3, forward_micro_batch_size=0)
     trainer.sizes = SimpleNamespace(micro_batch_size_per_gpu=3)
     trainer.sampling = params
     trainer.generator = _PlainGenerator(model, trainer.tokenizer)

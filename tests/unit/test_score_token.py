@@ -164,7 +164,10 @@ def _scoring_trainer(tok, reward_tok, reward, same_tokenizer: bool) -> PPOTraine
         same_tokenizer,
     )
     trainer.p = SimpleNamespace(
-        micro_batch_size_per_gpu=2, reward_model_coef=1.0, score_norm="none"
+        micro_batch_size_per_gpu=2,
+        forward_micro_batch_size=0,
+        reward_model_coef=1.0,
+        score_norm="none",
     )
     trainer.sizes = SimpleNamespace(micro_batch_size_per_gpu=2)
     trainer.cfg = SimpleNamespace(data=SimpleNamespace(max_prompt_len=24, max_response_len=24))

@@ -1,0 +1,126 @@
+"""Where a frozen model (PPO's reference and reward models) lives: the memory plan and its budget.
+
+resident: a plain module (no DeepSpeed engine, no ZeRO-3 partitioning) on this rank's device,
+built once, eval mode, no gradients: a scoring forward costs its compute alone. offload: a ZeRO-3
+inference engine with its parameters offloaded (engines.inference_engine): each forward gathers
+every layer, but a rank holds 1/world of the weights. auto: the memory plan `plan` (a pure
+function of the models' sizes and the budget) puts each model resident while it fits what is left
+of the per-rank budget (`memory_budget`), in order, and offloads the rest. Building the models and
+logging the plan is the PPO stage's (pipeline/stages/ppo_frozen.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from pipeline.distributed import collectives
+
+RESIDENT, OFFLOAD, AUTO = "resident", "offload", "auto"
+BUDGET_FRACTION = 0.5  # share of the free memory (per rank) that resident frozen models may take
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One frozen model's placement and why."""
+
+    name: str  # "ref", "reward", "reward 0", ...
+    placement: str  # RESIDENT or OFFLOAD
+    reason: str
+
+    def line(self) -> str:
+        return f"placement {self.name}: {self.placement} ({self.reason})"
+
+
+def human_bytes(n: float) -> str:
+    """Decimal units, 3 significant digits: 12.3 MB, 5.1 GB."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    raise AssertionError  # unreachable
+
+
+def plan(models: Sequence[tuple[str, int, str]], budget: int, option: dict | None = None) -> list:
+    """The placement of each frozen model: `models` are (name, bytes, requested) in order, requested
+    one of auto, resident, offload; `budget` the bytes per rank resident models may take; `option`
+    maps a name to the option that asked (for the reason). Resident models (asked or chosen) take
+    from the budget in order; an auto model is resident when it fits what is left."""
+    out, left = [], budget
+    for name, size, requested in models:
+        asked = f"asked by {option[name]}" if option and name in option else "asked"
+        if requested == OFFLOAD:
+            out.append(Choice(name, OFFLOAD, f"{asked}; {human_bytes(size)}"))
+            continue
+        if requested == RESIDENT:
+            reason = f"{asked}; {human_bytes(size)}"
+            if size > left:
+                reason += f", over the {human_bytes(max(left, 0))} left of the budget"
+        elif size <= left:
+            reason = f"{human_bytes(size)} of a {human_bytes(left)} budget"
+        else:
+            why = "no budget" if budget <= 0 else f"does not fit the {human_bytes(left)} left"
+            out.append(
+                Choice(
+                    name, OFFLOAD, f"{human_bytes(size)} {why} of a {human_bytes(budget)} budget"
+                )
+            )
+            continue
+        out.append(Choice(name, RESIDENT, reason))
+        left -= size
+    return out
+
+
+def available_ram() -> int:
+    """Bytes of RAM available to new allocations: MemAvailable of /proc/meminfo, else free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_budget(local_world_size: int, fraction: float = BUDGET_FRACTION) -> tuple[int, str]:
+    """Bytes per rank for resident frozen models, and what they are a share of. On the CPU: a
+    `fraction` of the available RAM, shared by the node's ranks; on an accelerator: of this rank's
+    free device memory. The smallest over all ranks (every rank must choose alike: an offloaded
+    engine is built collectively). Collective."""
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        mine, what = available_ram() * fraction / max(local_world_size, 1), "RAM"
+    else:
+        mine, what = acc.available_memory() * fraction, f"{acc.device_name()} memory"
+    budget = int(min(collectives.all_gather_object(int(mine))))
+    return budget, f"{fraction:.0%} of the free {what}"
+
+
+def model_bytes(module: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the parameters (ZeRO-3 partitioned ones at full size), in `dtype` if given."""
+    return sum(
+        getattr(p, "ds_numel", p.numel()) * (dtype.itemsize if dtype else p.element_size())
+        for p in module.parameters()
+    )
+
+
+def make_resident(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A plain frozen module on this rank's device, in `dtype`, eval mode, no gradients."""
+    model = model.to(device=collectives.device(), dtype=dtype)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def describe(model: torch.nn.Module, name: str) -> str:
+    """The banner line of a resident model (engines.describe is an engine's)."""
+    n = sum(p.numel() for p in model.parameters())
+    first = next(model.parameters())
+    return (
+        f"{name}: resident plain module (no ZeRO), {first.dtype}, {n / 1e6:.2f}M parameters "
+        f"(0 trained), {human_bytes(model_bytes(model))} on {first.device}"
+    )

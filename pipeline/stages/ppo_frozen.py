@@ -1,0 +1,111 @@
+"""The PPO stage's frozen models: the reference (a copy of the initial policy) and the reward
+models (one, or every ensemble member), each placed by the memory plan.
+
+`frozen_specs` reads what the plan and the checks need without building any weights (each model's
+config and its parameter bytes, from a meta-device copy) and checks the vocabularies, before the
+stage folder is rewritten; `build_frozen`, called once the training engines exist, measures the
+per-rank budget (for `auto`), chooses each model's placement (pipeline/distributed/placement.py:
+`plan`), logs it once per model, and builds the model: resident (a plain module on the device) or
+offload (a ZeRO-3 inference engine with parameter offload). Frozen models are not checkpointed:
+they are rebuilt from their folders. Not here: the trained models and engines (ppo_setup.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.distributed import engines, placement
+from pipeline.models import (
+    TORCH_DTYPES,
+    check_vocab,
+    load_causal_lm,
+    load_scalar_model,
+    pooling_pad_id,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FrozenSpec:
+    """One frozen model, before it is built."""
+
+    name: str  # "ref", "reward", or "reward 0", "reward 1", ... of an ensemble
+    path: str
+    scalar: bool  # a reward model (scalar head); else the reference causal LM
+    option: str  # the option that chooses its placement
+    requested: str  # that option's value: auto, resident or offload
+    num_params: int
+    pad_id: int | None  # reward models: the pad id HF's sequence classifier pools by
+
+
+def frozen_specs(ctx, inputs) -> list[FrozenSpec]:
+    """The reference and reward models' specs, vocabularies checked (no weights are read)."""
+    m, p = ctx.cfg.model, ctx.cfg.ppo
+    k = len(inputs.reward_paths)
+    out = [_spec("ref", ctx.inputs["actor"], False, "ppo.ref_placement", p.ref_placement, m)[0]]
+    for i, path in enumerate(inputs.reward_paths):
+        name = "reward" if k == 1 else f"reward {i}"
+        spec, meta = _spec(name, path, True, "ppo.reward_placement", p.reward_placement, m)
+        check_vocab(meta, inputs.reward_tokenizer, f"reward model {path}")
+        out.append(spec)
+    return out
+
+
+def _spec(name, path, scalar, option, requested, m) -> tuple[FrozenSpec, torch.nn.Module]:
+    """The spec of one frozen model and a copy of it on the meta device (no memory, no weights)."""
+    with engines.plain_construction(), torch.device("meta"):
+        meta = _load(path, scalar, m, meta=True)
+    n = sum(x.numel() for x in meta.parameters())
+    return FrozenSpec(
+        name, path, scalar, option, requested, n, pooling_pad_id(meta) if scalar else None
+    ), meta
+
+
+def _load(path: str, scalar: bool, m, meta: bool = False):
+    if meta:  # the architecture alone, from config.json
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForSequenceClassification,
+        )
+
+        extra = {"num_labels": 1} if scalar else {}
+        config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code, **extra)
+        cls = AutoModelForSequenceClassification if scalar else AutoModelForCausalLM
+        return cls.from_config(
+            config, trust_remote_code=m.trust_remote_code, dtype=TORCH_DTYPES[m.dtype]
+        )
+    loader = load_scalar_model if scalar else load_causal_lm
+    return loader(path, m.trust_remote_code, m.dtype)
+
+
+def build_frozen(ctx, specs: list[FrozenSpec], ds: dict, dtype: torch.dtype) -> list:
+    """Every frozen model placed and built (the reference first, then the reward models), in
+    `dtype` (the training engines'); each placement logged once. Collective (the budget, and
+    building an offloaded engine)."""
+    m = ctx.cfg.model
+    sized = [(s.name, s.num_params * dtype.itemsize, s.requested) for s in specs]
+    budget = 0
+    if any(s.requested == placement.AUTO for s in specs):
+        budget, what = placement.memory_budget(ctx.dist.local_world_size)
+        log.info("placement budget: %s per rank (%s)", placement.human_bytes(budget), what)
+    choices = placement.plan(sized, budget, {s.name: s.option for s in specs})
+    models = []
+    for spec, choice in zip(specs, choices):
+        log.info("%s", choice.line())
+        if choice.placement == placement.RESIDENT:
+            with engines.plain_construction():
+                model = _load(spec.path, spec.scalar, m)
+            model = placement.make_resident(model, dtype)
+            log.info("engine %s", placement.describe(model, spec.name))
+        else:
+            with engines.zero3_construction(ds["inference"]):
+                model = _load(spec.path, spec.scalar, m)
+            model = engines.inference_engine(model, ds["inference"])
+            log.info("engine %s", engines.describe(model, spec.name))
+        models.append(model)
+    return models
