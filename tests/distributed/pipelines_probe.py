@@ -9,9 +9,10 @@ PLAN.json: `[{"name": ..., "argv": [...], "log": DIR, "stages": [...], "before":
 would have returned: 0, or the SystemExit code; 1 for an exception, whose traceback goes to the
 .stderr file). One pipeline failing does not stop the next. "before" lists what a test would do to
 the files between two launches, done by rank 0 while the others wait (so not before the first
-pipeline, which creates the process group): `["copy", SRC, DST]` (a folder, DST must not exist),
-`["remove", PATH]` (a file or a folder). Used by test_architectures.py, test_two_ranks.py and
-test_ptx_ema_two_ranks.py."""
+pipeline, which creates the process group): `["copy", SRC, DST]` (a file; or a folder, DST must
+not exist), `["remove", PATH]` (a file or a folder). Used by test_architectures.py,
+test_two_ranks.py, test_ptx_ema_two_ranks.py and, through checkpointing_probe.py,
+test_precision_and_checkpointing.py."""
 
 import contextlib
 import json
@@ -51,8 +52,11 @@ def prepare(ops: list[list[str]], rank: int) -> None:
     assert dist.is_initialized(), "'before' needs a pipeline before it (the process group)"
     if rank == 0:
         for op, *paths in ops:
-            if op == "copy":
+            if op == "copy" and Path(paths[0]).is_dir():
                 shutil.copytree(*paths)
+            elif op == "copy":
+                Path(paths[1]).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(*paths)
             elif op == "remove":
                 path = Path(*paths)
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -61,16 +65,21 @@ def prepare(ops: list[list[str]], rank: int) -> None:
     dist.barrier()
 
 
-def main() -> None:
-    (plan,) = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    rank = int(os.environ.get("RANK", "0"))
-    for item in json.loads(Path(plan).read_text()):
+def run_plan(plan: Path, rank: int) -> None:
+    """Every pipeline of PLAN.json in turn (also called by checkpointing_probe.py, after its own
+    runs)."""
+    for item in json.loads(plan.read_text()):
         log = Path(item["log"])
         if item.get("before"):
             prepare(item["before"], rank)
         stages = tuple(item.get("stages", STAGES))
         code = run_one(item["argv"], log, item["name"], rank, stages)
         (log / f"{item['name']}.rank{rank}.rc").write_text(str(code))
+
+
+def main() -> None:
+    (plan,) = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    run_plan(Path(plan), int(os.environ.get("RANK", "0")))
 
 
 if __name__ == "__main__":
