@@ -54,3 +54,22 @@ def metric_rows(path: Path) -> list[dict]:
 
 def summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "summary.json").read_text())
+
+
+def launch_plan(root: Path, plan: list[dict], num_gpus: int = 2) -> dict:
+    """Several pipelines one after the other in one launch (tests/distributed/pipelines_probe.py;
+    each plan item's "log" is `root`): {name: (exit code, rank 0's stdout, rank 0's stderr)}, the
+    exit code the launch would have returned (that of the rank furthest from 0)."""
+    plan = [{**item, "log": str(root)} for item in plan]
+    (root / "plan.json").write_text(json.dumps(plan))
+    proc = launch(
+        "../tests/distributed/pipelines_probe.py", str(root / "plan.json"), num_gpus=num_gpus
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = {}
+    for item in plan:
+        name = item["name"]
+        rcs = [int((root / f"{name}.rank{r}.rc").read_text()) for r in range(num_gpus)]
+        out, err = ((root / f"{name}.rank0.{s}").read_text() for s in ("stdout", "stderr"))
+        result[name] = (max(rcs, key=abs), out, err)
+    return result

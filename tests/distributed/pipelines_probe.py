@@ -1,16 +1,23 @@
-"""Run under `deepspeed`: `pipelines_probe.py PLAN.json` runs several whole pipelines one after
-the other in one launch, each exactly as `launch/ppo.py ARGV` would (the same entry point,
-`orchestrator.main(STAGES, ...)`), to save a launcher and its ranks' start-up per pipeline.
+"""Run under `deepspeed`: `pipelines_probe.py PLAN.json` runs several pipelines one after the
+other in one launch, each exactly as `launch/ppo.py ARGV` would (the same entry point,
+`orchestrator.main(STAGES, ...)`; with "stages", e.g. `["sft"]`, as `launch/sft.py ARGV` would),
+to save a launcher and its ranks' start-up per pipeline.
 
-PLAN.json: `[{"name": ..., "argv": [...], "log": DIR}, ...]`. Each rank writes what a launch of
-that pipeline would print to `DIR/<name>.rank<R>.stdout` / `.stderr`, and `DIR/<name>.rank<R>.rc`
-(the exit code the launcher would have returned: 0, or the SystemExit code; 1 for an exception,
-whose traceback goes to the .stderr file). One pipeline failing does not stop the next. Used by
-test_architectures.py."""
+PLAN.json: `[{"name": ..., "argv": [...], "log": DIR, "stages": [...], "before": [...]}, ...]`
+("stages" and "before" optional). Each rank writes what a launch of that pipeline would print to
+`DIR/<name>.rank<R>.stdout` / `.stderr`, and `DIR/<name>.rank<R>.rc` (the exit code the launcher
+would have returned: 0, or the SystemExit code; 1 for an exception, whose traceback goes to the
+.stderr file). One pipeline failing does not stop the next. "before" lists what a test would do to
+the files between two launches, done by rank 0 while the others wait (so not before the first
+pipeline, which creates the process group): `["copy", SRC, DST]` (a file; or a folder, DST must
+not exist), `["remove", PATH]` (a file or a folder). Used by test_architectures.py,
+test_two_ranks.py, test_ptx_ema_two_ranks.py and, through checkpointing_probe.py,
+test_precision_and_checkpointing.py."""
 
 import contextlib
 import json
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -21,12 +28,12 @@ from pipeline.orchestrator import main as pipeline_main
 DESCRIPTION = "RLHF pipeline (pipelines_probe.py)"
 
 
-def run_one(argv: list[str], log: Path, name: str, rank: int) -> int:
+def run_one(argv: list[str], log: Path, name: str, rank: int, stages: tuple[str, ...]) -> int:
     out, err = (log / f"{name}.rank{rank}.{s}" for s in ("stdout", "stderr"))
     with out.open("w") as o, err.open("w") as e:
         with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
             try:
-                pipeline_main(STAGES, DESCRIPTION, argv)
+                pipeline_main(stages, DESCRIPTION, argv)
                 code = 0
             except SystemExit as stop:
                 code = stop.code if isinstance(stop.code, int) else 1
@@ -38,13 +45,41 @@ def run_one(argv: list[str], log: Path, name: str, rank: int) -> int:
     return code
 
 
+def prepare(ops: list[list[str]], rank: int) -> None:
+    """The file changes a test would make between two launches: on rank 0, then a barrier."""
+    import torch.distributed as dist
+
+    assert dist.is_initialized(), "'before' needs a pipeline before it (the process group)"
+    if rank == 0:
+        for op, *paths in ops:
+            if op == "copy" and Path(paths[0]).is_dir():
+                shutil.copytree(*paths)
+            elif op == "copy":
+                Path(paths[1]).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(*paths)
+            elif op == "remove":
+                path = Path(*paths)
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            else:
+                raise ValueError(f"unknown operation {op!r}")
+    dist.barrier()
+
+
+def run_plan(plan: Path, rank: int) -> None:
+    """Every pipeline of PLAN.json in turn (also called by checkpointing_probe.py, after its own
+    runs)."""
+    for item in json.loads(plan.read_text()):
+        log = Path(item["log"])
+        if item.get("before"):
+            prepare(item["before"], rank)
+        stages = tuple(item.get("stages", STAGES))
+        code = run_one(item["argv"], log, item["name"], rank, stages)
+        (log / f"{item['name']}.rank{rank}.rc").write_text(str(code))
+
+
 def main() -> None:
     (plan,) = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    rank = int(os.environ.get("RANK", "0"))
-    for item in json.loads(Path(plan).read_text()):
-        log = Path(item["log"])
-        code = run_one(item["argv"], log, item["name"], rank)
-        (log / f"{item['name']}.rank{rank}.rc").write_text(str(code))
+    run_plan(Path(plan), int(os.environ.get("RANK", "0")))
 
 
 if __name__ == "__main__":

@@ -7,14 +7,15 @@ iteration, no warmup so both steps move the weights, a checkpoint after iteratio
   ptx    ptx_coef 1 on the SFT stage's training rows, ema_beta 0.9; then killed-like (final models
          removed) and resumed from the iteration-1 checkpoint: the PTX draw order and the EMA shards
          come back, so both models are bitwise those of the uninterrupted run
+All four, with the copies a test keeps between them, run one after the other in one 2-rank launch
+(tests/distributed/pipelines_probe.py), in one folder, as four launches of launch/ppo.py would.
 """
 
 import json
-import shutil
 
 import pytest
 import torch
-from launch_util import TINY, launch, metric_rows
+from launch_util import TINY, launch_plan, metric_rows
 
 SIZES = [
     "--task.num_sft",
@@ -41,13 +42,12 @@ SIZES = [
 BETA = 0.9
 
 
-def _ppo(out, *args):
-    proc = launch(
-        "ppo.py", "--config", str(TINY), "--output_dir", str(out), *SIZES, *args, num_gpus=2
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "world size 2," in proc.stdout
-    return proc
+def _ok(runs, name):
+    """A pipeline's rank-0 stdout, once it is known to have run on two ranks without error."""
+    rc, stdout, stderr = runs[name]
+    assert rc == 0, stderr[-3000:]
+    assert "world size 2," in stdout
+    return stdout
 
 
 def _weights(folder):
@@ -63,15 +63,6 @@ def _checkpointed(run, tag):
     return get_fp32_state_dict_from_zero_checkpoint(
         str(run / "ppo" / "checkpoints" / "step_00000001"), tag=tag
     )
-
-
-def _keep(run, name):
-    """Copy what a later run in the same folder overwrites: the final policy and the step-1
-    checkpoint."""
-    dst = run.parent / name
-    shutil.copytree(run / "ppo" / "model", dst / "ppo" / "model")
-    shutil.copytree(run / "ppo" / "checkpoints", dst / "ppo" / "checkpoints")
-    return dst
 
 
 def _same(a, b):
@@ -95,38 +86,53 @@ def _lm_loss(model_dir, rows):
     return (total / n).item()
 
 
+PTX = ["--ppo.ptx_coef", "1", "--ppo.ema_beta", str(BETA)]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    run = tmp_path_factory.mktemp("ptx_ema") / "run"
-    _ppo(run)
-    base = _keep(run, "base")
-    return run, base
+    """(run, {name: (exit code, stdout, stderr)}): base, off, ptx and the resumed ptx run in
+    `run`; the PPO folder each of the first three left is kept as `<name>/ppo` (the later runs
+    overwrite it in `run`)."""
+    root = tmp_path_factory.mktemp("ptx_ema")
+    run = root / "run"
+    argv = ["--config", str(TINY), "--output_dir", str(run), *SIZES]
+
+    def keep(name):
+        return ["copy", str(run / "ppo"), str(root / name / "ppo")]
+
+    off = ["--ppo.ptx_coef", "0", "--ppo.ptx_data_path", str(run / "task" / "sft.jsonl")]
+    off += ["--ppo.ema_beta", str(BETA)]
+    killed = [["remove", str(run / "ppo" / name)] for name in ("model", "model_ema", "stage.json")]
+    plan = [
+        {"name": "base", "argv": argv},
+        {"name": "off", "argv": argv + off, "before": [keep("base")]},
+        {"name": "ptx", "argv": argv + PTX, "before": [keep("off")]},
+        # as if killed during iteration 2: the final models and the stage's record removed
+        {"name": "resumed", "argv": argv + PTX, "before": [keep("ptx"), *killed]},
+    ]
+    result = launch_plan(root, plan)
+    _ok(result, "base")
+    return run, result
 
 
 def test_ptx_off_and_ema_leave_the_policy_bitwise_unchanged_and_the_ema_is_exact(runs):
-    run, base = runs
-    proc = _ppo(
-        run,
-        "--ppo.ptx_coef",
-        "0",
-        "--ppo.ptx_data_path",
-        str(run / "task" / "sft.jsonl"),
-        "--ppo.ema_beta",
-        str(BETA),
-    )
-    assert "stage sft is up to date" in proc.stdout and "no PTX loss" in proc.stdout
-    final = _weights(run / "ppo" / "model")
+    run, result = runs
+    stdout = _ok(result, "off")
+    base, off = run.parent / "base", run.parent / "off"
+    assert "stage sft is up to date" in stdout and "no PTX loss" in stdout
+    final = _weights(off / "ppo" / "model")
     assert _same(
         final, _weights(base / "ppo" / "model")
     )  # neither ptx_coef 0 nor the EMA changed training
-    rows = [json.loads(x) for x in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (off / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert not any("ppo/ptx_loss" in r for r in rows)
 
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(run / "ppo" / "model_ema")  # a plain Hugging Face folder
-    ema = _weights(run / "ppo" / "model_ema")
-    w0, w1 = _weights(run / "sft" / "model"), _checkpointed(run, "actor")  # start, after step 1
+    AutoModelForCausalLM.from_pretrained(off / "ppo" / "model_ema")  # a plain Hugging Face folder
+    ema = _weights(off / "ppo" / "model_ema")
+    w0, w1 = _weights(run / "sft" / "model"), _checkpointed(off, "actor")  # start, after step 1
     assert ema.keys() == final.keys() == w0.keys()
     for k in ema:  # two optimizer steps: ema = b^2 w0 + b (1 - b) w1 + (1 - b) w2
         expected = BETA**2 * w0[k] + BETA * (1 - BETA) * w1[k] + (1 - BETA) * final[k]
@@ -141,22 +147,22 @@ def _metrics(run):
 
 
 def test_ptx_moves_the_actor_towards_the_ptx_data_and_resumes_exactly(runs):
-    run, base = runs
-    args = ("--ppo.ptx_coef", "1", "--ppo.ema_beta", str(BETA))
-    proc = _ppo(run, *args)
-    assert "PTX loss (ppo.ptx_coef 1) on 256 rows" in proc.stdout  # the SFT stage's training rows
-    final = _weights(run / "ppo" / "model")
+    run, result = runs
+    stdout = _ok(result, "ptx")
+    base, whole = run.parent / "base", run.parent / "ptx"  # whole: the uninterrupted run
+    assert "PTX loss (ppo.ptx_coef 1) on 256 rows" in stdout  # the SFT stage's training rows
+    final = _weights(whole / "ppo" / "model")
     assert not _same(final, _weights(base / "ppo" / "model"))
     # Iteration 1's rollouts come from the same policy, so the critic's first update is identical;
     # the actor's first update is not.
-    assert _same(_checkpointed(run, "critic"), _checkpointed(base, "critic"))
-    assert not _same(_checkpointed(run, "actor"), _checkpointed(base, "actor"))
-    rows = [json.loads(x) for x in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert _same(_checkpointed(whole, "critic"), _checkpointed(base, "critic"))
+    assert not _same(_checkpointed(whole, "actor"), _checkpointed(base, "actor"))
+    rows = [json.loads(x) for x in (whole / "ppo" / "metrics.jsonl").read_text().splitlines()]
     ptx = [r["ppo/ptx_loss"] for r in rows if "ppo/ptx_loss" in r]
     assert len(ptx) == 2 and all(0 < x < 20 for x in ptx)
     sft_rows = [json.loads(x) for x in (run / "task" / "sft.jsonl").read_text().splitlines()][:128]
     with_ptx, without = (
-        _lm_loss(run / "ppo" / "model", sft_rows),
+        _lm_loss(whole / "ppo" / "model", sft_rows),
         _lm_loss(base / "ppo" / "model", sft_rows),
     )
     print(
@@ -165,14 +171,10 @@ def test_ptx_moves_the_actor_towards_the_ptx_data_and_resumes_exactly(runs):
     )
     assert with_ptx < without
 
-    # Resume from the iteration-1 checkpoint as if killed during iteration 2.
-    ema, metrics = _weights(run / "ppo" / "model_ema"), _metrics(run)
-    for name in ("model", "model_ema"):
-        shutil.rmtree(run / "ppo" / name)
-    (run / "ppo" / "stage.json").unlink()
-    proc = _ppo(run, *args)
-    assert "stage ppo: resuming from iteration 1 of 2" in proc.stdout
+    # Resumed from the iteration-1 checkpoint as if killed during iteration 2.
+    stdout = _ok(result, "resumed")
+    assert "stage ppo: resuming from iteration 1 of 2" in stdout
     assert _same(_weights(run / "ppo" / "model"), final) and _same(
-        _weights(run / "ppo" / "model_ema"), ema
+        _weights(run / "ppo" / "model_ema"), _weights(whole / "ppo" / "model_ema")
     )
-    assert _metrics(run) == metrics
+    assert _metrics(run) == _metrics(whole)

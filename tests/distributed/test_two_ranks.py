@@ -1,27 +1,58 @@
 """Tier 2: every stage on two ranks with real ZeRO-3 engines over gloo, through the real
-launcher."""
+launcher's entry points.
+
+SFT alone, the reward model alone, then the whole pipeline (which finds both up to date), in one
+folder as `launch/sft.py`, `launch/reward.py` and `launch/ppo.py` would run them one after the
+other: all three in one 2-rank launch (tests/distributed/pipelines_probe.py), which saves two
+launcher and rank start-ups."""
 
 import json
 
 import pytest
 import torch
-from launch_util import REPO, TINY, launch, summary
+from launch_util import REPO, TINY, launch, launch_plan, summary
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("two_ranks")
+def stages(tmp_path_factory):
+    """(run_dir, {name: (exit code, stdout, stderr)}) of the sft, reward and ppo launches."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    run_dir = root / "run"
+    argv = ["--config", str(TINY), "--output_dir", str(run_dir)]
+
+    # each launch's summary.json, as the next one rewrites it (a stage it finds up to date: skipped)
+    def keep(name):
+        return ["copy", str(run_dir / "summary.json"), str(root / name / "summary.json")]
+
+    plan = [
+        {"name": "sft", "argv": argv, "stages": ["sft"]},
+        {"name": "reward", "argv": argv, "stages": ["reward"], "before": [keep("sft")]},
+        {"name": "ppo", "argv": argv, "before": [keep("reward")]},
+    ]
+    return run_dir, launch_plan(root, plan)
 
 
-def _ok(proc, world=2):
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"world size {world}," in proc.stdout
+@pytest.fixture(scope="module")
+def run_dir(stages):
+    return stages[0]
 
 
-def test_sft_two_ranks(run_dir):
-    proc = launch("sft.py", "--config", str(TINY), "--output_dir", str(run_dir), num_gpus=2)
-    _ok(proc)
-    s = summary(run_dir)["sft"]
+def _summary(stages, name):
+    """summary.json as the `name` launch left it (kept before the next one ran)."""
+    return summary(stages[0].parent / name)
+
+
+def _ok(stages, name, world=2):
+    """The launch's rank-0 stdout, once it is known to have run on `world` ranks without error."""
+    rc, stdout, stderr = stages[1][name]
+    assert rc == 0, stderr[-3000:]
+    assert f"world size {world}," in stdout
+    return stdout
+
+
+def test_sft_two_ranks(stages, run_dir):
+    _ok(stages, "sft")
+    s = _summary(stages, "sft")["sft"]
     assert s["skipped"] is False and s["steps"] > 0
     # 1200 rows / (16 micro x 2 ranks) = 37 optimizer steps per epoch: each rank saw half the data.
     assert s["steps"] == 1200 // 32
@@ -40,10 +71,9 @@ def test_sft_two_ranks(run_dir):
     assert last < first  # it learned
 
 
-def test_reward_two_ranks(run_dir):
-    proc = launch("reward.py", "--config", str(TINY), "--output_dir", str(run_dir), num_gpus=2)
-    _ok(proc)
-    s = summary(run_dir)["reward"]
+def test_reward_two_ranks(stages, run_dir):
+    _ok(stages, "reward")
+    s = _summary(stages, "reward")["reward"]
     assert s["eval_accuracy"] > 0.6  # tiny preset, one short epoch; chance is 0.5
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -61,10 +91,9 @@ def test_reward_two_ranks(run_dir):
     assert rm(**batch).logits.shape == (2, 1)
 
 
-def test_ppo_two_ranks(run_dir):
-    proc = launch("ppo.py", "--config", str(TINY), "--output_dir", str(run_dir), num_gpus=2)
-    _ok(proc)
-    assert "stage sft is up to date" in proc.stdout and "stage reward is up to date" in proc.stdout
+def test_ppo_two_ranks(stages, run_dir):
+    stdout = _ok(stages, "ppo")
+    assert "stage sft is up to date" in stdout and "stage reward is up to date" in stdout
     s = summary(run_dir)["ppo"]
     rows = [json.loads(x) for x in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/gold_score" in r]
