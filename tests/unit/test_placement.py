@@ -148,3 +148,16 @@ def test_help_documents_them(capsys):
     for option in ("ppo.ref_placement", "ppo.reward_placement", "ppo.forward_micro_batch_size"):
         assert f"--{option}" in text
     assert "resident (a plain copy on the device" in text
+
+
+def test_make_resident_casts_parameters_and_keeps_buffers():
+    import torch
+
+    from pipeline.distributed.placement import make_resident
+
+    module = torch.nn.Linear(2, 2)
+    module.register_buffer("inv_freq", torch.tensor([1.0, 1e-4]))  # float32, as HF's rotary one
+    out = make_resident(module, torch.bfloat16)
+    assert {p.dtype for p in out.parameters()} == {torch.bfloat16}
+    assert out.inv_freq.dtype == torch.float32 and out.inv_freq[1].item() == pytest.approx(1e-4)
+    assert not out.training and not any(p.requires_grad for p in out.parameters())
