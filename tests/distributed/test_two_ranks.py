@@ -130,7 +130,9 @@ def test_ppo_two_ranks(stages, run_dir):
 
 def test_ppo_engines_are_partitioned_and_offloaded(run_dir, tmp_path):
     """Each rank holds about half of every actor and critic parameter; the frozen reference and
-    reward engines keep their (partitioned) parameters in the offload device."""
+    reward engines, offloaded (ppo.ref_placement / ppo.reward_placement offload: the path of models
+    that do not fit; auto keeps the tiny ones resident), keep their partitioned parameters in the
+    offload device."""
     ds = json.loads((REPO / "ds_configs" / "zero3_train.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny norms
     ds_path = tmp_path / "ds.json"
@@ -151,6 +153,10 @@ def test_ppo_engines_are_partitioned_and_offloaded(run_dir, tmp_path):
         str(ds_path),
         "--ds_inference_config",
         str(inf_path),
+        "--ppo.ref_placement",
+        "offload",
+        "--ppo.reward_placement",
+        "offload",
         num_gpus=2,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
