@@ -169,6 +169,13 @@ def global_mean(x: torch.Tensor) -> float:
     return (s[0] / s[1].clamp(min=1)).item()
 
 
+def masked_global_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of `x` over the masked entries of every rank (each weighs the same). Collective."""
+    m = mask.to(x.dtype)
+    total, n = all_reduce_sum(torch.stack([(x * m).sum(), m.sum()]).double()).tolist()
+    return total / max(n, 1.0)
+
+
 def whiten_sums(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(3,) float64 on x's device: masked sum, masked sum of squares, mask count."""
     m = mask.float()

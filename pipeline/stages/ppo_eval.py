@@ -48,7 +48,7 @@ def rollout_metrics(t: PPOTrainer, exp: Experience) -> dict:
         "rollout/score_std": math.sqrt(max(_global_mean(exp.scores**2) - score_mean**2, 0.0)),
         "rollout/reward_mean": _global_mean(exp.rewards.sum(1)),
         "rollout/kl_to_ref": _global_mean(seq_kl),
-        "rollout/ref_nll": _masked_global_mean(-exp.ref_logprobs, m),
+        "rollout/ref_nll": collectives.masked_global_mean(-exp.ref_logprobs, m),
         "rollout/response_length_mean": _global_mean(lengths),
         "rollout/truncated_fraction": _global_mean(truncated.float()),
         "ppo/advantage_mean": _global_mean(ppo_math.masked_mean(exp.advantages, m, dim=1)),
@@ -66,13 +66,6 @@ def rollout_metrics(t: PPOTrainer, exp: Experience) -> dict:
     if exp.fn_scores is not None and exp.rm_scores is not None:  # the two parts of the score
         out["rollout/reward_fn_mean"] = _global_mean(exp.fn_scores)
     return out
-
-
-def _masked_global_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean of x over the masked entries of every rank (each token weighs the same). Collective."""
-    m = mask.to(x.dtype)
-    total, n = collectives.all_reduce_sum(torch.stack([(x * m).sum(), m.sum()]).double()).tolist()
-    return total / max(n, 1.0)
 
 
 def ref_nll_alarm(t: PPOTrainer, step: int, nll: float) -> dict:
