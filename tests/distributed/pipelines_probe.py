@@ -18,6 +18,7 @@ lora_probe.py, test_precision_and_checkpointing.py and test_lora_two_ranks.py.""
 
 import contextlib
 import json
+import logging
 import os
 import runpy
 import shutil
@@ -50,7 +51,16 @@ def run_one(
                 code = 1
             sys.stdout.flush()
             sys.stderr.flush()
+            forget_log_handlers()
     return code
+
+
+def forget_log_handlers() -> None:
+    """The root logger as a fresh process has it (no handlers): those an item set up write to its
+    files, closed once it is done (the next item sets up its own, as its launch would)."""
+    for handler in logging.root.handlers[:]:
+        logging.root.removeHandler(handler)
+        handler.close()
 
 
 def run_probe(script: Path, argv: list[str]) -> None:
