@@ -1,7 +1,10 @@
 """Run under `deepspeed`: `save` (2 ranks) trains a tiny ZeRO-3 engine 3 steps, checkpoints it with
 the Checkpointer, then takes step 4 and writes the full weights before and after it; `load` (any
-rank count) resumes from that checkpoint, writes the loaded weights, takes the same step 4 on
-the same global batch and writes the result. Used by test_checkpoint_ranks.py.
+rank count) resumes from that checkpoint, writes the loaded weights (loaded_world<N>.pt), takes
+the same step 4 on the same global batch and writes the result (and load_report_world<N>.json);
+`save+load` does both in one launch, the load into a fresh engine, Checkpointer and EMA built as
+a new launch would build them (saves a launcher and rank start-up). Used by
+test_checkpoint_ranks.py.
 
 An EMA of the weights (engines.ShardEMA, on the ZeRO-3 shards) follows every step; `save` also keeps
 the same EMA by hand on the full weights gathered after each step, and both modes write the EMA
@@ -29,9 +32,14 @@ def batch(step: int, d: collectives.Dist) -> torch.Tensor:
 
 
 def main() -> None:
-    mode, folder = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    folder = Path(folder)
+    modes, folder = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     d = collectives.init_distributed()
+    for mode in modes.split("+"):
+        run(mode, Path(folder), d)
+
+
+def run(mode: str, folder: Path, d: collectives.Dist) -> None:
+    assert mode in ("save", "load"), mode
     collectives.seed_everything(0)
     ckpt = Checkpointer(folder / "stage", d, keep_last=2, identity={"probe": 1})
     resume = ckpt.find() if mode == "load" else None
@@ -89,10 +97,10 @@ def main() -> None:
             ema.load_state_dict(local["ema"])
         else:
             ema.load_resharded([old["ema"] for old in ckpt.every_local(resume)])
-        dump("loaded")
+        dump(f"loaded_world{d.world_size}")
         dump(f"ema_loaded_world{d.world_size}", ema)
         if d.is_main:
-            (folder / "load_report.json").write_text(
+            (folder / f"load_report_world{d.world_size}.json").write_text(
                 json.dumps(
                     {
                         "universal": resume.universal,

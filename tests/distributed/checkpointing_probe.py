@@ -1,12 +1,16 @@
 """Run under `deepspeed --num_gpus 2`: the PPO stage twice, in one process group, on the same random
 actor and reward model whose configs ask for attention dropout: model.gradient_checkpointing off,
 then on. Writes <work>/report.json (rank 0): each run's PPO metrics and how often a decoder layer's
-MLP ran with gradients on (the update's forwards, plus the recomputes under checkpointing)."""
+MLP ran with gradients on (the update's forwards, plus the recomputes under checkpointing).
+
+`checkpointing_probe.py WORK [PLAN.json]`: with a plan, its pipelines run afterwards in the same
+launch, as pipelines_probe.py runs them (to save a launcher and rank start-up)."""
 
 import json
 import sys
 from pathlib import Path
 
+import pipelines_probe  # next to this script
 import torch
 
 from pipeline import default_task, orchestrator
@@ -49,9 +53,9 @@ def model_folder(folder: Path) -> None:
 
 
 def main() -> None:
-    work = Path(
-        [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]
-    )  # launcher adds --local_rank
+    work, *plan = [
+        Path(a) for a in sys.argv[1:] if not a.startswith("--local_rank")
+    ]  # launcher adds --local_rank
     d = collectives.init_distributed()
     setup_logging(d.is_main)
     if d.is_main:
@@ -64,7 +68,7 @@ def main() -> None:
         if type(module).__name__ == "LlamaMLP" and torch.is_grad_enabled():
             calls.append(1)
 
-    torch.nn.modules.module.register_module_forward_pre_hook(count)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(count)
     report = {}
     for gc in ("false", "true"):
         out = work / f"gc_{gc}"
@@ -92,8 +96,11 @@ def main() -> None:
             "iterations": [r for r in rows if "ppo/policy_loss" in r],
             "mlp_calls": len(calls),
         }
+    hook.remove()
     if d.is_main:
         (work / "report.json").write_text(json.dumps(report))
+    if plan:
+        pipelines_probe.run_plan(plan[0], d.rank)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 checkpoint of a fake stage, each hashing a share of the files; `timeout <folder> <minutes> <late_s>`
 has rank 1 arrive at a barrier late_s seconds late, or as soon as rank 0 has written its report
 (a rank 0 that timed out does not wait for it: the launcher then ends without the rest of the
-sleep). Each rank writes <folder>/<mode>.rank<R> (JSON). Used by
+sleep); `verify+timeout <folder> <minutes> <late_s>` does both in one process group (saves a
+launcher and rank start-up). Each rank writes <folder>/<mode>.rank<R> (JSON). Used by
 test_collectives_two_ranks.py."""
 
 import json
@@ -77,12 +78,16 @@ def timeout_mode(d: collectives.Dist, folder: Path, late_s: float) -> dict:
 
 
 def main() -> None:
-    mode, folder, *rest = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    modes, folder, *rest = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     folder = Path(folder)
     minutes = float(rest[0]) if rest else 120.0
     d = collectives.init_distributed(minutes)
-    out = verify_mode(d, folder) if mode == "verify" else timeout_mode(d, folder, float(rest[1]))
-    (folder / f"{mode}.rank{d.rank}").write_text(json.dumps(out))
+    for mode in modes.split("+"):
+        assert mode in ("verify", "timeout"), mode
+        out = (
+            verify_mode(d, folder) if mode == "verify" else timeout_mode(d, folder, float(rest[1]))
+        )
+        (folder / f"{mode}.rank{d.rank}").write_text(json.dumps(out))
     sys.stdout.flush()
     import os
 

@@ -2,12 +2,16 @@
 Checks that the adapters are partitioned and are all the optimizer holds, that the hybrid engine's
 copy holds the merged weights and computes the engine's logits, that the merged export loads with
 plain transformers and computes them too, and that a checkpoint resumes exactly on the same ranks.
-Writes <out>.rank<N> as JSON. Used by test_lora_two_ranks.py."""
+Writes <out>.rank<N> as JSON. Used by test_lora_two_ranks.py.
+
+`lora_probe.py OUT WORK [PLAN.json]`: with a plan, its pipelines run afterwards in the same
+launch, as pipelines_probe.py runs them (to save a launcher and rank start-up)."""
 
 import json
 import sys
 from pathlib import Path
 
+import pipelines_probe  # next to this script
 import torch
 
 from pipeline import default_task
@@ -79,7 +83,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def main() -> None:
-    out, work = [Path(a) for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    out, work, *plan = [Path(a) for a in sys.argv[1:] if not a.startswith("--local_rank")]
     d = collectives.init_distributed()
     model_dir = work / "model"
     if d.is_main:
@@ -155,6 +159,8 @@ def main() -> None:
     )
     report["step3_moved"] = max_diff(after["actor"], saved)
     Path(f"{out}.rank{d.rank}").write_text(json.dumps(report))
+    if plan:
+        pipelines_probe.run_plan(plan[0], d.rank)
 
 
 if __name__ == "__main__":

@@ -4,19 +4,23 @@ other in one launch, each exactly as `launch/ppo.py ARGV` would (the same entry 
 to save a launcher and its ranks' start-up per pipeline.
 
 PLAN.json: `[{"name": ..., "argv": [...], "log": DIR, "stages": [...], "before": [...]}, ...]`
-("stages" and "before" optional). Each rank writes what a launch of that pipeline would print to
+("stages" and "before" optional). An item with `"probe": "x_probe.py"` (a script next to this one)
+runs that script instead, as `deepspeed x_probe.py ARGV` would (its `__main__`), in the same
+process group. Each rank writes what a launch of that pipeline would print to
 `DIR/<name>.rank<R>.stdout` / `.stderr`, and `DIR/<name>.rank<R>.rc` (the exit code the launcher
 would have returned: 0, or the SystemExit code; 1 for an exception, whose traceback goes to the
 .stderr file). One pipeline failing does not stop the next. "before" lists what a test would do to
 the files between two launches, done by rank 0 while the others wait (so not before the first
 pipeline, which creates the process group): `["copy", SRC, DST]` (a file; or a folder, DST must
 not exist), `["remove", PATH]` (a file or a folder). Used by test_architectures.py,
-test_two_ranks.py, test_ptx_ema_two_ranks.py and, through checkpointing_probe.py,
-test_precision_and_checkpointing.py."""
+test_two_ranks.py, test_ptx_ema_two_ranks.py and, through checkpointing_probe.py and
+lora_probe.py, test_precision_and_checkpointing.py and test_lora_two_ranks.py."""
 
 import contextlib
 import json
+import logging
 import os
+import runpy
 import shutil
 import sys
 import traceback
@@ -28,12 +32,17 @@ from pipeline.orchestrator import main as pipeline_main
 DESCRIPTION = "RLHF pipeline (pipelines_probe.py)"
 
 
-def run_one(argv: list[str], log: Path, name: str, rank: int, stages: tuple[str, ...]) -> int:
+def run_one(
+    argv: list[str], log: Path, name: str, rank: int, stages: tuple[str, ...], probe: str = ""
+) -> int:
     out, err = (log / f"{name}.rank{rank}.{s}" for s in ("stdout", "stderr"))
     with out.open("w") as o, err.open("w") as e:
         with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
             try:
-                pipeline_main(stages, DESCRIPTION, argv)
+                if probe:
+                    run_probe(Path(__file__).parent / probe, argv)
+                else:
+                    pipeline_main(stages, DESCRIPTION, argv)
                 code = 0
             except SystemExit as stop:
                 code = stop.code if isinstance(stop.code, int) else 1
@@ -42,7 +51,26 @@ def run_one(argv: list[str], log: Path, name: str, rank: int, stages: tuple[str,
                 code = 1
             sys.stdout.flush()
             sys.stderr.flush()
+            forget_log_handlers()
     return code
+
+
+def forget_log_handlers() -> None:
+    """The root logger as a fresh process has it (no handlers): those an item set up write to its
+    files, closed once it is done (the next item sets up its own, as its launch would)."""
+    for handler in logging.root.handlers[:]:
+        logging.root.removeHandler(handler)
+        handler.close()
+
+
+def run_probe(script: Path, argv: list[str]) -> None:
+    """`script`'s `__main__` with `sys.argv` = [script, *argv], as its own launch would run it."""
+    saved = sys.argv
+    sys.argv = [str(script), *argv]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved
 
 
 def prepare(ops: list[list[str]], rank: int) -> None:
@@ -73,7 +101,7 @@ def run_plan(plan: Path, rank: int) -> None:
         if item.get("before"):
             prepare(item["before"], rank)
         stages = tuple(item.get("stages", STAGES))
-        code = run_one(item["argv"], log, item["name"], rank, stages)
+        code = run_one(item["argv"], log, item["name"], rank, stages, item.get("probe", ""))
         (log / f"{item['name']}.rank{rank}.rc").write_text(str(code))
 
 

@@ -54,11 +54,11 @@ ARCHITECTURES = {
         max_position_embeddings=64,
     ),
 }
-SHORT = [
+SHORT = [  # a few steps of each stage are enough for what the test checks of an architecture
     "--task.num_sft",
-    "256",
+    "64",
     "--task.num_pairs",
-    "256",
+    "64",
     "--task.num_prompts",
     "32",
     "--task.num_eval",

@@ -31,7 +31,7 @@ def _load(path):
 
 
 def test_two_rank_checkpoint_resumes_on_one_and_two_ranks(tmp_path):
-    _run("save", tmp_path, 2)
+    _run("save+load", tmp_path, 2)  # and the load on the same 2 ranks, checked last below
     saved, after2 = _load(tmp_path / "saved.pt"), _load(tmp_path / "after_save_world.pt")
 
     ema_saved, hand = _load(tmp_path / "ema_saved.pt"), _load(tmp_path / "ema_hand.pt")
@@ -43,10 +43,10 @@ def test_two_rank_checkpoint_resumes_on_one_and_two_ranks(tmp_path):
     )  # not the weights
 
     _run("load", tmp_path, 1)  # another rank count: through the universal checkpoint
-    report = json.loads((tmp_path / "load_report.json").read_text())
+    report = json.loads((tmp_path / "load_report_world1.json").read_text())
     assert report["universal"] is True and report["saved_by"] == 2 and report["local"] is None
     assert report["global_steps"] == 3
-    loaded = _load(tmp_path / "loaded.pt")
+    loaded = _load(tmp_path / "loaded_world1.pt")
     assert loaded.keys() == saved.keys()
     for k in saved:  # the weights come back exactly
         assert torch.equal(loaded[k], saved[k]), k
@@ -62,8 +62,8 @@ def test_two_rank_checkpoint_resumes_on_one_and_two_ranks(tmp_path):
         torch.testing.assert_close(after1[k], after2[k], rtol=1e-5, atol=1e-6, msg=k)
     assert moved > 1e-4  # the step did change the weights (so the comparison means something)
 
-    _run("load", tmp_path, 2)  # the same rank count: the ZeRO files themselves, exactly
-    report = json.loads((tmp_path / "load_report.json").read_text())
+    # the same rank count (loaded in the save launch): the ZeRO files themselves, exactly
+    report = json.loads((tmp_path / "load_report_world2.json").read_text())
     assert report["universal"] is False and report["local"] == {"note": "rank-local"}
     assert all(
         torch.equal(_load(tmp_path / "ema_loaded_world2.pt")[k], ema_saved[k]) for k in saved

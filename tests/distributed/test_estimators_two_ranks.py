@@ -5,16 +5,17 @@ responses to each of its own prompts), so the group baselines are local and only
 collective (`collectives.global_whiten`). The probe computes every estimator the way the stage does
 from each rank's share of one fixed rollout; the 1-rank reference is the same code in this process
 on a one-rank gloo group. Cutting the groups across ranks instead gives different advantages: the
-layout the stage keeps is what makes them agree."""
+layout the stage keeps is what makes them agree. The 2-rank probe runs in shared_probes.py's
+launch."""
 
 import json
-import subprocess
 import sys
 
 import pytest
+import shared_probes  # next to this file
 import torch
 
-from launch_util import REPO, free_port
+from launch_util import REPO
 
 PROBE = REPO / "tests" / "distributed" / "estimators_probe.py"
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
@@ -33,18 +34,9 @@ def _by_row(parts):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("estimators")
-    cmd = [
-        "deepspeed",
-        "--master_port",
-        str(free_port()),
-        "--num_gpus",
-        "2",
-        str(PROBE),
-        str(folder),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """estimators_probe.py's report per rank (run in shared_probes.py's 2-rank launch)."""
+    folder, rc, stdout, stderr = shared_probes.launched(tmp_path_factory)["estimators"]
+    assert rc == 0, stdout[-3000:] + stderr[-3000:]
     return [json.loads((folder / f"estimators.rank{r}").read_text()) for r in (0, 1)]
 
 

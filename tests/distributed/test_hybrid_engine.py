@@ -1,20 +1,18 @@
 """The hybrid engine on two ranks: same tokens as naive ZeRO-3 generation, memory given back,
-and many generation/training switches without leaking or drifting."""
+and many generation/training switches without leaking or drifting. hybrid_probe.py runs in
+shared_probes.py's launch."""
 
 import json
 
 import pytest
-from launch_util import launch
+import shared_probes  # next to this file
 
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
-    work = tmp_path_factory.mktemp("hybrid")
-    (work / "model").mkdir()
-    proc = launch(
-        "../tests/distributed/hybrid_probe.py", str(work / "report"), str(work), num_gpus=2
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """hybrid_probe.py's report per rank (run in shared_probes.py's 2-rank launch)."""
+    work, rc, _, stderr = shared_probes.launched(tmp_path_factory)["hybrid"]
+    assert rc == 0, stderr[-3000:]
     return [json.loads((work / f"report.rank{r}").read_text()) for r in (0, 1)]
 
 

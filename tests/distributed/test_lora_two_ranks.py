@@ -1,6 +1,9 @@
 """Tier 2: LoRA actor and critic on two ranks. The probe checks the engines (partitioned adapters,
 optimizer, generation copy, export, resume); the pipeline run checks that PPO with LoRA changes
-exactly the adapted weights of the policy and nothing else."""
+exactly the adapted weights of the policy and nothing else.
+
+One 2-rank launch does both: lora_probe.py's checks, then the LoRA pipeline as `launch/ppo.py`
+would run it (pipelines_probe.py's plan), which saves a launcher and rank start-up."""
 
 import json
 
@@ -25,12 +28,35 @@ SHORT = [
 
 
 @pytest.fixture(scope="module")
-def probe(tmp_path_factory):
+def launched(tmp_path_factory):
+    """(lora_probe.py's report per rank, the LoRA pipeline's folder, its (exit code, stdout,
+    stderr))."""
     work = tmp_path_factory.mktemp("lora")
     (work / "model").mkdir()
-    proc = launch("../tests/distributed/lora_probe.py", str(work / "report"), str(work), num_gpus=2)
+    out = work / "ppo" / "run"
+    out.parent.mkdir()
+    argv = ["--config", str(TINY), "--output_dir", str(out), *SHORT]
+    argv += ["--ppo.actor_lora_rank", "4", "--ppo.critic_lora_rank", "2"]
+    argv += ["--ppo.lora_target_modules", "q_proj", "v_proj"]
+    plan = [{"name": "lora", "argv": argv, "log": str(out.parent)}]
+    (work / "plan.json").write_text(json.dumps(plan))
+    proc = launch(
+        "../tests/distributed/lora_probe.py",
+        str(work / "report"),
+        str(work),
+        str(work / "plan.json"),
+        num_gpus=2,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads((work / f"report.rank{r}").read_text()) for r in (0, 1)]
+    report = [json.loads((work / f"report.rank{r}").read_text()) for r in (0, 1)]
+    rcs = [int((out.parent / f"lora.rank{r}.rc").read_text()) for r in (0, 1)]
+    stdout, stderr = ((out.parent / f"lora.rank0.{s}").read_text() for s in ("stdout", "stderr"))
+    return report, out, (max(rcs, key=abs), stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def probe(launched):
+    return launched[0]
 
 
 def test_adapters_are_partitioned_and_are_all_the_optimizer_holds(probe):
@@ -61,29 +87,13 @@ def test_checkpoint_resumes_exactly_on_the_same_ranks(probe):
         assert rank["step3_moved"] > 1e-4  # the compared step did change the weights
 
 
-def test_ppo_with_lora_changes_only_the_adapted_weights(tmp_path):
+def test_ppo_with_lora_changes_only_the_adapted_weights(launched):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "run"
-    proc = launch(
-        "ppo.py",
-        "--config",
-        str(TINY),
-        "--output_dir",
-        str(out),
-        *SHORT,
-        "--ppo.actor_lora_rank",
-        "4",
-        "--ppo.critic_lora_rank",
-        "2",
-        "--ppo.lora_target_modules",
-        "q_proj",
-        "v_proj",
-        num_gpus=2,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
+    _, out, (rc, stdout, stderr) = launched
+    assert rc == 0, stderr[-3000:]
+    log = stdout + stderr
     assert (
         "(2,048 trained, " in log.split("engine actor:")[1].splitlines()[0]
     )  # 2 layers x (q, v) x (64 x 4 x 2)

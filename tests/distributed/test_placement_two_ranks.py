@@ -3,60 +3,25 @@ resident (a plain module on the device, no ZeRO-3) or offloaded (a ZeRO-3 infere
 parameter offload, the design card's path for models that do not fit): same reference log-probs,
 reward scores and sequence rewards within fp32 rounding, and for each member of an ensemble of two.
 placement_probe.py builds the real trainer with both models offloaded, then swaps in resident
-copies built by ppo_frozen.build_frozen.
+copies built by ppo_frozen.build_frozen, in shared_probes.py's launch (its inputs too).
 
 Tolerance: the same weights and the same float32 forward; only ZeRO-3's gathered copies stand
 between them, so equal up to reduction order (atol 1e-5 on log-probs of about -6, scores of about
 1)."""
 
-import json
-
 import pytest
+import shared_probes  # next to this file
 import torch
-from launch_util import launch
-
-PROMPTS = [
-    "ana asks for a review of the pizza .",
-    "please review the sofa for leo .",
-    "grace wants to know about the camera .",
-    "hugo asks for a review of the book .",
-    "emma wants to know about the car .",
-    "please review the lamp for ana .",
-]
-
-
-def _write_inputs(work):
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
-    from pipeline import default_task
-
-    config = LlamaConfig(
-        **default_task.model_config(len(default_task.vocabulary()), 32, 2, 2, 64, 64)
-    )
-    for name, cls, extra in (
-        ("policy", LlamaForCausalLM, {}),
-        ("reward", LlamaForSequenceClassification, {"num_labels": 1}),
-    ):
-        torch.manual_seed(1 if name == "policy" else 2)
-        cls(LlamaConfig(**{**config.to_dict(), **extra})).save_pretrained(work / name)
-        default_task.build_tokenizer(work / name)
-    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    work = tmp_path_factory.mktemp("placement")
-    _write_inputs(work)
-    out = work / "report"
-    proc = launch(
-        "../tests/distributed/placement_probe.py", str(out), str(work), num_gpus=2, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "placement ref: offload (asked by ppo.ref_placement" in proc.stdout + proc.stderr
-    assert "placement reward 1: resident (asked by ppo.reward_placement" in (
-        proc.stdout + proc.stderr
-    )
-    return [torch.load(f"{out}.rank{r}", weights_only=False) for r in (0, 1)]
+    """placement_probe.py's report per rank (run in shared_probes.py's 2-rank launch)."""
+    work, rc, stdout, stderr = shared_probes.launched(tmp_path_factory)["placement"]
+    assert rc == 0, stdout[-3000:] + stderr[-3000:]
+    assert "placement ref: offload (asked by ppo.ref_placement" in stdout + stderr
+    assert "placement reward 1: resident (asked by ppo.reward_placement" in (stdout + stderr)
+    return [torch.load(f"{work / 'report'}.rank{r}", weights_only=False) for r in (0, 1)]
 
 
 def _close(a, b):

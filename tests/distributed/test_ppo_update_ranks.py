@@ -6,6 +6,7 @@ of an optimizer step is then the gradient of the whole mini-batch's loss, whatev
 and the micro-batching. ppo_update_probe.py builds the real trainer (`PPOTrainer(ctx)`) and runs
 `update` on one fixed rollout of 8 rows with one rank (all rows, gradient accumulation 4) and with
 two ranks (4 rows each, accumulation 2): two optimizer steps each (two epochs of one mini-batch).
+The 2-rank run is one of shared_probes.py's launch (inputs from there too).
 
 What is compared, and why the gradients too: AdamW's step is nearly invariant to a constant scale
 of the gradient (m / sqrt(v)), and gradient clipping rescales it anyway, so a wrong `* world`
@@ -33,53 +34,13 @@ is at rounding level (5e-10 against 1e-4 elsewhere) moves by an amount rounding 
 2e-6 at most, in the critic).
 """
 
-import json
-
 import pytest
+import shared_probes  # next to this file
 import torch
 from launch_util import launch
 
-PROMPTS = [
-    "ana asks for a review of the pizza .",
-    "please review the sofa for leo .",
-    "grace wants to know about the camera .",
-    "hugo asks for a review of the book .",
-    "emma wants to know about the car .",
-    "please review the lamp for ana .",
-]
 
-
-def _write_inputs(work):
-    """A tiny policy and reward model with weights on disk, so both runs start from the same
-    ones."""
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
-    from pipeline import default_task
-
-    config = LlamaConfig(
-        **default_task.model_config(len(default_task.vocabulary()), 32, 2, 2, 64, 64)
-    )
-    for name, cls, extra in (
-        ("policy", LlamaForCausalLM, {}),
-        ("reward", LlamaForSequenceClassification, {"num_labels": 1}),
-    ):
-        torch.manual_seed(1 if name == "policy" else 2)
-        model = cls(LlamaConfig(**{**config.to_dict(), **extra}))
-        model.save_pretrained(work / name)
-        default_task.build_tokenizer(work / name)
-    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-
-
-def _run(work, ranks):
-    out = work / f"update.{ranks}.pt"
-    proc = launch(
-        "../tests/distributed/ppo_update_probe.py",
-        str(out),
-        str(work / f"w{ranks}"),
-        num_gpus=ranks,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def _report(out, ranks):
     report = torch.load(out, weights_only=False)
     assert report["world_size"] == ranks
     return report
@@ -87,13 +48,22 @@ def _run(work, ranks):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    work = tmp_path_factory.mktemp("ppo_update")
-    _write_inputs(work)
-    for ranks in (1, 2):  # each run writes its own stage folder next to the shared inputs
-        (work / f"w{ranks}").mkdir()
-        for name in ("policy", "reward", "prompts.jsonl"):
-            (work / f"w{ranks}" / name).symlink_to(work / name)
-    return _run(work, 1), _run(work, 2)
+    """(the 1-rank report, the 2-rank report): the 2-rank run in shared_probes.py's launch, the
+    1-rank one here, each in its own stage folder next to the same inputs."""
+    shared = shared_probes.launched(tmp_path_factory)
+    work, rc, stdout, stderr = shared["ppo_update"]
+    assert rc == 0, stdout[-3000:] + stderr[-3000:]
+    two = _report(work / "update.2.pt", 2)
+    w1 = shared_probes.linked_inputs(shared["inputs"], work / "w1")
+    proc = launch(
+        "../tests/distributed/ppo_update_probe.py",
+        str(work / "update.1.pt"),
+        str(w1),
+        num_gpus=1,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return _report(work / "update.1.pt", 1), two
 
 
 ACTOR_STATS = ("policy_loss", "entropy", "clip_fraction", "approx_kl", "ratio_mean")

@@ -1,5 +1,9 @@
 """Tier 2, two ranks: the pipeline trained in bf16 (with gradient checkpointing), and the PPO
-stage's losses unchanged by gradient checkpointing."""
+stage's losses unchanged by gradient checkpointing.
+
+One 2-rank launch does both: checkpointing_probe.py's PPO runs, then the bf16 pipeline as
+`launch/ppo.py` would run it (pipelines_probe.py's plan), which saves a launcher and rank start-up.
+"""
 
 import json
 import math
@@ -27,27 +31,42 @@ def _metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_bf16_pipeline_trains_every_engine_in_bf16(tmp_path):
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """(checkpointing_probe.py's report, the bf16 run's folder, its (exit code, stdout, stderr))."""
+    work = tmp_path_factory.mktemp("gc")
+    out = work / "bf16" / "run"
+    out.parent.mkdir()
+    argv = ["--config", str(TINY), "--output_dir", str(out), *SHORT, "--model.dtype", "bf16"]
+    argv += ["--model.gradient_checkpointing", "true"]
+    plan = [{"name": "bf16", "argv": argv, "log": str(out.parent)}]
+    (work / "plan.json").write_text(json.dumps(plan))
+    proc = launch(
+        "../tests/distributed/checkpointing_probe.py",
+        str(work),
+        str(work / "plan.json"),
+        num_gpus=2,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rcs = [int((out.parent / f"bf16.rank{r}.rc").read_text()) for r in (0, 1)]
+    stdout, stderr = ((out.parent / f"bf16.rank0.{s}").read_text() for s in ("stdout", "stderr"))
+    report = json.loads((work / "report.json").read_text())
+    return report, out, (max(rcs, key=abs), stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def checkpointing(launched):
+    return launched[0]
+
+
+def test_bf16_pipeline_trains_every_engine_in_bf16(launched):
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    out = tmp_path / "run"
-    proc = launch(
-        "ppo.py",
-        "--config",
-        str(TINY),
-        "--output_dir",
-        str(out),
-        *SHORT,
-        "--model.dtype",
-        "bf16",
-        "--model.gradient_checkpointing",
-        "true",
-        num_gpus=2,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
+    _, out, (rc, stdout, stderr) = launched
+    assert rc == 0, stderr[-3000:]
+    log = stdout + stderr
     for engine in ("policy", "reward model", "actor", "critic"):
         assert f"engine {engine}: ZeRO-3, torch.bfloat16," in log, engine
     for frozen in ("ref", "reward"):  # the tiny frozen models fit: ppo.*_placement auto -> resident
@@ -75,14 +94,6 @@ def test_bf16_pipeline_trains_every_engine_in_bf16(tmp_path):
     ids = torch.tensor([[1, 5, 6, 7]])
     assert torch.isfinite(policy(input_ids=ids).logits.float()).all()
     assert torch.isfinite(rm(input_ids=ids).logits.float()).all()
-
-
-@pytest.fixture(scope="module")
-def checkpointing(tmp_path_factory):
-    work = tmp_path_factory.mktemp("gc")
-    proc = launch("../tests/distributed/checkpointing_probe.py", str(work), num_gpus=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((work / "report.json").read_text())
 
 
 def test_checkpointing_engages_in_the_ppo_update(checkpointing):

@@ -4,13 +4,13 @@ launcher's entry points.
 SFT alone, the reward model alone, then the whole pipeline (which finds both up to date), in one
 folder as `launch/sft.py`, `launch/reward.py` and `launch/ppo.py` would run them one after the
 other: all three in one 2-rank launch (tests/distributed/pipelines_probe.py), which saves two
-launcher and rank start-ups."""
+launcher and rank start-ups; partition_probe.py runs last in the same launch, on that folder."""
 
 import json
 
 import pytest
 import torch
-from launch_util import REPO, TINY, launch, launch_plan, summary
+from launch_util import REPO, TINY, launch_plan, summary
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,35 @@ def stages(tmp_path_factory):
         {"name": "sft", "argv": argv, "stages": ["sft"]},
         {"name": "reward", "argv": argv, "stages": ["reward"], "before": [keep("sft")]},
         {"name": "ppo", "argv": argv, "before": [keep("reward")]},
+        {"name": "partition", "probe": "partition_probe.py", "argv": _partition_argv(root, argv)},
     ]
     return run_dir, launch_plan(root, plan)
+
+
+def _partition_argv(root, argv):
+    """partition_probe.py's arguments (for test_ppo_engines_are_partitioned_and_offloaded): the
+    report root/report.json.rank<R>, the pipeline's `argv` with partitioned-even-tiny-tensors
+    DeepSpeed configs and offloaded frozen models."""
+    ds = json.loads((REPO / "ds_configs" / "zero3_train.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny norms
+    ds_path = root / "ds.json"
+    ds_path.write_text(json.dumps(ds))
+    inf = json.loads((REPO / "ds_configs" / "zero3_offload_inference.json").read_text())
+    inf["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    inf_path = root / "inf.json"
+    inf_path.write_text(json.dumps(inf))
+    return [
+        str(root / "report.json"),
+        *argv,
+        "--ds_config",
+        str(ds_path),
+        "--ds_inference_config",
+        str(inf_path),
+        "--ppo.ref_placement",
+        "offload",
+        "--ppo.reward_placement",
+        "offload",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -128,39 +155,14 @@ def test_ppo_two_ranks(stages, run_dir):
     assert all(r["rollout/response_length_mean"] > 0 for r in train)
 
 
-def test_ppo_engines_are_partitioned_and_offloaded(run_dir, tmp_path):
+def test_ppo_engines_are_partitioned_and_offloaded(stages):
     """Each rank holds about half of every actor and critic parameter; the frozen reference and
     reward engines, offloaded (ppo.ref_placement / ppo.reward_placement offload: the path of models
     that do not fit; auto keeps the tiny ones resident), keep their partitioned parameters in the
     offload device."""
-    ds = json.loads((REPO / "ds_configs" / "zero3_train.json").read_text())
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny norms
-    ds_path = tmp_path / "ds.json"
-    ds_path.write_text(json.dumps(ds))
-    inf = json.loads((REPO / "ds_configs" / "zero3_offload_inference.json").read_text())
-    inf["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    inf_path = tmp_path / "inf.json"
-    inf_path.write_text(json.dumps(inf))
-    report = tmp_path / "report.json"
-    proc = launch(
-        "../tests/distributed/partition_probe.py",
-        str(report),
-        "--config",
-        str(TINY),
-        "--output_dir",
-        str(run_dir),
-        "--ds_config",
-        str(ds_path),
-        "--ds_inference_config",
-        str(inf_path),
-        "--ppo.ref_placement",
-        "offload",
-        "--ppo.reward_placement",
-        "offload",
-        num_gpus=2,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"report.json.rank{r}").read_text()) for r in (0, 1)]
+    rc, _, stderr = stages[1]["partition"]
+    assert rc == 0, stderr[-3000:]
+    ranks = [json.loads((stages[0].parent / f"report.json.rank{r}").read_text()) for r in (0, 1)]
     for name in ("actor", "critic", "ref", "reward"):
         for pname, (local, full, _) in ranks[0][name].items():
             other = ranks[1][name][pname][0]
