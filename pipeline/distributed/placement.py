@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
+import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
@@ -125,6 +126,11 @@ def model_bytes(module: torch.nn.Module, dtype: torch.dtype | None = None) -> in
         getattr(p, "ds_numel", p.numel()) * (dtype.itemsize if dtype else p.element_size())
         for p in module.parameters()
     )
+
+
+def resident_bytes(models: Sequence) -> int:
+    """Bytes of the parameters of the resident models (plain modules, not engines) in `models`."""
+    return sum(model_bytes(m) for m in models if not isinstance(m, deepspeed.DeepSpeedEngine))
 
 
 def make_resident(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import deepspeed
 import torch
 
 from pipeline.distributed import engines, placement
@@ -126,9 +125,7 @@ def build_frozen(
 def critic_scoring(requested: str, critic, frozen: list, budget: int) -> placement.Choice:
     """How the critic engine computes the rollout's values (ppo.critic_scoring: placement's
     `critic_scoring`, the resident `frozen` models taking from `budget` first), logged once."""
-    resident = sum(
-        placement.model_bytes(x) for x in frozen if not isinstance(x, deepspeed.DeepSpeedEngine)
-    )
+    resident = placement.resident_bytes(frozen)
     size = placement.model_bytes(critic.module, engines.model_dtype(critic))
     choice = placement.critic_scoring(size, budget, resident, requested)
     log.info("critic scoring: %s (%s)", choice.placement, choice.reason)
