@@ -152,3 +152,20 @@ def test_model_bytes_of_the_plan_counts_partitioned_parameters_in_full():
     module = torch.nn.Module()
     module.w = p
     assert placement.model_bytes(module, torch.bfloat16) == 20
+
+
+def test_the_choice_is_not_part_of_the_stage_fingerprint(tmp_path):
+    """Values are bit-identical either way: switching keeps finished stages and checkpoints (and
+    the identity of runs from before the option existed)."""
+    from pipeline.fingerprint import identity
+    from pipeline.inputs import stage_inputs
+
+    def ident(*args):
+        cfg = parse_config(["--output_dir", str(tmp_path / "run"), *args])
+        inputs = stage_inputs(cfg, tmp_path / "run", tmp_path / "task")["ppo"]
+        return identity("ppo", cfg, inputs, tmp_path / "run")
+
+    base = ident()
+    assert "critic_scoring" not in base["section"]
+    assert ident("--ppo.critic_scoring", "zero3") == base
+    assert ident("--ppo.critic_scoring", "materialise") == base
