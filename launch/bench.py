@@ -118,10 +118,16 @@ def write_fixtures(folder: Path, w: Workload) -> dict[str, str]:
 
 
 def build_trainer(
-    folder: Path, paths: dict[str, str], w: Workload, d, placement: str = "auto"
+    folder: Path,
+    paths: dict[str, str],
+    w: Workload,
+    d,
+    placement: str = "auto",
+    critic_scoring: str = "auto",
 ) -> Any:
     """The real PPO stage's trainer on this workload, configured through `parse_config`;
-    `placement` of the reference and reward model (ppo.ref_placement, ppo.reward_placement)."""
+    `placement` of the reference and reward model (ppo.ref_placement, ppo.reward_placement),
+    `critic_scoring` the critic's (ppo.critic_scoring)."""
     flags = {
         "output_dir": folder / "run",
         "seed": 0,
@@ -139,6 +145,7 @@ def build_trainer(
         "data.eval_prompt_data_path": paths["prompts"],
         "ppo.ref_placement": placement,
         "ppo.reward_placement": placement,
+        "ppo.critic_scoring": critic_scoring,
     }
     cfg = parse_config([s for k, v in flags.items() for s in (f"--{k}", str(v))])
     inputs = {
@@ -221,6 +228,7 @@ def measure(trainer, w: Workload, d) -> dict[str, Any]:
     mine += [held_bytes(m) for _, m in frozen]
     out["memory_bytes"] = [dict(zip(keys, map(int, r))) for r in per_rank(mine, d)]
     out["placements"] = {name: placement_of(m) for name, m in frozen}
+    out["critic_scoring"] = "zero3" if trainer.critic_copy is None else "materialise"
     return out
 
 
@@ -319,6 +327,7 @@ def report(
         "real": real,
         "floor": floor,
         "placements": real["placements"],
+        "critic_scoring": real["critic_scoring"],
     }
 
 
@@ -350,6 +359,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ppo.ref_placement and ppo.reward_placement of the real stage (default: auto)",
     )
     parser.add_argument(
+        "--critic_scoring",
+        choices=("auto", "materialise", "zero3"),
+        default="auto",
+        help="ppo.critic_scoring of the real stage (default: auto)",
+    )
+    parser.add_argument(
         "--local_rank", type=int, help=argparse.SUPPRESS
     )  # set by the deepspeed launcher
     return parser.parse_args(argv)
@@ -370,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     )
     try:
         paths = collectives.broadcast_object(write_fixtures(folder, w) if d.is_main else None)
-        trainer = build_trainer(folder, paths, w, d, args.placement)
+        trainer = build_trainer(folder, paths, w, d, args.placement, args.critic_scoring)
         real = measure(trainer, w, d)
         one = on_rank0(lambda: floors(paths, trainer, w), d, threads * d.local_world_size)
         one = collectives.broadcast_object(one)

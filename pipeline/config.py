@@ -58,6 +58,7 @@ class ModelConfig:
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCORE_NORMS = ("none", "sft", "running")
 PLACEMENTS = ("auto", "resident", "offload")  # ppo.ref_placement, ppo.reward_placement
+CRITIC_SCORINGS = ("auto", "materialise", "zero3")  # ppo.critic_scoring
 EVAL_METRICS = (
     "eval/gold_score",
     "eval/win_rate_vs_sft",
@@ -181,7 +182,8 @@ class PPOConfig:
     max_new_tokens: int = 0
     # EOS is suppressed until this many response tokens, in sampling and in every PPO log-prob alike
     min_new_tokens: int = 0
-    gather_modules: int = 0  # hybrid engine: submodules gathered at a time to materialise (0: all)
+    # submodules gathered at a time to materialise the actor (hybrid engine) or the critic (0: all)
+    gather_modules: int = 0
     # rows per rank per scoring forward of the rollout (pi_old, reference, reward models, critic
     # values); not used in training. 0: ppo.micro_batch_size_per_gpu (after its clamp)
     forward_micro_batch_size: int = 0
@@ -191,6 +193,11 @@ class PPOConfig:
     ref_placement: str = "auto"
     # where each frozen reward model (every ensemble member) lives: as ref_placement
     reward_placement: str = "auto"
+    # how the critic computes the rollout's values: materialise (its full weights copied once per
+    # scoring phase into a plain module, freed after: no gathers per micro-batch), zero3 (the
+    # training engine's forward per micro-batch, each gathering every layer) or auto (materialise
+    # when it fits what the resident frozen models leave of the per-rank budget, else zero3)
+    critic_scoring: str = "auto"
     # PPO ratio clip: the ratio is clipped to [1 - clip_eps_low, 1 + clip_eps_high], both clip_eps
     # unless given
     clip_eps: float = 0.2

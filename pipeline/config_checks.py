@@ -10,6 +10,7 @@ import math
 
 from pipeline.config import (
     AUTO,
+    CRITIC_SCORINGS,
     DATA_FORMATS,
     EVAL_METRICS,
     LR_SCHEDULERS,
@@ -142,6 +143,13 @@ def validate(cfg: Config) -> None:
                 f"(resident: a plain copy on the device; offload: a ZeRO-3 inference engine; "
                 f"auto: resident when it fits the per-rank memory budget)."
             )
+    if p.critic_scoring not in CRITIC_SCORINGS:
+        raise UserError(
+            f"option ppo.critic_scoring={p.critic_scoring!r}: expected one of "
+            f"{', '.join(CRITIC_SCORINGS)} (materialise: a plain copy of the critic per scoring "
+            f"phase; zero3: the training engine per micro-batch; auto: materialise when it fits "
+            f"the per-rank memory budget)."
+        )
     if cfg.save_steps < 0:
         raise UserError(
             f"option save_steps={cfg.save_steps} must be >= 0 (0: no periodic checkpoints)."

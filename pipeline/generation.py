@@ -21,8 +21,7 @@ from typing import Protocol
 
 import torch
 
-from pipeline.distributed import collectives, engines, zero3
-from pipeline.models import lora_merge
+from pipeline.distributed.materialise import PlainCopy
 
 
 @dataclass(frozen=True)
@@ -79,42 +78,27 @@ class HybridEngine:
     """The actor in two modes: training (the partitioned ZeRO-3 engine) and generation.
 
     Generation mode materialises the full weights once into a plain module of the same
-    architecture (no ZeRO hooks, eval mode, KV cache), gathering `gather_modules` submodules at
-    a time (0: all at once; smaller numbers lower the transient peak), and frees them on exit.
-    LoRA adapters are merged into the copy, so decoding costs what it costs without them.
-    Works for any Hugging Face causal LM, on any accelerator.
+    architecture (`materialise.PlainCopy`: no ZeRO hooks, eval mode, KV cache), gathering
+    `gather_modules` submodules at a time (0: all at once; smaller numbers lower the transient
+    peak), and frees them on exit. LoRA adapters are merged into the copy, so decoding costs what
+    it costs without them. Works for any Hugging Face causal LM, on any accelerator.
     """
 
     def __init__(self, actor_engine, tokenizer, gather_modules: int = 0):
         self.engine = actor_engine
         self.tokenizer = tokenizer
-        self.gather_modules = gather_modules
-        self.merge = lora_merge(actor_engine.module)
-        with (
-            engines.plain_construction(),
-            torch.device("meta"),
-        ):  # the actor's own (already loaded) class
-            self.model = type(actor_engine.module)._from_config(
-                actor_engine.module.config, dtype=engines.model_dtype(actor_engine)
-            )
-        self.model.eval().requires_grad_(False)
-        self.materialised = False
+        self.copy = PlainCopy(actor_engine, gather_modules, merge_lora=True)
+        self.model = self.copy.model
+
+    @property
+    def materialised(self) -> bool:
+        return self.copy.materialised
 
     @contextmanager
     def generation_mode(self):
         """Inside: `self.model` holds the actor's current full weights. Freed on exit."""
-        self.model.to_empty(device=collectives.device())
-        self.model.tie_weights()  # to_empty gives tied parameters separate storage; share it again
-        buffers = dict(self.engine.module.named_buffers())  # not partitioned by ZeRO (e.g. rotary)
-        for name, buf in self.model.named_buffers():
-            buf.data.copy_(buffers[name].data)
-        zero3.copy_gathered(self.engine.module, self.model, self.gather_modules, self.merge)
-        self.materialised = True
-        try:
-            yield self.model
-        finally:
-            self.model.to("meta")  # drop every materialised tensor
-            self.materialised = False
+        with self.copy.materialise() as model:
+            yield model
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, params: SamplingParams) -> torch.Tensor:

@@ -6,7 +6,9 @@ inference engine with its parameters offloaded (engines.inference_engine): each 
 every layer, but a rank holds 1/world of the weights. auto: the memory plan `plan` (a pure
 function of the models' sizes and the budget) puts each model resident while it fits what is left
 of the per-rank budget (`memory_budget`), in order, and offloads the rest. Building the models and
-logging the plan is the PPO stage's (pipeline/stages/ppo_frozen.py).
+logging the plan is the PPO stage's (pipeline/stages/ppo_frozen.py). The same rule decides whether
+the critic scores the rollout from a materialised plain copy (`critic_scoring`, ppo.critic_scoring;
+pipeline/distributed/materialise.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
+import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
@@ -75,6 +78,22 @@ def plan(models: Sequence[tuple[str, int, str]], budget: int, option: dict | Non
     return out
 
 
+MATERIALISE, ZERO3 = "materialise", "zero3"  # ppo.critic_scoring, besides AUTO
+_AS_PLACEMENT = {AUTO: AUTO, MATERIALISE: RESIDENT, ZERO3: OFFLOAD}
+
+
+def critic_scoring(size: int, budget: int, resident: int, requested: str) -> Choice:
+    """How the critic computes the rollout's values, by `plan`'s rule: materialise (its `size`
+    bytes of full weights in a plain copy for the scoring phase) when asked or, for auto, when
+    they fit what the resident frozen models (`resident` bytes) leave of the per-rank `budget`;
+    else zero3 (the training engine's forward, gathering every layer per micro-batch)."""
+    frozen = [("resident frozen models", resident, RESIDENT)] if resident else []
+    models = frozen + [("critic", size, _AS_PLACEMENT[requested])]
+    choice = plan(models, budget, {"critic": "ppo.critic_scoring"})[-1]
+    how = MATERIALISE if choice.placement == RESIDENT else ZERO3
+    return Choice("critic scoring", how, choice.reason)
+
+
 def available_ram() -> int:
     """Bytes of RAM available to new allocations: MemAvailable of /proc/meminfo, else free pages."""
     try:
@@ -107,6 +126,11 @@ def model_bytes(module: torch.nn.Module, dtype: torch.dtype | None = None) -> in
         getattr(p, "ds_numel", p.numel()) * (dtype.itemsize if dtype else p.element_size())
         for p in module.parameters()
     )
+
+
+def resident_bytes(models: Sequence) -> int:
+    """Bytes of the parameters of the resident models (plain modules, not engines) in `models`."""
+    return sum(model_bytes(m) for m in models if not isinstance(m, deepspeed.DeepSpeedEngine))
 
 
 def make_resident(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

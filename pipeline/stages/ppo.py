@@ -3,6 +3,7 @@
 One iteration, one method per phase (see `PPOTrainer.iteration`):
   1. generate    num_samples_per_prompt responses per prompt from the actor (eval mode): pi_old
   2. score       reference log-probs, reward-model score at the last real token, critic values
+                 (from its materialised plain copy or its ZeRO-3 engine: ppo.critic_scoring)
   3. advantages  per-token KL penalty + clipped score; the estimator ppo.advantage_mode (GAE,
                  A = R - V(prompt), or a critic-free one: estimators.ADVANTAGE_ESTIMATORS)
   4. update      num_ppo_epochs x mini-batches: clipped surrogate - c2 entropy (+ beta x KL with
@@ -20,6 +21,7 @@ resume and the final save in ppo_checkpoint.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 class PPOTrainer:
     """Holds the four engines and the generator; `iteration()` runs one PPO step."""
 
+    critic_copy = None  # the critic's materialised copy for scoring; None: its ZeRO-3 engine
+
     def __init__(self, ctx: StageContext):
         cfg, p, d = ctx.cfg, ctx.cfg.ppo, ctx.dist
         self.cfg, self.p, self.d, self.stage_dir = cfg, p, d, ctx.stage_dir
@@ -62,6 +66,7 @@ class PPOTrainer:
         m = ppo_setup.build_engines(ctx, models, ds, self.sizes, self.tokenizer)
         self.actor, self.critic, self.ref, self.rewards = m.actor, m.critic, m.ref, m.rewards
         self.reward_pad_ids, self.generator = m.reward_pad_ids, m.generator
+        self.critic_copy = m.critic_copy
         self.sampling = SamplingParams(
             max_new_tokens(cfg), p.temperature, p.top_p, p.top_k, min_new_tokens=p.min_new_tokens
         )  # evaluation: one response per prompt
@@ -144,13 +149,16 @@ class PPOTrainer:
     @torch.no_grad()
     def score(self, exp: Experience) -> Experience:
         seq, mask, w = exp.sequences, exp.attention_mask, exp.prompt_width
-        ref_lp, values, prompt_values = [], [], []
-        for s in self.micro_slices(len(seq), self.p.forward_micro_batch_size):
-            ref_lp.append(self._logits_logprobs(self.ref, seq[s], mask[s], w)[1])
-            if self.critic is not None:
-                v, v0 = self._values(self.critic, seq[s], mask[s], w)
-                values.append(v)
-                prompt_values.append(v0)
+        slices = self.micro_slices(len(seq), self.p.forward_micro_batch_size)
+        ref_lp = [self._logits_logprobs(self.ref, seq[s], mask[s], w)[1] for s in slices]
+        values, prompt_values = [], []
+        if self.critic is not None:  # from its plain copy (ppo.critic_scoring), else the engine
+            copy = self.critic_copy
+            with copy.materialise() if copy else contextlib.nullcontext(self.critic) as critic:
+                for s in slices:
+                    v, v0 = self._values(critic, seq[s], mask[s], w)
+                    values.append(v)
+                    prompt_values.append(v0)
         rm_scores = ppo_reward.reward_model_scores(self, exp) if self.rewards else None
         fn_scores = (
             seq.new_tensor(ppo_reward.call_user_fn(self.reward_fn, exp), dtype=torch.float32)

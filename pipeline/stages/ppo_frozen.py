@@ -6,8 +6,10 @@ config and its parameter bytes, from a meta-device copy) and checks the vocabula
 stage folder is rewritten; `build_frozen`, called once the training engines exist, measures the
 per-rank budget (for `auto`), chooses each model's placement (pipeline/distributed/placement.py:
 `plan`), logs it once per model, and builds the model: resident (a plain module on the device) or
-offload (a ZeRO-3 inference engine with parameter offload). Frozen models are not checkpointed:
-they are rebuilt from their folders. Not here: the trained models and engines (ppo_setup.py).
+offload (a ZeRO-3 inference engine with parameter offload). `critic_scoring` puts the trained
+critic's scoring through the same plan (what the resident models leave of the budget). Frozen
+models are not checkpointed: they are rebuilt from their folders. Not here: the trained models
+and engines (ppo_setup.py).
 """
 
 from __future__ import annotations
@@ -83,16 +85,25 @@ def _load(path: str, scalar: bool, m, meta: bool = False):
     return loader(path, m.trust_remote_code, m.dtype)
 
 
-def build_frozen(ctx, specs: list[FrozenSpec], ds: dict, dtype: torch.dtype) -> list:
+def placement_budget(ctx) -> int:
+    """The per-rank budget of the memory plan (placement.memory_budget), logged. Collective."""
+    budget, what = placement.memory_budget(ctx.dist.local_world_size)
+    log.info("placement budget: %s per rank (%s)", placement.human_bytes(budget), what)
+    return budget
+
+
+def build_frozen(
+    ctx, specs: list[FrozenSpec], ds: dict, dtype: torch.dtype, budget: int | None = None
+) -> list:
     """Every frozen model placed and built (the reference first, then the reward models), in
-    `dtype` (the training engines'); each placement logged once. Collective (the budget, and
+    `dtype` (the training engines'); each placement logged once. `budget`: the plan's per-rank
+    bytes (None: measured here when a model asks for auto). Collective (the budget, and
     building an offloaded engine)."""
     m = ctx.cfg.model
     sized = [(s.name, s.num_params * dtype.itemsize, s.requested) for s in specs]
-    budget = 0
-    if any(s.requested == placement.AUTO for s in specs):
-        budget, what = placement.memory_budget(ctx.dist.local_world_size)
-        log.info("placement budget: %s per rank (%s)", placement.human_bytes(budget), what)
+    if budget is None:
+        auto = any(s.requested == placement.AUTO for s in specs)
+        budget = placement_budget(ctx) if auto else 0
     choices = placement.plan(sized, budget, {s.name: s.option for s in specs})
     models = []
     for spec, choice in zip(specs, choices):
@@ -109,3 +120,13 @@ def build_frozen(ctx, specs: list[FrozenSpec], ds: dict, dtype: torch.dtype) -> 
             log.info("engine %s", engines.describe(model, spec.name))
         models.append(model)
     return models
+
+
+def critic_scoring(requested: str, critic, frozen: list, budget: int) -> placement.Choice:
+    """How the critic engine computes the rollout's values (ppo.critic_scoring: placement's
+    `critic_scoring`, the resident `frozen` models taking from `budget` first), logged once."""
+    resident = placement.resident_bytes(frozen)
+    size = placement.model_bytes(critic.module, engines.model_dtype(critic))
+    choice = placement.critic_scoring(size, budget, resident, requested)
+    log.info("critic scoring: %s (%s)", choice.placement, choice.reason)
+    return choice

@@ -2,12 +2,12 @@
 
 Here: the tokenizers, the training, evaluation and PTX rows (validated before anything is written),
 the reward and gold functions, the actor and critic (LoRA, dropout, vocabulary checks), their
-DeepSpeed engines and the generation backend, the frozen reference and reward models through
-ppo_frozen.py (their placement: resident or offloaded), the seeded row order
-(`PromptOrder`), and the PTX micro-batches drawn in it for each optimizer step. Not here: the
-algorithm (pipeline/stages/ppo.py), its evaluation and metrics (pipeline/stages/ppo_eval.py),
-checkpoints and the final save (pipeline/stages/ppo_checkpoint.py), the derived sizes
-(pipeline/config.py: `ppo_sizes`).
+DeepSpeed engines, the generation backend and the critic's scoring copy (ppo.critic_scoring), the
+frozen reference and reward models through ppo_frozen.py (their placement: resident or offloaded),
+the seeded row order (`PromptOrder`), and the PTX micro-batches drawn in it for each optimizer
+step. Not here: the algorithm (pipeline/stages/ppo.py), its evaluation and metrics
+(pipeline/stages/ppo_eval.py), checkpoints and the final save (pipeline/stages/ppo_checkpoint.py),
+the derived sizes (pipeline/config.py: `ppo_sizes`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 
 from pipeline import data, reward_fns
 from pipeline.config import PPOSizes
-from pipeline.distributed import collectives, engines
+from pipeline.distributed import collectives, engines, placement
+from pipeline.distributed.materialise import PlainCopy
 from pipeline.errors import UserError
 from pipeline.generation import make_backend
 from pipeline.models import (
@@ -68,6 +69,8 @@ class PPOModels:
     rewards: list  # one engine per reward model
     reward_pad_ids: list  # per reward model: the pad id where HF's sequence classifier pools
     generator: object  # generation backend of the actor (pipeline/generation.py)
+    # the critic's plain copy for scoring (distributed/materialise.py); None: ZeRO-3 scoring
+    critic_copy: PlainCopy | None = None
 
 
 def load_inputs(ctx: StageContext) -> PPOInputs:
@@ -302,13 +305,20 @@ def build_engines(
             "update or checkpoint)",
             p.advantage_mode,
         )
-    ref, *rewards = ppo_frozen.build_frozen(ctx, frozen, ds, engines.model_dtype(actor))
+    auto = [s.requested for s in frozen] + ([p.critic_scoring] if critic is not None else [])
+    budget = ppo_frozen.placement_budget(ctx) if placement.AUTO in auto else 0
+    ref, *rewards = ppo_frozen.build_frozen(ctx, frozen, ds, engines.model_dtype(actor), budget)
+    critic_copy = None
+    if critic is not None:
+        how = ppo_frozen.critic_scoring(p.critic_scoring, critic, [ref, *rewards], budget)
+        if how.placement == placement.MATERIALISE:  # LoRA kept as adapters: the engine's values
+            critic_copy = PlainCopy(critic, p.gather_modules, merge_lora=False)
     generator = make_backend(actor, tokenizer, p.gather_modules)
     log.info(
         "generation: the actor's weights materialised into a plain module each phase "
         "(pipeline/generation.py)"
     )
-    return PPOModels(actor, critic, ref, rewards, reward_pad_ids, generator)
+    return PPOModels(actor, critic, ref, rewards, reward_pad_ids, generator, critic_copy)
 
 
 class PromptOrder:
