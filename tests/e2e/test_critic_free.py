@@ -3,13 +3,16 @@ built, scored with, trained or checkpointed; the group metrics are logged; the r
 resume from its iteration-2 checkpoint ends exactly where the uninterrupted run ended. The same
 recipe with a reward function instead of a reward model (`--ppo.reward_model_coef 0
 --ppo.reward_fn`) trains no reward model and scores with the function alone; so does PPO-GAE, whose
-critic then starts from the policy with a fresh value head."""
+critic then starts from the policy with a fresh value head.
+
+The five launches of these tests run one after the other in one launch (the `ran` fixture), each
+test's on its own copy of (part of) the session's finished run."""
 
 import json
 import shutil
 
 import pytest
-from launch_util import REPO, TINY, launch, metric_rows
+from launch_util import REPO, TINY, launch_plan, metric_rows
 
 GRPO = REPO / "launch" / "configs" / "grpo.yaml"
 # 4 prompts x 4 samples = 16 rows per iteration, the tiny preset's 16; checkpoint at iteration 2 of
@@ -26,6 +29,7 @@ ARGS = (
     "--ppo.num_iterations",
     "4",
 )
+STEP_2 = "step_00000002"  # the checkpoint of iteration 2
 CRITIC_KEYS = (
     "ppo/value_loss",
     "ppo/value_clip_fraction",
@@ -67,34 +71,91 @@ def _group_metrics(calls):
     return out
 
 
-def test_grpo_runs_without_a_critic_and_resumes_exactly(pristine_run, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(pristine_run[0], out)  # SFT and reward model finished: only PPO runs
-    proc = launch("ppo.py", *ARGS, "--output_dir", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
+@pytest.fixture(scope="module")
+def ran(pristine_run, tmp_path_factory):
+    """The tests' launches, one after the other in one launch with the default single rank
+    (launch_util.launch_plan), each test's in its own folder of root: grpo/run (a copy of the
+    finished run: only PPO runs), then the same command again on it after what a killed run leaves
+    (grpo/after_1: its PPO stage's metrics, model and iteration-2 checkpoint before that); fn/run
+    and gae/run (copies of the task and SFT stage only, each with its own my_reward.py).
+    (root, {launch: (exit code, rank 0's stdout, its stderr)})."""
+    root = tmp_path_factory.mktemp("critic_free")
+    grpo = root / "grpo" / "run"
+    shutil.copytree(pristine_run[0], grpo)
+    ppo, first = grpo / "ppo", root / "grpo" / "after_1"
+    for name in ("fn", "gae"):
+        (root / name).mkdir()
+        (root / name / "my_reward.py").write_text(SHIFTED_GOLD)
+        _sft_only(pristine_run, root / name / "run")
+    fn_only = ["--ppo.reward_model_coef", "0", "--ppo.reward_fn"]
+    plan = [
+        {"name": "grpo", "argv": [*ARGS, "--output_dir", str(grpo)]},
+        {
+            "name": "grpo_resumed",
+            "argv": [*ARGS, "--output_dir", str(grpo)],
+            "before": [
+                ["copy", str(ppo / "metrics.jsonl"), str(first / "metrics.jsonl")],
+                ["copy", str(ppo / "model"), str(first / "model")],
+                ["copy", str(ppo / "checkpoints" / STEP_2), str(first / "checkpoints" / STEP_2)],
+                ["remove", str(ppo / "model")],
+                ["remove", str(ppo / "stage.json")],
+            ],
+        },
+        {
+            "name": "fn",
+            "argv": [
+                *ARGS,
+                *fn_only,
+                f"{root / 'fn' / 'my_reward.py'}:shifted_gold",
+                "--output_dir",
+                str(root / "fn" / "run"),
+            ],
+        },
+        {
+            "name": "gae",
+            "argv": [
+                "--config",
+                str(TINY),
+                "--config",
+                str(REPO / "launch" / "configs" / "ppo.yaml"),
+                "--ppo.num_iterations",
+                "2",
+                *fn_only,
+                f"{root / 'gae' / 'my_reward.py'}:shifted_gold",
+                "--output_dir",
+                str(root / "gae" / "run"),
+            ],
+        },
+    ]
+    return root, launch_plan(root, plan, num_gpus=1)
+
+
+def test_grpo_runs_without_a_critic_and_resumes_exactly(ran):
+    root, results = ran
+    out = root / "grpo" / "run"  # SFT and reward model finished: only PPO ran
+    code, stdout, stderr = results["grpo"]
+    assert code == 0, stderr[-3000:]
+    log = stdout + stderr
     assert "no critic: ppo.advantage_mode=grpo needs none" in log
     assert "engine actor" in log and "engine critic" not in log
     assert "stage sft" in log and "stage ppo" in log
-    ppo = out / "ppo"
-    rows = metric_rows(ppo / "metrics.jsonl")
+    ppo, first = out / "ppo", root / "grpo" / "after_1"  # first: its PPO stage before the resume
+    rows = metric_rows(first / "metrics.jsonl")
     train = [r for r in rows if "ppo/policy_loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for r in train:
         assert not [k for k in r if k in CRITIC_KEYS or "critic" in k], r
         _check_group_metrics(r)
         assert r["ppo/kl_loss"] >= 0 and r["ppo/kl_coef"] == 0.04  # the k3 loss term, fixed beta
-    assert (ppo / "model" / "model.safetensors").is_file()
-    checkpoint = ppo / "checkpoints" / "step_00000002"
+    assert (first / "model" / "model.safetensors").is_file()
+    checkpoint = first / "checkpoints" / STEP_2
     assert (checkpoint / "actor").is_dir() and not list(checkpoint.glob("*critic*"))
 
     # resume: the stage unfinished after iteration 2's checkpoint, the same command again
-    expected_rows, expected_model = rows, (ppo / "model" / "model.safetensors").read_bytes()
-    shutil.rmtree(ppo / "model")
-    (ppo / "stage.json").unlink()
-    resumed = launch("ppo.py", *ARGS, "--output_dir", str(out))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "stage ppo: resuming from iteration 2" in resumed.stdout + resumed.stderr
+    expected_rows, expected_model = rows, (first / "model" / "model.safetensors").read_bytes()
+    code, stdout, stderr = results["grpo_resumed"]
+    assert code == 0, stderr[-3000:]
+    assert "stage ppo: resuming from iteration 2" in stdout + stderr
     assert metric_rows(ppo / "metrics.jsonl") == expected_rows
     assert (ppo / "model" / "model.safetensors").read_bytes() == expected_model
 
@@ -122,23 +183,13 @@ def _sft_only(pristine_run, out):
         shutil.copytree(pristine_run[0] / part, out / part)
 
 
-def test_grpo_with_a_reward_function_instead_of_a_reward_model(pristine_run, tmp_path):
-    fn = tmp_path / "my_reward.py"
-    fn.write_text(SHIFTED_GOLD)
-    out = tmp_path / "run"
-    _sft_only(pristine_run, out)  # SFT finished: it is reused, and no reward model is trained
-    proc = launch(
-        "ppo.py",
-        *ARGS,
-        "--ppo.reward_model_coef",
-        "0",
-        "--ppo.reward_fn",
-        f"{fn}:shifted_gold",
-        "--output_dir",
-        str(out),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
+def test_grpo_with_a_reward_function_instead_of_a_reward_model(ran):
+    root, results = ran
+    fn = root / "fn" / "my_reward.py"
+    out = root / "fn" / "run"  # SFT finished: it is reused, and no reward model is trained
+    code, stdout, stderr = results["fn"]
+    assert code == 0, stderr[-3000:]
+    log = stdout + stderr
     assert (
         "stage sft is up to date" in log
         and "stage ppo: starting" in log
@@ -151,7 +202,7 @@ def test_grpo_with_a_reward_function_instead_of_a_reward_model(pristine_run, tmp
     rows = metric_rows(out / "ppo" / "metrics.jsonl")
     train = [r for r in rows if "ppo/policy_loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
-    calls = [json.loads(x) for x in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    calls = [json.loads(x) for x in (root / "fn" / "calls.jsonl").read_text().splitlines()]
     groups = _group_metrics(calls)
     assert len(groups) == len(train)  # one call per training rollout
     for r, (equal, std) in zip(train, groups):
@@ -168,30 +219,14 @@ def test_grpo_with_a_reward_function_instead_of_a_reward_model(pristine_run, tmp
     assert (out / "ppo" / "model" / "model.safetensors").is_file()
 
 
-def test_ppo_gae_with_a_reward_function_starts_its_critic_from_the_policy(pristine_run, tmp_path):
+def test_ppo_gae_with_a_reward_function_starts_its_critic_from_the_policy(ran):
     """PPO-GAE (launch/configs/ppo.yaml) needs a critic: with no reward model to start it from, the
     critic is the policy with a fresh value head, and training runs on the function's scores."""
-    fn = tmp_path / "my_reward.py"
-    fn.write_text(SHIFTED_GOLD)
-    out = tmp_path / "run"
-    _sft_only(pristine_run, out)
-    proc = launch(
-        "ppo.py",
-        "--config",
-        str(TINY),
-        "--config",
-        str(REPO / "launch" / "configs" / "ppo.yaml"),
-        "--ppo.num_iterations",
-        "2",
-        "--ppo.reward_model_coef",
-        "0",
-        "--ppo.reward_fn",
-        f"{fn}:shifted_gold",
-        "--output_dir",
-        str(out),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
+    root, results = ran
+    out = root / "gae" / "run"
+    code, stdout, stderr = results["gae"]
+    assert code == 0, stderr[-3000:]
+    log = stdout + stderr
     assert "stage reward is not needed: PPO's reward is ppo.reward_fn alone" in log
     assert not (out / "reward").exists()
     assert "engine critic" in log and "engine reward" not in log

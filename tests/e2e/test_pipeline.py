@@ -1,10 +1,16 @@
-"""Tier 3: the real launcher on the tiny preset — the whole pipeline, skip-on-rerun, bad input."""
+"""Tier 3: the real launcher on the tiny preset — the whole pipeline, skip-on-rerun, bad input.
+
+The reruns (skip-on-rerun, bad data, evaluation off, a short max_new_tokens) run one after the
+other in one launch, each on its own copy of the session's finished run (the `reruns` fixture);
+the usage errors in one plain process (`usage_errors`)."""
 
 import hashlib
 import json
+import shutil
 
 import pytest
-from launch_util import TINY, launch, metric_rows, summary
+from commands_probe import run_commands
+from launch_util import TINY, launch_plan, metric_rows, summary
 
 SUMMARY_KEYS = {
     "sft": ("eval_loss", "wall_s", "skipped"),
@@ -103,24 +109,78 @@ def test_tensorboard_has_every_documented_tag(finished):
     assert (out / "ppo" / "overoptimisation.png").stat().st_size > 1000
 
 
-def test_rerun_skips_finished_stages(finished):
-    out, _ = finished
-    before = {s: _digest(out / s / "model") for s in ("sft", "reward", "ppo")}
-    proc = launch("ppo.py", "--config", str(TINY), "--output_dir", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for stage in ("sft", "reward", "ppo"):
-        assert f"stage {stage} is up to date" in proc.stdout
-        assert summary(out)[stage]["skipped"] is True
-        assert _digest(out / stage / "model") == before[stage]
-    # A changed PPO option reruns PPO only: the second run goes straight to PPO.
-    proc = launch(
-        "ppo.py", "--config", str(TINY), "--output_dir", str(out), "--ppo.num_iterations", "2"
+@pytest.fixture(scope="module")
+def reruns(pristine_run, tmp_path_factory):
+    """The launches of the tests below that rerun stages, each on its own copy of the finished
+    run (<root>/<name>), one after the other in one launch with the default single rank
+    (launch_util.launch_plan); what a test looks at between two of its launches is copied to
+    <root>/<name>_after_1 first. (root, {launch: (exit code, rank 0's stdout, its stderr)})."""
+    root = tmp_path_factory.mktemp("reruns")
+    for name in ("rerun", "eval_off", "short", "bad_data"):
+        shutil.copytree(pristine_run[0], root / name)
+    rows = root / "rows.jsonl"
+    rows.write_text(
+        json.dumps({"prompt": "hello", "response": "world"})
+        + "\n"
+        + json.dumps({"prompt": "hello"})
+        + "\n"
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "stage sft is up to date" in proc.stdout and "stage reward is up to date" in proc.stdout
-    assert "stage ppo: starting" in proc.stdout
-    assert "stage ppo: prompt_data examples read from the cache" in proc.stdout  # tokenised once
-    s = summary(out)
+
+    def argv(name, *args):
+        return ["--config", str(TINY), "--output_dir", str(root / name), *args]
+
+    rerun, snap = root / "rerun", root / "rerun_after_1"
+    bad_sft = ["--force", "--data.sft_data_path"]
+    plan = [
+        {"name": "rerun_1", "argv": argv("rerun")},
+        {
+            "name": "rerun_2",
+            "argv": argv("rerun", "--ppo.num_iterations", "2"),
+            "before": [["copy", str(rerun / "summary.json"), str(snap / "summary.json")]]
+            + [["copy", str(rerun / s / "model"), str(snap / s)] for s in STAGE_NAMES],
+        },
+        {"name": "eval_off", "argv": argv("eval_off", "--ppo.eval_steps", "0")},
+        {
+            "name": "short",
+            "argv": argv("short", "--ppo.max_new_tokens", "4", "--ppo.num_iterations", "1"),
+        },
+        {
+            "name": "bad_data_1",
+            "argv": argv("bad_data", *bad_sft, str(root / "nope.jsonl")),
+            "stages": ["sft"],
+        },
+        {
+            "name": "bad_data_2",
+            "argv": argv("bad_data", *bad_sft, str(rows)),
+            "stages": ["sft"],
+            "before": [
+                ["copy", str(root / "bad_data" / "sft"), str(root / "bad_data_after_1" / "sft")]
+            ],
+        },
+    ]
+    return root, launch_plan(root, plan, num_gpus=1)
+
+
+STAGE_NAMES = ("sft", "reward", "ppo")
+
+
+def test_rerun_skips_finished_stages(pristine_run, reruns):
+    root, ran = reruns
+    before = {s: _digest(pristine_run[0] / s / "model") for s in STAGE_NAMES}
+    code, stdout, stderr = ran["rerun_1"]
+    assert code == 0, stderr[-3000:]
+    snap = root / "rerun_after_1"  # the run as the first rerun left it
+    for stage in STAGE_NAMES:
+        assert f"stage {stage} is up to date" in stdout
+        assert summary(snap)[stage]["skipped"] is True
+        assert _digest(snap / stage) == before[stage]
+    # A changed PPO option reruns PPO only: the second run goes straight to PPO.
+    code, stdout, stderr = ran["rerun_2"]
+    assert code == 0, stderr[-3000:]
+    assert "stage sft is up to date" in stdout and "stage reward is up to date" in stdout
+    assert "stage ppo: starting" in stdout
+    assert "stage ppo: prompt_data examples read from the cache" in stdout  # tokenised once
+    s = summary(root / "rerun")
     assert s["sft"]["skipped"] and s["reward"]["skipped"] and not s["ppo"]["skipped"]
     assert s["ppo"]["iterations"] == 2
 
@@ -134,59 +194,58 @@ def _one_paragraph_error(proc, *needles):
         assert needle in line, (needle, line)
 
 
-@pytest.mark.parametrize(
-    "args,needles",
-    [
-        (["--sft.epochs", "many"], ["sft.epochs"]),
-        (["--no_such_option", "1"], ["--no_such_option"]),
-        (["--ppo.rollout_batch_size", "30"], ["ppo.rollout_batch_size", "ppo.mini_batch_size"]),
-    ],
-)
-def test_bad_options_are_one_paragraph(tmp_path, args, needles):
-    proc = launch(
-        "ppo.py", "--config", str(TINY), "--output_dir", str(tmp_path), *args, launcher=False
-    )
-    _one_paragraph_error(proc, *needles)
+BAD_OPTIONS = [
+    (["--sft.epochs", "many"], ["sft.epochs"]),
+    (["--no_such_option", "1"], ["--no_such_option"]),
+    (["--ppo.rollout_batch_size", "30"], ["ppo.rollout_batch_size", "ppo.mini_batch_size"]),
+]
 
 
-def test_malformed_config_file(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("sft: {epochs: 1\n")
-    proc = launch("ppo.py", "--config", str(bad), launcher=False)
-    _one_paragraph_error(proc, str(bad))
-
-
-def test_bad_data_leaves_earlier_outputs_untouched(finished, tmp_path):
-    out, _ = finished
-    before = _digest(out / "sft")
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text(
-        json.dumps({"prompt": "hello", "response": "world"})
-        + "\n"
-        + json.dumps({"prompt": "hello"})
-        + "\n"
-    )
-    missing = tmp_path / "nope.jsonl"
-    for path, needles in (
-        (missing, [str(missing), "does not exist"]),
-        (rows, [str(rows), "row 1", "'response'"]),
-    ):
-        proc = launch(
-            "sft.py",
-            "--config",
-            str(TINY),
-            "--output_dir",
-            str(out),
-            "--force",
-            "--data.sft_data_path",
-            str(path),
+@pytest.fixture(scope="module")
+def usage_errors(tmp_path_factory):
+    """`launch/ppo.py` with each of BAD_OPTIONS (an empty output folder each), and with a
+    malformed config file, one after the other in one plain process (commands_probe.py):
+    (root, {name: Ran})."""
+    root = tmp_path_factory.mktemp("usage")
+    commands = {}
+    for i, (args, _) in enumerate(BAD_OPTIONS):
+        (root / f"out{i}").mkdir()
+        commands[f"options{i}"] = (
+            "ppo.py",
+            ["--config", str(TINY), "--output_dir", str(root / f"out{i}"), *args],
         )
-        assert proc.returncode != 0
-        assert "Traceback" not in proc.stderr
-        line = next(x for x in (proc.stderr + proc.stdout).splitlines() if x.startswith("error: "))
+    bad = root / "bad.yaml"
+    bad.write_text("sft: {epochs: 1\n")
+    commands["malformed"] = ("ppo.py", ["--config", str(bad)])
+    return root, run_commands(root, commands)
+
+
+@pytest.mark.parametrize("case", range(len(BAD_OPTIONS)))
+def test_bad_options_are_one_paragraph(usage_errors, case):
+    _, needles = BAD_OPTIONS[case]
+    _one_paragraph_error(usage_errors[1][f"options{case}"], *needles)
+
+
+def test_malformed_config_file(usage_errors):
+    root, ran = usage_errors
+    _one_paragraph_error(ran["malformed"], str(root / "bad.yaml"))
+
+
+def test_bad_data_leaves_earlier_outputs_untouched(pristine_run, reruns):
+    root, ran = reruns
+    before = _digest(pristine_run[0] / "sft")  # the copy's SFT stage before the two launches
+    missing, rows = root / "nope.jsonl", root / "rows.jsonl"
+    for name, needles, after in (
+        ("bad_data_1", [str(missing), "does not exist"], root / "bad_data_after_1"),
+        ("bad_data_2", [str(rows), "row 1", "'response'"], root / "bad_data"),
+    ):
+        code, stdout, stderr = ran[name]
+        assert code != 0
+        assert "Traceback" not in stderr
+        line = next(x for x in (stderr + stdout).splitlines() if x.startswith("error: "))
         for needle in needles:
             assert needle in line, (needle, line)
-        assert _digest(out / "sft") == before
+        assert _digest(after / "sft") == before
 
 
 def _ppo_rows(out) -> list[dict]:
@@ -194,16 +253,12 @@ def _ppo_rows(out) -> list[dict]:
     return metric_rows(out / "ppo" / "metrics.jsonl")
 
 
-def test_evaluation_off_trains_the_same_and_leaves_out_the_eval_fields(pristine_run, run_copy):
-    out = run_copy
-    proc = launch(
-        "ppo.py", "--config", str(TINY), "--output_dir", str(out), "--ppo.eval_steps", "0"
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (
-        "stage sft is up to date" in proc.stdout
-        and "evaluation is off (ppo.eval_steps 0)" in proc.stdout
-    )
+def test_evaluation_off_trains_the_same_and_leaves_out_the_eval_fields(pristine_run, reruns):
+    root, ran = reruns
+    out = root / "eval_off"
+    code, stdout, stderr = ran["eval_off"]
+    assert code == 0, stderr[-3000:]
+    assert "stage sft is up to date" in stdout and "evaluation is off (ppo.eval_steps 0)" in stdout
     rows = _ppo_rows(out)
     assert rows and not any(k.startswith("eval/") for r in rows for k in r)
     with_eval = [
@@ -232,26 +287,17 @@ def test_evaluation_off_trains_the_same_and_leaves_out_the_eval_fields(pristine_
         assert row["time"] > 1.7e9 and row["elapsed_s"] >= 0
 
 
-def test_max_new_tokens_bounds_rollouts_and_evaluation(pristine_run, run_copy):
+def test_max_new_tokens_bounds_rollouts_and_evaluation(pristine_run, reruns):
     longest = max(
         r["rollout/response_length_mean"]
         for r in _ppo_rows(pristine_run[0])
         if "rollout/response_length_mean" in r
     )
     assert longest > 4  # at the default length, responses are longer than the bound below
-    out = run_copy
-    proc = launch(
-        "ppo.py",
-        "--config",
-        str(TINY),
-        "--output_dir",
-        str(out),
-        "--ppo.max_new_tokens",
-        "4",
-        "--ppo.num_iterations",
-        "1",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    root, ran = reruns
+    out = root / "short"
+    code, _, stderr = ran["short"]
+    assert code == 0, stderr[-3000:]
     rows = _ppo_rows(out)
     assert [r["step"] for r in rows if "rollout/response_length_mean" in r] == [1]
     for key in ("rollout/response_length_mean", "eval/response_length_mean"):

@@ -3,10 +3,11 @@
 
 - the whole tiny pipeline submitted with `sbatch --nodes=2 launch/slurm/ppo.sbatch ...` completes
   with 2 ranks on 2 nodes and leaves the final models and TensorBoard events;
-- `scontrol requeue` mid-PPO: the job restarts and resumes from its checkpoint, and completes;
 - the stop signal SLURM sends before the time limit (`--signal=B:USR1@N`, here
-  `scancel -b -s USR1`): every rank checkpoints, the job requeues itself, resumes and completes,
-  with a TensorBoard step axis without gap or duplicate.
+  `scancel -b -s USR1`): every rank checkpoints, the job requeues itself and resumes;
+- `scontrol requeue` mid-PPO (of that resumed attempt): the job restarts and resumes from its
+  checkpoint, and completes, with a TensorBoard step axis without gap or duplicate.
+The last two are one PPO job (two requeues) that both tests read, each its own attempt's logs.
 
 Needs root (the daemons) and apt-get when slurm-wlm/munge are missing; skips with the reason
 otherwise (RLHF_REQUIRE_SLURM_TESTS=1 turns the skip into a failure).
@@ -149,29 +150,28 @@ def test_pipeline_on_two_nodes(two_node_run):
     )
 
 
-def _ppo_only(two_node_run, tmp_path):
-    """A copy of the finished run without its PPO stage (SFT and RM are skipped as up to date)."""
-    sub = tmp_path / "submit"
-    out = sub / "run"
-    shutil.copytree(two_node_run[1], out)
-    shutil.rmtree(out / "ppo")
-    (out / "summary.json").unlink()
-    return sub, out
-
-
 ITERATIONS = 8
 
 
-def _check_resumed(sub, out, job_id, job):
+def _attempt_batch_log(sub, job_id, attempt) -> str:
+    """The batch log's lines of one attempt (from its "job <id> attempt <n>:" line on)."""
+    batch = (sub / f"slurm-rlhf-ppo-{job_id}.out").read_text()
+    parts = re.split(rf"(?=^.*job {job_id} attempt \d+:)", batch, flags=re.M)
+    return "".join(p for p in parts if re.match(rf".*job {job_id} attempt {attempt}:", p))
+
+
+def _check_resumed(sub, out, job_id, job, attempt):
+    """Attempt `attempt` resumed PPO from a step before the end; the job completed with a full
+    step axis. Returns the step it resumed from."""
     logs = _logs(sub, job_id)
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", logs
-    assert job["Restarts"] == "1", logs
-    second = _node_log(sub, job_id, 1, 0)
-    assert "stage sft is up to date" in second and "stage reward is up to date" in second, logs
-    m = re.search(r"stage ppo: resuming from step (\d+)", second)
+    assert job["Restarts"] == "2", logs
+    resumed = _node_log(sub, job_id, attempt, 0)
+    assert "stage sft is up to date" in resumed and "stage reward is up to date" in resumed, logs
+    m = re.search(r"stage ppo: resuming from step (\d+)", resumed)
     assert m and 1 <= int(m.group(1)) < ITERATIONS, logs
-    print(f"job {job_id}: attempt 1 resumed PPO from step {m.group(1)} of {ITERATIONS}")
-    assert "ranks by node: node1: 0; node2: 1" in second
+    print(f"job {job_id}: attempt {attempt} resumed PPO from step {m.group(1)} of {ITERATIONS}")
+    assert "ranks by node: node1: 0; node2: 1" in resumed
     assert (out / "ppo" / "model" / "model.safetensors").is_file()
     rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "ppo/policy_loss" in r] == list(range(1, ITERATIONS + 1))
@@ -182,70 +182,76 @@ def _check_resumed(sub, out, job_id, job):
     return int(m.group(1))
 
 
-def _wait_for_checkpoint(cluster, job_id, out, sub, timeout=600):
-    latest = out / "ppo" / "checkpoints" / "latest"
+def _trained(out, step) -> bool:
+    """PPO's metrics.jsonl has the training row of `step` (a line being written is not read)."""
+    metrics = out / "ppo" / "metrics.jsonl"
+    lines = metrics.read_text().split("\n")[:-1] if metrics.is_file() else []
+    return any(f'"step": {step},' in x and "ppo/policy_loss" in x for x in lines)
+
+
+def _wait_until(cluster, job_id, sub, ready, timeout=600):
+    """Until ready() while the job runs."""
     deadline = time.time() + timeout
-    while not latest.is_file():
+    while not ready():
         job = cluster.job(job_id)
         assert job.get("JobState") not in TERMINAL, _logs(sub, job_id)
         assert time.time() < deadline, _logs(sub, job_id)
         time.sleep(0.2)
-    return latest.read_text().strip()
 
 
-def test_scontrol_requeue_resumes_from_the_checkpoint(cluster, two_node_run, tmp_path):
-    sub, out = _ppo_only(two_node_run, tmp_path)
+@pytest.fixture(scope="module")
+def requeued_job(cluster, two_node_run, tmp_path_factory):
+    """PPO alone (a copy of the 2-node run without its PPO stage) as a 2-node job, without periodic
+    checkpoints: attempt 0 gets the stop signal once PPO trains (its checkpoint, the job requeues
+    itself); attempt 1, once it has trained one iteration past that checkpoint, gets `scontrol
+    requeue`; attempt 2 resumes and completes. (submit dir, output dir, job id, job)."""
+    sub = tmp_path_factory.mktemp("requeue") / "submit"
+    out = sub / "run"
+    shutil.copytree(two_node_run[1], out)
+    shutil.rmtree(out / "ppo")
+    (out / "summary.json").unlink()
     job_id = _submit(
         cluster,
         sub,
         "--output_dir",
         str(out),
         "--save_steps",
-        "1",
+        "0",  # only the stop signals save
         "--ppo.num_iterations",
         str(ITERATIONS),
     )
-    at = _wait_for_checkpoint(cluster, job_id, out, sub)
-    cluster.run("scontrol", "requeue", job_id)
-    print(f"job {job_id}: scontrol requeue with checkpoint {at} on disk")
-    _wait(cluster, job_id, lambda j: j.get("Restarts") == "1", 300, "the requeue")
-    job = _finished(cluster, job_id)
-    _check_resumed(sub, out, job_id, job)
-    batch = (sub / f"slurm-rlhf-ppo-{job_id}.out").read_text()
-    assert (
-        "attempt 0" in batch and "attempt 1" in batch and "requeueing" not in batch
-    )  # SLURM requeued it
-
-
-def test_stop_signal_checkpoints_and_the_job_requeues_itself(cluster, two_node_run, tmp_path):
-    sub, out = _ppo_only(two_node_run, tmp_path)
-    job_id = _submit(
-        cluster,
-        sub,
-        "--output_dir",
-        str(out),
-        "--save_steps",
-        "0",  # only the signal saves
-        "--ppo.num_iterations",
-        str(ITERATIONS),
-    )
-    metrics = out / "ppo" / "metrics.jsonl"
-    deadline = time.time() + 600
-    while not (metrics.is_file() and "ppo/policy_loss" in metrics.read_text()):  # PPO is training
-        assert cluster.job(job_id).get("JobState") not in TERMINAL and time.time() < deadline, (
-            _logs(sub, job_id)
-        )
-        time.sleep(0.2)
+    _wait_until(cluster, job_id, sub, lambda: _trained(out, 1))  # PPO is training
     # What `#SBATCH --signal=B:USR1@180` does before the time limit: SIGUSR1 to the batch shell
     # only.
     cluster.run("scancel", "--batch", "--signal=USR1", job_id)
     _wait(cluster, job_id, lambda j: j.get("Restarts") == "1", 300, "the self-requeue")
-    job = _finished(cluster, job_id)
-    batch = (sub / f"slurm-rlhf-ppo-{job_id}.out").read_text()
+    at = (out / "ppo" / "checkpoints" / "latest").read_text().strip()
+    signalled = int(at.split("_")[1])
+    # mid-PPO: attempt 1 has trained the iteration after the signal's checkpoint
+    _wait_until(cluster, job_id, sub, lambda: _trained(out, signalled + 1))
+    cluster.run("scontrol", "requeue", job_id)
+    print(f"job {job_id}: scontrol requeue in attempt 1 with checkpoint {at} on disk")
+    _wait(cluster, job_id, lambda j: j.get("Restarts") == "2", 300, "the requeue")
+    return sub, out, job_id, _finished(cluster, job_id)
+
+
+def test_stop_signal_checkpoints_and_the_job_requeues_itself(requeued_job):
+    sub, out, job_id, job = requeued_job
+    batch = _attempt_batch_log(sub, job_id, 0)
     assert "SIGUSR1: asking every rank to checkpoint and stop" in batch, batch
     assert "stopped with a checkpoint (exit 75): requeueing job" in batch, batch
     attempt0 = _node_log(sub, job_id, 0, 0)
     m = re.search(r"stop signal received; checkpoint of step (\d+) saved", attempt0)
     assert m, _logs(sub, job_id)
-    step = _check_resumed(sub, out, job_id, job)
-    assert step == int(m.group(1))  # resumed from the checkpoint the signal wrote
+    resumed = re.search(r"stage ppo: resuming from step (\d+)", _node_log(sub, job_id, 1, 0))
+    assert resumed, _logs(sub, job_id)
+    assert int(resumed.group(1)) == int(m.group(1))  # resumed from the checkpoint the signal wrote
+    _check_resumed(sub, out, job_id, job, 1)
+
+
+def test_scontrol_requeue_resumes_from_the_checkpoint(requeued_job):
+    sub, out, job_id, job = requeued_job
+    _check_resumed(sub, out, job_id, job, 2)
+    batch = _attempt_batch_log(sub, job_id, 1)
+    assert _attempt_batch_log(sub, job_id, 2)  # SLURM started attempt 2
+    assert "attempt 1" in batch and "requeueing" not in batch, batch  # SLURM requeued it
