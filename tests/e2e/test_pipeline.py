@@ -12,6 +12,8 @@ import pytest
 from commands_probe import run_commands
 from launch_util import TINY, launch_plan, metric_rows, summary
 
+from pipeline.config import PPOConfig
+
 SUMMARY_KEYS = {
     "sft": ("eval_loss", "wall_s", "skipped"),
     "reward": ("eval_accuracy", "wall_s", "skipped"),
@@ -65,7 +67,8 @@ def test_pipeline_fills_summary_and_exports_hf_folders(finished):
     first = rows[0]["rollout/ref_nll"]
     for r in rows:
         assert r["alarm/ref_nll_ratio"] == pytest.approx(r["rollout/ref_nll"] / first, rel=1e-6)
-    above = sum(r["alarm/ref_nll_ratio"] > 1.2 for r in rows)
+    limit = PPOConfig().ref_nll_limit  # the default, which the tiny preset keeps
+    above = sum(r["alarm/ref_nll_ratio"] > limit for r in rows)
     assert s["ppo"]["alarm_ref_nll_iterations"] == above
 
 
