@@ -144,6 +144,12 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def finite_on_every_rank(*tensors: torch.Tensor) -> bool:
+    """True when every tensor is finite on every rank (collective: every rank calls it)."""
+    bad = ~torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    return all_reduce_sum(bad.float()).item() == 0
+
+
 def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)

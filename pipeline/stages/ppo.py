@@ -42,6 +42,12 @@ from pipeline.stages.ppo_setup import PromptOrder
 from pipeline.stages.ppo_types import Experience, UpdateStats
 
 log = logging.getLogger(__name__)
+# The rollout was finite (checked in iteration()), so a non-finite loss means the model itself
+# produced inf/NaN; stepping on would only spread it.
+NONFINITE_LOSS = (
+    "PPO stopped: a non-finite loss in the update (the model produced inf/NaN; lower "
+    "ppo.actor_learning_rate or check the reward scale). Weights were not updated with it."
+)
 
 
 class PPOTrainer:
@@ -290,7 +296,10 @@ class PPOTrainer:
                 actor_loss = actor_loss + p.ptx_coef * ptx_loss
                 stats.add("ptx_loss", ptx_loss.item())
             v_loss, v_stats = self._value_loss(exp, rows, seq, mask, m, num_tokens)
-            self._check_finite(actor_loss, *([] if v_loss is None else [v_loss]))
+            losses = [actor_loss] if v_loss is None else [actor_loss, v_loss]
+            # stop before a non-finite loss reaches the weights (every rank stops together)
+            if not collectives.finite_on_every_rank(*losses):
+                raise TrainingHalted(NONFINITE_LOSS)
             # DeepSpeed averages gradients over ranks: x world turns that into the global sum.
             self.actor.backward(actor_loss * world, scale_wrt_gas=False)
             self.actor.step()
@@ -321,20 +330,6 @@ class PPOTrainer:
             self.p.value_clip or None,
         )
 
-    def _check_finite(self, *losses: torch.Tensor) -> None:
-        """Stop before a non-finite loss reaches the weights (every rank stops together).
-
-        The rollout was finite (checked in iteration()), so a non-finite loss means the model
-        itself produced inf/NaN; stepping on would only spread it.
-        """
-        bad = torch.tensor(float(not all(torch.isfinite(x).all() for x in losses)))
-        if collectives.all_reduce_sum(bad).item() > 0:
-            raise TrainingHalted(
-                "PPO stopped: a non-finite loss in the update (the model produced "
-                "inf/NaN; lower ppo.actor_learning_rate or check the reward scale). "
-                "Weights were not updated with it."
-            )
-
     # ------------------------------------------------------------ 5. the iteration
     def iteration(self, step: int, batch: list[dict]) -> dict:
         timer = PhaseTimer()
@@ -345,9 +340,7 @@ class PPOTrainer:
             exp = self.score(exp)
         with timer("advantages"):
             exp = self.advantages(exp)
-        finite = torch.isfinite(exp.advantages).all() & torch.isfinite(exp.returns).all()
-        finite = collectives.all_reduce_sum(finite.float()).item() == self.d.world_size
-        if finite:
+        if collectives.finite_on_every_rank(exp.advantages, exp.returns):
             with timer("training"):
                 train = {f"ppo/{k}": v for k, v in self.update(exp, seed).items()}
             self.nonfinite_in_a_row = 0

@@ -53,10 +53,6 @@ ALLOWED = {  # (module, function): why its factory calls never meet a device ten
     ): "mini-batch order from a CPU generator; the indices are moved to "
     "the rollout's device (`.to(exp.sequences.device)`) before use",
     (
-        "stages/ppo.py",
-        "PPOTrainer._check_finite",
-    ): "a Python bool as a tensor, handed only to all_reduce_sum",
-    (
         "stages/ppo_eval.py",
         "evaluate",
     ): "gold and baseline scores come from the Python gold scorer and meet "
@@ -231,5 +227,7 @@ def test_collective_helpers_return_on_the_engine_device(one_rank):
     assert collectives.global_mean(torch.tensor([1.0, 2.0], dtype=torch.float64)) == pytest.approx(
         1.5
     )
+    assert collectives.finite_on_every_rank(x, mask)
+    assert not collectives.finite_on_every_rank(x, x / 0)  # 0 / 0 is NaN
     assert collectives.broadcast_object({"a": 1}) == {"a": 1}
     assert collectives.all_gather_object(3) == [3]
