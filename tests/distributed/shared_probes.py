@@ -1,13 +1,15 @@
 """One 2-rank launch shared by several test files: hybrid_probe.py (test_hybrid_engine.py),
 placement_probe.py (test_placement_two_ranks.py), ppo_update_probe.py's 2-rank run
-(test_ppo_update_ranks.py) and estimators_probe.py (test_estimators_two_ranks.py), one after the
-other in one process group (pipelines_probe.py's "probe" items), each with its own folder, report,
-rank-0 stdout/stderr and exit code, as its own `deepspeed --num_gpus 2 x_probe.py ...` launch would
-leave them. Saves three launcher and rank start-ups. The first test file that asks for it runs the
-launch (also when that file runs alone); the others reuse the result in the same pytest process.
+(test_ppo_update_ranks.py), estimators_probe.py (test_estimators_two_ranks.py) and
+critic_scoring_probe.py with a plain and a LoRA critic (test_critic_scoring_two_ranks.py), one
+after the other in one process group (pipelines_probe.py's "probe" items), each with its own
+folder, report, rank-0 stdout/stderr and exit code, as its own `deepspeed --num_gpus 2
+x_probe.py ...` launch would leave them. Saves five launcher and rank start-ups. The first test
+file that asks for it runs the launch (also when that file runs alone); the others reuse the
+result in the same pytest process.
 
-Also here: the tiny policy, reward model and prompts that placement_probe.py and
-ppo_update_probe.py read (`write_inputs`)."""
+Also here: the tiny policy, reward model and prompts that placement_probe.py,
+ppo_update_probe.py and critic_scoring_probe.py read (`write_inputs`)."""
 
 from __future__ import annotations
 
@@ -60,9 +62,10 @@ def linked_inputs(inputs: Path, folder: Path) -> Path:
 
 def launched(tmp_path_factory) -> dict:
     """{"inputs": folder of write_inputs, probe name: (its folder, exit code, rank-0 stdout,
-    rank-0 stderr)} for "hybrid", "placement", "ppo_update" and "estimators"; the reports are
-    where each probe writes them: hybrid and placement `<folder>/report.rank<R>`, ppo_update
-    `<folder>/update.2.pt`, estimators `<folder>/estimators.rank<R>`."""
+    rank-0 stderr)} for "hybrid", "placement", "ppo_update", "estimators", "critic_plain" and
+    "critic_lora"; the reports are where each probe writes them: hybrid, placement and the critic
+    ones `<folder>/report.rank<R>`, ppo_update `<folder>/update.2.pt`, estimators
+    `<folder>/estimators.rank<R>`."""
     if _launched:
         return _launched
     root = tmp_path_factory.mktemp("shared_probes")
@@ -79,14 +82,22 @@ def launched(tmp_path_factory) -> dict:
     estimators.mkdir()
     folders = {"hybrid": hybrid, "placement": placement, "ppo_update": update}
     folders["estimators"] = estimators
+    for kind in ("plain", "lora"):
+        folders[f"critic_{kind}"] = linked_inputs(inputs, root / f"critic_{kind}")
     argvs = {  # hybrid first: its memory readings see no earlier probe's leftovers
         "hybrid": [str(hybrid / "report"), str(hybrid)],
         "placement": [str(placement / "report"), str(placement)],
         "ppo_update": [str(update / "update.2.pt"), str(update / "w2")],
         "estimators": [str(estimators)],
+        **{
+            f"critic_{k}": [str(folders[f"critic_{k}"] / "report"), str(folders[f"critic_{k}"]), k]
+            for k in ("plain", "lora")
+        },
     }
+    probes = {"critic_plain": "critic_scoring", "critic_lora": "critic_scoring"}
     plan = [
-        {"name": name, "probe": f"{name}_probe.py", "argv": argv} for name, argv in argvs.items()
+        {"name": name, "probe": f"{probes.get(name, name)}_probe.py", "argv": argv}
+        for name, argv in argvs.items()
     ]
     result = launch_plan(root, plan)
     _launched["inputs"] = inputs

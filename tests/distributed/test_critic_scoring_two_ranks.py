@@ -3,70 +3,31 @@
 training engine (zero3: the engine's forward per micro-batch): old values and prompt values
 bit-identical in float32, with and without LoRA adapters, gathering all submodules at once or 1 or
 2 at a time; the rest of the scoring (reference log-probs, scores) is untouched.
-critic_scoring_probe.py builds the real trainer and scores one rollout each way.
+critic_scoring_probe.py builds the real trainer and scores one rollout each way (in
+shared_probes.py's 2-rank launch).
 
 Why bit-identical: the copy holds exactly the gathered weights (a copy, no arithmetic) and runs the
 same float32 modules on the same inputs; ZeRO-3 only fetches the parameters around each module's
 forward, it does not change the arithmetic (unlike the merged LoRA copy of the hybrid engine,
 W + sBA, which is why the critic's copy keeps the adapters)."""
 
-import json
-
 import pytest
+import shared_probes  # next to this file
 import torch
-from launch_util import launch
 
-PROMPTS = [
-    "ana asks for a review of the pizza .",
-    "please review the sofa for leo .",
-    "grace wants to know about the camera .",
-    "hugo asks for a review of the book .",
-    "emma wants to know about the car .",
-    "please review the lamp for ana .",
-]
 WAYS = ("stage", "gather_1", "gather_2")
 
 
-def _write_inputs(work):
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
-    from pipeline import default_task
-
-    config = LlamaConfig(
-        **default_task.model_config(len(default_task.vocabulary()), 32, 2, 2, 64, 64)
-    )
-    for name, cls, extra in (
-        ("policy", LlamaForCausalLM, {}),
-        ("reward", LlamaForSequenceClassification, {"num_labels": 1}),
-    ):
-        torch.manual_seed(1 if name == "policy" else 2)
-        cls(LlamaConfig(**{**config.to_dict(), **extra})).save_pretrained(work / name)
-        default_task.build_tokenizer(work / name)
-    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    work = tmp_path_factory.mktemp("critic_scoring")
-    _write_inputs(work)
-    return work
-
-
 @pytest.fixture(scope="module", params=["plain", "lora"])
-def ranks(request, work):
-    out = work / f"report_{request.param}"
-    proc = launch(
-        "../tests/distributed/critic_scoring_probe.py",
-        str(out),
-        str(work),
-        request.param,
-        num_gpus=2,
-        timeout=900,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def ranks(request, tmp_path_factory):
+    """critic_scoring_probe.py's report per rank for a plain and a LoRA critic (run in
+    shared_probes.py's 2-rank launch, on its tiny policy, reward model and prompts)."""
+    folder, rc, stdout, stderr = shared_probes.launched(tmp_path_factory)[f"critic_{request.param}"]
+    log = stdout + stderr
+    assert rc == 0, stdout[-3000:] + stderr[-3000:]
     assert "critic scoring: materialise (" in log and " budget)" in log
-    return request.param, [torch.load(f"{out}.rank{r}", weights_only=False) for r in (0, 1)]
+    reports = [torch.load(folder / f"report.rank{r}", weights_only=False) for r in (0, 1)]
+    return request.param, reports
 
 
 def test_the_stage_chose_the_copy_and_freed_it(ranks):
