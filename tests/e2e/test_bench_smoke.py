@@ -21,6 +21,7 @@ KEYS = {
     "real",
     "floor",
     "placements",
+    "critic_scoring",
 }
 
 
@@ -42,4 +43,5 @@ def test_bench_smoke_runs_on_two_ranks(tmp_path):
     assert checks["materialised bytes after generation"]["met"]
     assert set(results["floor"]) >= {"one_process", "data_parallel", "iteration_s", "phases_s"}
     assert results["placements"] == {"ref": "resident", "reward": "resident"}  # tiny: they fit
+    assert results["critic_scoring"] == "materialise"  # and so does the critic's scoring copy
     assert "| iteration/floor |" in proc.stdout
