@@ -186,7 +186,7 @@ def evaluate(t: PPOTrainer, step: int) -> tuple[dict, list]:
             for part in collectives.all_gather_object(list(zip(idx, gold.tolist()))):
                 for i, g in part:
                     t.sft_eval[i] = g
-        baseline = torch.tensor([t.sft_eval[i] for i in idx], dtype=torch.float64)
+        baseline = gold.new_tensor([t.sft_eval[i] for i in idx])  # on gold's device
         wins = (gold > baseline).double() + 0.5 * (gold == baseline).double()
         metrics["eval/win_rate_vs_sft"] = _global_mean(wins)
         samples = [(*s, g) for s, g in zip(samples, gold.tolist())]
