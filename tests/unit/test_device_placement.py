@@ -52,11 +52,6 @@ ALLOWED = {  # (module, function): why its factory calls never meet a device ten
         "PPOTrainer._epochs",
     ): "mini-batch order from a CPU generator; the indices are moved to "
     "the rollout's device (`.to(exp.sequences.device)`) before use",
-    (
-        "stages/ppo_eval.py",
-        "evaluate",
-    ): "gold and baseline scores come from the Python gold scorer and meet "
-    "only each other; global_mean builds on its input's device",
     ("stages/ppo_setup.py", "PromptOrder.__init__"): "prompt order: a CPU generator",
     (
         "stages/ppo_setup.py",
@@ -192,6 +187,48 @@ def test_local_statistics_are_built_on_the_input_device():
     x = torch.ones(3, 4, device="meta")
     assert collectives.mean_sums(x).device.type == "meta"
     assert collectives.whiten_sums(x, torch.ones(3, 4, device="meta")).device.type == "meta"
+
+
+def test_the_ppo_math_stays_on_its_inputs_device():
+    """The rollout's math (pipeline/ppo_math.py, the critic and REINFORCE++ estimators, the masks
+    and positions of generation and scoring) on meta-device inputs: a non-scalar tensor built on
+    the CPU inside any of them cannot join a meta tensor (as it cannot join a CUDA one), and every
+    output must come back on the inputs' device. The group estimators are not here: torch.unique
+    needs values, which the meta device does not have."""
+    from pipeline import estimators, ppo_math
+    from pipeline.generation import position_ids, response_mask
+    from pipeline.models import score_index
+
+    dev = torch.device("meta")
+    B, R, V = 4, 5, 7
+    ids = torch.zeros(B, 3 + R, dtype=torch.long, device=dev)
+    mask = torch.ones(B, 3 + R, dtype=torch.long, device=dev)
+    m = response_mask(ids[:, 3:], eos_token_id=2)
+    x = torch.zeros(B, R, device=dev)
+    logits = ppo_math.sampling_logits(torch.zeros(B, R, V, device=dev), 0.7, 2, 2)
+    out = {
+        "position_ids": position_ids(mask),
+        "score_index": score_index(ids, mask, pad_token_id=0),
+        "logprobs": ppo_math.logprobs_from_logits(logits, ids[:, 3:]),
+        "entropy": ppo_math.entropy_from_logits(logits),
+        "whiten": ppo_math.masked_whiten(x, m),
+        "rewards": ppo_math.shape_rewards(x[:, 0], x, m, 0.1, 5.0, x, 0.2),
+        "explained_variance": ppo_math.explained_variance(x, x, m),
+        "kl_loss": ppo_math.kl_penalty_loss(x, x, m, "k3", 10.0),
+        "ema": ppo_math.ema_update_(torch.zeros(3, device=dev), torch.ones(3, device=dev), 0.9),
+    }
+    for mode in ppo_math.LOSS_AGG_MODES:
+        loss, stats = ppo_math.policy_loss(
+            x, x, x, m, 0.2, x.sum(), clip_eps_high=0.3, dual_clip=3.0, agg_mode=mode, num_seqs=4.0
+        )
+        out.update({f"policy_loss {mode}": loss, **stats})
+    loss, stats = ppo_math.value_loss(x, x, x, m, x.sum(), 0.2)
+    out.update({"value_loss": loss, **stats})
+    inputs = estimators.AdvantageInputs(x, m, x, x[:, 0], None, 1.0, 0.95)
+    for name in ("gae", "sequence", "reinforce_pp"):
+        adv, ret = estimators.estimate_advantages(name, inputs, whiten=True)
+        out.update({f"{name} advantages": adv, f"{name} returns": ret})
+    assert {k: t.device for k, t in out.items() if t.device != dev} == {}
 
 
 @pytest.fixture(scope="module")
