@@ -193,6 +193,7 @@ def run(
             StageContext(run_cfg, d, stage_dir, inputs, checkpointer, resume, stop, ident)
         )
         wall = time.time() - start
+        collectives.free_memory()  # the stage's engines, before the next stage builds its own
         if d.is_main:
             save_config(run_cfg, stage_dir / "config.yaml")
             (stage_dir / "stage.json").write_text(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import math
 import os
 import random
@@ -115,6 +116,14 @@ def _remove_shm_buffer(rank: int) -> None:
 
 def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
+
+
+def free_memory() -> None:
+    """Free what a finished stage left: DeepSpeed engines hold reference cycles (hooks, optimizer
+    and engine point at each other), so without a full collection the previous stage's models,
+    optimizer states and (on a GPU) device memory stay allocated while the next stage builds."""
+    gc.collect()
+    get_accelerator().empty_cache()
 
 
 def seed_everything(seed: int) -> None:
