@@ -1,5 +1,10 @@
 """Tier 3: checkpoints under faults on the tiny preset — SIGKILL and resume (exact), a damaged
-checkpoint, a full disk, a checkpoint from another config, a stop signal, another rank count."""
+checkpoint, a full disk, a checkpoint from another config, a stop signal, another rank count.
+
+To save launches, the three interrupted runs (SFT and PPO killed, PPO stopped on 2 ranks) run at
+the same time, then resume in one launch (`interrupted_and_resumed`); the reruns of the resumed
+SFT run (damaged checkpoint, another config, full disk) likewise share two (`restarts`). Each
+test checks its own run's outputs."""
 
 import json
 import math
@@ -10,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import psutil
@@ -95,6 +101,9 @@ def _killed(ref, root, script, stage, seed, within, *args):
     return out, ["--config", str(TINY), "--output_dir", str(out), *args]
 
 
+SFT_CHECKPOINTS = ("--save_steps", "10", "--keep_last", "3")  # the SFT run killed mid-run
+
+
 class _Resumed(NamedTuple):
     """What the resume of an interrupted run printed: the launcher's exit code and rank 0's
     output."""
@@ -120,22 +129,17 @@ def interrupted_and_resumed(pristine_run, tmp_path_factory):
     signal then resumed on 1 rank. {"sft"/"ppo": (ref, output dir, resume), "stop": (output dir,
     what the stopped run left, resume)}."""
     ref = pristine_run[0]
-    sft_out, sft_argv = _killed(
-        ref,
-        tmp_path_factory.mktemp("sft_kill"),
-        "sft.py",
-        "sft",
-        1,
-        3.0,
-        "--save_steps",
-        "10",
-        "--keep_last",
-        "3",
-    )
-    ppo_out, ppo_argv = _killed(
-        ref, tmp_path_factory.mktemp("ppo_kill"), "ppo.py", "ppo", 2, 1.0, "--save_steps", "1"
-    )
-    stop_out, stopped = _stopped_on_two_ranks(ref, tmp_path_factory.mktemp("stop"))
+    roots = [tmp_path_factory.mktemp(name) for name in ("sft_kill", "ppo_kill", "stop")]
+    # At the same time (each its own launch, thread and folder): their start-ups, mostly one
+    # core each, overlap. What is killed or stopped when does not depend on it (seeded delays
+    # after each run's own first checkpoint).
+    with ThreadPoolExecutor(3) as pool:
+        runs = [
+            pool.submit(_killed, ref, roots[0], "sft.py", "sft", 1, 3.0, *SFT_CHECKPOINTS),
+            pool.submit(_killed, ref, roots[1], "ppo.py", "ppo", 2, 1.0, "--save_steps", "1"),
+            pool.submit(_stopped_on_two_ranks, ref, roots[2]),
+        ]
+        (sft_out, sft_argv), (ppo_out, ppo_argv), (stop_out, stopped) = (r.result() for r in runs)
     resumed = _resume_all(
         tmp_path_factory.mktemp("resume_logs"),
         {
@@ -169,8 +173,14 @@ def test_sft_sigkill_then_resume_is_exact(sft_killed_and_resumed):
     assert metric_rows(out / "sft" / "metrics.jsonl") == metric_rows(ref / "sft" / "metrics.jsonl")
 
 
+def _limit_file_size():  # in the child: files may not grow past 256 KiB (a full disk, per file)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then writes fail with EFBIG instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+
 class _Restarts(NamedTuple):
-    """Two unfinished copies of the resumed SFT run (see `restarts`) and what their restarts did."""
+    """Three unfinished copies of the resumed SFT run (see `restarts`) and what their restarts
+    did."""
 
     damaged: object  # the copy whose newest checkpoint was truncated
     newest: object  # that checkpoint
@@ -181,15 +191,43 @@ class _Restarts(NamedTuple):
     refused: object  # the refused restart (a plain process)
     after_refusal: dict  # its sft folder's files after it
     started_over: _Resumed  # the restart with --resume false
+    disk: object  # the copy restarted on a "full disk"
+    latest: str  # its latest checkpoint before
+    disk_full: subprocess.CompletedProcess  # its restart
 
 
 @pytest.fixture(scope="module")
 def restarts(sft_killed_and_resumed, tmp_path_factory):
-    """Two copies of the resumed SFT run, each unfinished: in one the newest checkpoint is
-    truncated, then SFT reruns; in the other SFT reruns with another learning rate (refused),
-    then again with `--resume false` (for 2 steps, no checkpoints). The two reruns that train
-    run in one launch."""
+    """Three copies of the resumed SFT run, each unfinished: in one the newest checkpoint is
+    truncated, then SFT reruns; in another SFT reruns with another learning rate (refused),
+    then again with `--resume false` (for 2 steps, no checkpoints); in the third SFT reruns with
+    a checkpoint every step where no file may grow past 256 KiB. The two reruns that train run in
+    one launch, the third meanwhile in its own (their start-ups overlap)."""
     _, done, _ = sft_killed_and_resumed
+    disk = tmp_path_factory.mktemp("disk_full") / "run"
+    shutil.copytree(done, disk)
+    _unfinish(disk / "sft")
+    latest = (disk / "sft" / "checkpoints" / "latest").read_text()
+    cmd = ["deepspeed", "--master_port", str(free_port()), str(REPO / "launch" / "sft.py")]
+    cmd += ["--config", str(TINY), "--output_dir", str(disk), "--save_steps", "1"]
+    # started before this process has any other thread (preexec_fn is not safe with threads)
+    full = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_limit_file_size,
+    )
+    with ThreadPoolExecutor(1) as pool:
+        output = pool.submit(full.communicate, timeout=600)
+        restarted = _restart(done, tmp_path_factory)
+        disk_full = subprocess.CompletedProcess(cmd, full.wait(), *output.result())
+    return _Restarts(*restarted, disk, latest, disk_full)
+
+
+def _restart(done, tmp_path_factory):
+    """`restarts`' first two copies and their reruns."""
     damaged = tmp_path_factory.mktemp("damaged") / "run"
     shutil.copytree(done, damaged)
     _unfinish(damaged / "sft")
@@ -224,8 +262,16 @@ def restarts(sft_killed_and_resumed, tmp_path_factory):
             "started_over": (("sft",), again),
         },
     )
-    return _Restarts(
-        damaged, newest, older, ran["damaged"], other, before, refused, after, ran["started_over"]
+    return (
+        damaged,
+        newest,
+        older,
+        ran["damaged"],
+        other,
+        before,
+        refused,
+        after,
+        ran["started_over"],
     )
 
 
@@ -256,33 +302,8 @@ def test_checkpoint_from_another_config_is_refused(restarts):
     assert (out / "sft" / "model" / "model.safetensors").is_file()
 
 
-def _limit_file_size():  # in the child: files may not grow past 256 KiB (a full disk, per file)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then writes fail with EFBIG instead of killing
-    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
-
-
-def test_disk_full_during_checkpoint_keeps_the_previous_one(sft_killed_and_resumed, tmp_path):
-    _, done, _ = sft_killed_and_resumed
-    out = tmp_path / "run"
-    shutil.copytree(done, out)
-    _unfinish(out / "sft")
-    ckpts = out / "sft" / "checkpoints"
-    latest = (ckpts / "latest").read_text()
-    cmd = [
-        "deepspeed",
-        "--master_port",
-        str(free_port()),
-        str(REPO / "launch" / "sft.py"),
-        "--config",
-        str(TINY),
-        "--output_dir",
-        str(out),
-        "--save_steps",
-        "1",
-    ]
-    proc = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=600, preexec_fn=_limit_file_size
-    )
+def test_disk_full_during_checkpoint_keeps_the_previous_one(restarts):
+    ckpts, latest, proc = restarts.disk / "sft" / "checkpoints", restarts.latest, restarts.disk_full
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     assert proc.returncode == 3
     line = next(x for x in proc.stderr.splitlines() if x.startswith("stopped: "))
