@@ -406,21 +406,6 @@ def max_new_tokens(cfg: Config) -> int:
     return cfg.ppo.max_new_tokens or cfg.data.max_response_len
 
 
-def parse_split(text: str) -> tuple[float, ...]:
-    """`--data.data_split 2,4,4`: three non-negative shares (SFT, reward model, PPO), not all
-    zero."""
-    try:
-        shares = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        shares = ()
-    if len(shares) != 3 or not all(s >= 0 for s in shares) or not sum(shares) > 0:
-        raise UserError(
-            f"option data.data_split={text!r}: expected three non-negative shares for SFT, "
-            f"reward model and PPO, not all zero, e.g. 2,4,4 (DeepSpeed-Chat's convention)."
-        )
-    return shares
-
-
 # ---------------------------------------------------------------- files
 def resolve_path(path: str) -> Path:
     """A path as given, or relative to the repository (for the shipped ds_configs/ and presets)."""

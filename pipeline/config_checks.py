@@ -21,9 +21,23 @@ from pipeline.config import (
     DataConfig,
     PPOConfig,
     TrainConfig,
-    parse_split,
 )
 from pipeline.errors import UserError
+
+
+def parse_split(text: str) -> tuple[float, ...]:
+    """`--data.data_split 2,4,4`: three non-negative shares (SFT, reward model, PPO), not all
+    zero."""
+    try:
+        shares = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        shares = ()
+    if len(shares) != 3 or not all(s >= 0 for s in shares) or not sum(shares) > 0:
+        raise UserError(
+            f"option data.data_split={text!r}: expected three non-negative shares for SFT, "
+            f"reward model and PPO, not all zero, e.g. 2,4,4 (DeepSpeed-Chat's convention)."
+        )
+    return shares
 
 
 def validate(cfg: Config) -> None:

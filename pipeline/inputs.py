@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 
 from pipeline import default_task, reward_fns
-from pipeline.config import AUTO, Config, max_new_tokens, parse_split, resolve_path
+from pipeline.config import AUTO, Config, max_new_tokens, resolve_path
+from pipeline.config_checks import parse_split
 from pipeline.data import Source, is_hub_name
 from pipeline.distributed import collectives
 from pipeline.errors import UserError
