@@ -43,7 +43,7 @@ VARIANTS = {
     "ensemble": ["--reward.ensemble_size", "3", "--ppo.ensemble_penalty", "1"],
 }
 # `ref_nllX`: the samples' per-token NLL under the reference held to X times its first value
-# (ppo.ref_nll_limit, a dual-ascent penalty on -log ref; 1.2 is the default); `no_ref_nll`: off,
+# (ppo.ref_nll_limit, a dual-ascent penalty on -log ref; 1.1 is the default); `no_ref_nll`: off,
 # the defaults without any defence.
 VARIANTS.update({f"ref_nll{x}": ["--ppo.ref_nll_limit", x] for x in ("1.1", "1.2", "1.3")})
 VARIANTS["no_ref_nll"] = ["--ppo.ref_nll_limit", "0"]
