@@ -299,6 +299,14 @@ def report(
         check("hybrid/floor generation", real["hybrid_s"] / floor["phases_s"]["sampling"]),
         check("naive/hybrid generation", real["naive_s"] / real["hybrid_s"]),
         check("iteration/floor", real["iteration_s"] / floor["iteration_s"]),
+        *(
+            check(name, real["phases_s"][phase] / floor["phases_s"][phase])
+            for name, phase in (
+                ("generation incl. pi_old/floor", "generation"),
+                ("scoring/floor", "scoring"),
+                ("training/floor", "training"),
+            )
+        ),
         check(
             "materialised bytes after generation",
             max(r["materialised_after_generation"] for r in mem),

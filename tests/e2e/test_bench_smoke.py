@@ -38,6 +38,9 @@ def test_bench_smoke_runs_on_two_ranks(tmp_path):
         "hybrid/floor generation",
         "naive/hybrid generation",
         "iteration/floor",
+        "generation incl. pi_old/floor",
+        "scoring/floor",
+        "training/floor",
         "materialised bytes after generation",
     }
     assert checks["materialised bytes after generation"]["met"]

@@ -73,11 +73,18 @@ def test_check_against_targets():
     assert check("materialised bytes after generation", 0)["met"]
     assert not check("materialised bytes after generation", 1)["met"]
     assert not check("iteration/floor", math.nan)["met"]
-    assert check("iteration/floor", 1.0)["target"] == "<= 1.5"
+    assert check("iteration/floor", 1.0)["target"] == "<= 1.25"
+    assert check("iteration/floor", 1.25)["met"] and not check("iteration/floor", 1.26)["met"]
+    assert check("training/floor", 1.5)["met"] and not check("training/floor", 1.51)["met"]
+    assert check("scoring/floor", 1.3)["met"] and not check("scoring/floor", 1.31)["met"]
+    assert not check("generation incl. pi_old/floor", 1.16)["met"]
     assert set(TARGETS) == {
         "hybrid/floor generation",
         "naive/hybrid generation",
         "iteration/floor",
+        "generation incl. pi_old/floor",
+        "scoring/floor",
+        "training/floor",
         "materialised bytes after generation",
     }
 
