@@ -83,7 +83,20 @@ def init_distributed(timeout_minutes: float = Config.dist_timeout_minutes) -> Di
     torch.set_num_threads(max(1, cores // d.local_world_size))
     get_accelerator().set_device(d.local_rank)
     atexit.register(_remove_shm_buffer, d.rank)
+    atexit.register(shutdown)  # runs first (atexit is last-in, first-out)
     return d
+
+
+def shutdown() -> None:
+    """Leave the process group (every group DeepSpeed made too) while the interpreter is alive.
+
+    A gloo group left to the interpreter's teardown can abort the process after a run that
+    succeeded (SIGABRT, "terminate called without an active exception": its worker threads still
+    hold tensors; pytorch/pytorch#190489): one rank of a two-rank CI probe exited -6 that way. NCCL
+    asks for the same call on a normal exit. Registered at exit by `init_distributed`; a no-op once
+    the group is gone."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check_slurm_world_size(env, world_size: int) -> None:

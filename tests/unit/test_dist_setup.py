@@ -1,10 +1,16 @@
 """Process-group set-up: the timeout option, and a SLURM step that started ranks without a
 launcher."""
 
+import os
+import subprocess
+import sys
+
 import pytest
+from launch_util import free_port
 
 from pipeline.cli import parse_config
 from pipeline.config import Config
+from pipeline.distributed import collectives
 from pipeline.distributed.collectives import check_slurm_world_size
 from pipeline.errors import UserError
 
@@ -47,3 +53,28 @@ def test_the_timeout_is_not_part_of_a_stage_identity(tmp_path):
 
     a, b = Config(), Config(dist_timeout_minutes=5.0)
     assert identity("ppo", a, {}, tmp_path) == identity("ppo", b, {}, tmp_path)
+
+
+def test_the_process_group_is_left_before_the_interpreter_tears_down():
+    """A gloo group left to the interpreter's teardown can abort a rank after a run that succeeded
+    (SIGABRT, CI saw exit -6): init_distributed registers the group's destruction at exit, to run
+    before handlers registered earlier (atexit is last-in, first-out)."""
+    code = (
+        "import atexit, torch, torch.distributed as dist\n"
+        "def report():\n"
+        "    print('at exit, group alive:', dist.is_initialized(), flush=True)\n"
+        "atexit.register(report)\n"
+        "from pipeline.distributed import collectives\n"
+        "collectives.init_distributed()\n"
+        "print('after init, group alive:', dist.is_initialized(), flush=True)\n"
+        "collectives.all_reduce_sum(torch.ones(2))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env["MASTER_PORT"] = str(free_port())
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "after init, group alive: True" in proc.stdout
+    assert "at exit, group alive: False" in proc.stdout, proc.stdout
+    collectives.shutdown()  # and a no-op without a group
