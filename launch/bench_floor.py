@@ -124,10 +124,19 @@ def plain_iteration(
     seed: int,
     mini: int = 0,
     reduce: Callable[[torch.nn.Module], None] | None = None,
+    micro: int = 0,
 ) -> dict[str, float]:
     """One PPO iteration without DeepSpeed on the whole batch, with the stage's math (`ppo_math`,
     `estimators`): generate, score, KL-shaped rewards, GAE, whitening, `num_ppo_epochs` passes of
-    mini-batches with AdamW on actor and critic. Returns seconds per phase."""
+    mini-batches (`mini` rows, default ppo.mini_batch_size) with AdamW on actor and critic, each
+    forward and backward on `micro` rows with the gradients accumulated as the stage does (0: the
+    whole mini-batch at once). PyTorch's own linear layers throughout (a plain process has no
+    zero.Init to replace them). Returns seconds per phase."""
+    with engines.native_linear():
+        return _plain_iteration(m, tok, batch, p, params, w, seed, mini, reduce, micro)
+
+
+def _plain_iteration(m, tok, batch, p, params, w, seed, mini, reduce, micro) -> dict[str, float]:
     timer, prompts = PhaseTimer(), data.collate_prompts(batch, tok.pad_token_id)
     ids, mask, P = prompts["input_ids"], prompts["attention_mask"], prompts["input_ids"].shape[1]
     with timer("generation"), torch.no_grad():
@@ -159,24 +168,34 @@ def plain_iteration(
         g = torch.Generator().manual_seed(seed)
         for _ in range(p.num_ppo_epochs):
             for i in torch.randperm(len(seq), generator=g).split(mini or p.mini_batch_size):
-                s, fm, rm, ps, n = seq[i], full[i], rmask[i], pos[i], rmask[i].sum()
-                logits, lp = _logprobs(m["actor"], s, fm, ps, P, params, tok.eos_token_id)
-                pg, _ = ppo_math.policy_loss(lp, old_lp[i], adv[i], rm, p.clip_eps, n)
-                ent = ppo_math.masked_token_mean_global(ppo_math.entropy_from_logits(logits), rm, n)
-                values = token_values(m["critic"], s, fm, ps)[:, P - 1 : -1]
-                vl, _ = ppo_math.value_loss(values, old_v[i], ret[i], rm, n, p.value_clip or None)
-                for name, loss in (
-                    ("actor", pg - p.entropy_coef * ent),
-                    ("critic", p.vf_coef * vl),
-                ):
+                n = rmask[i].sum()  # the mini-batch's tokens: micro-batch losses add up to its loss
+                for name in ("actor", "critic"):
                     m[name + "_opt"].zero_grad(set_to_none=True)
-                    loss.backward()
+                for j in i.split(micro or len(i)):  # the stage's micro-batches (accumulated)
+                    s, fm, rm, ps = seq[j], full[j], rmask[j], pos[j]
+                    logits, lp = _logprobs(m["actor"], s, fm, ps, P, params, tok.eos_token_id)
+                    pg, _ = ppo_math.policy_loss(lp, old_lp[j], adv[j], rm, p.clip_eps, n)
+                    entropy = ppo_math.entropy_from_logits(logits)
+                    ent = ppo_math.masked_token_mean_global(entropy, rm, n)
+                    values = token_values(m["critic"], s, fm, ps)[:, P - 1 : -1]
+                    vl, _ = ppo_math.value_loss(
+                        values, old_v[j], ret[j], rm, n, p.value_clip or None
+                    )
+                    (pg - p.entropy_coef * ent).backward()
+                    (p.vf_coef * vl).backward()
+                for name in ("actor", "critic"):
                     if reduce is not None:
                         reduce(m[name])
                     if p.gradient_clipping:
                         torch.nn.utils.clip_grad_norm_(m[name].parameters(), p.gradient_clipping)
                     m[name + "_opt"].step()
     return timer.seconds
+
+
+def micro_rows(trainer) -> int:
+    """Rows per forward and backward: the real stage's micro-batch (the workload's memory bound,
+    which a plain process of one rank's threads must keep too)."""
+    return trainer.sizes.micro_batch_size_per_gpu
 
 
 def plain_models(paths: dict[str, str], p) -> dict[str, Any]:
@@ -207,7 +226,11 @@ def floors(paths: dict[str, str], trainer, w: Workload) -> dict[str, Any]:
     m = plain_models(paths, p)
     phases: list[dict] = []
     walls = timed(
-        lambda: phases.append(plain_iteration(m, tok, batch, p, trainer.sampling, w, len(phases))),
+        lambda: phases.append(
+            plain_iteration(
+                m, tok, batch, p, trainer.sampling, w, len(phases), micro=micro_rows(trainer)
+            )
+        ),
         w.warmup,
         w.repeats,
         sync=False,
@@ -249,6 +272,7 @@ def data_parallel_floor(paths: dict[str, str], trainer, w: Workload, d) -> dict[
                 len(phases),
                 mini,
                 lambda model: average_gradients(model, world),
+                micro_rows(trainer),
             )
         ),
         w.warmup,

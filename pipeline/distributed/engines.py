@@ -131,6 +131,31 @@ def plain_construction():
             set_hf_deepspeed_config(_HF_DS_CONFIG)
 
 
+@contextmanager
+def native_linear():
+    """Run `torch.nn.functional.linear` as PyTorch's own inside this (e.g. no-grad phases).
+
+    zero.Init replaces it, for the rest of the process, with ZeRO-3's autograd function (which
+    re-gathers a partitioned weight in backward instead of keeping it alive); every linear layer
+    after the first ZeRO-3 model, plain copies included, then runs through a Python-level autograd
+    function: +15% on a decode of the default task's model (docs/benchmark.md). Without
+    gradients the two compute the same product, and an engine's forward gathers its weights
+    before the layer runs, so generation and scoring need only the native one; training keeps
+    ZeRO-3's. A no-op where nothing replaced it."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    native = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    current = torch.nn.functional.linear
+    if native is None or current is native:
+        yield
+        return
+    torch.nn.functional.linear = native
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = current
+
+
 def set_schedule_step(engine, step: int) -> None:
     """Put the engine's learning-rate schedule at optimizer step `step` (after a resume that
     changed the number of steps per epoch)."""

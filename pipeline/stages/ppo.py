@@ -118,6 +118,7 @@ class PPOTrainer:
 
     # ------------------------------------------------------------ 1. generation
     @torch.no_grad()
+    @engines.native_linear()  # no gradients: PyTorch's own linear (engines.py)
     def generate(self, batch: list[dict], seed: int, params: SamplingParams) -> Experience:
         prompts = data.collate_prompts(batch, self.tokenizer.pad_token_id)
         ids = prompts["input_ids"].to(collectives.device())
@@ -153,6 +154,7 @@ class PPOTrainer:
 
     # ------------------------------------------------------------ 2. scoring
     @torch.no_grad()
+    @engines.native_linear()  # no gradients: PyTorch's own linear (engines.py)
     def score(self, exp: Experience) -> Experience:
         seq, mask, w = exp.sequences, exp.attention_mask, exp.prompt_width
         slices = self.micro_slices(len(seq), self.p.forward_micro_batch_size)
