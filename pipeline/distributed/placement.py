@@ -94,6 +94,40 @@ def critic_scoring(size: int, budget: int, resident: int, requested: str) -> Cho
     return Choice("critic scoring", how, choice.reason)
 
 
+LOGIT_COPIES = 4  # fp32 (B, T, vocab) tensors alive at once in a scoring forward: the logits,
+# the sampling distribution's (temperature, EOS mask), its log-softmax, one spare
+
+
+def forward_row_bytes(tokens: int, vocab: int) -> int:
+    """Bytes one row of a scoring forward holds at its peak: the vocabulary-wide fp32 tensors
+    over its `tokens` (prompt + response); the per-layer activations of a no-grad forward are
+    freed layer by layer and are far smaller for a language model's vocabulary."""
+    return tokens * vocab * 4 * LOGIT_COPIES
+
+
+def forward_rows(
+    requested: int, rows: int, micro: int, row_bytes: int, left: int
+) -> tuple[int, str]:
+    """Rows per scoring forward of the rollout (ppo.forward_micro_batch_size): as `requested`
+    when > 0; for 0 (auto), as many of a rank's `rows` rollout rows as the `left` bytes of the
+    per-rank budget hold at `row_bytes` each, never fewer than the training micro-batch `micro`
+    (which training holds anyway, with gradients). The same on every rank (the budget is the
+    smallest over ranks): an offloaded engine gathers per forward, collectively. Returns the
+    rows and the reason."""
+    if requested > 0:
+        return requested, "asked by ppo.forward_micro_batch_size"
+    fit = left // max(row_bytes, 1)
+    n = max(micro, min(rows, fit))
+    if n == rows:
+        why = f"all {rows} rollout rows of a rank"
+    elif n == micro:
+        why = f"the training micro-batch; {fit} rows fit"
+    else:
+        why = f"{n} of {rows} rollout rows fit"
+    left_s = human_bytes(max(left, 0))
+    return n, f"auto: {why}; {human_bytes(n * row_bytes)} a forward, {left_s} left of the budget"
+
+
 def available_ram() -> int:
     """Bytes of RAM available to new allocations: MemAvailable of /proc/meminfo, else free pages."""
     try:

@@ -72,7 +72,7 @@ class PPOTrainer:
         m = ppo_setup.build_engines(ctx, models, ds, self.sizes, self.tokenizer)
         self.actor, self.critic, self.ref, self.rewards = m.actor, m.critic, m.ref, m.rewards
         self.reward_pad_ids, self.generator = m.reward_pad_ids, m.generator
-        self.critic_copy = m.critic_copy
+        self.critic_copy, self.forward_rows = m.critic_copy, m.forward_rows
         self.sampling = SamplingParams(
             max_new_tokens(cfg), p.temperature, p.top_p, p.top_k, min_new_tokens=p.min_new_tokens
         )  # evaluation: one response per prompt
@@ -93,7 +93,8 @@ class PPOTrainer:
 
     # ------------------------------------------------------------ forward helpers
     def micro_slices(self, n: int, mb: int = 0):
-        """Rows in slices of `mb` (0: the training micro-batch, clamped to a rank's mini-batch)."""
+        """Rows in slices of `mb` (0: the training micro-batch, clamped to a rank's mini-batch);
+        scoring forwards take `forward_rows` (ppo.forward_micro_batch_size, resolved at set-up)."""
         mb = mb or self.sizes.micro_batch_size_per_gpu
         return [slice(i, i + mb) for i in range(0, n, mb)]
 
@@ -133,7 +134,7 @@ class PPOTrainer:
             seq = self.generator.generate(ids, prompt_mask, params)
             resp_mask = response_mask(seq[:, width:], self.tokenizer.eos_token_id)
             full_mask = torch.cat([mask, resp_mask], dim=1)
-            slices = self.micro_slices(len(seq), self.p.forward_micro_batch_size)
+            slices = self.micro_slices(len(seq), self.forward_rows)
             old_logprobs = torch.cat(
                 [self._logits_logprobs(model, seq[s], full_mask[s], width)[1] for s in slices]
             )
@@ -157,7 +158,7 @@ class PPOTrainer:
     @engines.native_linear()  # no gradients: PyTorch's own linear (engines.py)
     def score(self, exp: Experience) -> Experience:
         seq, mask, w = exp.sequences, exp.attention_mask, exp.prompt_width
-        slices = self.micro_slices(len(seq), self.p.forward_micro_batch_size)
+        slices = self.micro_slices(len(seq), self.forward_rows)
         ref_lp = [self._logits_logprobs(self.ref, seq[s], mask[s], w)[1] for s in slices]
         values, prompt_values = [], []
         if self.critic is not None:  # from its plain copy (ppo.critic_scoring), else the engine

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.config import max_new_tokens
 from pipeline.distributed import engines, placement
 from pipeline.models import (
     TORCH_DTYPES,
@@ -130,3 +131,21 @@ def critic_scoring(requested: str, critic, frozen: list, budget: int) -> placeme
     choice = placement.critic_scoring(size, budget, resident, requested)
     log.info("critic scoring: %s (%s)", choice.placement, choice.reason)
     return choice
+
+
+def scoring_rows(ctx, sizes, actor, left: int) -> int:
+    """Rows per scoring forward of the rollout (placement.forward_rows for
+    ppo.forward_micro_batch_size; `left`: what the resident models leave of the budget), logged
+    once."""
+    cfg = ctx.cfg
+    tokens = cfg.data.max_prompt_len + max_new_tokens(cfg)
+    row_bytes = placement.forward_row_bytes(tokens, actor.module.config.vocab_size)
+    rows, reason = placement.forward_rows(
+        cfg.ppo.forward_micro_batch_size,
+        sizes.rollout_per_rank,
+        sizes.micro_batch_size_per_gpu,
+        row_bytes,
+        left,
+    )
+    log.info("scoring forward: %d rows (%s)", rows, reason)
+    return rows

@@ -44,7 +44,7 @@ def _rm_scores(
 ) -> torch.Tensor:
     """One reward model's score of each row, read where HF's sequence classifier pools: (B,)."""
     scores = []
-    for s in t.micro_slices(len(r_ids), t.p.forward_micro_batch_size):
+    for s in t.micro_slices(len(r_ids), t.forward_rows):
         v = engines.forward(engine, token_values, r_ids[s], r_mask[s], position_ids(r_mask[s]))
         scores.append(v.gather(1, score_index(r_ids[s], r_mask[s], pad_id)[:, None]).squeeze(1))
     return torch.cat(scores)

@@ -71,6 +71,7 @@ class PPOModels:
     generator: object  # generation backend of the actor (pipeline/generation.py)
     # the critic's plain copy for scoring (distributed/materialise.py); None: ZeRO-3 scoring
     critic_copy: PlainCopy | None = None
+    forward_rows: int = 0  # rows per scoring forward (ppo_frozen.scoring_rows; 0: micro-batch)
 
 
 def load_inputs(ctx: StageContext) -> PPOInputs:
@@ -306,19 +307,25 @@ def build_engines(
             p.advantage_mode,
         )
     auto = [s.requested for s in frozen] + ([p.critic_scoring] if critic is not None else [])
+    auto += [placement.AUTO] if p.forward_micro_batch_size == 0 else []
     budget = ppo_frozen.placement_budget(ctx) if placement.AUTO in auto else 0
     ref, *rewards = ppo_frozen.build_frozen(ctx, frozen, ds, engines.model_dtype(actor), budget)
+    left = budget - placement.resident_bytes([ref, *rewards])
     critic_copy = None
     if critic is not None:
         how = ppo_frozen.critic_scoring(p.critic_scoring, critic, [ref, *rewards], budget)
         if how.placement == placement.MATERIALISE:  # LoRA kept as adapters: the engine's values
             critic_copy = PlainCopy(critic, p.gather_modules, merge_lora=False)
+            left -= placement.model_bytes(critic.module, engines.model_dtype(critic))
+    forward_rows = ppo_frozen.scoring_rows(ctx, sizes, actor, left)
     generator = make_backend(actor, tokenizer, p.gather_modules)
     log.info(
         "generation: the actor's weights materialised into a plain module each phase "
         "(pipeline/generation.py)"
     )
-    return PPOModels(actor, critic, ref, rewards, reward_pad_ids, generator, critic_copy)
+    return PPOModels(
+        actor, critic, ref, rewards, reward_pad_ids, generator, critic_copy, forward_rows
+    )
 
 
 class PromptOrder:

@@ -103,6 +103,27 @@ def test_make_resident_is_a_frozen_plain_module_in_the_dtype():
     assert "resident plain module" in placement.describe(m, "ref")
 
 
+# ---------------------------------------------------------------- scoring forward rows
+def test_auto_scores_all_rollout_rows_when_they_fit():
+    row = placement.forward_row_bytes(96, 8000)
+    assert row == 96 * 8000 * 4 * placement.LOGIT_COPIES
+    rows, why = placement.forward_rows(0, 16, 4, row, 100 * row)
+    assert rows == 16 and why.startswith("auto: all 16 rollout rows of a rank")
+
+
+def test_auto_takes_what_fits_but_never_less_than_the_micro_batch():
+    row = 1000
+    assert placement.forward_rows(0, 16, 4, row, 9 * row + 999)[0] == 9
+    rows, why = placement.forward_rows(0, 16, 4, row, 2 * row)
+    assert rows == 4 and "the training micro-batch; 2 rows fit" in why
+    assert placement.forward_rows(0, 16, 4, row, -5)[0] == 4  # resident models took it all
+
+
+def test_a_given_forward_micro_batch_is_kept():
+    rows, why = placement.forward_rows(3, 16, 4, 1000, 10**12)
+    assert rows == 3 and "asked by ppo.forward_micro_batch_size" in why
+
+
 # ---------------------------------------------------------------- options
 def test_defaults_leave_the_numbers_as_they_were():
     p = PPOConfig()

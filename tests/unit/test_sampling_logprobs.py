@@ -60,6 +60,7 @@ def _trainer(model, params: SamplingParams) -> PPOTrainer:
     )
     trainer.p = SimpleNamespace(micro_batch_size_per_gpu=3, forward_micro_batch_size=0)
     trainer.sizes = SimpleNamespace(micro_batch_size_per_gpu=3)
+    trainer.forward_rows = 0  # the training micro-batch
     trainer.sampling = params
     trainer.generator = _PlainGenerator(model, trainer.tokenizer)
     return trainer

@@ -170,6 +170,7 @@ def _scoring_trainer(tok, reward_tok, reward, same_tokenizer: bool) -> PPOTraine
         score_norm="none",
     )
     trainer.sizes = SimpleNamespace(micro_batch_size_per_gpu=2)
+    trainer.forward_rows = 0  # the training micro-batch
     trainer.cfg = SimpleNamespace(data=SimpleNamespace(max_prompt_len=24, max_response_len=24))
     trainer.sampling = SimpleNamespace(temperature=1.0, min_new_tokens=0, max_new_tokens=24)
     trainer.ref, trainer.critic, trainer.rewards, trainer.reward_fn = (
