@@ -221,6 +221,9 @@ def main(argv=None) -> dict | None:
         logging_steps=1,
         disable_tqdm=True,
         per_device_eval_batch_size=1,
+        # accelerate's PartialState without a device backend treats a DeepSpeed launch on the CPU
+        # as one process (backend None -> num_processes 1) although DeepSpeed joined 2 ranks
+        ddp_backend="gloo",
     )
     # after PPOConfig (it registers the ZeRO-3 config): models are built partitioned (zero.Init)
     tok = AutoTokenizer.from_pretrained(paths["policy"])
@@ -296,6 +299,16 @@ def main(argv=None) -> dict | None:
     )
     holder["model"] = trainer.model
     acc = trainer.accelerator
+
+    def partitioned(module) -> bool:  # every parameter a ZeRO-3 partition
+        return all(hasattr(q, "ds_id") for q in module.parameters())
+
+    zero3 = {
+        "policy+value engine": partitioned(trainer.model.module),
+        "ref engine": partitioned(trainer.ref_model.module),
+        "reward engine": partitioned(trainer.reward_model.module),
+    }
+    assert all(zero3.values()), zero3
     trainer.train()
 
     walls = [b - a for a, b in zip(timer.ends, timer.ends[1:])]
@@ -306,6 +319,9 @@ def main(argv=None) -> dict | None:
                 "generation": mk["gen_end"] - mk["gen_start"],
                 "scoring": mk["train_start"] - mk["gen_end"],
                 "training": timer.ends[i + 1] - mk["train_start"],
+                # from the previous step's end to generation: TRL's del / empty_cache /
+                # gc.collect after on_step_end and the next dataloader batch
+                "other": mk["gen_start"] - timer.ends[i],
             }
         )
     opt_steps = [b - a for a, b in zip([0] + timer.global_steps, timer.global_steps)]
@@ -323,7 +339,7 @@ def main(argv=None) -> dict | None:
     s_per_step = slowest(lambda r: r["walls"])
     phase_s = {
         k: median(slowest(lambda r, k=k: [p[k] for p in r["phases"]]))
-        for k in ("generation", "scoring", "training")
+        for k in ("generation", "scoring", "training", "other")
     }
     total_checks = {k: sum(r["checks"][k] for r in everyone) for k in checks}
     assert total_checks["short_rows"] == 0, total_checks
@@ -340,6 +356,7 @@ def main(argv=None) -> dict | None:
         "warmup_s": [max(r["walls"][i] for r in everyone) for i in range(w.warmup)],
         "optimizer_steps_per_ppo_step": everyone[0]["opt_steps"],
         "response_checks": total_checks,
+        "zero3_partitioned": zero3,
         "trl_options": {
             "per_device_train_batch_size": per_device,
             "gradient_accumulation_steps": ga,
