@@ -234,7 +234,11 @@ def main(argv=None) -> dict | None:
     prompts = [json.loads(x)["prompt"] for x in Path(paths["prompts"]).read_text().splitlines()]
     ids = [tok(p)["input_ids"] for p in prompts]
     assert all(len(x) == w.prompt_len for x in ids), {len(x) for x in ids}
-    dataset = Dataset.from_dict({"input_ids": ids})
+    # copies of the prompts, one more than the steps run: accelerate's Accelerator (built by TRL
+    # with only gradient_accumulation_steps, so sync_with_dataloader=True) forces a gradient sync,
+    # i.e. a DeepSpeed optimizer step, on every micro-batch of a dataloader's last batch; with a
+    # one-batch epoch every PPO step would be a last batch and take M / m times too many steps.
+    dataset = Dataset.from_dict({"input_ids": ids * (steps + 1)})
 
     # ---- cheap phase timing: wrap names the trainer's module looks up at call time
     marks: list[dict] = []
