@@ -7,24 +7,26 @@ deepspeed, accelerate and datasets are used as they are):
 
     cd /work/wt-trl10
     # tiny workload (bench.py --smoke's: 2 layers, width 64, vocab 512, 4 prompts of 8 tokens, 8 new)
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD taskset -c 1 /work/trlenv/bin/accelerate launch \
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD taskset -c 1 /work/trlenv/bin/python -m accelerate.commands.launch \
         --config_file scripts/trl/accelerate_zero3.yaml --num_processes 2 \
         scripts/bench_trl.py --smoke --threads 1
-    OMP_NUM_THREADS=2 PYTHONPATH=$PWD taskset -c 1 /work/trlenv/bin/accelerate launch \
+    OMP_NUM_THREADS=2 PYTHONPATH=$PWD taskset -c 1 /work/trlenv/bin/python -m accelerate.commands.launch \
         --config_file scripts/trl/accelerate_zero3.yaml --num_processes 1 \
         scripts/bench_trl.py --smoke --threads 2
     # full workload (bench.py's), 2 processes x 1 thread and 1 process x 2 threads
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD taskset -c 1 /work/trlenv/bin/accelerate launch \
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD taskset -c 1 /work/trlenv/bin/python -m accelerate.commands.launch \
         --config_file scripts/trl/accelerate_zero3.yaml --num_processes 2 \
         scripts/bench_trl.py --threads 1 --json trl_2x1.json
-    OMP_NUM_THREADS=2 PYTHONPATH=$PWD taskset -c 1 /work/trlenv/bin/accelerate launch \
+    OMP_NUM_THREADS=2 PYTHONPATH=$PWD taskset -c 1 /work/trlenv/bin/python -m accelerate.commands.launch \
         --config_file scripts/trl/accelerate_zero3.yaml --num_processes 1 \
         scripts/bench_trl.py --threads 2 --json trl_1x2.json
 
-(`taskset -c 1` pins everything to one core of this shared machine; drop it, or give `-c 0,1`,
-to use both cores.) Rank 0 prints one JSON line at the end (and writes it to --json PATH):
+(The venv has no `accelerate` executable of its own -- accelerate comes from the system site
+packages -- so the launcher is run as a module of the venv's python, which makes the workers
+the venv's python too. `taskset -c 1` pins everything to one core of this shared machine; drop
+it, or give `-c 0,1`, to use both cores.) Rank 0 prints one JSON line at the end (and writes it to --json PATH):
 s_per_step (each step as long as its slowest rank), median, per-phase medians (generation /
-scoring / training), optimizer steps per PPO step, response-length checks, versions, the
+scoring / training / other), optimizer steps per PPO step, response-length checks, versions, the
 workload and TRL's options.
 
 The models: launch/bench.py's `write_fixtures` (imported, not copied) writes the word-level
@@ -93,6 +95,13 @@ at once in training):
     2 ranks x 1 thread / 1 rank x 2        accelerate launch --num_processes 2 / 1, OMP_NUM_THREADS
       threads                                and torch.set_num_threads(--threads) in every process;
                                            DeepSpeed's CPU accelerator picks gloo (no oneCCL here)
+    the same 16 prompts every iteration    train_dataset = the 16 prompts repeated warmup +
+                                           repeats + 1 times; TRL's DataLoader shuffles
+                                           (shuffle=True is hard-coded), so a step's rows are
+                                           drawn from copies of our prompts: every row is 32
+                                           tokens, so the compute is the same, but a step's
+                                           prompt set differs from ours (a prompt may appear
+                                           twice in a step). Why the copies: see the problems.
     other                                  num_sample_generations=0 (TRL's debug sample
                                            generations off), report_to none, save_strategy no,
                                            logging_steps=1, disable_tqdm
@@ -131,6 +140,23 @@ Problems met on CPU + ZeRO-3 and how they are solved (documented options only):
   - PPOConfig's bf16=True default: bf16=False (and the DeepSpeed file disables bf16 / fp16).
   - PPOConfig's gradient_checkpointing=True default: gradient_checkpointing=False.
   - num_sample_generations (default 10) would run extra generations: 0.
+  - accelerate counted a DeepSpeed launch on the CPU as ONE process: TrainingArguments builds the
+    first PartialState without a backend, DeepSpeed then joins both ranks (gloo) but accelerate,
+    its backend being None, sets num_processes = 1 (so TRL's world_size, batch sizes and metric
+    gathers were wrong: "ProcessGroupGloo::allgather: invalid output tensor list"). Fixed with
+    ddp_backend="gloo" (TrainingArguments), which accelerate passes on.
+  - "train_batch_size": "auto" in the DeepSpeed file was filled as per_device * GA (without the
+    world size) and failed DeepSpeed's batch assertion on 2 ranks; the key is left out, so
+    DeepSpeed computes it from the micro-batch size, GA (both "auto") and the world size.
+  - With gradient_accumulation_steps > 1 (the 1-rank run) and a one-batch epoch, accelerate's
+    sync_with_dataloader (on by default; TRL builds its Accelerator with only
+    gradient_accumulation_steps, so TrainingArguments' accelerator_config cannot turn it off)
+    made every micro-batch a gradient-accumulation boundary: 4 optimizer steps of 4 rows per PPO
+    step instead of 2 of 8. Fixed by the dataset copies above (no measured step is a dataloader's
+    last batch); the script reports the engine's optimizer steps per PPO step (must be 2).
+  - TRL's per-step training statistics (ratio, clipfrac, ...) are indexed by (mini-batch,
+    gradient-accumulation index) and assume GA micro-batches per mini-batch; with this mapping
+    only index 0 is filled when GA = 2, so e.g. val/ratio logs 0.5 on 1 rank. Logging only.
 """
 
 from __future__ import annotations
@@ -142,6 +168,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -333,6 +360,7 @@ def main(argv=None) -> dict | None:
     from accelerate.utils import gather_object
 
     everyone = gather_object([mine])
+    shutil.rmtree(folder, ignore_errors=True)
     if not acc.is_main_process:
         return None
 
