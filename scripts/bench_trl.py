@@ -65,7 +65,10 @@ at once in training):
                                            per_device_train_batch_size = R / GA (8 on both rank
                                            counts) only sizes the rollout; TRL's micro loop
                                            slices the m-row mini-batch with it, so training
-                                           forwards are m = 4 rows.
+                                           forwards are m = 4 rows. (accelerate fills the
+                                           DeepSpeed train_micro_batch_size_per_gpu "auto" from
+                                           the dataloader's R rows; DeepSpeed does not slice
+                                           batches, the value is bookkeeping; its GA is M / m.)
     one PPO epoch                          num_ppo_epochs=1
     generation: all R prompts of a rank    local_rollout_forward_batch_size = R: generation in
       at once; pi_old, ref, critic,          one batch of R rows a rank, as ours; TRL uses the same
@@ -340,6 +343,20 @@ def main(argv=None) -> dict | None:
         "reward engine": partitioned(trainer.reward_model.module),
     }
     assert all(zero3.values()), zero3
+    engine = trainer.model  # the policy+value DeepSpeedEngine
+    setup = {
+        "zero_stage": engine.zero_optimization_stage(),
+        "param_dtype": str(next(engine.module.parameters()).dtype),
+        "ds_train_batch_size": engine.train_batch_size(),
+        "ds_micro_batch_per_rank": engine.train_micro_batch_size_per_gpu(),
+        "ds_gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+        "ds_gradient_clipping": engine.gradient_clipping(),
+        "optimizer": type(engine.optimizer).__name__
+        + f"({type(getattr(engine.optimizer, 'optimizer', None)).__name__})",
+        "gradient_checkpointing": bool(engine.module.policy.is_gradient_checkpointing),
+        "dist_backend": torch.distributed.get_backend(),
+        "world_size": torch.distributed.get_world_size(),
+    }
     trainer.train()
 
     walls = [b - a for a, b in zip(timer.ends, timer.ends[1:])]
@@ -389,6 +406,7 @@ def main(argv=None) -> dict | None:
         "optimizer_steps_per_ppo_step": everyone[0]["opt_steps"],
         "response_checks": total_checks,
         "zero3_partitioned": zero3,
+        "setup": setup,
         "trl_options": {
             "per_device_train_batch_size": per_device,
             "gradient_accumulation_steps": ga,
