@@ -5,26 +5,26 @@ Run from the repository root with the TRL venv (python -m venv --system-site-pac
 && /work/trlenv/bin/pip install --no-deps "trl==1.12.*"; the system's torch, transformers,
 deepspeed, accelerate and datasets are used as they are):
 
-    cd /work/wt-trl10
-    # tiny workload (bench.py --smoke's: 2 layers, width 64, vocab 512, 4 prompts of 8 tokens, 8 new)
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD taskset -c 1 /work/trlenv/bin/python -m accelerate.commands.launch \
+    # TRL=/work/trlenv/bin/python; from the repository root:
+    # tiny workload (bench.py --smoke's: 2 layers, width 64, vocab 512, 4 prompts, 8 new tokens)
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD $TRL -m accelerate.commands.launch \
         --config_file scripts/trl/accelerate_zero3.yaml --num_processes 2 \
         scripts/bench_trl.py --smoke --threads 1
-    OMP_NUM_THREADS=2 PYTHONPATH=$PWD taskset -c 1 /work/trlenv/bin/python -m accelerate.commands.launch \
+    OMP_NUM_THREADS=2 PYTHONPATH=$PWD $TRL -m accelerate.commands.launch \
         --config_file scripts/trl/accelerate_zero3.yaml --num_processes 1 \
         scripts/bench_trl.py --smoke --threads 2
     # full workload (bench.py's), 2 processes x 1 thread and 1 process x 2 threads
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD taskset -c 1 /work/trlenv/bin/python -m accelerate.commands.launch \
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD $TRL -m accelerate.commands.launch \
         --config_file scripts/trl/accelerate_zero3.yaml --num_processes 2 \
         scripts/bench_trl.py --threads 1 --json trl_2x1.json
-    OMP_NUM_THREADS=2 PYTHONPATH=$PWD taskset -c 1 /work/trlenv/bin/python -m accelerate.commands.launch \
+    OMP_NUM_THREADS=2 PYTHONPATH=$PWD $TRL -m accelerate.commands.launch \
         --config_file scripts/trl/accelerate_zero3.yaml --num_processes 1 \
         scripts/bench_trl.py --threads 2 --json trl_1x2.json
 
 (The venv has no `accelerate` executable of its own -- accelerate comes from the system site
 packages -- so the launcher is run as a module of the venv's python, which makes the workers
-the venv's python too. `taskset -c 1` pins everything to one core of this shared machine; drop
-it, or give `-c 0,1`, to use both cores.) Rank 0 prints one JSON line at the end (and writes it to --json PATH):
+the venv's python too. Prefix `taskset -c 1` to pin everything to one core.) Rank 0 prints one
+JSON line at the end (and writes it to --json PATH):
 s_per_step (each step as long as its slowest rank), median, per-phase medians (generation /
 scoring / training / other), optimizer steps per PPO step, response-length checks, versions, the
 workload and TRL's options.
@@ -188,7 +188,9 @@ sys.path.insert(0, str(ROOT / "launch"))
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="bench.py's tiny SMOKE workload")
-    p.add_argument("--threads", type=int, help="torch threads per process (default: OMP_NUM_THREADS or 1)")
+    p.add_argument(
+        "--threads", type=int, help="torch threads per process (default: OMP_NUM_THREADS or 1)"
+    )
     p.add_argument("--warmup", type=int, default=1, help="unmeasured PPO steps first (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="measured PPO steps (default 3)")
     p.add_argument("--json", metavar="PATH", help="also write the result to this file (rank 0)")
@@ -424,8 +426,11 @@ def main(argv=None) -> dict | None:
             p: importlib.metadata.version(p)
             for p in ("trl", "torch", "transformers", "deepspeed", "accelerate")
         },
-        "machine": {"platform": platform.platform(), "cores": os.cpu_count(),
-                    "affinity": sorted(os.sched_getaffinity(0))},
+        "machine": {
+            "platform": platform.platform(),
+            "cores": os.cpu_count(),
+            "affinity": sorted(os.sched_getaffinity(0)),
+        },
     }
     line = json.dumps(out)
     print(line, flush=True)
