@@ -5,9 +5,11 @@ All compared figures come from one run. The real figures go through the real sta
 built from model folders written here); each "floor" is the same work in plain PyTorch (no
 DeepSpeed), the faster of two runs: one process on rank 0 with the threads of all local ranks
 (the other ranks wait at a barrier), and every rank on its share with its own threads, gradients
-averaged over ranks (data parallel); both are reported. Timings are medians over `repeats` calls
-after `warmup` calls; where every rank works,
-each call counts as long as its slowest rank. Rank 0 prints a markdown table and writes `--json`.
+averaged over ranks (data parallel); both are reported. The real iteration and the two floors'
+are taken in turn (real, one process, data parallel, real, ...), so that a drift of the machine's
+speed falls on all three alike. Timings are medians over `repeats` calls after `warmup` calls;
+where every rank works, each call counts as long as its slowest rank. Rank 0 prints a markdown
+table and writes `--json`.
 
 Here: the workload as folders, the real stage's measurement, the report and the command line. The
 pure parts (workload shape, FLOPs, targets, table, JSON) are in bench_lib.py; the measuring
@@ -46,11 +48,14 @@ from pipeline.stages.ppo import PPOTrainer
 from bench_floor import (
     combined_floor,
     data_parallel_floor,
-    floors,
+    floor_figures,
     full_length,
     held_bytes,
+    interleaved,
     materialised_bytes,
+    matmul_flops,
     on_rank0,
+    one_process_floor,
     per_rank,
     placement_of,
     slowest,
@@ -135,7 +140,7 @@ def build_trainer(
         "ppo.mini_batch_size": w.mini_batch,
         "ppo.num_ppo_epochs": 1,
         "ppo.micro_batch_size_per_gpu": max(1, min(w.micro_batch, w.mini_batch // d.world_size)),
-        "ppo.num_iterations": w.warmup + w.repeats,
+        "ppo.num_iterations": 2 * w.warmup + w.repeats,
         "ppo.min_new_tokens": w.new_tokens,
         "ppo.max_new_tokens": w.new_tokens,
         "data.max_prompt_len": w.prompt_len,
@@ -158,22 +163,31 @@ def build_trainer(
     return PPOTrainer(StageContext(cfg, d, folder / "run" / "ppo", inputs))
 
 
-def measure(trainer, w: Workload, d) -> dict[str, Any]:
-    """Real iterations, then naive and hybrid generation of this rank's prompts; per-rank memory."""
+def real_iteration(trainer, w: Workload, d):
+    """One real PPO iteration on this rank's prompts, as a call, and the metrics it appends to."""
+    n = trainer.sizes.rollout_per_rank
+    batch, metrics = trainer.prompts[d.rank * n : (d.rank + 1) * n], []
+
+    def call() -> None:
+        metrics.append(trainer.iteration(len(metrics) + 1, batch))
+        if metrics[-1]["rollout/response_length_mean"] != w.new_tokens:
+            raise RuntimeError(
+                f"responses ended early: {metrics[-1]['rollout/response_length_mean']} tokens"
+            )
+
+    return call, metrics
+
+
+def generation_and_memory(trainer, w: Workload, d) -> dict[str, Any]:
+    """Naive and hybrid generation of this rank's prompts; per-rank memory (after the real
+    stage's warm-up iterations, before any floor model exists)."""
     n, tok, gen, params = (
         trainer.sizes.rollout_per_rank,
         trainer.tokenizer,
         trainer.generator,
         trainer.sampling,
     )
-    batch, metrics, held = trainer.prompts[d.rank * n : (d.rank + 1) * n], [], {}
-
-    def iteration() -> None:
-        metrics.append(trainer.iteration(len(metrics) + 1, batch))
-        if metrics[-1]["rollout/response_length_mean"] != w.new_tokens:
-            raise RuntimeError(
-                f"responses ended early: {metrics[-1]['rollout/response_length_mean']} tokens"
-            )
+    batch, held = trainer.prompts[d.rank * n : (d.rank + 1) * n], {}
 
     def hybrid() -> None:  # the materialised copy's bytes inside the phase, and left after it
         with gen.generation_mode():
@@ -181,14 +195,7 @@ def measure(trainer, w: Workload, d) -> dict[str, Any]:
             held["inside"] = materialised_bytes(gen.model)
         held["after"] = materialised_bytes(gen.model)
 
-    walls = timed(iteration, w.warmup, w.repeats)
-    runs = metrics[w.warmup :]
-    out = {
-        "iteration_s": slowest(walls, d),
-        "phases_s": {
-            k[5:]: slowest([r[k] for r in runs], d) for k in runs[0] if k.startswith("time/")
-        },
-    }
+    out: dict[str, Any] = {}
     prompts = data.collate_prompts(batch, tok.pad_token_id)
     ids, mask = (
         prompts["input_ids"].to(collectives.device()),
@@ -230,6 +237,32 @@ def measure(trainer, w: Workload, d) -> dict[str, Any]:
     out["placements"] = {name: placement_of(m) for name, m in frozen}
     out["critic_scoring"] = "zero3" if trainer.critic_copy is None else "materialise"
     return out
+
+
+def measure(paths: dict[str, str], trainer, w: Workload, d, threads: int) -> tuple[dict, dict]:
+    """(real, floor): the real stage's warm-up iterations, its generation and memory figures,
+    then real iterations, one-process floor iterations (rank 0 with `threads`) and data-parallel
+    floor iterations taken in turn (`interleaved`)."""
+    real_call, metrics = real_iteration(trainer, w, d)
+    for _ in range(w.warmup):
+        real_call()
+    real = generation_and_memory(trainer, w, d)
+    flops = collectives.broadcast_object(on_rank0(lambda: matmul_flops(w), d, threads))
+    one_call, one_phases = one_process_floor(paths, trainer, w, d, threads)
+    dp_call, dp_phases = data_parallel_floor(paths, trainer, w, d)
+    walls = interleaved(
+        {"real": real_call, "one process": one_call, "data parallel": dp_call},
+        w.warmup,
+        w.repeats,
+    )
+    runs = metrics[2 * w.warmup :]  # the warm-ups before the memory figures and in the turns
+    real["iteration_s"] = slowest(walls["real"], d)
+    real["phases_s"] = {
+        k[5:]: slowest([r[k] for r in runs], d) for k in runs[0] if k.startswith("time/")
+    }
+    one = floor_figures(walls["one process"], one_phases, w.warmup, d, one=True)
+    dp = floor_figures(walls["data parallel"], dp_phases, w.warmup, d, one=False)
+    return real, combined_floor(one, dp, flops)
 
 
 # ---------------------------------------------------------------- report and entry point
@@ -394,10 +427,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     try:
         paths = collectives.broadcast_object(write_fixtures(folder, w) if d.is_main else None)
         trainer = build_trainer(folder, paths, w, d, args.placement, args.critic_scoring)
-        real = measure(trainer, w, d)
-        one = on_rank0(lambda: floors(paths, trainer, w), d, threads * d.local_world_size)
-        one = collectives.broadcast_object(one)
-        floor = combined_floor(one, data_parallel_floor(paths, trainer, w, d))
+        real, floor = measure(paths, trainer, w, d, threads * d.local_world_size)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -64,6 +64,24 @@ def timed(fn: Callable[[], Any], warmup: int, repeats: int, sync: bool = True) -
     return out
 
 
+def interleaved(
+    calls: dict[str, Callable[[], Any]], warmup: int, repeats: int
+) -> dict[str, list[float]]:
+    """Wall seconds of each of `calls`, taken in turn (a, b, c, a, b, c, ...) `warmup` unmeasured
+    then `repeats` measured times, ranks starting each call together: a drift of the machine's
+    speed (this project's host moves by a third within minutes) falls on all of them alike instead
+    of on whichever ran last."""
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(warmup + repeats):
+        for name, fn in calls.items():
+            collectives.barrier()
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                out[name].append(time.perf_counter() - start)
+    return out
+
+
 def per_rank(values: Sequence[float], d) -> list[list[float]]:
     """Every rank's `values` (same length everywhere), indexed [rank][i]."""
     box = torch.zeros(d.world_size, len(values), dtype=torch.float64)
@@ -217,30 +235,34 @@ def plain_models(paths: dict[str, str], p) -> dict[str, Any]:
     return m
 
 
-def floors(paths: dict[str, str], trainer, w: Workload) -> dict[str, Any]:
-    """Rank 0 (under `on_rank0`): matmul FLOP/s, and plain iterations of the whole batch in one
-    process (their sampling is this floor's generation) on unpartitioned models."""
+def matmul_flops(w: Workload) -> float:
+    """The machine's fp32 matmul FLOP/s with this process's threads (median of `repeats`)."""
     a, b = torch.randn(w.matmul_n, w.matmul_n), torch.randn(w.matmul_n, w.matmul_n)
-    matmul_s = median(timed(lambda: torch.mm(a, b), 1, w.repeats, sync=False))
+    return 2 * w.matmul_n**3 / median(timed(lambda: torch.mm(a, b), 1, w.repeats, sync=False))
+
+
+def one_process_floor(paths: dict[str, str], trainer, w: Workload, d, threads: int):
+    """Plain iterations of the whole batch in one process: rank 0 with `threads` threads (the
+    other ranks wait at a barrier), on unpartitioned models. Returns the call (one iteration;
+    its sampling is this floor's generation) and the per-call phase seconds it appends to (rank
+    0's; empty elsewhere)."""
     p, tok, batch = trainer.p, trainer.tokenizer, trainer.prompts[: w.prompts]
-    m = plain_models(paths, p)
+    m = on_rank0(lambda: plain_models(paths, p), d, threads)
     phases: list[dict] = []
-    walls = timed(
-        lambda: phases.append(
-            plain_iteration(
-                m, tok, batch, p, trainer.sampling, w, len(phases), micro=micro_rows(trainer)
-            )
-        ),
-        w.warmup,
-        w.repeats,
-        sync=False,
-    )
-    runs = phases[w.warmup :]
-    return {
-        "matmul_flops": 2 * w.matmul_n**3 / matmul_s,
-        "iteration_s": median(walls),
-        "phases_s": {k: median([r[k] for r in runs]) for k in runs[0]},
-    }
+
+    def call() -> None:
+        step = len(phases)
+        on_rank0(
+            lambda: phases.append(
+                plain_iteration(
+                    m, tok, batch, p, trainer.sampling, w, step, micro=micro_rows(trainer)
+                )
+            ),
+            d,
+            threads,
+        )
+
+    return call, phases
 
 
 def average_gradients(model: torch.nn.Module, world: int) -> None:
@@ -251,17 +273,19 @@ def average_gradients(model: torch.nn.Module, world: int) -> None:
         g.copy_(part.view_as(g))
 
 
-def data_parallel_floor(paths: dict[str, str], trainer, w: Workload, d) -> dict[str, Any]:
+def data_parallel_floor(paths: dict[str, str], trainer, w: Workload, d):
     """Every rank (its own threads): plain iterations of its share of the batch on unpartitioned
     models, each optimizer step on its share of the mini-batch with gradients averaged over ranks
-    (DDP's work, without DDP's overlap). Each call counts as long as its slowest rank."""
+    (DDP's work, without DDP's overlap). Returns the call and the per-call phase seconds it
+    appends to (this rank's)."""
     p, tok, n = trainer.p, trainer.tokenizer, w.prompts // d.world_size
     batch = trainer.prompts[d.rank * n : (d.rank + 1) * n]
     m = plain_models(paths, p)
     phases: list[dict] = []
     mini, world = p.mini_batch_size // d.world_size, d.world_size
-    walls = timed(
-        lambda: phases.append(
+
+    def call() -> None:
+        phases.append(
             plain_iteration(
                 m,
                 tok,
@@ -274,23 +298,37 @@ def data_parallel_floor(paths: dict[str, str], trainer, w: Workload, d) -> dict[
                 lambda model: average_gradients(model, world),
                 micro_rows(trainer),
             )
-        ),
-        w.warmup,
-        w.repeats,
-    )
-    runs = phases[w.warmup :]
+        )
+
+    return call, phases
+
+
+def floor_figures(walls: list[float], phases: list[dict], warmup: int, d, one: bool) -> dict:
+    """A floor's median iteration and phase seconds from its interleaved calls: rank 0's for the
+    one-process floor (`one`), else each call's slowest rank."""
+    runs = phases[warmup:]
+    if one:
+        return collectives.broadcast_object(
+            {
+                "iteration_s": median(walls),
+                "phases_s": {k: median([r[k] for r in runs]) for k in runs[0]},
+            }
+            if d.is_main
+            else None
+        )
     return {
         "iteration_s": slowest(walls, d),
         "phases_s": {k: slowest([r[k] for r in runs], d) for k in runs[0]},
     }
 
 
-def combined_floor(one: dict, dp: dict) -> dict[str, Any]:
-    """The floor: per figure, the faster of the one-process and the data-parallel plain runs."""
+def combined_floor(one: dict, dp: dict, flops: float) -> dict[str, Any]:
+    """The floor: per figure, the faster of the one-process and the data-parallel plain runs;
+    `flops` the machine's matmul FLOP/s."""
     return {
         "iteration_s": min(one["iteration_s"], dp["iteration_s"]),
         "phases_s": {k: min(v, dp["phases_s"][k]) for k, v in one["phases_s"].items()},
-        "matmul_flops": one["matmul_flops"],
+        "matmul_flops": flops,
         "one_process": one,
         "data_parallel": dp,
     }
