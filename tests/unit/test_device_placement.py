@@ -72,11 +72,11 @@ ALLOWED = {  # (module, function): why its factory calls never meet a device ten
     ): "benchmark figures (Python floats) summed by all_reduce_sum",
     (
         "launch/bench_floor.py",
-        "plain_iteration",
+        "_plain_iteration",
     ): "the single-process floor: mini-batch order from a CPU generator",
     (
         "launch/bench_floor.py",
-        "floors",
+        "matmul_flops",
     ): "the single-process CPU floor: the machine's CPU matmul speed, on purpose",
 }
 
