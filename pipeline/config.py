@@ -187,7 +187,8 @@ class PPOConfig:
     gather_modules: int = 0
     # rows per rank per scoring forward of the rollout (pi_old, reference, reward models, critic
     # values); not used in training. 0 (auto): as many of a rank's rollout rows as what the
-    # resident models leave of the memory plan's budget holds, at least the training micro-batch
+    # resident models and plain copies leave of the memory plan's budget holds, at least the
+    # training micro-batch
     forward_micro_batch_size: int = 0
     # where the frozen reference model lives: resident (a plain copy on the device, built once),
     # offload (a ZeRO-3 inference engine, parameters offloaded as ds_inference_config says) or

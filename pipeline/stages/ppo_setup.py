@@ -310,7 +310,9 @@ def build_engines(
     auto += [placement.AUTO] if p.forward_micro_batch_size == 0 else []
     budget = ppo_frozen.placement_budget(ctx) if placement.AUTO in auto else 0
     ref, *rewards = ppo_frozen.build_frozen(ctx, frozen, ds, engines.model_dtype(actor), budget)
+    # pi_old's forwards run beside the actor's materialised copy (generation.py)
     left = budget - placement.resident_bytes([ref, *rewards])
+    left -= placement.model_bytes(actor.module, engines.model_dtype(actor))
     critic_copy = None
     if critic is not None:
         how = ppo_frozen.critic_scoring(p.critic_scoring, critic, [ref, *rewards], budget)
