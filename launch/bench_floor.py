@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from pipeline import data, estimators, ppo_math
+from pipeline import data, ppo_math
 from pipeline.distributed import collectives, engines
 from pipeline.generation import hf_generate, position_ids, response_mask
 from pipeline.models import (
@@ -25,6 +25,8 @@ from pipeline.models import (
     token_values,
 )
 from pipeline.monitoring import PhaseTimer
+from pipeline.stages import ppo_core
+from pipeline.stages.ppo_types import Experience
 
 from bench_lib import Workload, median
 
@@ -136,27 +138,32 @@ def plain_iteration(
     m: dict[str, Any],
     tok,
     batch: list[dict],
-    p,
+    cfg,
     params,
     w: Workload,
     seed: int,
     mini: int = 0,
-    reduce: Callable[[torch.nn.Module], None] | None = None,
+    data_parallel: bool = False,
     micro: int = 0,
 ) -> dict[str, float]:
-    """One PPO iteration without DeepSpeed on the whole batch, with the stage's math (`ppo_math`,
-    `estimators`): generate, score, KL-shaped rewards, GAE, whitening, `num_ppo_epochs` passes of
-    mini-batches (`mini` rows, default ppo.mini_batch_size) with AdamW on actor and critic, each
-    forward and backward on `micro` rows with the gradients accumulated as the stage does (0: the
-    whole mini-batch at once). PyTorch's own linear layers throughout (a plain process has no
-    zero.Init to replace them). Returns seconds per phase."""
+    """One PPO iteration without DeepSpeed, with the stage's own pure parts (`ppo_core`: rewards,
+    advantages of ppo.advantage_mode, the actor loss with ppo.loss_agg; `ppo_math`'s value loss):
+    generate, score, KL-shaped rewards, advantages, whitening, `num_ppo_epochs` passes of
+    mini-batches (`mini` rows a process, default ppo.mini_batch_size) with AdamW on actor and
+    critic, each forward and backward on `micro` rows with the gradients accumulated as the stage
+    does (0: the whole mini-batch at once). `data_parallel`: this process holds its share of the
+    batch, and token counts, whitening and gradients are summed over every rank as the stage's
+    are (collectives). PyTorch's own linear layers throughout (a plain process has no zero.Init to
+    replace them). Returns seconds per phase."""
     with engines.native_linear():
-        return _plain_iteration(m, tok, batch, p, params, w, seed, mini, reduce, micro)
+        return _plain_iteration(m, tok, batch, cfg, params, w, seed, mini, data_parallel, micro)
 
 
-def _plain_iteration(m, tok, batch, p, params, w, seed, mini, reduce, micro) -> dict[str, float]:
-    timer, prompts = PhaseTimer(), data.collate_prompts(batch, tok.pad_token_id)
+def _plain_iteration(m, tok, batch, cfg, params, w, seed, mini, dp, micro) -> dict[str, float]:
+    p, timer = cfg.ppo, PhaseTimer()
+    prompts = data.collate_prompts(batch, tok.pad_token_id)
     ids, mask, P = prompts["input_ids"], prompts["attention_mask"], prompts["input_ids"].shape[1]
+    total = collectives.all_reduce_sum if dp else (lambda x: x)
     with timer("generation"), torch.no_grad():
         torch.manual_seed(seed)
         with timer(
@@ -174,36 +181,40 @@ def _plain_iteration(m, tok, batch, p, params, w, seed, mini, reduce, micro) -> 
         old_lp = _logprobs(m["actor"], seq, full, pos, P, params, tok.eos_token_id)[1] * rmask
     with timer("scoring"), torch.no_grad():
         ref_lp = _logprobs(m["ref"], seq, full, pos, P, params, tok.eos_token_id)[1] * rmask
-        old_v = token_values(m["critic"], seq, full, pos)[:, P - 1 : -1] * rmask
+        values = token_values(m["critic"], seq, full, pos)
+        old_v, prompt_v = values[:, P - 1 : -1] * rmask, values[:, P - 1]
         index = score_index(seq, full, pooling_pad_id(m["reward"]))
         score = token_values(m["reward"], seq, full, pos).gather(1, index[:, None]).squeeze(1)
     with timer("advantages"):
-        kl = ppo_math.kl_estimate(old_lp, ref_lp, p.kl_estimator) * rmask
-        rewards = ppo_math.shape_rewards(score, kl, rmask, p.kl_coef, p.score_clip or None)
-        adv, ret = estimators.gae_advantages(rewards, old_v, rmask, p.gamma, p.lam)
-        adv = ppo_math.masked_whiten(adv, rmask)
+        exp = Experience(
+            seq, full, rmask, old_lp, P, [], ref_logprobs=ref_lp, old_values=old_v,
+            prompt_values=prompt_v, group_ids=torch.arange(len(seq), device=seq.device),
+        )  # fmt: skip
+        whiten = collectives.global_whiten if dp else ppo_math.masked_whiten
+        _, adv, ret = ppo_core.rewards_and_advantages(p, exp, score, p.kl_coef, 0.0, whiten)
     with timer("training"):
         g = torch.Generator().manual_seed(seed)
         for _ in range(p.num_ppo_epochs):
             for i in torch.randperm(len(seq), generator=g).split(mini or p.mini_batch_size):
-                n = rmask[i].sum()  # the mini-batch's tokens: micro-batch losses add up to its loss
+                n = total(rmask[i].sum().float()).clamp(min=1)  # the mini-batch's tokens
+                agg = ppo_core.loss_aggregation(p, n, cfg.data.max_response_len)
                 for name in ("actor", "critic"):
                     m[name + "_opt"].zero_grad(set_to_none=True)
                 for j in i.split(micro or len(i)):  # the stage's micro-batches (accumulated)
                     s, fm, rm, ps = seq[j], full[j], rmask[j], pos[j]
                     logits, lp = _logprobs(m["actor"], s, fm, ps, P, params, tok.eos_token_id)
-                    pg, _ = ppo_math.policy_loss(lp, old_lp[j], adv[j], rm, p.clip_eps, n)
-                    entropy = ppo_math.entropy_from_logits(logits)
-                    ent = ppo_math.masked_token_mean_global(entropy, rm, n)
+                    loss, _ = ppo_core.actor_loss(
+                        p, logits, lp, old_lp[j], adv[j], rm, agg, ref_lp[j], p.kl_coef
+                    )
                     values = token_values(m["critic"], s, fm, ps)[:, P - 1 : -1]
                     vl, _ = ppo_math.value_loss(
                         values, old_v[j], ret[j], rm, n, p.value_clip or None
                     )
-                    (pg - p.entropy_coef * ent).backward()
+                    loss.backward()
                     (p.vf_coef * vl).backward()
                 for name in ("actor", "critic"):
-                    if reduce is not None:
-                        reduce(m[name])
+                    if dp:
+                        sum_gradients(m[name])
                     if p.gradient_clipping:
                         torch.nn.utils.clip_grad_norm_(m[name].parameters(), p.gradient_clipping)
                     m[name + "_opt"].step()
@@ -255,7 +266,7 @@ def one_process_floor(paths: dict[str, str], trainer, w: Workload, d, threads: i
         on_rank0(
             lambda: phases.append(
                 plain_iteration(
-                    m, tok, batch, p, trainer.sampling, w, step, micro=micro_rows(trainer)
+                    m, tok, batch, trainer.cfg, trainer.sampling, w, step, micro=micro_rows(trainer)
                 )
             ),
             d,
@@ -265,24 +276,25 @@ def one_process_floor(paths: dict[str, str], trainer, w: Workload, d, threads: i
     return call, phases
 
 
-def average_gradients(model: torch.nn.Module, world: int) -> None:
-    """Data parallelism by hand: every gradient averaged over `world` ranks in one all-reduce."""
+def sum_gradients(model: torch.nn.Module) -> None:
+    """Data parallelism by hand: every gradient summed over the ranks in one all-reduce (the
+    losses are over the global mini-batch's counts, so the sum is the mini-batch's gradient)."""
     grads = [q.grad for q in model.parameters() if q.grad is not None]
-    flat = collectives.all_reduce_sum(torch.cat([g.flatten() for g in grads])) / world
+    flat = collectives.all_reduce_sum(torch.cat([g.flatten() for g in grads]))
     for g, part in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(part.view_as(g))
 
 
 def data_parallel_floor(paths: dict[str, str], trainer, w: Workload, d):
     """Every rank (its own threads): plain iterations of its share of the batch on unpartitioned
-    models, each optimizer step on its share of the mini-batch with gradients averaged over ranks
+    models, each optimizer step on its share of the mini-batch with gradients summed over ranks
     (DDP's work, without DDP's overlap). Returns the call and the per-call phase seconds it
     appends to (this rank's)."""
     p, tok, n = trainer.p, trainer.tokenizer, w.prompts // d.world_size
     batch = trainer.prompts[d.rank * n : (d.rank + 1) * n]
     m = plain_models(paths, p)
     phases: list[dict] = []
-    mini, world = p.mini_batch_size // d.world_size, d.world_size
+    mini = p.mini_batch_size // d.world_size
 
     def call() -> None:
         phases.append(
@@ -290,12 +302,12 @@ def data_parallel_floor(paths: dict[str, str], trainer, w: Workload, d):
                 m,
                 tok,
                 batch,
-                p,
+                trainer.cfg,
                 trainer.sampling,
                 w,
                 len(phases),
                 mini,
-                lambda model: average_gradients(model, world),
+                True,
                 micro_rows(trainer),
             )
         )

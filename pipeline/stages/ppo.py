@@ -36,7 +36,7 @@ from pipeline.errors import TrainingHalted
 from pipeline.generation import SamplingParams, position_ids, response_mask
 from pipeline.models import causal_lm_loss, token_values
 from pipeline.monitoring import PhaseTimer, progress
-from pipeline.stages import ppo_checkpoint, ppo_eval, ppo_reward, ppo_setup
+from pipeline.stages import ppo_checkpoint, ppo_core, ppo_eval, ppo_reward, ppo_setup
 from pipeline.stages.common import StageContext
 from pipeline.stages.ppo_setup import PromptOrder
 from pipeline.stages.ppo_types import Experience, UpdateStats
@@ -188,8 +188,7 @@ class PPOTrainer:
     # ------------------------------------------------------------ 3. rewards and advantages
     @torch.no_grad()
     def advantages(self, exp: Experience) -> Experience:
-        p, m = self.p, exp.response_mask
-        scores = exp.scores
+        p, scores = self.p, exp.scores
         if p.score_norm == "running":
             all_scores = collectives.all_reduce_sum(
                 torch.zeros(self.d.world_size, len(scores), device=scores.device).index_copy(
@@ -198,17 +197,9 @@ class PPOTrainer:
             )
             self.score_moments.update(all_scores.flatten())
             scores = (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-6)
-        kl = ppo_math.kl_estimate(exp.old_logprobs, exp.ref_logprobs, p.kl_estimator) * m
-        beta = self.kl_ctl.value if p.kl_penalty == "reward" else 0.0  # else in the actor loss
-        rewards = ppo_math.shape_rewards(
-            scores, kl, m, beta, p.score_clip or None, exp.ref_logprobs, self.ref_nll.value
-        )
-        inputs = estimators.AdvantageInputs(
-            rewards, m, exp.old_values, exp.prompt_values, exp.group_ids, p.gamma, p.lam
-        )
         # A group lives on one rank (generate), so group baselines are local; whitening is global.
-        adv, ret = estimators.estimate_advantages(
-            p.advantage_mode, inputs, p.whiten_advantages, _global_whiten
+        rewards, adv, ret = ppo_core.rewards_and_advantages(
+            p, exp, scores, self.kl_ctl.value, self.ref_nll.value, _global_whiten
         )
         return dataclasses.replace(exp, rewards=rewards, advantages=adv, returns=ret)
 
@@ -251,13 +242,7 @@ class PPOTrainer:
         p, w, world = self.p, exp.prompt_width, self.d.world_size
         mb_mask = exp.response_mask[idx]
         num_tokens = collectives.all_reduce_sum(mb_mask.sum().float()).clamp(min=1)
-        # Global denominators of ppo.loss_agg (so micro-batches and ranks add up to the mini-batch).
-        agg = {
-            "num_tokens": num_tokens,
-            "agg_mode": p.loss_agg,
-            "num_seqs": float(p.mini_batch_size),
-            "norm_const": float(self.cfg.data.max_response_len),
-        }
+        agg = ppo_core.loss_aggregation(p, num_tokens, self.cfg.data.max_response_len)
         stats = UpdateStats.tracking(
             critic=self.critic is not None,
             kl_loss=p.kl_penalty == "loss",
@@ -272,24 +257,19 @@ class PPOTrainer:
             seq, mask, m = exp.sequences[rows], exp.attention_mask[rows], exp.response_mask[rows]
             share = m.sum() / num_tokens  # this micro-batch's share of the global mini-batch tokens
             logits, logprobs = self._logits_logprobs(self.actor, seq, mask, w)
-            pg_loss, pg_stats = ppo_math.policy_loss(
+            actor_loss, parts = ppo_core.actor_loss(
+                p,
+                logits,
                 logprobs,
                 exp.old_logprobs[rows],
                 exp.advantages[rows],
                 m,
-                p.clip_eps_low or p.clip_eps,
-                clip_eps_high=p.clip_eps_high or p.clip_eps,
-                dual_clip=p.dual_clip,
-                **agg,
+                agg,
+                exp.ref_logprobs[rows],
+                self.kl_ctl.value,
             )
-            ent = ppo_math.aggregate_loss(ppo_math.entropy_from_logits(logits), m, **agg)
-            actor_loss = pg_loss - p.entropy_coef * ent
-            if p.kl_penalty == "loss":  # GRPO: beta x KL(pi || ref) of the current policy
-                kl_loss = ppo_math.kl_penalty_loss(
-                    logprobs, exp.ref_logprobs[rows], m, p.kl_estimator, **agg
-                )
-                actor_loss = actor_loss + self.kl_ctl.value * kl_loss
-                stats.add("kl_loss", kl_loss.item())
+            if "kl_loss" in parts:
+                stats.add("kl_loss", parts["kl_loss"].item())
             if self.ptx:  # PPO-ptx (InstructGPT, eq. 2): + gamma x LM loss over the global count
                 b = ptx_batches[j]
                 ptx_loss = (
@@ -310,9 +290,9 @@ class PPOTrainer:
                 self.critic.backward(p.vf_coef * v_loss * world, scale_wrt_gas=False)
                 self.critic.step()
                 stats.add("value_loss", v_loss.item())
-            stats.add("policy_loss", pg_loss.item())
-            stats.add("entropy", ent.item())
-            stats.add_token_stats({**pg_stats, **v_stats}, share.item())
+            stats.add("policy_loss", parts["policy_loss"].item())
+            stats.add("entropy", parts["entropy"].item())
+            stats.add_token_stats({**parts["token_stats"], **v_stats}, share.item())
         if self.ema is not None:
             assert self.actor.global_steps == steps_before + 1, "a mini-batch is one optimizer step"
             self.ema.update()
