@@ -1,5 +1,9 @@
 """Benchmark of one PPO iteration on a fixed workload: `deepspeed --num_gpus 2 launch/bench.py
---json bench.json` (`--smoke` for a tiny check run, `--help`).
+--json bench.json` (`--smoke` for a tiny check run, `--help`). `--workload large
+--memory_budget_gb G` runs ~4x the default's parameters per model (bench_lib.LARGE) with the
+memory plan's per-rank budget fixed at G GiB (ppo.memory_budget_gb; 0: measured); the report
+records the workload, the budget and the plan's choices (placements, critic scoring, rows per
+scoring forward).
 
 All compared figures come from one run. The real figures go through the real stage (`PPOTrainer`
 built from model folders written here); each "floor" is the same work in plain PyTorch (no
@@ -61,7 +65,15 @@ from bench_floor import (
     slowest,
     timed,
 )
-from bench_lib import SMOKE, Workload, check, format_table, iteration_flops, write_json
+from bench_lib import (
+    SMOKE,
+    WORKLOADS,
+    Workload,
+    check,
+    format_table,
+    iteration_flops,
+    write_json,
+)
 
 
 # ------------------------------------------------ the workload as folders, the real stage
@@ -129,10 +141,12 @@ def build_trainer(
     d,
     placement: str = "auto",
     critic_scoring: str = "auto",
+    memory_budget_gb: float = 0.0,
 ) -> Any:
     """The real PPO stage's trainer on this workload, configured through `parse_config`;
     `placement` of the reference and reward model (ppo.ref_placement, ppo.reward_placement),
-    `critic_scoring` the critic's (ppo.critic_scoring)."""
+    `critic_scoring` the critic's (ppo.critic_scoring), `memory_budget_gb` the memory plan's
+    per-rank budget (ppo.memory_budget_gb; 0: measured)."""
     flags = {
         "output_dir": folder / "run",
         "seed": 0,
@@ -151,6 +165,7 @@ def build_trainer(
         "ppo.ref_placement": placement,
         "ppo.reward_placement": placement,
         "ppo.critic_scoring": critic_scoring,
+        "ppo.memory_budget_gb": memory_budget_gb,
     }
     cfg = parse_config([s for k, v in flags.items() for s in (f"--{k}", str(v))])
     inputs = {
@@ -236,6 +251,7 @@ def generation_and_memory(trainer, w: Workload, d) -> dict[str, Any]:
     out["memory_bytes"] = [dict(zip(keys, map(int, r))) for r in per_rank(mine, d)]
     out["placements"] = {name: placement_of(m) for name, m in frozen}
     out["critic_scoring"] = "zero3" if trainer.critic_copy is None else "materialise"
+    out["forward_rows"] = trainer.forward_rows
     return out
 
 
@@ -267,9 +283,19 @@ def measure(paths: dict[str, str], trainer, w: Workload, d, threads: int) -> tup
 
 # ---------------------------------------------------------------- report and entry point
 def report(
-    real: dict, floor: dict, w: Workload, epochs: int, d, threads: int, smoke: bool
+    real: dict,
+    floor: dict,
+    w: Workload,
+    epochs: int,
+    d,
+    threads: int,
+    smoke: bool,
+    workload: str = "default",
+    memory_budget_gb: float = 0.0,
 ) -> dict[str, Any]:
-    """All results: the compared figures (`checks`), the rest (`figures`) and the run's context."""
+    """All results: the compared figures (`checks`), the rest (`figures`) and the run's context,
+    with the `workload` name (--workload) and the memory plan's budget given
+    (`memory_budget_gb`, 0: measured) and choices."""
     import transformers
 
     flops, tokens, mib, mem = (
@@ -327,6 +353,10 @@ def report(
             + [mem[0][f"{e}_whole"] / mib]
             for e in ("actor", "critic")
         },
+        "memory plan budget GiB per rank (0: measured)": float(memory_budget_gb),
+        **{f"placement {name}": how for name, how in real["placements"].items()},
+        "critic scoring": real["critic_scoring"],
+        "scoring forward rows per rank": real["forward_rows"],
     }
     checks = [
         check("hybrid/floor generation", real["hybrid_s"] / floor["phases_s"]["sampling"]),
@@ -358,6 +388,8 @@ def report(
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
         "smoke": smoke,
+        "workload_name": "smoke" if smoke else workload,
+        "memory_budget_gb": memory_budget_gb,
         "world_size": d.world_size,
         "threads_per_rank": threads,
         "floor_threads": total,
@@ -369,6 +401,7 @@ def report(
         "floor": floor,
         "placements": real["placements"],
         "critic_scoring": real["critic_scoring"],
+        "forward_rows": real["forward_rows"],
     }
 
 
@@ -390,7 +423,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "its figures mean nothing",
     )
     parser.add_argument(
-        "--repeats", type=int, help="measured calls per figure (default: 5, smoke: 3)"
+        "--workload",
+        choices=tuple(WORKLOADS),
+        default="default",
+        help="default: Llama 6 layers, width 384, MLP 1024, 6 heads, vocab 8000 (~16.8M parameters "
+        "a model); large: 8 layers, width 768, MLP 2048, 12 heads, vocab 8000 (~68.9M, ~4x), the "
+        "same batch, 3 repeats. --smoke keeps its tiny workload whatever this says",
+    )
+    parser.add_argument(
+        "--memory_budget_gb",
+        type=float,
+        default=0.0,
+        help="ppo.memory_budget_gb of the real stage: the memory plan's per-rank budget in GiB "
+        "(default: 0, measured)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="measured calls per figure (default: 5, large and smoke: 3)"
     )
     parser.add_argument("--warmup", type=int, help="unmeasured calls before them (default: 1)")
     parser.add_argument(
@@ -414,7 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict | None:
     """Run the benchmark; rank 0 prints the table, writes `--json` and returns the results."""
     args = parse_args(argv)
-    w = SMOKE if args.smoke else Workload()
+    w = SMOKE if args.smoke else WORKLOADS[args.workload]
     w = dataclasses.replace(
         w, **{k: v for k in ("repeats", "warmup") if (v := getattr(args, k)) is not None}
     )
@@ -426,7 +474,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     )
     try:
         paths = collectives.broadcast_object(write_fixtures(folder, w) if d.is_main else None)
-        trainer = build_trainer(folder, paths, w, d, args.placement, args.critic_scoring)
+        trainer = build_trainer(
+            folder, paths, w, d, args.placement, args.critic_scoring, args.memory_budget_gb
+        )
         real, floor = measure(paths, trainer, w, d, threads * d.local_world_size)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -436,7 +486,17 @@ def main(argv: list[str] | None = None) -> dict | None:
             shutil.rmtree(folder, ignore_errors=True)
     if not d.is_main:
         return None
-    results = report(real, floor, w, trainer.p.num_ppo_epochs, d, threads, args.smoke)
+    results = report(
+        real,
+        floor,
+        w,
+        trainer.p.num_ppo_epochs,
+        d,
+        threads,
+        args.smoke,
+        args.workload,
+        args.memory_budget_gb,
+    )
     print(format_table(results), flush=True)
     if args.json:
         write_json(args.json, results)

@@ -1,7 +1,7 @@
 """The benchmark's pure parts (tests/unit/test_bench.py): the workload's shape (`Workload`,
-`SMOKE`), FLOP counting, the targets and their checks, the markdown table and the strict JSON;
-`median` for timings. No torch, no ranks: measuring and the plain-PyTorch floor are in
-bench_floor.py, the real stage, the report and the command line in bench.py.
+`SMOKE`, `LARGE`; `num_params`), FLOP counting, the targets and their checks, the markdown table
+and the strict JSON; `median` for timings. No torch, no ranks: measuring and the plain-PyTorch
+floor are in bench_floor.py, the real stage, the report and the command line in bench.py.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ SMOKE = Workload(
     repeats=3,
     matmul_n=256,
 )
+# ~4x the default's parameters per model (68.9M against 16.8M: num_params), the same batch
+LARGE = Workload(layers=8, hidden=768, intermediate=2048, heads=12, vocab=8000, repeats=3)
+WORKLOADS = {"default": Workload(), "large": LARGE}  # bench.py --workload
 TARGETS = {
     "hybrid/floor generation": ("<=", 1.3),
     "naive/hybrid generation": (">=", 5.0),
@@ -66,6 +69,13 @@ def body_params(w: Workload) -> int:
     """Weights of the transformer blocks, each used once per position: q, k, v, o (h x h each, as
     many KV heads as heads) and the gated MLP (3 x h x I). Embedding lookups cost no FLOPs."""
     return w.layers * (4 * w.hidden**2 + 3 * w.hidden * w.intermediate)
+
+
+def num_params(w: Workload) -> int:
+    """Parameters of the causal LM (LlamaForCausalLM, untied embeddings): the embedding and the
+    LM head (vocab x hidden each), the blocks (body_params), two RMSNorm weights per layer and
+    the final norm (hidden each). The scalar models differ only in their head (hidden x 1)."""
+    return 2 * w.vocab * w.hidden + body_params(w) + (2 * w.layers + 1) * w.hidden
 
 
 def forward_flops(
@@ -128,12 +138,17 @@ def _fmt(v: Any) -> str:
     return (f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}") if isinstance(v, float) else str(v)
 
 
+def _workload_name(results: dict) -> str:
+    """SMOKE for a smoke run, else the --workload name (default when not recorded)."""
+    return "SMOKE" if results["smoke"] else results.get("workload_name", "default")
+
+
 def format_table(results: dict) -> str:
     """Markdown: a line of context (date, machine, versions, ranks), then
     figure | value | target | met."""
     m = results["machine"]
     lines = [
-        f"Benchmark {results['date']}{' (SMOKE workload)' if results['smoke'] else ''}: "
+        f"Benchmark {results['date']} ({_workload_name(results)} workload): "
         f"{m['platform']}, {m['cores']} cores ({m['cpu']}), torch {m['torch']}, deepspeed "
         f"{m['deepspeed']}, transformers {m['transformers']}; {results['world_size']} rank(s) x "
         f"{results['threads_per_rank']} thread(s)",

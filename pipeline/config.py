@@ -190,6 +190,10 @@ class PPOConfig:
     # resident models and plain copies leave of the memory plan's budget holds, at least the
     # training micro-batch
     forward_micro_batch_size: int = 0
+    # per-rank bytes the memory plan may fill with resident frozen models, plain copies and
+    # scoring forwards, in GiB; 0: measured (half of the free device memory, or of the RAM shared
+    # by a node's ranks)
+    memory_budget_gb: float = 0.0
     # where the frozen reference model lives: resident (a plain copy on the device, built once),
     # offload (a ZeRO-3 inference engine, parameters offloaded as ds_inference_config says) or
     # auto (resident when it fits half of the free device memory per rank, else offload)

@@ -117,6 +117,11 @@ def validate(cfg: Config) -> None:
         "eval_steps",
     ):
         non_negative(f"ppo.{f}", getattr(p, f))
+    if not (math.isfinite(p.memory_budget_gb) and p.memory_budget_gb >= 0):
+        raise UserError(
+            f"option ppo.memory_budget_gb={p.memory_budget_gb} must be a finite number >= 0: the "
+            f"GiB per rank the memory plan may fill (0: measured)."
+        )
     validate_rewards(cfg)
     validate_lora(p)
     within("ppo.gamma", p.gamma, 0.0, 1.0)

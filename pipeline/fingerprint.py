@@ -59,9 +59,15 @@ def identity(stage: str, cfg: Config, inputs: dict[str, str], out: Path) -> dict
     )
     section.pop("ensemble_size", None)  # each member is a run of its own (stage reward_i, seed + i)
     # Where the frozen models live, how the critic scores (bit-identical values) and how many rows
-    # a scoring forward takes change memory and time, not results (beyond fp32 rounding):
-    # switching them keeps finished stages and checkpoints
-    for key in ("ref_placement", "reward_placement", "critic_scoring", "forward_micro_batch_size"):
+    # a scoring forward takes (and the budget they are planned by) change memory and time, not
+    # results (beyond fp32 rounding): switching them keeps finished stages and checkpoints
+    for key in (
+        "ref_placement",
+        "reward_placement",
+        "critic_scoring",
+        "forward_micro_batch_size",
+        "memory_budget_gb",
+    ):
         section.pop(key, None)
     return {
         "stage": stage,

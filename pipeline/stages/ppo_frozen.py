@@ -3,13 +3,13 @@ models (one, or every ensemble member), each placed by the memory plan.
 
 `frozen_specs` reads what the plan and the checks need without building any weights (each model's
 config and its parameter bytes, from a meta-device copy) and checks the vocabularies, before the
-stage folder is rewritten; `build_frozen`, called once the training engines exist, measures the
-per-rank budget (for `auto`), chooses each model's placement (pipeline/distributed/placement.py:
-`plan`), logs it once per model, and builds the model: resident (a plain module on the device) or
-offload (a ZeRO-3 inference engine with parameter offload). `critic_scoring` puts the trained
-critic's scoring through the same plan (what the resident models leave of the budget). Frozen
-models are not checkpointed: they are rebuilt from their folders. Not here: the trained models
-and engines (ppo_setup.py).
+stage folder is rewritten; `build_frozen`, called once the training engines exist, takes the
+per-rank budget (for `auto`: ppo.memory_budget_gb, or measured), chooses each model's placement
+(pipeline/distributed/placement.py: `plan`), logs it once per model, and builds the model: resident
+(a plain module on the device) or offload (a ZeRO-3 inference engine with parameter offload).
+`critic_scoring` puts the trained critic's scoring through the same plan (what the resident models
+leave of the budget). Frozen models are not checkpointed: they are rebuilt from their folders. Not
+here: the trained models and engines (ppo_setup.py).
 """
 
 from __future__ import annotations
@@ -87,8 +87,14 @@ def _load(path: str, scalar: bool, m, meta: bool = False):
 
 
 def placement_budget(ctx) -> int:
-    """The per-rank budget of the memory plan (placement.memory_budget), logged. Collective."""
-    budget, what = placement.memory_budget(ctx.dist.local_world_size)
+    """The per-rank budget of the memory plan, logged: ppo.memory_budget_gb GiB when given (the
+    same config on every rank, so no collective), else measured (placement.memory_budget,
+    collective)."""
+    gb = ctx.cfg.ppo.memory_budget_gb
+    if gb > 0:
+        budget, what = int(gb * 2**30), f"ppo.memory_budget_gb={gb:g}"
+    else:
+        budget, what = placement.memory_budget(ctx.dist.local_world_size)
     log.info("placement budget: %s per rank (%s)", placement.human_bytes(budget), what)
     return budget
 

@@ -10,13 +10,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
 from bench_lib import (
+    LARGE,
+    SMOKE,
     TARGETS,
+    WORKLOADS,
     Workload,
     body_params,
     check,
     format_table,
     forward_flops,  # noqa: E402
     iteration_flops,
+    num_params,
     write_json,
 )
 
@@ -134,3 +138,60 @@ def test_write_json_is_strict(tmp_path):
     back = json.loads(text)
     assert back["checks"][2]["value"] is None and back["checks"][2]["met"] is False
     assert back["figures"]["peak RSS MiB per rank"] == [600.0, 590.4]
+
+
+# ---------------------------------------------------------------- the large workload
+def test_num_params_by_the_config_formula():
+    # embedding + LM head: 2 x 8000 x 384; blocks: body_params; norms: (2 x 6 + 1) x 384
+    assert num_params(Workload()) == 2 * 8000 * 384 + 10_616_832 + 13 * 384 == 16_765_824
+    # 2 x 8000 x 768 + 8 x (4 x 768^2 + 3 x 768 x 2048) + 17 x 768
+    assert num_params(LARGE) == 12_288_000 + 56_623_104 + 13_056 == 68_924_160
+
+
+def test_num_params_matches_the_model_the_benchmark_builds():
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    for w in (Workload(), LARGE, SMOKE):
+        config = transformers.LlamaConfig(
+            vocab_size=w.vocab,
+            hidden_size=w.hidden,
+            num_hidden_layers=w.layers,
+            num_attention_heads=w.heads,
+            num_key_value_heads=w.heads,
+            intermediate_size=w.intermediate,
+            tie_word_embeddings=False,
+        )
+        with torch.device("meta"):
+            model = transformers.LlamaForCausalLM(config)
+        assert sum(p.numel() for p in model.parameters()) == num_params(w), w
+
+
+def test_large_is_about_4x_the_default_with_the_same_batch():
+    assert abs(num_params(LARGE) / num_params(Workload()) / 4 - 1) <= 0.10
+    batch = ("prompts", "prompt_len", "new_tokens", "mini_batch", "micro_batch", "warmup")
+    assert all(getattr(LARGE, k) == getattr(Workload(), k) for k in batch)
+    assert LARGE.repeats == 3 and LARGE.hidden % LARGE.heads == 0
+    assert WORKLOADS == {"default": Workload(), "large": LARGE}
+
+
+def test_parse_args_of_the_workload_and_the_budget():
+    import pytest
+
+    pytest.importorskip("deepspeed")
+    import bench
+
+    args = bench.parse_args([])
+    assert (args.workload, args.memory_budget_gb) == ("default", 0.0)
+    args = bench.parse_args(["--workload", "large", "--memory_budget_gb", "1.5", "--smoke"])
+    assert (args.workload, args.memory_budget_gb, args.smoke) == ("large", 1.5, True)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--workload", "huge"])
+
+
+def test_format_table_names_the_workload():
+    results = _results()
+    assert "(SMOKE workload)" in format_table(results).splitlines()[0]
+    results.update(smoke=False, workload_name="large")
+    assert "(large workload)" in format_table(results).splitlines()[0]

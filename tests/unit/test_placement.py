@@ -1,6 +1,6 @@
 """The frozen models' memory plan (pipeline/distributed/placement.py) with fake budgets, and the
 options that steer it and the scoring forwards (ppo.ref_placement, ppo.reward_placement,
-ppo.forward_micro_batch_size): defaults, command line, checks."""
+ppo.forward_micro_batch_size, ppo.memory_budget_gb): defaults, command line, checks."""
 
 import re
 
@@ -182,3 +182,45 @@ def test_make_resident_casts_parameters_and_keeps_buffers():
     assert {p.dtype for p in out.parameters()} == {torch.bfloat16}
     assert out.inv_freq.dtype == torch.float32 and out.inv_freq[1].item() == pytest.approx(1e-4)
     assert not out.training and not any(p.requires_grad for p in out.parameters())
+
+
+# ---------------------------------------------------------------- ppo.memory_budget_gb
+def test_memory_budget_defaults_to_measured():
+    assert PPOConfig().memory_budget_gb == 0.0
+
+
+def test_command_line_sets_the_memory_budget():
+    assert parse_config(["--ppo.memory_budget_gb", "1.5"]).ppo.memory_budget_gb == 1.5
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_a_bad_memory_budget_is_one_paragraph_naming_the_option(value):
+    with pytest.raises(UserError, match=re.escape("option ppo.memory_budget_gb=")) as e:
+        parse_config(["--ppo.memory_budget_gb", value])
+    assert "\n" not in str(e.value)
+
+
+def _ctx(gb: float):
+    from types import SimpleNamespace
+
+    cfg = parse_config(["--ppo.memory_budget_gb", str(gb)])
+    return SimpleNamespace(cfg=cfg, dist=SimpleNamespace(local_world_size=2))
+
+
+def test_a_given_memory_budget_is_used_without_measuring(monkeypatch, caplog):
+    from pipeline.stages import ppo_frozen
+
+    def measured(*_):
+        raise AssertionError("memory_budget measured although ppo.memory_budget_gb was given")
+
+    monkeypatch.setattr(placement, "memory_budget", measured)
+    with caplog.at_level("INFO", logger=ppo_frozen.log.name):
+        assert ppo_frozen.placement_budget(_ctx(1.5)) == int(1.5 * 2**30)
+    assert "placement budget: 1.61 GB per rank (ppo.memory_budget_gb=1.5)" in caplog.text
+
+
+def test_no_memory_budget_is_measured(monkeypatch):
+    from pipeline.stages import ppo_frozen
+
+    monkeypatch.setattr(placement, "memory_budget", lambda n: (7 * MB * n, "fake"))
+    assert ppo_frozen.placement_budget(_ctx(0)) == 14 * MB
