@@ -116,7 +116,7 @@ def forward_rows(
     rows and the reason."""
     if requested > 0:
         return requested, "asked by ppo.forward_micro_batch_size"
-    fit = left // max(row_bytes, 1)
+    fit = max(left, 0) // max(row_bytes, 1)  # an over-full budget fits none
     n = max(micro, min(rows, fit))
     if n == rows:
         why = f"all {rows} rollout rows of a rank"

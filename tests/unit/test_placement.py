@@ -116,7 +116,8 @@ def test_auto_takes_what_fits_but_never_less_than_the_micro_batch():
     assert placement.forward_rows(0, 16, 4, row, 9 * row + 999)[0] == 9
     rows, why = placement.forward_rows(0, 16, 4, row, 2 * row)
     assert rows == 4 and "the training micro-batch; 2 rows fit" in why
-    assert placement.forward_rows(0, 16, 4, row, -5)[0] == 4  # resident models took it all
+    rows, why = placement.forward_rows(0, 16, 4, row, -5 * row)  # resident models took it all
+    assert rows == 4 and "0 rows fit" in why and "0 B left" in why
 
 
 def test_a_given_forward_micro_batch_is_kept():
