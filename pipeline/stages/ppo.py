@@ -265,7 +265,7 @@ class PPOTrainer:
                 exp.advantages[rows],
                 m,
                 agg,
-                exp.ref_logprobs[rows],
+                exp.ref_logprobs[rows] if p.kl_penalty == "loss" else None,
                 self.kl_ctl.value,
             )
             if "kl_loss" in parts:
