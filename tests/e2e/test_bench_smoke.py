@@ -22,6 +22,9 @@ KEYS = {
     "floor",
     "placements",
     "critic_scoring",
+    "forward_rows",
+    "workload_name",
+    "memory_budget_gb",
 }
 
 
@@ -47,4 +50,6 @@ def test_bench_smoke_runs_on_two_ranks(tmp_path):
     assert set(results["floor"]) >= {"one_process", "data_parallel", "iteration_s", "phases_s"}
     assert results["placements"] == {"ref": "resident", "reward": "resident"}  # tiny: they fit
     assert results["critic_scoring"] == "materialise"  # and so does the critic's scoring copy
+    assert results["workload_name"] == "smoke" and results["memory_budget_gb"] == 0
+    assert results["forward_rows"] >= 1
     assert "| iteration/floor |" in proc.stdout
