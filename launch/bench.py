@@ -72,6 +72,7 @@ from bench_lib import (
     check,
     format_table,
     iteration_flops,
+    model_shape,
     write_json,
 )
 
@@ -101,17 +102,11 @@ def write_fixtures(folder: Path, w: Workload) -> dict[str, str]:
         unk_token="<unk>",
     )
     shape = dict(
-        vocab_size=w.vocab,
-        hidden_size=w.hidden,
-        num_hidden_layers=w.layers,
-        num_attention_heads=w.heads,
-        num_key_value_heads=w.heads,
-        intermediate_size=w.intermediate,
+        model_shape(w),
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
         max_position_embeddings=w.prompt_len + w.new_tokens,
-        tie_word_embeddings=False,
     )
     paths = {
         "policy": folder / "policy",

@@ -64,6 +64,20 @@ TARGETS = {
 }
 
 
+def model_shape(w: Workload) -> dict[str, Any]:
+    """The LlamaConfig fields of the workload's models (untied embeddings, as many KV heads as
+    heads): what write_fixtures builds and `num_params` counts."""
+    return dict(
+        vocab_size=w.vocab,
+        hidden_size=w.hidden,
+        num_hidden_layers=w.layers,
+        num_attention_heads=w.heads,
+        num_key_value_heads=w.heads,
+        intermediate_size=w.intermediate,
+        tie_word_embeddings=False,
+    )
+
+
 # ---------------------------------------------------------------- FLOP counting
 def body_params(w: Workload) -> int:
     """Weights of the transformer blocks, each used once per position: q, k, v, o (h x h each, as

@@ -20,6 +20,7 @@ from bench_lib import (
     format_table,
     forward_flops,  # noqa: E402
     iteration_flops,
+    model_shape,
     num_params,
     write_json,
 )
@@ -154,15 +155,7 @@ def test_num_params_matches_the_model_the_benchmark_builds():
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
     for w in (Workload(), LARGE, SMOKE):
-        config = transformers.LlamaConfig(
-            vocab_size=w.vocab,
-            hidden_size=w.hidden,
-            num_hidden_layers=w.layers,
-            num_attention_heads=w.heads,
-            num_key_value_heads=w.heads,
-            intermediate_size=w.intermediate,
-            tie_word_embeddings=False,
-        )
+        config = transformers.LlamaConfig(**model_shape(w))
         with torch.device("meta"):
             model = transformers.LlamaForCausalLM(config)
         assert sum(p.numel() for p in model.parameters()) == num_params(w), w
