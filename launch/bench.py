@@ -60,6 +60,7 @@ from bench_floor import (
     matmul_flops,
     on_rank0,
     one_process_floor,
+    optimizer_state_bytes,
     per_rank,
     placement_of,
     slowest,
@@ -226,6 +227,7 @@ def generation_and_memory(trainer, w: Workload, d) -> dict[str, Any]:
         (
             sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in e.module.parameters()),
             sum(p.ds_numel * p.element_size() for p in e.module.parameters()),
+            optimizer_state_bytes(e),
         )
         for e in (trainer.actor, trainer.critic)
     ]
@@ -237,8 +239,10 @@ def generation_and_memory(trainer, w: Workload, d) -> dict[str, Any]:
         "materialised_after_generation",
         "actor_partition",
         "actor_whole",
+        "actor_optimizer_state",
         "critic_partition",
         "critic_whole",
+        "critic_optimizer_state",
         *(f"{name}_held" for name, _ in frozen),
     )
     mine = [peak, held["inside"], held["after"], *shares[0], *shares[1]]
@@ -346,6 +350,12 @@ def report(
         **{
             f"{e} param MiB per rank, whole": [r[f"{e}_partition"] / mib for r in mem]
             + [mem[0][f"{e}_whole"] / mib]
+            for e in ("actor", "critic")
+        },
+        **{
+            f"{e} optimizer state MiB per rank (fp32 master + Adam moments)": [
+                r[f"{e}_optimizer_state"] / mib for r in mem
+            ]
             for e in ("actor", "critic")
         },
         "memory plan budget GiB per rank (0: measured)": float(memory_budget_gb),

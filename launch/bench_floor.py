@@ -38,6 +38,17 @@ def materialised_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t.device.type != "meta")
 
 
+def optimizer_state_bytes(engine) -> int:
+    """Bytes of a trained ZeRO-3 engine's optimizer state on this rank: its fp32 master partition
+    and the optimizer's per-parameter state (Adam's two moments), each ~1/world of the model's."""
+    zero = engine.optimizer
+    tensors = [*getattr(zero, "fp32_partitioned_groups_flat", [])]
+    tensors += [
+        t for state in zero.optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+    ]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def placement_of(model) -> str:
     return "offload" if hasattr(model, "module") else "resident"
 

@@ -30,7 +30,7 @@ KEYS = {
 
 def test_bench_smoke_runs_on_two_ranks(tmp_path):
     out = tmp_path / "bench.json"
-    args = ("--smoke", "--repeats", "1", "--warmup", "0", "--json", str(out))
+    args = ("--smoke", "--repeats", "1", "--warmup", "1", "--json", str(out))  # Adam moments exist
     proc = launch("bench.py", *args, num_gpus=2, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -52,4 +52,10 @@ def test_bench_smoke_runs_on_two_ranks(tmp_path):
     assert results["critic_scoring"] == "materialise"  # and so does the critic's scoring copy
     assert results["workload_name"] == "smoke" and results["memory_budget_gb"] == 0
     assert results["forward_rows"] >= 1
+    for rank in results["real"]["memory_bytes"]:  # ZeRO-3: 1/world of each trained model
+        for e in ("actor", "critic"):
+            part, whole = rank[f"{e}_partition"], rank[f"{e}_whole"]
+            assert whole / 2 <= part < whole / 2 + 2**12  # an even split, padded
+            # fp32 master partition + Adam's two moments (+ step counters)
+            assert 3 * part <= rank[f"{e}_optimizer_state"] < 3 * part + 2**12
     assert "| iteration/floor |" in proc.stdout
