@@ -225,7 +225,7 @@ def generation_and_memory(trainer, w: Workload, d) -> dict[str, Any]:
     )
     shares = [
         (
-            sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in e.module.parameters()),
+            held_bytes(e),  # the ZeRO-3 partition
             sum(p.ds_numel * p.element_size() for p in e.module.parameters()),
             optimizer_state_bytes(e),
         )
